@@ -1,0 +1,46 @@
+"""One exception root for the library.
+
+Every error raised on purpose derives from :class:`EmbedderError` and from the
+built-in it resembles, so callers can catch either.
+"""
+
+from __future__ import annotations
+
+
+class EmbedderError(Exception):
+    """Root of every error the embedder raises on purpose."""
+
+
+class ConfigError(EmbedderError, ValueError):
+    """A setting or config file is invalid."""
+
+
+class UnsafeNameError(EmbedderError, ValueError):
+    """A collection name would escape the output directory."""
+
+
+class InputFormatError(EmbedderError, ValueError):
+    """An input file or dataset does not fit any supported layout."""
+
+
+class SummaryValidationError(EmbedderError, ValueError):
+    """A processing summary does not validate against a supported schema."""
+
+
+class ModelNotRegisteredError(EmbedderError, KeyError):
+    """A model name is neither registered nor an existing local directory."""
+
+    def __str__(self) -> str:  # KeyError would otherwise repr() the message
+        return str(self.args[0]) if self.args else ""
+
+
+class ModelUnavailableError(EmbedderError, RuntimeError):
+    """A registered model cannot be loaded (offline, missing files, broken weights)."""
+
+
+class StageError(EmbedderError, RuntimeError):
+    """A pipeline stage failed for a reason the user can act on."""
+
+
+class VectorIndexError(EmbedderError, RuntimeError):
+    """The vector index (Qdrant) could not be reached or rejected a write."""

@@ -1,0 +1,1 @@
+"""Readers and writers: streaming input validation, atomic exports."""

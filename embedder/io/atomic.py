@@ -1,0 +1,57 @@
+"""Atomic file writes: a temp file in the same directory, fsync, then rename."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO
+
+
+@contextlib.contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """Yield a temp path beside ``path``; on success rename it over ``path``.
+
+    Readers see either the old file or the new one, never a half-written file,
+    because ``os.replace`` is atomic within one filesystem.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        with open(tmp_path, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp_path, path)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+@contextlib.contextmanager
+def atomic_open(path: Path, mode: str = "w") -> Iterator[IO]:
+    """Open a temp file for writing that replaces ``path`` atomically on close."""
+    with atomic_path(path) as tmp:
+        kwargs = {"encoding": "utf-8", "newline": "\n"} if "b" not in mode else {}
+        with open(tmp, mode, **kwargs) as fh:
+            yield fh
+
+
+def atomic_write_text(path: Path, text: str) -> Path:
+    """Write ``text`` to ``path`` atomically and return the path."""
+    with atomic_open(path, "w") as fh:
+        fh.write(text)
+    return path
+
+
+def file_digest(path: str | Path) -> str:
+    """sha256 hex digest of a file's bytes, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

@@ -1,0 +1,1 @@
+"""Model registries and lazy adapters for dense, sparse and rerank models."""

@@ -1,0 +1,150 @@
+"""Dense embeddings through sentence-transformers."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from embedder.batching import BatchPlan, run_batched
+from embedder.errors import ModelUnavailableError, StageError
+from embedder.gpu import PeakMeter, exclusive_device, plan_batch_size
+from embedder.models.registry import ResolvedModel
+from embedder.schemas import StageTelemetry
+
+_CACHE: dict[tuple[str, str, str], Any] = {}
+_CACHE_LOCK = threading.Lock()
+
+
+class DenseEncoder:
+    """A lazily loaded sentence-transformers model. Constructing it loads nothing."""
+
+    def __init__(self, resolved: ResolvedModel, device: str = "cpu", *, backend: str = "torch",
+                 local_files_only: bool = False) -> None:
+        self.resolved = resolved
+        self.device = device
+        self.backend = backend
+        self.local_files_only = local_files_only
+        self._model: Any = None
+
+    @property
+    def name(self) -> str:
+        """The registry name (or local path) of the model."""
+        return self.resolved.spec.name
+
+    def load(self) -> Any:
+        """Load the model once per process (later calls and other encoders reuse it)."""
+        if self._model is not None:
+            return self._model
+        key = (self.resolved.location, self.backend, "dense")
+        with _CACHE_LOCK:
+            if key not in _CACHE:
+                from sentence_transformers import SentenceTransformer
+
+                try:
+                    # Load on the CPU: exclusive_device moves it to the GPU only inside the lease.
+                    _CACHE[key] = SentenceTransformer(
+                        self.resolved.location, device="cpu", backend=self.backend,
+                        local_files_only=self.local_files_only or self.resolved.is_local,
+                    )
+                except Exception as exc:
+                    raise ModelUnavailableError(
+                        f"dense model {self.name!r} could not be loaded from {self.resolved.location}: {exc}"
+                    ) from exc
+            self._model = _CACHE[key]
+        return self._model
+
+    @property
+    def dim(self) -> int:
+        """Embedding dimension."""
+        model = self.load()
+        get_dim = getattr(model, "get_embedding_dimension", None) or model.get_sentence_embedding_dimension
+        return int(get_dim())
+
+    def encode_batch(self, texts: Sequence[str]) -> np.ndarray:
+        """Encode one batch into L2-normalised float32 rows."""
+        model = self.load()
+        out = model.encode(
+            list(texts), batch_size=max(1, len(texts)), normalize_embeddings=True,
+            convert_to_numpy=True, show_progress_bar=False, device=self.device,
+        )
+        return np.asarray(out, dtype=np.float32)
+
+
+@dataclass
+class DenseResult:
+    """Vectors in input order plus the stage's telemetry."""
+
+    vectors: np.ndarray
+    telemetry: StageTelemetry
+
+
+def default_dense_batch(device: str, ceiling_gb: float, max_length: int) -> BatchPlan:
+    """A batch plan for a MiniLM/BERT-base sized encoder under ``ceiling_gb``.
+
+    Activation memory grows roughly linearly with sequence length; 0.02 MB per
+    token covers BERT-base in fp32 with autograd off.
+    """
+    size = plan_batch_size(device, ceiling_gb, per_item_mb=0.02 * max(max_length, 16), model_gb=1.5,
+                           cpu_default=64, cap=512)
+    return BatchPlan(size=size, floor=1)
+
+
+def embed_dense(
+    texts: Sequence[str],
+    encoder: DenseEncoder,
+    *,
+    batch: BatchPlan,
+    progress: Callable[[int, int], None] | None = None,
+) -> DenseResult:
+    """Embed texts into L2-normalised float32 vectors, halving the batch on OOM.
+
+    Texts are processed longest first (as sentence-transformers does inside one
+    call) so that each batch pads to similar lengths, then returned in input order.
+
+    Args:
+        texts: Chunk texts.
+        encoder: The dense model.
+        batch: Starting batch size and floor.
+        progress: Called with ``(done, total)`` after each batch.
+
+    Returns:
+        Vectors (``len(texts) x dim``) and telemetry.
+
+    Raises:
+        StageError: If OOM persists at the floor or the model returns bad vectors.
+    """
+    model = encoder.load()
+    n = len(texts)
+    order = np.argsort([-len(t) for t in texts], kind="stable")
+    ordered = [texts[i] for i in order]
+    meter = PeakMeter(encoder.device)
+    meter.start()
+    t0 = time.perf_counter()
+    with exclusive_device(model, encoder.device):
+        run = run_batched(
+            n,
+            lambda s, e: list(encoder.encode_batch(ordered[s:e])),
+            batch,
+            device=encoder.device,
+            on_progress=lambda done, total: (meter.sample(), progress and progress(done, total)),
+        )
+    latency_s = time.perf_counter() - t0
+    dim = encoder.dim
+    vectors = np.empty((n, dim), dtype=np.float32)
+    if n:
+        vectors[order] = np.stack(run.outputs)
+    if not np.isfinite(vectors).all():
+        raise StageError(f"dense model {encoder.name!r} produced non-finite values")
+    telemetry = StageTelemetry(
+        stage="dense", model=encoder.name, device=encoder.device, batch_size=run.final_batch_size,
+        initial_batch_size=batch.size, backoffs=run.backoffs, items=n, latency_ms=latency_s * 1000,
+        items_per_s=n / latency_s if latency_s > 0 else 0.0, gpu_peak_gb=max(meter.peak_gb(), 0.0),
+        warnings=[f"dense batch backed off after OOM: {' -> '.join(map(str, run.backoffs + [run.final_batch_size]))}"]
+        if run.backoffs else [],
+    )
+    return DenseResult(vectors=vectors, telemetry=telemetry)

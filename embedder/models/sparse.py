@@ -1,0 +1,418 @@
+"""Live sparse inference (fastembed BM25, SPLADE) with a per-chunk metadata fallback.
+
+The fallback builds a chunk's vector from ``metadata.sparse_features.term_weights``
+in the same index space as the live model: for BM25 it applies fastembed's own
+pipeline (lower-casing, punctuation and stopword removal, the Snowball stemmer,
+``abs(mmh3.hash(token))`` ids and the BM25 term-frequency saturation), so a BM25
+query vector scores fallback documents exactly as it scores live ones.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+import threading
+import time
+import unicodedata
+import uuid
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Protocol
+
+from embedder.errors import ModelUnavailableError
+from embedder.models.registry import ModelSpec, ResolvedModel
+from embedder.schemas import Chunk, Query, SparseInferenceRun, SparseVector, StageTelemetry
+
+log = logging.getLogger(__name__)
+
+STOPWORDS_FILE = "english.txt"
+
+# fastembed's Bm25 defaults; changing them changes the index space.
+BM25_K = 1.2
+BM25_B = 0.75
+BM25_AVG_LEN = 256.0
+BM25_TOKEN_MAX_LENGTH = 40
+
+
+class SparseModel(Protocol):
+    """What the sparse stage needs from a model."""
+
+    name: str
+
+    def embed(self, texts: Sequence[str]) -> list[SparseVector]:
+        """Document vectors."""
+        ...
+
+    def query_embed(self, texts: Sequence[str]) -> list[SparseVector]:
+        """Query vectors."""
+        ...
+
+
+def _to_sparse(indices: Any, values: Any) -> SparseVector:
+    pairs = sorted(zip((int(i) for i in indices), (float(v) for v in values)))
+    return SparseVector(indices=[i for i, _ in pairs], values=[v for _, v in pairs])
+
+
+def check_stopwords(model_dir: str | Path) -> Path:
+    """Fail loudly when the BM25 stopword list is missing: fastembed would silently use none.
+
+    Raises:
+        ModelUnavailableError: If ``english.txt`` is missing or empty.
+    """
+    path = Path(model_dir) / STOPWORDS_FILE
+    if not path.is_file() or not path.read_text(encoding="utf-8").strip():
+        raise ModelUnavailableError(
+            f"BM25 stopword list {path} is missing or empty; fastembed would silently use no stopwords. "
+            "Reinstall embedder (the file ships in embedder/models/data/bm25/)"
+        )
+    return path
+
+
+class Bm25Model:
+    """fastembed's ``Qdrant/bm25`` loaded offline from the bundled directory."""
+
+    def __init__(self, resolved: ResolvedModel) -> None:
+        self.name = resolved.spec.name
+        self.location = resolved.location
+        self._model: Any = None
+
+    def load(self) -> Any:
+        """Load once; later calls are no-ops."""
+        if self._model is None:
+            check_stopwords(self.location)
+            from fastembed import SparseTextEmbedding
+
+            self._model = SparseTextEmbedding(
+                "Qdrant/bm25", specific_model_path=self.location, local_files_only=True
+            )
+        return self._model
+
+    def embed(self, texts: Sequence[str]) -> list[SparseVector]:
+        """BM25 term-frequency vectors (IDF is applied by Qdrant's ``Modifier.IDF``)."""
+        return [_to_sparse(e.indices, e.values) for e in self.load().embed(list(texts), batch_size=256)]
+
+    def query_embed(self, texts: Sequence[str]) -> list[SparseVector]:
+        """Query vectors: each distinct stemmed token with weight 1."""
+        return [_to_sparse(e.indices, e.values) for e in self.load().query_embed(list(texts))]
+
+
+class SpladeModel:
+    """A SPLADE model through sentence-transformers ``SparseEncoder`` (local dir or cached hub id)."""
+
+    def __init__(self, resolved: ResolvedModel, device: str = "cpu", *, local_files_only: bool = False) -> None:
+        self.name = resolved.spec.name
+        self.location = resolved.location
+        self.device = device
+        self.local_files_only = local_files_only or resolved.is_local
+        self._model: Any = None
+
+    def load(self) -> Any:
+        """Load once; later calls are no-ops."""
+        if self._model is None:
+            from sentence_transformers import SparseEncoder
+
+            self._model = SparseEncoder(self.location, device=self.device, local_files_only=self.local_files_only)
+        return self._model
+
+    def _encode(self, texts: Sequence[str], *, query: bool) -> list[SparseVector]:
+        model = self.load()
+        fn = model.encode_query if query else model.encode_document
+        out = fn(list(texts), convert_to_sparse_tensor=True, batch_size=32, show_progress_bar=False)
+        vectors = []
+        for row in out:
+            row = row.coalesce()
+            vectors.append(_to_sparse(row.indices()[0].tolist(), row.values().tolist()))
+        return vectors
+
+    def embed(self, texts: Sequence[str]) -> list[SparseVector]:
+        """Document vectors over the tokenizer vocabulary."""
+        return self._encode(texts, query=False)
+
+    def query_embed(self, texts: Sequence[str]) -> list[SparseVector]:
+        """Query vectors over the tokenizer vocabulary."""
+        return self._encode(texts, query=True)
+
+    def vocab(self) -> dict[str, int]:
+        """The tokenizer vocabulary (for the metadata fallback)."""
+        return dict(self.load().tokenizer.get_vocab())
+
+
+_LOADED: dict[tuple[str, str], SparseModel] = {}
+_LOCK = threading.Lock()
+
+
+def load_sparse_model(resolved: ResolvedModel, device: str = "cpu", *, local_files_only: bool = False) -> SparseModel:
+    """Construct and load a sparse model once per process.
+
+    Raises:
+        ModelUnavailableError: With the reason, when it cannot load.
+    """
+    key = (resolved.location, resolved.spec.kind)
+    with _LOCK:
+        if key in _LOADED:
+            return _LOADED[key]
+        model: Bm25Model | SpladeModel
+        if resolved.spec.kind == "sparse-bm25":
+            model = Bm25Model(resolved)
+        else:
+            model = SpladeModel(resolved, device, local_files_only=local_files_only)
+        try:
+            model.load()
+        except ModelUnavailableError:
+            raise
+        except Exception as exc:
+            raise ModelUnavailableError(
+                f"sparse model {resolved.spec.name!r} could not be loaded from {resolved.location}: {exc}"
+            ) from exc
+        _LOADED[key] = model
+        return model
+
+
+# --- the metadata fallback -------------------------------------------------------------------
+
+
+@lru_cache(maxsize=1)
+def _punctuation() -> frozenset[str]:
+    # fastembed's get_all_punctuation(): every code point in a Unicode "P*" category.
+    return frozenset(chr(i) for i in range(0x110000) if unicodedata.category(chr(i)).startswith("P"))
+
+
+@lru_cache(maxsize=4)
+def _stopwords(path: str) -> frozenset[str]:
+    return frozenset(Path(path).read_text(encoding="utf-8").splitlines())
+
+
+class Bm25Hasher:
+    """fastembed's BM25 tokenising, stemming and hashing, reproduced without loading fastembed."""
+
+    def __init__(self, stopwords_dir: str | Path) -> None:
+        from py_rust_stemmers import SnowballStemmer
+
+        self.stopwords = _stopwords(str(check_stopwords(stopwords_dir)))
+        self.punctuation = _punctuation()
+        self.stemmer = SnowballStemmer("english")
+
+    @staticmethod
+    def token_id(token: str) -> int:
+        """fastembed's ``Bm25.compute_token_id``."""
+        import mmh3
+
+        return abs(mmh3.hash(token))
+
+    def stem_tokens(self, text: str) -> list[str]:
+        """``remove_non_alphanumeric`` + ``SimpleTokenizer.tokenize`` + ``Bm25._stem``."""
+        text = re.sub(r"[^\w\s]", " ", text, flags=re.UNICODE)
+        text = re.sub(r"[^\w]", " ", text.lower())
+        out = []
+        for token in re.sub(r"\s+", " ", text).strip().split():
+            lower = token.lower()
+            if token in self.punctuation or lower in self.stopwords or len(token) > BM25_TOKEN_MAX_LENGTH:
+                continue
+            stemmed = self.stemmer.stem_word(lower)
+            if stemmed:
+                out.append(stemmed)
+        return out
+
+    def tf_vector(self, counts: dict[str, float], doc_len: float) -> SparseVector:
+        """``Bm25._term_frequency`` for pre-counted stemmed tokens."""
+        norm = BM25_K * (1 - BM25_B + BM25_B * doc_len / BM25_AVG_LEN)
+        merged: dict[int, float] = defaultdict(float)
+        for token, tf in counts.items():
+            merged[self.token_id(token)] += tf
+        return _to_sparse(merged.keys(), (tf * (BM25_K + 1) / (tf + norm) for tf in merged.values()))
+
+    def text_vector(self, text: str) -> SparseVector:
+        """The live model's document vector, computed here."""
+        tokens = self.stem_tokens(text)
+        counts: dict[str, float] = defaultdict(float)
+        for t in tokens:
+            counts[t] += 1
+        return self.tf_vector(counts, len(tokens))
+
+    def query_vector(self, text: str) -> SparseVector:
+        """``Bm25.query_embed``: each distinct stemmed token with weight 1."""
+        ids = sorted({self.token_id(t) for t in self.stem_tokens(text)})
+        return SparseVector(indices=ids, values=[1.0] * len(ids))
+
+    def from_term_weights(self, term_weights: list[dict[str, Any]], total_terms: int | None) -> SparseVector | None:
+        """A chunk's vector from rag_clean ``term_weights`` (``tf`` counts; ``weight`` when tf is absent)."""
+        counts: dict[str, float] = defaultdict(float)
+        for entry in term_weights:
+            if not isinstance(entry, dict) or not isinstance(entry.get("term"), str):
+                continue
+            tf = entry.get("tf")
+            if not isinstance(tf, (int, float)) or isinstance(tf, bool) or tf <= 0:
+                weight = entry.get("weight")
+                if not isinstance(weight, (int, float)) or isinstance(weight, bool) or weight <= 0:
+                    continue
+                tf = weight
+            # A rag_clean "term" may hold several tokens; each gets the same pipeline as live text.
+            for token in self.stem_tokens(entry["term"]):
+                counts[token] += float(tf)
+        if not counts:
+            return None
+        doc_len = float(total_terms) if isinstance(total_terms, (int, float)) and total_terms > 0 else sum(
+            counts.values())
+        return self.tf_vector(counts, doc_len)
+
+
+def _term_weights(chunk: Chunk) -> tuple[list[dict[str, Any]], int | None] | None:
+    features = chunk.metadata.get("sparse_features")
+    if not isinstance(features, dict):
+        return None
+    weights = features.get("term_weights")
+    if not isinstance(weights, list) or not weights:
+        return None
+    total = features.get("total_terms")
+    return weights, total if isinstance(total, int) and not isinstance(total, bool) else None
+
+
+def splade_fallback_vector(chunk: Chunk, vocab: dict[str, int]) -> SparseVector | None:
+    """A SPLADE-space vector from term weights: each term's word-piece ids, weighted log(1 + tf)."""
+    tw = _term_weights(chunk)
+    if tw is None:
+        return None
+    merged: dict[int, float] = defaultdict(float)
+    for entry in tw[0]:
+        term = entry.get("term") if isinstance(entry, dict) else None
+        tf = entry.get("tf", entry.get("weight", 0)) if isinstance(entry, dict) else 0
+        if not isinstance(term, str) or not isinstance(tf, (int, float)) or tf <= 0:
+            continue
+        idx = vocab.get(term.lower())
+        if idx is not None:
+            merged[idx] = max(merged[idx], math.log1p(float(tf)))
+    return _to_sparse(merged.keys(), merged.values()) if merged else None
+
+
+@dataclass
+class SparseResult:
+    """One sparse model's output for a collection."""
+
+    model_name: str
+    vectors: list[SparseVector | None]
+    fallback: list[bool]
+    query_vectors: dict[str, SparseVector]
+    run: SparseInferenceRun
+    telemetry: StageTelemetry
+    warnings: list[str] = field(default_factory=list)
+
+
+def infer_sparse(
+    chunks: Sequence[Chunk],
+    spec: ModelSpec,
+    model: SparseModel | None,
+    *,
+    queries: Sequence[Query] = (),
+    load_error: str | None = None,
+    bm25_dir: str | Path | None = None,
+    run_id: uuid.UUID | None = None,
+    batch_size: int = 256,
+    inline_vectors_limit: int = 50,
+    export_path: str | None = None,
+) -> SparseResult:
+    """Live sparse vectors for every chunk, falling back per chunk to metadata term weights.
+
+    Args:
+        chunks: The collection.
+        spec: The sparse model's registry entry.
+        model: The loaded model, or None when it could not load (then every chunk
+            takes the fallback and ``load_error`` says why).
+        queries: Real queries; their vectors come from ``query_embed``.
+        load_error: Why ``model`` is None.
+        bm25_dir: Directory of the BM25 stopword list (for the BM25 fallback).
+        run_id: The run's id.
+        batch_size: Chunks per live call; a failing batch is retried chunk by chunk.
+        inline_vectors_limit: Above this many chunks, the payload summarises
+            document vectors and points at ``export_path``.
+        export_path: Where ``sparse.jsonl`` will be written.
+
+    Returns:
+        Vectors (None where neither live inference nor the fallback could produce
+        one), per-chunk fallback flags, query vectors, the SparseInferenceRun and
+        telemetry.
+    """
+    t0 = time.perf_counter()
+    n = len(chunks)
+    vectors: list[SparseVector | None] = [None] * n
+    fallback = [False] * n
+    warnings: list[str] = []
+    failed: list[int] = list(range(n)) if model is None else []
+    if model is None:
+        warnings.append(f"sparse model {spec.name!r} unavailable ({load_error}); using the metadata fallback")
+    else:
+        for start in range(0, n, batch_size):
+            idx = list(range(start, min(n, start + batch_size)))
+            try:
+                out = model.embed([chunks[i].text for i in idx])
+                for i, v in zip(idx, out, strict=True):
+                    vectors[i] = v
+            except Exception as exc:
+                log.warning("sparse batch %d-%d failed (%s); retrying chunk by chunk", idx[0], idx[-1], exc)
+                for i in idx:
+                    try:
+                        vectors[i] = model.embed([chunks[i].text])[0]
+                    except Exception as chunk_exc:
+                        log.warning("sparse model failed on chunk %s: %s", chunks[i].id, chunk_exc)
+                        failed.append(i)
+    if failed:
+        fb_hasher: Bm25Hasher | None = None
+        vocab: dict[str, int] | None = None
+        if spec.kind == "sparse-bm25" and bm25_dir is not None:
+            fb_hasher = Bm25Hasher(bm25_dir)
+        elif isinstance(model, SpladeModel):
+            vocab = model.vocab()
+        for i in failed:
+            vec: SparseVector | None = None
+            if fb_hasher is not None:
+                tw = _term_weights(chunks[i])
+                vec = fb_hasher.from_term_weights(*tw) if tw else None
+            elif vocab is not None:
+                vec = splade_fallback_vector(chunks[i], vocab)
+            vectors[i] = vec
+            fallback[i] = vec is not None
+        fb_count = sum(fallback)
+        if model is not None:
+            warnings.append(f"sparse model {spec.name!r} failed on {len(failed)} chunk(s); "
+                            f"{fb_count} recovered from metadata term weights")
+        elif fb_count < len(failed):
+            if fb_hasher is None and vocab is None:
+                warnings.append(f"no metadata fallback exists in the index space of {spec.name!r}")
+        if fb_count < len(failed):
+            warnings.append(f"{len(failed) - fb_count} chunk(s) have no sparse vector (no usable "
+                            "metadata.sparse_features.term_weights)")
+    query_vectors: dict[str, SparseVector] = {}
+    if queries:
+        if model is not None:
+            qv = model.query_embed([q.text for q in queries])
+        elif spec.kind == "sparse-bm25" and bm25_dir is not None:
+            hasher = Bm25Hasher(bm25_dir)
+            qv = [hasher.query_vector(q.text) for q in queries]
+        else:
+            qv = []
+            warnings.append(f"no query vectors for {spec.name!r}: the model is unavailable")
+        query_vectors = {q.id: v for q, v in zip(queries, qv)}
+    latency_ms = (time.perf_counter() - t0) * 1000
+    available = sum(v is not None for v in vectors)
+    coverage = available / n if n else 1.0
+    fb_count = sum(fallback)
+    docs: list[SparseVector] | dict[str, Any]
+    if n <= inline_vectors_limit:
+        docs = [v if v is not None else SparseVector() for v in vectors]
+    else:
+        nnz = [v.nnz for v in vectors if v is not None]
+        docs = {"count": n, "available": available, "mean_nnz": sum(nnz) / len(nnz) if nnz else 0.0,
+                "path": export_path}
+    run = SparseInferenceRun(
+        run_id=run_id or uuid.uuid4(), sparse_model=spec.name,
+        query_sparse_vector=next(iter(query_vectors.values()), None), document_sparse_vectors=docs,
+        latency_ms=latency_ms, fallback_used=fb_count > 0, fallback_count=fb_count, coverage_ratio=coverage,
+    )
+    telemetry = StageTelemetry(
+        stage="sparse", model=spec.name, device="cpu", batch_size=batch_size, items=n, latency_ms=latency_ms,
+        items_per_s=n / (latency_ms / 1000) if latency_ms > 0 else 0.0, fallback=fb_count > 0, warnings=warnings,
+    )
+    return SparseResult(spec.name, vectors, fallback, query_vectors, run, telemetry, warnings)

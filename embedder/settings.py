@@ -1,0 +1,242 @@
+"""Run configuration: the one place environment variables are read.
+
+Values resolve in the order defaults -> config file -> environment -> explicit
+overrides (the CLI or a flow parameter), and the source of every top-level value
+is recorded so the run summary can say where each setting came from.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from embedder.errors import ConfigError, UnsafeNameError
+
+SettingSource = Literal["default", "file", "env", "cli"]
+
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+def validate_collection_name(name: str) -> str:
+    """Return ``name`` if it is a safe collection name, else raise.
+
+    A collection name becomes a directory under the output dir and a Qdrant
+    collection name, so anything that could escape the output dir (``..``,
+    separators, absolute paths, leading dots) is refused.
+
+    Args:
+        name: The proposed collection name.
+
+    Returns:
+        The same name.
+
+    Raises:
+        UnsafeNameError: If the name could escape the output directory.
+    """
+    if not isinstance(name, str) or not _SAFE_NAME.fullmatch(name) or ".." in name:
+        raise UnsafeNameError(
+            f"collection name {name!r} is not allowed: use 1-128 letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit, without '..' (it becomes a directory under the output dir)"
+        )
+    return name
+
+
+class QueryPolicy(BaseModel):
+    """How query text is stored in summaries, exports and artifacts."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    mode: Literal["truncate", "hash"] = Field(
+        "truncate", description="'truncate' keeps the first max_chars characters; 'hash' keeps only a sha256."
+    )
+    max_chars: int = Field(200, ge=1, le=10_000, description="Characters kept when mode is 'truncate'.")
+
+
+class CollectionInput(BaseModel):
+    """One collection to embed: a name and the file or directory it is read from."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(description="Collection name; becomes <output_dir>/<name>/ and the Qdrant collection.")
+    path: str = Field(description="A JSONL or Parquet file, or a directory of rag_clean *chunks*.json files.")
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, value: str) -> str:
+        return validate_collection_name(value)
+
+
+class RunConfig(BaseModel):
+    """Everything one run needs. This is the flow parameter, so the Prefect UI renders it as a form.
+
+    Secrets never live here: Prefect stores flow parameters.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    collections: list[CollectionInput] = Field(default_factory=list, description="Collections to embed.")
+    queries_path: str | None = Field(None, description="JSONL of {_id, text}: real queries for fusion and rerank.")
+    qrels_path: str | None = Field(None, description="BEIR qrels TSV (query-id, corpus-id, score) for quality metrics.")
+    output_dir: str = Field("output", description="Where per-collection exports and summaries are written.")
+    dense_model: str = Field("all-minilm-l6-v2", description="Registry name, HF id or local dir.")
+    dense_backend: Literal["torch", "onnx"] = Field("torch", description="sentence-transformers backend.")
+    sparse_models: list[str] = Field(default_factory=lambda: ["qdrant-bm25"], description="SPARSE_MODELS names.")
+    rerank_model: str = Field("cross-encoder/ms-marco-MiniLM-L-6-v2", description="Registry name, HF id or local dir.")
+    enable_sparse: bool = True
+    enable_rerank: bool = True
+    rerank_top_k_candidates: int = Field(100, ge=1, le=10_000)
+    rerank_top_k: int = Field(20, ge=1, le=10_000)
+    rerank_latency_budget_ms: float | None = Field(None, gt=0, description="Per-query budget; cuts candidates.")
+    fusion: Literal["rrf", "dbsf"] = "rrf"
+    rrf_k: int = Field(60, ge=1)
+    retrieval_top_n: int = Field(100, ge=1, le=10_000, description="Candidates per list before fusion.")
+    gpu_memory_ceiling_gb: float = Field(12.0, gt=0, le=1024)
+    gpu_concurrency_limit_name: str = Field("gpu", min_length=1)
+    gpu_lease_timeout_s: float = Field(3600.0, gt=0, description="How long a stage waits for the GPU slot.")
+    gpu_lease_duration_s: float = Field(300.0, ge=60, description="Lease length; a dead holder frees after it.")
+    query_policy: QueryPolicy = Field(default_factory=QueryPolicy)
+    local_files_only: bool = Field(False, description="Never contact a model hub.")
+    force_cpu: bool = False
+    max_chunk_chars: int = Field(32_768, ge=64, description="Longer chunks are truncated with a warning.")
+    sources: dict[str, SettingSource] = Field(
+        default_factory=dict, description="Where each setting came from (filled in by resolve_run_config)."
+    )
+
+    @field_validator("sparse_models")
+    @classmethod
+    def _non_empty_models(cls, value: list[str]) -> list[str]:
+        cleaned = [m.strip() for m in value if m.strip()]
+        if not cleaned:
+            raise ValueError("sparse_models needs at least one model name")
+        return cleaned
+
+
+class EmbedderSettings(BaseSettings):
+    """Environment settings (prefix ``EMBEDDER_``). Nested values use ``__``.
+
+    Only fields a user may set from the environment appear here; see
+    :class:`RunConfig` for their meaning.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="EMBEDDER_", env_nested_delimiter="__", extra="ignore")
+
+    queries_path: str | None = None
+    qrels_path: str | None = None
+    output_dir: str = "output"
+    dense_model: str = "all-minilm-l6-v2"
+    dense_backend: Literal["torch", "onnx"] = "torch"
+    sparse_models: list[str] = Field(default_factory=lambda: ["qdrant-bm25"])
+    rerank_model: str = "cross-encoder/ms-marco-MiniLM-L-6-v2"
+    enable_sparse: bool = True
+    enable_rerank: bool = True
+    rerank_top_k_candidates: int = 100
+    rerank_top_k: int = 20
+    rerank_latency_budget_ms: float | None = None
+    fusion: Literal["rrf", "dbsf"] = "rrf"
+    rrf_k: int = 60
+    retrieval_top_n: int = 100
+    gpu_memory_ceiling_gb: float = 12.0
+    gpu_concurrency_limit_name: str = "gpu"
+    gpu_lease_timeout_s: float = 3600.0
+    gpu_lease_duration_s: float = 300.0
+    query_policy: QueryPolicy = Field(default_factory=QueryPolicy)
+    local_files_only: bool = False
+    force_cpu: bool = False
+    max_chunk_chars: int = 32_768
+
+
+class ServiceSettings(BaseSettings):
+    """Connection settings that must never become flow parameters (they may hold secrets)."""
+
+    model_config = SettingsConfigDict(extra="ignore")
+
+    qdrant_url: str | None = Field(None, validation_alias=AliasChoices("EMBEDDER_QDRANT_URL", "QDRANT_URL"))
+    qdrant_api_key: SecretStr | None = Field(
+        None, validation_alias=AliasChoices("EMBEDDER_QDRANT_API_KEY", "QDRANT_API_KEY")
+    )
+    qdrant_timeout_s: float = Field(30.0, validation_alias=AliasChoices("EMBEDDER_QDRANT_TIMEOUT_S"))
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a TOML or JSON config file into a dict of RunConfig fields.
+
+    A TOML file may put the fields at the top level or under ``[embedder]``.
+
+    Args:
+        path: The config file.
+
+    Returns:
+        The fields it sets.
+
+    Raises:
+        ConfigError: If the file is missing, unparsable or not a table.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {str(p)!r} does not exist")
+    try:
+        if p.suffix == ".toml":
+            data: Any = tomllib.loads(p.read_text(encoding="utf-8"))
+            data = data.get("embedder", data)
+        elif p.suffix == ".json":
+            data = json.loads(p.read_text(encoding="utf-8"))
+        else:
+            raise ConfigError(f"config file {str(p)!r}: use a .toml or .json file")
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"config file {str(p)!r} is not valid: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {str(p)!r} must hold a table of settings")
+    unknown = sorted(set(data) - set(RunConfig.model_fields) - {"sources"})
+    if unknown:
+        raise ConfigError(f"config file {str(p)!r} has unknown settings: {', '.join(unknown)}")
+    return data
+
+
+def resolve_run_config(
+    config_file: str | Path | None = None,
+    overrides: dict[str, Any] | None = None,
+    *,
+    read_env: bool = True,
+) -> RunConfig:
+    """Resolve a :class:`RunConfig` from defaults, a file, the environment and overrides.
+
+    Args:
+        config_file: Optional TOML/JSON file.
+        overrides: Explicit values (from the CLI); ``None`` values are ignored.
+        read_env: Read ``EMBEDDER_*`` variables (tests may turn this off).
+
+    Returns:
+        The validated config, with ``sources`` naming each value's origin.
+
+    Raises:
+        ConfigError: If any layer holds an invalid value.
+    """
+    merged: dict[str, Any] = {}
+    sources: dict[str, SettingSource] = {name: "default" for name in RunConfig.model_fields if name != "sources"}
+    if config_file is not None:
+        for key, value in load_config_file(config_file).items():
+            merged[key] = value
+            sources[key] = "file"
+    if read_env:
+        try:
+            env = EmbedderSettings()
+        except ValidationError as exc:
+            raise ConfigError(f"invalid EMBEDDER_* environment variable: {exc}") from exc
+        for key in env.model_fields_set:
+            merged[key] = getattr(env, key)
+            sources[key] = "env"
+    for key, value in (overrides or {}).items():
+        if value is None:
+            continue
+        merged[key] = value
+        sources[key] = "cli"
+    try:
+        return RunConfig(**merged, sources=sources)
+    except ValidationError as exc:
+        raise ConfigError(f"invalid run configuration: {exc}") from exc

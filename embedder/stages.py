@@ -1,0 +1,458 @@
+"""The pipeline's stages as plain functions over small file references.
+
+Each stage reads its inputs from files named by :class:`StageRef`, writes its
+outputs into the collection's ``.stages/`` directory under a name derived from
+its cache key, and returns a small pydantic result. Prefect tasks wrap these
+one-to-one; nothing here knows about Prefect.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import BaseModel, Field
+
+import embedder
+from embedder.errors import ModelUnavailableError, StageError, VectorIndexError
+from embedder.fusion import DenseIndex, SparseIndex, fuse_dbsf, fuse_rrf, retrieve_candidates
+from embedder.gpu import apply_memory_ceiling, resolve_device
+from embedder.io.atomic import file_digest
+from embedder.io.load import LoadResult, load_collection
+from embedder.io.readers import read_queries
+from embedder.io.writers import (
+    dumps,
+    read_chunks,
+    read_dense_parquet,
+    read_jsonl_records,
+    write_dense_parquet,
+    write_jsonl,
+)
+from embedder.models.dense import DenseEncoder, default_dense_batch, embed_dense
+from embedder.models.registry import get_spec, resolve_model
+from embedder.models.rerank import RerankEncoder, default_rerank_batch, rerank
+from embedder.models.sparse import infer_sparse, load_sparse_model
+from embedder.schemas import (
+    CrossEncoderRerankRun,
+    Query,
+    ScoredCandidate,
+    SparseInferenceRun,
+    SparseVector,
+    StageRef,
+    StageTelemetry,
+)
+from embedder.settings import CollectionInput, RunConfig
+
+Status = Literal["executed", "disabled", "skipped", "error"]
+
+
+@functools.lru_cache(maxsize=1)
+def code_version() -> str:
+    """The package version plus a digest of the library's source: a code change invalidates caches."""
+    h = hashlib.sha256(embedder.__version__.encode())
+    root = Path(embedder.__file__).parent
+    for path in sorted(root.rglob("*.py")):
+        h.update(path.relative_to(root).as_posix().encode())
+        h.update(path.read_bytes())
+    return f"{embedder.__version__}+{h.hexdigest()[:12]}"
+
+
+def stage_key(stage: str, *parts: Any) -> str:
+    """A stable cache key for a stage: its name, the code version and its inputs."""
+    payload = json.dumps([stage, code_version(), *parts], sort_keys=True, default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def collection_dir(config: RunConfig, collection: str) -> Path:
+    """``<output_dir>/<collection>``; the name was validated by CollectionInput."""
+    return Path(config.output_dir) / collection
+
+
+def stages_dir(config: RunConfig, collection: str) -> Path:
+    """Where stage outputs live (content-addressed by cache key)."""
+    return collection_dir(config, collection) / ".stages"
+
+
+def input_digest(path: str | Path) -> str:
+    """Digest of an input file, or of a directory's chunk files (names and bytes)."""
+    p = Path(path)
+    if p.is_file():
+        return file_digest(p)
+    h = hashlib.sha256()
+    for f in sorted(p.glob("*chunks*.json")):
+        h.update(f.name.encode())
+        h.update(file_digest(f).encode())
+    return h.hexdigest()
+
+
+def queries_digest(config: RunConfig) -> str | None:
+    """Digest of the query set, or None when the run has none."""
+    return file_digest(config.queries_path) if config.queries_path else None
+
+
+# --- load -------------------------------------------------------------------------------------
+
+
+def load_stage(config: RunConfig, collection: CollectionInput, key: str) -> LoadResult:
+    """Validate a collection into ``.stages/chunks-<key>.parquet`` plus ``rejects.jsonl``."""
+    sdir = stages_dir(config, collection.name)
+    return load_collection(
+        collection.path, sdir / f"chunks-{key[:16]}.parquet", sdir / f"rejects-{key[:16]}.jsonl",
+        max_chunk_chars=config.max_chunk_chars,
+    )
+
+
+# --- dense ------------------------------------------------------------------------------------
+
+
+class DenseStageResult(BaseModel):
+    """Dense vectors for chunks (and queries), by reference."""
+
+    vectors: StageRef
+    query_vectors: StageRef | None = None
+    model_name: str
+    dim: int
+    telemetry: StageTelemetry
+    lease_event: dict[str, Any] | None = Field(None, description="Set by the orchestrator that held the GPU lease.")
+
+
+def dense_stage(
+    config: RunConfig,
+    collection: str,
+    chunks: StageRef,
+    key: str,
+    *,
+    progress: Callable[[int, int], None] | None = None,
+) -> DenseStageResult:
+    """Embed every chunk (and every query) with the dense model under the memory ceiling.
+
+    Raises:
+        ModelUnavailableError: When the dense model cannot load (the run cannot continue).
+    """
+    device = resolve_device(config.force_cpu)
+    apply_memory_ceiling(device, config.gpu_memory_ceiling_gb)
+    resolved = resolve_model(config.dense_model, "dense", local_files_only=config.local_files_only)
+    encoder = DenseEncoder(resolved, device, backend=config.dense_backend, local_files_only=config.local_files_only)
+    encoder.load()
+    max_len = int(getattr(encoder.load(), "max_seq_length", resolved.spec.max_length) or resolved.spec.max_length)
+    plan = default_dense_batch(device, config.gpu_memory_ceiling_gb, max_len)
+    items = read_chunks(chunks.path)
+    result = embed_dense([c.text for c in items], encoder, batch=plan, progress=progress)
+    sdir = stages_dir(config, collection)
+    ref = write_dense_parquet(sdir / f"dense-{key[:16]}.parquet", [c.id for c in items], result.vectors,
+                              encoder.name)
+    qref = None
+    if config.queries_path:
+        queries = read_queries(config.queries_path)
+        qres = embed_dense([q.text for q in queries], encoder, batch=plan)
+        qref = write_dense_parquet(sdir / f"dense-queries-{key[:16]}.parquet", [q.id for q in queries],
+                                   qres.vectors, encoder.name)
+    return DenseStageResult(vectors=ref, query_vectors=qref, model_name=encoder.name, dim=encoder.dim,
+                            telemetry=result.telemetry)
+
+
+# --- sparse -----------------------------------------------------------------------------------
+
+
+class SparseModelOutput(BaseModel):
+    """One sparse model's vectors, by reference, and its inference run."""
+
+    model_name: str
+    vector_name: str
+    vectors: StageRef
+    query_vectors: StageRef | None = None
+    run: SparseInferenceRun
+    available: int
+    telemetry: StageTelemetry
+    warnings: list[str] = Field(default_factory=list)
+
+
+class SparseStageResult(BaseModel):
+    """All sparse models' outputs."""
+
+    status: Status
+    outputs: list[SparseModelOutput] = Field(default_factory=list)
+    warnings: list[str] = Field(default_factory=list)
+    reason: str | None = None
+
+
+def sparse_stage(config: RunConfig, collection: str, chunks: StageRef, key: str,
+                 run_id: uuid.UUID | None = None) -> SparseStageResult:
+    """Live sparse inference per model, CPU first, with the per-chunk metadata fallback."""
+    from embedder.io.qdrant import sparse_vector_name
+    from embedder.models.registry import BUNDLED_DATA
+
+    if not config.enable_sparse:
+        return SparseStageResult(status="disabled", reason="disabled by enable_sparse=false")
+    items = read_chunks(chunks.path)
+    queries = read_queries(config.queries_path) if config.queries_path else []
+    sdir = stages_dir(config, collection)
+    outputs: list[SparseModelOutput] = []
+    warnings: list[str] = []
+    for name in config.sparse_models:
+        spec = get_spec(name, "sparse")
+        model = None
+        load_error = None
+        try:
+            resolved = resolve_model(name, "sparse", local_files_only=config.local_files_only)
+            model = load_sparse_model(resolved, "cpu", local_files_only=config.local_files_only)
+        except ModelUnavailableError as exc:
+            load_error = str(exc)
+        tag = f"{sparse_vector_name(name)}-{key[:16]}"
+        result = infer_sparse(
+            items, spec, model, queries=queries, load_error=load_error, bm25_dir=BUNDLED_DATA / "bm25",
+            run_id=run_id, export_path=str(collection_dir(config, collection) / "sparse.jsonl"),
+        )
+        ref = write_jsonl(sdir / f"{tag}.jsonl", (
+            {"id": c.id, "sparse_vector": (v or SparseVector()).model_dump(), "model": name, "fallback": fb,
+             "available": v is not None}
+            for c, v, fb in zip(items, result.vectors, result.fallback)
+        ))
+        qref = None
+        if queries:
+            qref = write_jsonl(sdir / f"{tag}-queries.jsonl", (
+                {"id": qid, "sparse_vector": v.model_dump()} for qid, v in result.query_vectors.items()
+            ))
+        warnings.extend(result.warnings)
+        outputs.append(SparseModelOutput(
+            model_name=name, vector_name=sparse_vector_name(name), vectors=ref, query_vectors=qref, run=result.run,
+            available=sum(v is not None for v in result.vectors), telemetry=result.telemetry,
+            warnings=result.warnings,
+        ))
+    return SparseStageResult(status="executed", outputs=outputs, warnings=warnings)
+
+
+def _read_sparse(ref: StageRef) -> tuple[list[str], list[SparseVector | None]]:
+    ids, vecs = [], []
+    for rec in read_jsonl_records(ref.path):
+        ids.append(rec["id"])
+        vecs.append(SparseVector(**rec["sparse_vector"]) if rec.get("available", True) else None)
+    return ids, vecs
+
+
+# --- index ------------------------------------------------------------------------------------
+
+
+class IndexResult(BaseModel):
+    """What the Qdrant upsert did."""
+
+    status: Status
+    backend: str = "qdrant"
+    location: str = ""
+    collection: str = ""
+    points_count: int = 0
+    upserted: int = 0
+    latency_ms: float = 0.0
+    reason: str | None = None
+
+
+def qdrant_location(config: RunConfig, collection: str, url: str | None) -> str:
+    """The server URL, or the local-mode path under the collection's output dir."""
+    return url or str(collection_dir(config, collection) / "qdrant")
+
+
+def build_collection_points(config: RunConfig, collection: str, chunks: StageRef, dense: DenseStageResult,
+                            sparse: SparseStageResult) -> list[dict[str, Any]]:
+    """The Qdrant points of a collection (shared by the index and the qdrant.jsonl export)."""
+    from embedder.io.qdrant import build_points
+
+    items = read_chunks(chunks.path)
+    ids, vectors = read_dense_parquet(dense.vectors.path)
+    if ids != [c.id for c in items]:
+        raise StageError("dense vectors do not line up with the chunk table; re-run the dense stage")
+    sparse_map = {o.vector_name: _read_sparse(o.vectors)[1] for o in sparse.outputs}
+    return build_points(collection, items, vectors, sparse_map)
+
+
+def index_stage(config: RunConfig, collection: str, chunks: StageRef, dense: DenseStageResult,
+                sparse: SparseStageResult, *, url: str | None = None, api_key: str | None = None,
+                timeout_s: float = 30.0) -> IndexResult:
+    """Create the collection if needed and upsert every chunk as a point.
+
+    Raises:
+        VectorIndexError: When Qdrant cannot be reached or rejects the write.
+    """
+    from embedder.io.qdrant import ensure_collection, open_client, upsert_points
+
+    t0 = time.perf_counter()
+    points = build_collection_points(config, collection, chunks, dense, sparse)
+    location = qdrant_location(config, collection, url)
+    try:
+        with open_client(path=None if url else location, url=url, api_key=api_key, timeout_s=timeout_s) as client:
+            ensure_collection(client, collection, dense.dim, [o.vector_name for o in sparse.outputs])
+            count = upsert_points(client, collection, points)
+    except VectorIndexError:
+        raise
+    except Exception as exc:
+        raise VectorIndexError(f"Qdrant at {location} failed: {type(exc).__name__}: {exc}") from exc
+    return IndexResult(status="executed", location=location, collection=collection, points_count=count,
+                       upserted=len(points), latency_ms=(time.perf_counter() - t0) * 1000)
+
+
+# --- fusion -----------------------------------------------------------------------------------
+
+
+class FusionResult(BaseModel):
+    """Per-query candidate lists (dense, each sparse, RRF, DBSF), by reference."""
+
+    status: Status
+    method: str
+    k: int | None = None
+    queries: int = 0
+    latency_ms: float = 0.0
+    candidates: StageRef | None = None
+    reason: str | None = None
+
+
+def fuse_stage(config: RunConfig, collection: str, dense: DenseStageResult, sparse: SparseStageResult,
+               key: str) -> FusionResult:
+    """Retrieve dense and sparse candidates per real query and fuse them with RRF and DBSF."""
+    if not config.queries_path or dense.query_vectors is None:
+        return FusionResult(status="skipped", method=config.fusion, k=config.rrf_k,
+                            reason="no query set was given (--queries); fusion never invents queries")
+    t0 = time.perf_counter()
+    ids, vectors = read_dense_parquet(dense.vectors.path)
+    qids, qvecs = read_dense_parquet(dense.query_vectors.path)
+    dense_index = DenseIndex(ids, vectors)
+    sparse_indexes = []
+    sparse_queries: list[dict[str, SparseVector]] = []
+    for out in sparse.outputs:
+        sids, svecs = _read_sparse(out.vectors)
+        sparse_indexes.append(SparseIndex(sids, svecs))
+        sparse_queries.append({r["id"]: SparseVector(**r["sparse_vector"])
+                               for r in read_jsonl_records(out.query_vectors.path)} if out.query_vectors else {})
+    rows = []
+    n = config.retrieval_top_n
+    for qi, qid in enumerate(qids):
+        sq = [m.get(qid, SparseVector()) for m in sparse_queries]
+        lists = retrieve_candidates((qvecs[qi], sq), dense_index, sparse_indexes, n)
+        rrf = fuse_rrf([[c.id for c in lst] for lst in lists], k=config.rrf_k)[:n]
+        dbsf = fuse_dbsf(lists)[:n]
+        rows.append({
+            "query_id": qid,
+            "dense": [c.model_dump() for c in lists[0]],
+            "sparse": {o.model_name: [c.model_dump() for c in lst] for o, lst in zip(sparse.outputs, lists[1:])},
+            "rrf": [c.model_dump() for c in rrf],
+            "dbsf": [c.model_dump() for c in dbsf],
+        })
+    ref = write_jsonl(stages_dir(config, collection) / f"fused-{key[:16]}.jsonl", rows)
+    return FusionResult(status="executed", method=config.fusion, k=config.rrf_k if config.fusion == "rrf" else None,
+                        queries=len(rows), latency_ms=(time.perf_counter() - t0) * 1000, candidates=ref)
+
+
+# --- rerank -----------------------------------------------------------------------------------
+
+
+class RerankStageResult(BaseModel):
+    """Reranked lists by reference, the per-query runs and telemetry."""
+
+    status: Status
+    model_name: str | None = None
+    device: str | None = None
+    results: StageRef | None = None
+    runs: list[CrossEncoderRerankRun] = Field(default_factory=list)
+    telemetry: StageTelemetry | None = None
+    warnings: list[str] = Field(default_factory=list)
+    reason: str | None = None
+    lease_event: dict[str, Any] | None = Field(None, description="Set by the orchestrator that held the GPU lease.")
+
+
+def rerank_stage(config: RunConfig, collection: str, chunks: StageRef, fusion: FusionResult, key: str,
+                 run_id: uuid.UUID | None = None) -> RerankStageResult:
+    """CrossEncoder rerank of each real query's fused candidates.
+
+    A rerank model that cannot load is not fatal: the result says ``error`` and why.
+    """
+    if not config.enable_rerank:
+        return RerankStageResult(status="disabled", model_name=config.rerank_model,
+                                 reason="disabled by enable_rerank=false")
+    if fusion.status != "executed" or fusion.candidates is None:
+        return RerankStageResult(status="skipped", model_name=config.rerank_model,
+                                 reason=fusion.reason or "fusion produced no candidates")
+    device = resolve_device(config.force_cpu)
+    try:
+        resolved = resolve_model(config.rerank_model, "rerank", local_files_only=config.local_files_only)
+        encoder = RerankEncoder(resolved, device, local_files_only=config.local_files_only)
+        encoder.load()
+    except ModelUnavailableError as exc:
+        return RerankStageResult(status="error", model_name=config.rerank_model, device=device, reason=str(exc),
+                                 warnings=[f"rerank failed, the run continued without it: {exc}"])
+    apply_memory_ceiling(device, config.gpu_memory_ceiling_gb)
+    queries = read_queries(config.queries_path) if config.queries_path else []
+    rows = read_jsonl_records(fusion.candidates.path)
+    fused_key = "rrf" if config.fusion == "rrf" else "dbsf"
+    candidates = {r["query_id"]: [ScoredCandidate(**c) for c in r[fused_key]] for r in rows}
+    wanted = {c.id for lst in candidates.values() for c in lst[: config.rerank_top_k_candidates]}
+    texts = {c.id: c.text for c in read_chunks(chunks.path) if c.id in wanted}
+    result = rerank(
+        queries, candidates, texts, encoder, top_k_candidates=config.rerank_top_k_candidates,
+        top_k=config.rerank_top_k, batch=default_rerank_batch(device, config.gpu_memory_ceiling_gb,
+                                                               encoder.max_length),
+        latency_budget_ms=config.rerank_latency_budget_ms, query_policy_mode=config.query_policy.mode,
+        query_max_chars=config.query_policy.max_chars, run_id=run_id,
+    )
+    ref = write_jsonl(stages_dir(config, collection) / f"rerank-{key[:16]}.jsonl", (
+        {"query_id": q.id, "model": encoder.name, "results": [c.model_dump() for c in result.results.get(q.id, [])]}
+        for q in queries
+    ))
+    return RerankStageResult(status="executed", model_name=encoder.name, device=device, results=ref,
+                             runs=result.runs, telemetry=result.telemetry, warnings=result.warnings)
+
+
+
+# --- cache keys -------------------------------------------------------------------------------
+
+
+def _model_fingerprint(name: str, role: Literal["dense", "sparse", "rerank"], local_files_only: bool) -> str:
+    # Where the model resolves to (or that it does not): a cached fallback result must not
+    # outlive the day the model becomes available.
+    try:
+        return resolve_model(name, role, local_files_only=local_files_only).location
+    except Exception as exc:  # unknown or unavailable: part of the key, the stage reports it
+        return f"unavailable:{type(exc).__name__}"
+
+
+def load_key(config: RunConfig, collection: CollectionInput) -> str:
+    """Cache key of the load stage."""
+    return stage_key("load", collection.name, input_digest(collection.path), config.max_chunk_chars)
+
+
+def dense_key(config: RunConfig, chunks: StageRef) -> str:
+    """Cache key of the dense stage."""
+    return stage_key("dense", chunks.digest, config.dense_model, config.dense_backend, queries_digest(config),
+                     config.force_cpu, _model_fingerprint(config.dense_model, "dense", config.local_files_only))
+
+
+def sparse_key(config: RunConfig, chunks: StageRef) -> str:
+    """Cache key of the sparse stage."""
+    models = [(m, _model_fingerprint(m, "sparse", config.local_files_only)) for m in config.sparse_models]
+    return stage_key("sparse", chunks.digest, config.enable_sparse, models, queries_digest(config))
+
+
+def fuse_key(config: RunConfig, dense: DenseStageResult, sparse: SparseStageResult) -> str:
+    """Cache key of the fusion stage."""
+    sparse_digests = [(o.vectors.digest, o.query_vectors.digest if o.query_vectors else None) for o in sparse.outputs]
+    return stage_key("fuse", dense.vectors.digest, dense.query_vectors.digest if dense.query_vectors else None,
+                     sparse_digests, config.retrieval_top_n, config.rrf_k, config.fusion)
+
+
+def rerank_key(config: RunConfig, chunks: StageRef, fusion: FusionResult) -> str:
+    """Cache key of the rerank stage."""
+    return stage_key("rerank", chunks.digest, fusion.candidates.digest if fusion.candidates else fusion.reason,
+                     config.enable_rerank, config.rerank_model, config.fusion, config.rerank_top_k_candidates,
+                     config.rerank_top_k, config.rerank_latency_budget_ms, config.query_policy.model_dump(),
+                     config.force_cpu, _model_fingerprint(config.rerank_model, "rerank", config.local_files_only))
+
+
+
+def has_outputs(config: RunConfig, collection: str, key: str) -> bool:
+    """True when a stage run under ``key`` left its files in ``.stages/`` (a cached result is usable)."""
+    sdir = stages_dir(config, collection)
+    return sdir.is_dir() and any(sdir.glob(f"*-{key[:16]}*"))

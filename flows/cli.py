@@ -1,0 +1,135 @@
+"""`embed-collections`: the command-line interface (run, summary, validate, search, eval).
+
+Prefect is imported only by the commands that run flows, so `validate` and
+`summary` start fast.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.console import Console
+
+from embedder.errors import EmbedderError
+from embedder.summary import load_summary, render_summary_lines
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Embed document collections into search-ready vectors.")
+console = Console(stderr=True)
+
+
+def _prefect_defaults() -> None:
+    # Offline machines log telemetry errors otherwise, and a fresh database can miss the 20 s default.
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+
+def _fail(message: str, code: int = 1) -> None:
+    console.print(f"[red]error:[/red] {message}")
+    raise typer.Exit(code)
+
+
+@app.command()
+def validate(path: Annotated[Path, typer.Argument(help="A processing_summary.json (v4.0 or v4.1).")]) -> None:
+    """Exit 0 if the summary is valid, non-zero with the reason."""
+    try:
+        summary = load_summary(path)
+    except EmbedderError as exc:
+        _fail(str(exc))
+    typer.echo(f"valid: {path} (schema {summary.schema_version})")
+
+
+@app.command()
+def summary(path: Annotated[Path, typer.Argument(help="A processing_summary.json (v4.0 or v4.1).")]) -> None:
+    """Print a processing summary as human-readable lines."""
+    try:
+        s = load_summary(path)
+    except EmbedderError as exc:
+        _fail(str(exc))
+    for line in render_summary_lines(s):
+        typer.echo(line)
+
+
+def build_config(
+    *, input_path: Path, collection: str | None, output_dir: Path | None, queries: Path | None, qrels: Path | None,
+    config_file: Path | None, overrides: dict[str, Any],
+) -> Any:
+    """Resolve the RunConfig for `run` from the CLI flags (defaults -> file -> env -> flags)."""
+    from embedder.io.readers import discover_collections
+    from embedder.settings import resolve_run_config
+
+    cols = [{"name": n, "path": str(p.resolve())} for n, p in discover_collections(input_path, collection)]
+    overrides = {
+        **overrides, "collections": cols,
+        "output_dir": str(output_dir.resolve()) if output_dir else None,
+        "queries_path": str(queries.resolve()) if queries else None,
+        "qrels_path": str(qrels.resolve()) if qrels else None,
+    }
+    return resolve_run_config(config_file, overrides)
+
+
+@app.command()
+def run(
+    input: Annotated[Path, typer.Option("--input", help="JSONL, Parquet, or a directory of *chunks*.json.")],
+    output_dir: Annotated[Optional[Path], typer.Option("--output-dir", help="Where exports are written.")] = None,
+    collection: Annotated[Optional[str], typer.Option("--collection", help="Collection name.")] = None,
+    queries: Annotated[Optional[Path], typer.Option("--queries", help="JSONL of {_id, text}.")] = None,
+    qrels: Annotated[Optional[Path], typer.Option("--qrels", help="BEIR qrels TSV.")] = None,
+    dense_model: Annotated[Optional[str], typer.Option("--dense-model")] = None,
+    sparse_models: Annotated[Optional[str], typer.Option("--sparse-models", help="Comma-separated.")] = None,
+    rerank_model: Annotated[Optional[str], typer.Option("--rerank-model")] = None,
+    enable_sparse: Annotated[Optional[bool], typer.Option("--enable-sparse/--disable-sparse")] = None,
+    enable_rerank: Annotated[Optional[bool], typer.Option("--enable-rerank/--disable-rerank")] = None,
+    rerank_candidates: Annotated[Optional[int], typer.Option("--rerank-candidates")] = None,
+    rerank_top_k: Annotated[Optional[int], typer.Option("--rerank-top-k")] = None,
+    fusion: Annotated[Optional[str], typer.Option("--fusion", help="rrf or dbsf.")] = None,
+    force_cpu: Annotated[Optional[bool], typer.Option("--force-cpu", help="Never use the GPU.")] = None,
+    local_files_only: Annotated[Optional[bool], typer.Option("--local-files-only",
+                                                             help="Never contact a model hub.")] = None,
+    config: Annotated[Optional[Path], typer.Option("--config", help="TOML or JSON config file.")] = None,
+    json_output: Annotated[bool, typer.Option("--json", help="Print the summaries as JSON.")] = False,
+) -> None:
+    """Run the embedding flow on one input (one or more collections)."""
+    _prefect_defaults()
+    try:
+        cfg = build_config(
+            input_path=input, collection=collection, output_dir=output_dir, queries=queries, qrels=qrels,
+            config_file=config,
+            overrides={
+                "dense_model": dense_model, "rerank_model": rerank_model, "enable_sparse": enable_sparse,
+                "enable_rerank": enable_rerank, "rerank_top_k_candidates": rerank_candidates,
+                "rerank_top_k": rerank_top_k, "fusion": fusion, "force_cpu": force_cpu or None,
+                "local_files_only": local_files_only or None,
+                "sparse_models": [m.strip() for m in sparse_models.split(",")] if sparse_models else None,
+            },
+        )
+    except EmbedderError as exc:
+        _fail(str(exc), 2)
+    from flows.embed_collections import embed_collections
+
+    with console.status(f"running embed-collections on {len(cfg.collections)} collection(s)..."):
+        try:
+            summaries = embed_collections(cfg)
+        except EmbedderError as exc:
+            _fail(str(exc))
+    if json_output:
+        typer.echo(json.dumps([s.model_dump(mode="json") for s in summaries], indent=2))
+        return
+    for s in summaries:
+        for line in render_summary_lines(s):
+            typer.echo(line)
+        typer.echo(f"Summary: {Path(cfg.output_dir) / s.collection / 'processing_summary.json'}")
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

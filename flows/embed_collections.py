@@ -1,0 +1,119 @@
+"""The `embed_collections` flow and its per-collection subflow."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact
+from prefect.runtime import flow_run
+from prefect.states import State
+
+from embedder.errors import EmbedderError
+from embedder.models.registry import get_spec, resolve_model
+from embedder.report import build_summary, compute_quality, write_collection_summary
+from embedder.settings import CollectionInput, RunConfig
+from embedder.summary import ProcessingSummary, render_summary_lines
+from tasks.lease import ensure_gpu_limit
+from tasks.stages import (
+    dense_embed_task,
+    export_task,
+    fuse_task,
+    index_task,
+    load_collection_task,
+    rerank_task,
+    sparse_infer_task,
+)
+
+
+def _run_name() -> str:
+    params = flow_run.parameters or {}
+    config = params.get("config") or {}
+    cols = config.collections if isinstance(config, RunConfig) else config.get("collections", [])
+    names = [c.name if isinstance(c, CollectionInput) else c.get("name", "?") for c in cols]
+    label = ",".join(names) or "no-collections"
+    return f"embed-{label[:60]}"
+
+
+def _outcome(state: State) -> tuple[Any, str | None, bool]:
+    """(result, error message, came-from-cache) of a finished task state."""
+    if state.is_completed():
+        return state.result(), None, state.name == "Cached"
+    try:
+        state.result()
+    except Exception as exc:
+        return None, f"{type(exc).__name__}: {exc}", False
+    return None, f"ended in state {state.name}", False
+
+
+def preflight(config: RunConfig) -> None:
+    """Fail before any GPU work on deterministic errors: unknown models, an unavailable dense model."""
+    get_spec(config.rerank_model, "rerank")
+    for name in config.sparse_models:
+        get_spec(name, "sparse")
+    resolve_model(config.dense_model, "dense", local_files_only=config.local_files_only)
+    if not config.collections:
+        raise EmbedderError("the run names no collections")
+
+
+@flow(name="embed-collection", flow_run_name="embed-collection-{collection.name}", validate_parameters=True)
+def embed_collection(config: RunConfig, collection: CollectionInput, run_id: uuid.UUID) -> ProcessingSummary:
+    """Load, embed, index, fuse, rerank and export one collection, then write its v4.1 summary."""
+    log = get_run_logger()
+    t0 = time.perf_counter()
+    name = collection.name
+    errors: dict[str, str] = {}
+    cached: set[str] = set()
+
+    def outcome(stage: str, state: State) -> Any:
+        result, err, was_cached = _outcome(state)
+        if err:
+            errors[stage] = err
+            log.error("%s stage failed: %s", stage, err)
+        if was_cached:
+            cached.add(stage)
+        return result
+
+    load = load_collection_task(config, collection)  # a bad input path fails the run here, clearly
+    dense = outcome("dense", dense_embed_task(config, name, load.chunks, return_state=True))
+    sparse = index = fusion = rerank = None
+    if dense is not None:
+        sparse = outcome("sparse", sparse_infer_task(config, name, load.chunks, run_id, return_state=True))
+    if dense is not None and sparse is not None:
+        index = outcome("index", index_task(config, name, load.chunks, dense, sparse, return_state=True))
+        fusion = outcome("fuse", fuse_task(config, name, dense, sparse, return_state=True))
+    if fusion is not None:
+        rerank = outcome("rerank", rerank_task(config, name, load.chunks, fusion, run_id, return_state=True))
+    exports = outcome("export", export_task(config, name, load, dense, sparse, rerank, return_state=True)) or {}
+    lease_events = [r.lease_event for stage, r in (("dense", dense), ("rerank", rerank))
+                    if r is not None and r.lease_event and stage not in cached]
+    summary = build_summary(
+        config, name, run_id, latency_seconds=time.perf_counter() - t0, load=load, dense=dense, sparse=sparse,
+        index=index, fusion=fusion, rerank=rerank, exports=exports, lease_events=lease_events, stage_errors=errors,
+        cached_stages=cached, quality=compute_quality(config, fusion, rerank),
+    )
+    path = write_collection_summary(summary, config)
+    create_markdown_artifact(
+        markdown="\n".join([f"# Collection `{name}`", "", "```", *render_summary_lines(summary), "```", "",
+                            f"Summary: `{path}`"]),
+        key=f"summary-{name.lower().replace('_', '-').replace('.', '-')}"[:100],
+        description=f"processing summary of {name}",
+    )
+    if "dense" in errors:
+        raise EmbedderError(f"collection {name!r}: dense stage failed ({errors['dense']}); summary at {path}")
+    return summary
+
+
+@flow(name="embed-collections", flow_run_name=_run_name, validate_parameters=True)
+def embed_collections(config: RunConfig) -> list[ProcessingSummary]:
+    """Embed every collection in ``config``: one `embed-collection` subflow each.
+
+    Collections run one after another: they would only queue on the single GPU
+    slot if run side by side, and sequential runs keep memory bounded.
+    """
+    preflight(config)
+    ensure_gpu_limit(config.gpu_concurrency_limit_name)
+    run_id = uuid.UUID(flow_run.get_id()) if flow_run.get_id() else uuid.uuid4()
+    return [embed_collection(config, collection, run_id) for collection in config.collections]

@@ -1,0 +1,130 @@
+"""One thin Prefect task per pipeline stage.
+
+Tasks take the run config and small file references and return small pydantic
+results (persisted as JSON, never pickle). Their cache keys come from
+``embedder.stages.*_key``: input digests, model ids, stage config and the code
+version, so a new flow run (or a retry) skips every stage whose inputs did not
+change. A key whose files have vanished from ``.stages/`` is treated as a miss.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+from prefect import task
+from prefect.context import TaskRunContext
+
+from embedder import stages as st
+from embedder.errors import EmbedderError, ModelUnavailableError
+from embedder.io.load import LoadResult
+from embedder.settings import CollectionInput, RunConfig, ServiceSettings
+from tasks.lease import gpu_lease
+from tasks.telemetry import ProgressReporter, publish_stage
+
+_PERSIST: dict[str, Any] = {"persist_result": True, "result_serializer": "json"}
+
+
+def _transient(task_: Any, task_run: Any, state: Any) -> bool:
+    """Retry only errors that may pass: never our own deterministic EmbedderErrors (bad input, unknown model)."""
+    try:
+        state.result()
+    except EmbedderError as exc:
+        from embedder.errors import VectorIndexError
+
+        return isinstance(exc, VectorIndexError)
+    except Exception:
+        return True
+    return False
+
+
+def _keyed(key_fn: Callable[..., str]) -> Callable[[TaskRunContext, dict[str, Any]], str]:
+    def cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
+        config: RunConfig = parameters["config"]
+        collection = parameters["collection"]
+        name = collection.name if isinstance(collection, CollectionInput) else collection
+        key = key_fn(parameters)
+        # The stage's files are gone (deleted output dir): recompute rather than return dangling paths.
+        return key if st.has_outputs(config, name, key) else f"{key}-missing-{uuid.uuid4().hex}"
+
+    return cache_key
+
+
+@task(name="load-validate", cache_key_fn=_keyed(lambda p: st.load_key(p["config"], p["collection"])), **_PERSIST)
+def load_collection_task(config: RunConfig, collection: CollectionInput) -> LoadResult:
+    """Prefect wrapper for `embedder.stages.load_stage`."""
+    return st.load_stage(config, collection, st.load_key(config, collection))
+
+
+@task(name="dense-embed", cache_key_fn=_keyed(lambda p: st.dense_key(p["config"], p["chunks"])), **_PERSIST)
+def dense_embed_task(config: RunConfig, collection: str, chunks: Any) -> st.DenseStageResult:
+    """Prefect wrapper for `embedder.stages.dense_stage`, inside the GPU lease."""
+    key = st.dense_key(config, chunks)
+    progress = ProgressReporter(collection, "dense")
+    with gpu_lease(config.gpu_concurrency_limit_name, "dense", timeout_s=config.gpu_lease_timeout_s,
+                   lease_duration_s=config.gpu_lease_duration_s) as lease:
+        result = st.dense_stage(config, collection, chunks, key, progress=progress)
+    publish_stage(collection, result.telemetry)
+    return result.model_copy(update={"lease_event": lease})
+
+
+@task(name="sparse-infer", cache_key_fn=_keyed(lambda p: st.sparse_key(p["config"], p["chunks"])), **_PERSIST)
+def sparse_infer_task(config: RunConfig, collection: str, chunks: Any, run_id: uuid.UUID) -> st.SparseStageResult:
+    """Prefect wrapper for `embedder.stages.sparse_stage` (CPU first: no GPU lease)."""
+    result = st.sparse_stage(config, collection, chunks, st.sparse_key(config, chunks), run_id=run_id)
+    for out in result.outputs:
+        publish_stage(collection, out.telemetry, {"coverage_ratio": out.run.coverage_ratio})
+    return result
+
+
+@task(name="qdrant-index", retries=3, retry_delay_seconds=[1, 4, 10], retry_condition_fn=_transient, **_PERSIST)
+def index_task(config: RunConfig, collection: str, chunks: Any, dense: st.DenseStageResult,
+               sparse: st.SparseStageResult) -> st.IndexResult:
+    """Prefect wrapper for `embedder.stages.index_stage`; I/O, so retried with backoff.
+
+    The Qdrant URL and API key are read here from the environment, never passed as
+    parameters: Prefect stores parameters, and the key is a secret.
+    """
+    service = ServiceSettings()
+    api_key = service.qdrant_api_key.get_secret_value() if service.qdrant_api_key else None
+    return st.index_stage(config, collection, chunks, dense, sparse, url=service.qdrant_url, api_key=api_key,
+                          timeout_s=service.qdrant_timeout_s)
+
+
+@task(name="fuse", cache_key_fn=_keyed(lambda p: st.fuse_key(p["config"], p["dense"], p["sparse"])), **_PERSIST)
+def fuse_task(config: RunConfig, collection: str, dense: st.DenseStageResult,
+              sparse: st.SparseStageResult) -> st.FusionResult:
+    """Prefect wrapper for `embedder.stages.fuse_stage`."""
+    return st.fuse_stage(config, collection, dense, sparse, st.fuse_key(config, dense, sparse))
+
+
+@task(name="rerank", cache_key_fn=_keyed(lambda p: st.rerank_key(p["config"], p["chunks"], p["fusion"])),
+      **_PERSIST)
+def rerank_task(config: RunConfig, collection: str, chunks: Any, fusion: st.FusionResult,
+                run_id: uuid.UUID) -> st.RerankStageResult:
+    """Prefect wrapper for `embedder.stages.rerank_stage`, inside the GPU lease.
+
+    An unavailable rerank model raises (so the failure is never cached); the flow
+    records it as ``rerank_run.status: "error"`` and carries on.
+    """
+    key = st.rerank_key(config, chunks, fusion)
+    if not config.enable_rerank or fusion.status != "executed":
+        return st.rerank_stage(config, collection, chunks, fusion, key, run_id=run_id)
+    with gpu_lease(config.gpu_concurrency_limit_name, "rerank", timeout_s=config.gpu_lease_timeout_s,
+                   lease_duration_s=config.gpu_lease_duration_s) as lease:
+        result = st.rerank_stage(config, collection, chunks, fusion, key, run_id=run_id)
+    if result.status == "error":
+        raise ModelUnavailableError(result.reason or "rerank model unavailable")
+    if result.telemetry is not None:
+        publish_stage(collection, result.telemetry)
+    return result.model_copy(update={"lease_event": lease})
+
+
+@task(name="export", retries=2, retry_delay_seconds=[1, 4], retry_condition_fn=_transient)
+def export_task(config: RunConfig, collection: str, load: LoadResult, dense: st.DenseStageResult | None,
+                sparse: st.SparseStageResult | None, rerank: st.RerankStageResult | None) -> dict[str, str]:
+    """Prefect wrapper for `embedder.report.write_exports`."""
+    from embedder.report import write_exports
+
+    return write_exports(config, collection, load, dense, sparse, rerank)
