@@ -22,7 +22,7 @@ venv: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/embed-collections run --input examples/sample_collection --queries examples/queries.jsonl \
-		--qrels examples/qrels.tsv --output-dir output/demo
+		--qrels examples/qrels.tsv --output-dir output/demo --local-files-only
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -1,0 +1,72 @@
+"""Shared fixtures: an isolated Prefect home, one session-scoped test harness, tiny real models."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+# Before prefect is imported anywhere: keep its database, results and analytics out of the user's home.
+_PREFECT_HOME = tempfile.mkdtemp(prefix="embedder-test-prefect-")
+os.environ["PREFECT_HOME"] = _PREFECT_HOME
+os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = "120"
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.pop("PREFECT_API_URL", None)
+for _var in [v for v in os.environ if v.startswith("EMBEDDER_") or v in ("QDRANT_URL", "QDRANT_API_KEY")]:
+    os.environ.pop(_var)
+
+REPO = Path(__file__).resolve().parent.parent
+SAMPLE_DIR = REPO / "examples" / "sample_collection"
+SAMPLE_QUERIES = REPO / "examples" / "queries.jsonl"
+SAMPLE_QRELS = REPO / "examples" / "qrels.tsv"
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+SCIFACT = REPO.parent / "shared" / "datasets" / "scifact"
+
+
+@pytest.fixture(scope="session")
+def prefect_harness() -> Iterator[None]:
+    """One temporary Prefect server for the whole session (setup costs ~20 s once)."""
+    from prefect.settings import (
+        PREFECT_FLOWS_HEARTBEAT_FREQUENCY,
+        PREFECT_LOGGING_TO_API_ENABLED,
+        PREFECT_SERVER_ANALYTICS_ENABLED,
+        temporary_settings,
+    )
+    from prefect.testing.utilities import prefect_test_harness
+
+    with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None, PREFECT_LOGGING_TO_API_ENABLED: False,
+                                     PREFECT_SERVER_ANALYTICS_ENABLED: False}):
+        with prefect_test_harness(server_startup_timeout=120):
+            yield
+
+
+@pytest.fixture(scope="session")
+def _tiny_ce_master(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tests.helpers.tiny_models import build_tiny_cross_encoder
+
+    return build_tiny_cross_encoder(tmp_path_factory.mktemp("tiny-ce") / "model")
+
+
+@pytest.fixture
+def tiny_cross_encoder(_tiny_ce_master: Path, tmp_path: Path) -> Path:
+    """A trained tiny CrossEncoder directory, copied per test so no test can spoil another's."""
+    dst = tmp_path / "tiny-ce"
+    shutil.copytree(_tiny_ce_master, dst)
+    return dst
+
+
+@pytest.fixture
+def sample_config(tmp_path: Path):  # noqa: ANN201 - returns RunConfig, imported lazily
+    """A RunConfig over the shipped sample collection, writing into a temp dir."""
+    from embedder.settings import CollectionInput, RunConfig
+
+    return RunConfig(
+        collections=[CollectionInput(name="sample", path=str(SAMPLE_DIR))],
+        queries_path=str(SAMPLE_QUERIES), qrels_path=str(SAMPLE_QRELS), output_dir=str(tmp_path / "out"),
+        local_files_only=True,
+    )
