@@ -244,7 +244,12 @@ def build_summary(
     gpu_peak = max([s.get("gpu_peak_gb", 0.0) for s in stages.values()] + [0.0])
     run_failed = dense is None
     degraded = bool(stage_errors) or sparse_run.status == "error" or rerank_run.status == "error"
-    toggles_sources = {k: v for k, v in config.sources.items()}
+    # A config built without resolve_run_config (a UI form, a test) has no recorded sources:
+    # explicitly given values count as overrides, the rest as defaults.
+    toggles_sources = {
+        name: config.sources.get(name, "cli" if name in config.model_fields_set else "default")
+        for name in RunConfig.model_fields if name != "sources"
+    }
     return ProcessingSummary(
         collection=collection,
         chunk_count=load.chunk_count if load else 0,

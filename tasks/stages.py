@@ -45,8 +45,13 @@ def _keyed(key_fn: Callable[..., str]) -> Callable[[TaskRunContext, dict[str, An
         collection = parameters["collection"]
         name = collection.name if isinstance(collection, CollectionInput) else collection
         key = key_fn(parameters)
-        # The stage's files are gone (deleted output dir): recompute rather than return dangling paths.
-        return key if st.has_outputs(config, name, key) else f"{key}-missing-{uuid.uuid4().hex}"
+        # A cached result whose files were deleted (an output dir wiped) would hand out dangling
+        # paths: recompute under a one-off key. Stage files are named after the key, so the
+        # recomputed files land where the old record points and later runs hit it again.
+        store = getattr(context, "result_store", None)
+        if not st.has_outputs(config, name, key) and store is not None and store.exists(key):
+            return f"{key}-rebuild-{uuid.uuid4().hex}"
+        return key
 
     return cache_key
 

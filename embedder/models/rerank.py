@@ -47,16 +47,14 @@ class RerankEncoder:
                 from sentence_transformers import CrossEncoder
 
                 try:
-                    model = CrossEncoder(self.resolved.location, device="cpu", max_length=self.max_length,
-                                         local_files_only=self.local_files_only)
+                    model = CrossEncoder(self.resolved.location, device="cpu", local_files_only=self.local_files_only)
                 except Exception as exc:
                     hint = ("pass a local directory or unset --local-files-only" if self.local_files_only
                             else "check the model id, or pass a local directory")
                     raise ModelUnavailableError(
                         f"rerank model {self.name!r} could not be loaded ({type(exc).__name__}: {exc}); {hint}"
                     ) from exc
-                # Truncation to max_length keeps over-length pairs from crashing the model.
-                model.max_length = min(self.max_length, getattr(model.tokenizer, "model_max_length", self.max_length))
+                model.max_seq_length = effective_max_length(model, self.max_length)
                 _CACHE[key] = model
             self._model = _CACHE[key]
         return self._model
@@ -67,6 +65,20 @@ class RerankEncoder:
         scores = model.predict(list(pairs), batch_size=max(1, len(pairs)), show_progress_bar=False,
                                convert_to_numpy=True)
         return [float(s) for s in np.asarray(scores, dtype=np.float32).reshape(-1)]
+
+
+def effective_max_length(model: Any, requested: int) -> int:
+    """The longest input the model can take: the smallest of the request, the tokenizer's limit
+    and the position embeddings. Truncating to it keeps over-length pairs from crashing the model."""
+    limits = [requested]
+    tokenizer_max = getattr(getattr(model, "tokenizer", None), "model_max_length", None)
+    if isinstance(tokenizer_max, int) and 0 < tokenizer_max < 1_000_000:  # HF uses 1e30 for "unset"
+        limits.append(tokenizer_max)
+    config = getattr(getattr(model, "transformers_model", None), "config", None)
+    positions = getattr(config, "max_position_embeddings", None)
+    if isinstance(positions, int) and positions > 0:
+        limits.append(positions)
+    return min(limits)
 
 
 def default_rerank_batch(device: str, ceiling_gb: float, max_length: int) -> BatchPlan:

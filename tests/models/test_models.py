@@ -180,12 +180,15 @@ def test_tiny_cross_encoder_ranks_relevant_first(tiny_cross_encoder):
     assert run.query.startswith("sha256:") and run.batch_size == 8 and len(run.scores) == 2
 
 
-def test_rerank_truncates_over_length_pairs(tiny_cross_encoder):
-    encoder = RerankEncoder(resolve_model(str(tiny_cross_encoder), "rerank"), "cpu", max_length=64)
+@pytest.mark.parametrize("max_length", [None, 64, 100_000])
+def test_rerank_truncates_over_length_pairs(tiny_cross_encoder, max_length):
+    # The tiny model has 128 positions; a request above that must be capped, not crash.
+    encoder = RerankEncoder(resolve_model(str(tiny_cross_encoder), "rerank"), "cpu", max_length=max_length)
     long_doc = " ".join(["apple river stone"] * 5000)
     res = rerank([Query(id="q", text="apple river")], {"q": [ScoredCandidate(id="d", score=1)]}, {"d": long_doc},
                  encoder, batch=BatchPlan(4))
     assert len(res.runs[0].scores) == 1 and np.isfinite(res.runs[0].scores[0])
+    assert encoder.load().max_seq_length == min(max_length or 512, 128)
 
 
 def test_rerank_latency_budget_cuts_candidates(tiny_cross_encoder, monkeypatch):
