@@ -3,7 +3,8 @@
 The formulas match Qdrant's Query API so that in-memory fusion and Qdrant's
 ``prefetch`` + ``FusionQuery`` agree on the same candidate lists:
 
-- RRF: ``score(d) = sum_i 1 / (k + rank_i(d))`` with 1-based ranks.
+- RRF: ``score(d) = sum_i 1 / (k + rank_i(d))`` with 1-based ranks (Cormack et al.). Qdrant
+  counts positions from 0, so :func:`embedder.io.qdrant.hybrid_query` passes it ``k + 1``.
 - DBSF: each list's scores are mapped through ``(s - (mean - 3 sd)) / (6 sd)``
   (sample sd; a single score or zero variance maps to 0.5), then summed.
 """

@@ -143,7 +143,9 @@ def hybrid_query(
         if sq.nnz:
             prefetch.append(models.Prefetch(query=models.SparseVector(indices=sq.indices, values=sq.values),
                                             using=vec_name, limit=prefetch_limit))
-    query: Any = (models.RrfQuery(rrf=models.Rrf(k=k)) if fusion == "rrf"
+    # Qdrant scores RRF as 1 / (k + position) with 0-based positions; embedder.fusion uses the
+    # standard 1 / (k + rank) with 1-based ranks. k + 1 makes the two agree exactly.
+    query: Any = (models.RrfQuery(rrf=models.Rrf(k=k + 1)) if fusion == "rrf"
                   else models.FusionQuery(fusion=models.Fusion.DBSF))
     resp = client.query_points(collection_name=name, prefetch=prefetch, query=query, limit=limit,
                                with_payload=["chunk_id"])

@@ -1,0 +1,160 @@
+"""The GPU lease: serialisation across processes on one server, and recovery from a dead holder."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import REPO, SAMPLE_QUERIES
+
+pytestmark = pytest.mark.slow
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def prefect_server(tmp_path_factory):
+    """A real `prefect server start` on loopback, with its own database."""
+    home = tmp_path_factory.mktemp("server-home")
+    port = _free_port()
+    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+           "PREFECT_UI_ENABLED": "false"}
+    env.pop("PREFECT_API_URL", None)
+    log = open(home / "server.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port",
+                             str(port), "--no-ui"], env=env, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    url = f"http://127.0.0.1:{port}/api"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None:
+            raise RuntimeError((home / "server.log").read_text())
+        time.sleep(0.5)
+    else:
+        raise RuntimeError("prefect server did not become healthy in 120 s")
+    yield url
+    os.killpg(proc.pid, signal.SIGTERM)
+    proc.wait(timeout=30)
+    log.close()
+
+
+def _synthetic_collection(path: Path, n: int) -> Path:
+    words = ("river stone cloud engine garden forest rocket planet ocean violin candle bridge tiger winter castle "
+             "meadow harbor lantern desert falcon copper island thunder marble").split()
+    with open(path, "w") as fh:
+        for i in range(n):
+            text = " ".join(words[(i * 7 + j) % len(words)] for j in range(40)) + f" document {i}"
+            fh.write(json.dumps({"id": f"d{i}", "text": text}) + "\n")
+    return path
+
+
+def test_two_processes_never_overlap_on_the_gpu(prefect_server, tmp_path, tiny_cross_encoder):
+    data = _synthetic_collection(tmp_path / "synthetic.jsonl", 600)
+    env = {**os.environ, "PREFECT_API_URL": prefect_server, "PREFECT_HOME": str(tmp_path / "client-home")}
+    procs = []
+    for name in ("a", "b"):
+        cmd = [sys.executable, "-m", "flows.cli", "run", "--input", str(data), "--collection", f"run_{name}",
+               "--output-dir", str(tmp_path / name), "--queries", str(SAMPLE_QUERIES), "--rerank-model",
+               str(tiny_cross_encoder), "--local-files-only"]
+        procs.append(subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                      text=True))
+    outputs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    events = []
+    for name in ("a", "b"):
+        summary = json.loads((tmp_path / name / f"run_{name}" / "processing_summary.json").read_text())
+        assert summary["rerank_run"]["status"] == "executed"
+        for e in summary["telemetry"]["lease_events"]:
+            events.append((name, e["stage"], datetime.fromisoformat(e["acquired_at"]),
+                           datetime.fromisoformat(e["released_at"]), e["wait_s"]))
+    assert len(events) == 4  # dense and rerank in each run
+    events.sort(key=lambda e: e[2])
+    for prev, nxt in zip(events, events[1:]):
+        assert prev[3] <= nxt[2], f"GPU stages overlap: {prev} and {nxt}"
+    assert max(e[4] for e in events) > 0.5, f"no run waited for the slot: {events}"
+
+
+HOLDER = """
+import os, signal
+from prefect import flow
+from tasks.lease import gpu_lease
+
+@flow
+def hold():
+    with gpu_lease("gpu", "dense", timeout_s=30, lease_duration_s=60):
+        print("HELD", flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+hold()
+"""
+
+NEXT = """
+import json, time
+from prefect import flow
+from prefect.client.orchestration import get_client
+from tasks.lease import gpu_lease
+
+@flow
+def next_run():
+    with get_client(sync_client=True) as client:
+        stuck = client.read_global_concurrency_limit_by_name("gpu").active_slots
+    with gpu_lease("gpu", "dense", timeout_s=150, lease_duration_s=60) as ev:
+        pass
+    return {**ev, "stuck_slots": stuck, "acquired_epoch": time.time()}
+
+print("RESULT " + json.dumps(next_run()), flush=True)
+"""
+
+
+def _embedded_env(home: Path) -> dict[str, str]:
+    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120"}
+    env.pop("PREFECT_API_URL", None)
+    return env
+
+
+def test_embedded_server_recovers_a_dead_holders_slot_after_its_lease(tmp_path):
+    """The embedded default never reclaims a SIGKILLed holder's slot by itself; our recovery does."""
+    env = _embedded_env(tmp_path / "home")
+    # start_new_session: the holder's temporary server child outlives a SIGKILL and must be reaped.
+    # Output goes to a file: the orphaned server child would keep a pipe open for ever.
+    log_path = tmp_path / "holder.log"
+    with open(log_path, "w") as log:
+        holder = subprocess.Popen([sys.executable, "-c", HOLDER], env=env, cwd=REPO, stdout=log,
+                                  stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        holder.wait(timeout=180)
+        killed_at = time.time()
+        out = log_path.read_text()
+        assert holder.returncode == -signal.SIGKILL and "HELD" in out, out
+        nxt = subprocess.run([sys.executable, "-c", NEXT], env=env, cwd=REPO, capture_output=True, text=True,
+                             timeout=300)
+    finally:
+        try:
+            os.killpg(holder.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    line = next((ln for ln in nxt.stdout.splitlines() if ln.startswith("RESULT ")), None)
+    assert line, nxt.stdout + nxt.stderr
+    ev = json.loads(line[len("RESULT "):])
+    assert ev["stuck_slots"] == 1  # the dead holder's slot really was stuck
+    waited = ev["acquired_epoch"] - killed_at
+    assert 55 <= waited < 150, waited  # freed after the 60 s lease, not never
