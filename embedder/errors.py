@@ -44,3 +44,7 @@ class StageError(EmbedderError, RuntimeError):
 
 class VectorIndexError(EmbedderError, RuntimeError):
     """The vector index (Qdrant) could not be reached or rejected a write."""
+
+
+class UnknownCollectionError(EmbedderError, LookupError):
+    """No collection by that name exists in the output dir or the index."""

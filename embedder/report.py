@@ -79,6 +79,8 @@ def write_exports(
     out: dict[str, str] = {}
     _copy_atomic(load.rejects.path, cdir / "rejects.jsonl")
     out["rejects"] = str(cdir / "rejects.jsonl")
+    # The validated chunk table (full texts), for the search service's rerank pass.
+    out["chunks"] = load.chunks.path
     if dense is not None:
         _copy_atomic(dense.vectors.path, cdir / "dense.parquet")
         out["dense"] = str(cdir / "dense.parquet")

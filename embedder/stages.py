@@ -255,7 +255,9 @@ class IndexResult(BaseModel):
 
 def qdrant_location(config: RunConfig, collection: str, url: str | None) -> str:
     """The server URL, or the local-mode path under the collection's output dir."""
-    return url or str(collection_dir(config, collection) / "qdrant")
+    from embedder.io.qdrant import qdrant_location_for
+
+    return qdrant_location_for(Path(config.output_dir), collection, url)
 
 
 def build_collection_points(config: RunConfig, collection: str, chunks: StageRef, dense: DenseStageResult,

@@ -289,7 +289,9 @@ def render_summary_lines(summary: ProcessingSummary) -> list[str]:
         )
     if s.quality:
         for name, metrics in s.quality.items():
-            lines.append(f"Quality {name}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+            figures = ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k != "queries")
+            queries = f" ({int(metrics['queries'])} queries)" if "queries" in metrics else ""
+            lines.append(f"Quality {name}: {figures}{queries}")
     if s.performance_baseline:
         pb = s.performance_baseline
         lines.append(

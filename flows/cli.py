@@ -126,6 +126,95 @@ def run(
         typer.echo(f"Summary: {Path(cfg.output_dir) / s.collection / 'processing_summary.json'}")
 
 
+@app.command()
+def search(
+    output_dir: Annotated[Path, typer.Option("--output-dir", help="The run's output dir.")],
+    collection: Annotated[str, typer.Option("--collection")],
+    query: Annotated[str, typer.Option("--query")],
+    top_k: Annotated[int, typer.Option("--top-k", min=1, max=100)] = 10,
+    no_rerank: Annotated[bool, typer.Option("--no-rerank", help="Skip the CrossEncoder pass.")] = False,
+    json_output: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Hybrid search (dense + sparse, fused in Qdrant) over a collection a run wrote, then rerank."""
+    from embedder.service import SearchRequest, search_collection
+
+    try:
+        resp = search_collection(output_dir, SearchRequest(collection=collection, query=query, top_k=top_k,
+                                                           rerank=not no_rerank))
+    except EmbedderError as exc:
+        _fail(str(exc))
+    if json_output:
+        typer.echo(resp.model_dump_json(indent=2))
+        return
+    how = f"{resp.fusion} fusion" + (f", reranked by {resp.rerank_model}" if resp.reranked else "")
+    typer.echo(f"{len(resp.hits)} hits from {resp.collection} ({how})")
+    for rank, hit in enumerate(resp.hits, start=1):
+        typer.echo(f"{rank:>3}. {hit.score:8.4f}  {hit.id}  {hit.text_preview[:100]}")
+    for w in resp.warnings:
+        typer.echo(f"WARNING: {w}")
+
+
+@app.command(name="eval")
+def eval_(
+    beir_dir: Annotated[Path, typer.Option("--beir-dir", help="BEIR layout: corpus.jsonl, queries.jsonl, qrels/.")],
+    split: Annotated[str, typer.Option("--split", help="qrels/<split>.tsv")],
+    output_dir: Annotated[Path, typer.Option("--output-dir")] = Path("output/eval"),
+    dense_model: Annotated[Optional[str], typer.Option("--dense-model")] = None,
+    sparse_models: Annotated[Optional[str], typer.Option("--sparse-models")] = None,
+    rerank_model: Annotated[Optional[str], typer.Option("--rerank-model")] = None,
+    enable_rerank: Annotated[Optional[bool], typer.Option("--enable-rerank/--disable-rerank")] = None,
+    rerank_candidates: Annotated[Optional[int], typer.Option("--rerank-candidates")] = None,
+    local_files_only: Annotated[Optional[bool], typer.Option("--local-files-only")] = None,
+    config: Annotated[Optional[Path], typer.Option("--config")] = None,
+    json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Run the real pipeline on a BEIR dataset and report nDCG@10 and Recall@100 per stage."""
+    _prefect_defaults()
+    from embedder.io.beir import prepare_beir
+    from embedder.settings import resolve_run_config, validate_collection_name
+
+    try:
+        name = validate_collection_name(f"beir-{beir_dir.resolve().name}-{split}")
+        inputs = prepare_beir(beir_dir, split, output_dir.resolve() / "_inputs" / name)
+        cfg = resolve_run_config(config, {
+            "collections": [{"name": name, "path": str(inputs.corpus_jsonl)}],
+            "queries_path": str(inputs.queries_jsonl), "qrels_path": str(inputs.qrels_tsv),
+            "output_dir": str(output_dir.resolve()), "dense_model": dense_model, "rerank_model": rerank_model,
+            "enable_rerank": enable_rerank, "rerank_top_k_candidates": rerank_candidates,
+            "local_files_only": local_files_only or None,
+            "sparse_models": [m.strip() for m in sparse_models.split(",")] if sparse_models else None,
+        })
+    except EmbedderError as exc:
+        _fail(str(exc), 2)
+    from flows.embed_collections import embed_collections
+
+    with console.status(f"evaluating on {inputs.documents} documents and {inputs.queries} queries..."):
+        try:
+            [summary] = embed_collections(cfg)
+        except EmbedderError as exc:
+            _fail(str(exc))
+    quality = summary.quality or {}
+    report: dict[str, Any] = {name: {"ndcg@10": round(m["ndcg@10"], 4), "recall@100": round(m["recall@100"], 4)}
+                              for name, m in quality.items()}
+    report["queries"] = inputs.queries
+    report["documents"] = inputs.documents
+    report["models"] = {
+        "dense": summary.dense_run.model_name if summary.dense_run else None,
+        "sparse": summary.sparse_run.model_names if summary.sparse_run else [],
+        "rerank": summary.rerank_run.model_name if summary.rerank_run and summary.rerank_run.executed else None,
+    }
+    report["warnings"] = summary.warnings
+    if json_output:
+        typer.echo(json.dumps(report, indent=2))
+        return
+    for key, m in report.items():
+        if isinstance(m, dict) and "ndcg@10" in m:
+            typer.echo(f"{key:>12}: nDCG@10 {m['ndcg@10']:.4f}  Recall@100 {m['recall@100']:.4f}")
+    typer.echo(f"models: {report['models']}")
+    for w in summary.warnings:
+        typer.echo(f"WARNING: {w}")
+
+
 def main() -> None:
     """Console-script entry point."""
     app()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger
@@ -14,7 +15,7 @@ from prefect.states import State
 from embedder.errors import EmbedderError
 from embedder.models.registry import get_spec, resolve_model
 from embedder.report import build_summary, compute_quality, write_collection_summary
-from embedder.settings import CollectionInput, RunConfig
+from embedder.settings import CollectionInput, RunConfig, resolve_run_config
 from embedder.summary import ProcessingSummary, render_summary_lines
 from tasks.lease import ensure_gpu_limit
 from tasks.stages import (
@@ -32,6 +33,8 @@ def _run_name() -> str:
     params = flow_run.parameters or {}
     config = params.get("config") or {}
     cols = config.collections if isinstance(config, RunConfig) else config.get("collections", [])
+    if not cols and params.get("config_file"):
+        return f"embed-{Path(str(params['config_file'])).stem}"
     names = [c.name if isinstance(c, CollectionInput) else c.get("name", "?") for c in cols]
     label = ",".join(names) or "no-collections"
     return f"embed-{label[:60]}"
@@ -107,12 +110,22 @@ def embed_collection(config: RunConfig, collection: CollectionInput, run_id: uui
 
 
 @flow(name="embed-collections", flow_run_name=_run_name, validate_parameters=True)
-def embed_collections(config: RunConfig) -> list[ProcessingSummary]:
+def embed_collections(config: RunConfig | None = None, config_file: str | None = None) -> list[ProcessingSummary]:
     """Embed every collection in ``config``: one `embed-collection` subflow each.
+
+    Args:
+        config: The run's settings (the UI renders it as a form).
+        config_file: A TOML/JSON settings file (scheduled deployments name their
+            collections there); values set explicitly in ``config`` win over it.
 
     Collections run one after another: they would only queue on the single GPU
     slot if run side by side, and sequential runs keep memory bounded.
     """
+    if config_file is not None:
+        explicit = config.model_dump(exclude_unset=True) if config is not None else {}
+        config = resolve_run_config(config_file, explicit)
+    elif config is None:
+        config = resolve_run_config()
     preflight(config)
     ensure_gpu_limit(config.gpu_concurrency_limit_name)
     run_id = uuid.UUID(flow_run.get_id()) if flow_run.get_id() else uuid.uuid4()

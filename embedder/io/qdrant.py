@@ -21,6 +21,11 @@ DENSE_VECTOR = "dense"
 POINT_NAMESPACE = uuid.UUID("6f1c0de5-8a8e-4c55-9f5e-3e9d6b1b2a11")
 
 
+def qdrant_location_for(output_dir: Path, collection: str, url: str | None) -> str:
+    """The server URL, or the local-mode path ``<output_dir>/<collection>/qdrant``."""
+    return url or str(output_dir / collection / "qdrant")
+
+
 def sparse_vector_name(model_name: str) -> str:
     """The named sparse vector for a sparse model (``sparse-qdrant-bm25``)."""
     safe = "".join(c if c.isalnum() or c in "-_" else "-" for c in model_name)

@@ -98,6 +98,66 @@ class RerankResult:
     warnings: list[str] = field(default_factory=list)
 
 
+Work = list[tuple[Query, list[ScoredCandidate]]]
+Passes = list[tuple[list[float], float]]
+
+
+def _score_pooled(work: Work, texts: Mapping[str, str], encoder: RerankEncoder, batch: BatchPlan,
+                  meter: PeakMeter) -> tuple[Passes, int, list[int]]:
+    """Score every query's pairs in one length-sorted stream (as CrossEncoder.predict does),
+    so batches pad to similar lengths; each query's latency is the measured time of its pairs."""
+    pairs = [(qi, ci) for qi, (_, cands) in enumerate(work) for ci in range(len(cands))]
+
+    def text_pair(p: tuple[int, int]) -> tuple[str, str]:
+        query, cands = work[p[0]]
+        return query.text, texts[cands[p[1]].id]
+
+    order = sorted(range(len(pairs)), key=lambda i: -sum(len(t) for t in text_pair(pairs[i])))
+    pair_ms = [0.0] * len(pairs)
+
+    def score(start: int, end: int) -> list[float]:
+        t0 = time.perf_counter()
+        out = encoder.score_pairs([text_pair(pairs[i]) for i in order[start:end]])
+        per_pair = (time.perf_counter() - t0) * 1000 / max(1, end - start)
+        for i in order[start:end]:
+            pair_ms[i] = per_pair
+        return out
+
+    run = run_batched(len(pairs), score, batch, device=encoder.device, on_progress=lambda *_: meter.sample())
+    scores = [0.0] * len(pairs)
+    for rank, i in enumerate(order):
+        scores[i] = run.outputs[rank]
+    passes: Passes = []
+    offset = 0
+    for _, cands in work:
+        span = range(offset, offset + len(cands))
+        passes.append(([scores[i] for i in span], sum(pair_ms[i] for i in span)))
+        offset += len(cands)
+    return passes, run.final_batch_size, run.backoffs
+
+
+def _score_per_query(work: Work, texts: Mapping[str, str], encoder: RerankEncoder, batch: BatchPlan,
+                     meter: PeakMeter, budget_ms: float) -> tuple[Passes, int, list[int]]:
+    """Score query by query in fused order, cutting a query's tail when its budget would overrun."""
+    passes: Passes = []
+    backoffs: list[int] = []
+    size = batch.size
+    for query, cands in work:
+        pairs = [(query.text, texts[c.id]) for c in cands]
+        t0 = time.perf_counter()
+
+        def should_stop(done: int, _t0: float = t0, _n: int = len(pairs)) -> bool:
+            elapsed_ms = (time.perf_counter() - _t0) * 1000
+            return elapsed_ms + elapsed_ms / done * (_n - done) > budget_ms
+
+        run = run_batched(len(pairs), lambda s, e: encoder.score_pairs(pairs[s:e]), BatchPlan(size, batch.floor),
+                          device=encoder.device, on_progress=lambda *_: meter.sample(), should_stop=should_stop)
+        backoffs.extend(run.backoffs)
+        size = run.final_batch_size
+        passes.append((list(run.outputs), (time.perf_counter() - t0) * 1000))
+    return passes, size, backoffs
+
+
 def rerank(
     queries: Sequence[Query],
     candidates: Mapping[str, Sequence[ScoredCandidate]],
@@ -122,9 +182,11 @@ def rerank(
         top_k_candidates: How many fused candidates to rescore per query.
         top_k: How many reranked results to keep per query.
         batch: Starting batch size and OOM floor.
-        latency_budget_ms: Per-query budget. After the first batch the measured
-            per-pair latency predicts the rest; candidates that would overrun are
-            cut and a warning says how many.
+        latency_budget_ms: Per-query budget. Queries are then scored one by one in
+            fused order; after each batch the measured per-pair latency predicts
+            the rest, and candidates that would overrun are cut with a warning
+            saying how many. Without a budget, all pairs are scored in one
+            length-sorted stream for throughput.
         query_policy_mode: ``truncate`` or ``hash`` for the stored query.
         query_max_chars: Characters kept by ``truncate``.
         run_id: The run's id.
@@ -137,50 +199,38 @@ def rerank(
     results: dict[str, list[ScoredCandidate]] = {}
     runs: list[CrossEncoderRerankRun] = []
     warnings: list[str] = []
-    backoffs: list[int] = []
-    final_batch = batch.size
     total_pairs = 0
-    dropped_total = 0
     meter = PeakMeter(encoder.device)
     t_stage = time.perf_counter()
+    work = []
+    for query in queries:
+        cands = [c for c in list(candidates.get(query.id, []))[:top_k_candidates] if c.id in texts]
+        if not cands:
+            results[query.id] = []
+        else:
+            work.append((query, cands))
     with exclusive_device(model, encoder.device):
-        for query in queries:
-            cands = [c for c in list(candidates.get(query.id, []))[:top_k_candidates] if c.id in texts]
-            if not cands:
-                results[query.id] = []
-                continue
-            pairs = [(query.text, texts[c.id]) for c in cands]
-            meter.start()
-            t0 = time.perf_counter()
-            should_stop = None
-            if latency_budget_ms is not None:
-                def should_stop(done: int, _t0: float = t0, _n: int = len(pairs)) -> bool:
-                    elapsed_ms = (time.perf_counter() - _t0) * 1000
-                    per_pair = elapsed_ms / done
-                    return elapsed_ms + per_pair * (_n - done) > latency_budget_ms
-            run = run_batched(len(pairs), lambda s, e: encoder.score_pairs(pairs[s:e]),
-                              BatchPlan(final_batch, batch.floor), device=encoder.device,
-                              on_progress=lambda *_: meter.sample(), should_stop=should_stop)
-            latency_ms = (time.perf_counter() - t0) * 1000
-            backoffs.extend(run.backoffs)
-            final_batch = run.final_batch_size
-            scored_ids = [c.id for c in cands[: len(run.outputs)]]
-            dropped = len(cands) - len(scored_ids)
-            if dropped:
-                dropped_total += dropped
-                warnings.append(
-                    f"rerank latency budget {latency_budget_ms:.0f} ms: dropped {dropped} of {len(cands)} "
-                    f"candidates for query {query.id!r}"
-                )
-            total_pairs += len(scored_ids)
-            order = sorted(range(len(scored_ids)), key=lambda i: (-run.outputs[i], i))
-            results[query.id] = [ScoredCandidate(id=scored_ids[i], score=run.outputs[i]) for i in order][:top_k]
-            runs.append(CrossEncoderRerankRun(
-                run_id=rid, query=apply_query_policy(query.text, query_policy_mode, query_max_chars),
-                query_id=query.id, candidate_ids=scored_ids, batch_size=run.final_batch_size,
-                scores=list(run.outputs), latency_ms=latency_ms, gpu_peak_gb=meter.peak_gb(),
-                candidates_dropped=dropped,
-            ))
+        meter.start()
+        if latency_budget_ms is None:
+            passes, final_batch, backoffs = _score_pooled(work, texts, encoder, batch, meter)
+        else:
+            passes, final_batch, backoffs = _score_per_query(work, texts, encoder, batch, meter, latency_budget_ms)
+    for (query, cands), (scores, latency_ms) in zip(work, passes):
+        scored_ids = [c.id for c in cands[: len(scores)]]
+        dropped = len(cands) - len(scored_ids)
+        if dropped:
+            warnings.append(
+                f"rerank latency budget {latency_budget_ms:.0f} ms: dropped {dropped} of {len(cands)} "
+                f"candidates for query {query.id!r}"
+            )
+        total_pairs += len(scored_ids)
+        order = sorted(range(len(scored_ids)), key=lambda i: (-scores[i], i))
+        results[query.id] = [ScoredCandidate(id=scored_ids[i], score=scores[i]) for i in order][:top_k]
+        runs.append(CrossEncoderRerankRun(
+            run_id=rid, query=apply_query_policy(query.text, query_policy_mode, query_max_chars),
+            query_id=query.id, candidate_ids=scored_ids, batch_size=final_batch, scores=list(scores),
+            latency_ms=latency_ms, gpu_peak_gb=meter.peak_gb(), candidates_dropped=dropped,
+        ))
     elapsed = time.perf_counter() - t_stage
     if backoffs:
         warnings.append(f"rerank batch backed off after OOM: {' -> '.join(map(str, backoffs + [final_batch]))}")

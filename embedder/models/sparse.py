@@ -23,6 +23,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Protocol
 
+import numpy as np
+
 from embedder.errors import ModelUnavailableError
 from embedder.models.registry import ModelSpec, ResolvedModel
 from embedder.schemas import Chunk, Query, SparseInferenceRun, SparseVector, StageTelemetry
@@ -53,8 +55,14 @@ class SparseModel(Protocol):
 
 
 def _to_sparse(indices: Any, values: Any) -> SparseVector:
-    pairs = sorted(zip((int(i) for i in indices), (float(v) for v in values)))
-    return SparseVector(indices=[i for i, _ in pairs], values=[v for _, v in pairs])
+    idx = np.fromiter((int(i) for i in indices), dtype=np.int64) if not isinstance(indices, np.ndarray) else indices
+    val = np.fromiter((float(v) for v in values), dtype=np.float64) if not isinstance(values, np.ndarray) else values
+    if idx.shape != val.shape:
+        raise ValueError(f"sparse vector has {idx.size} indices but {val.size} values")
+    order = np.argsort(idx, kind="stable")
+    # Validated above; model_construct skips pydantic's per-element checks on the hot path.
+    return SparseVector.model_construct(indices=idx[order].astype(np.int64).tolist(),
+                                        values=val[order].astype(np.float64).tolist())
 
 
 def check_stopwords(model_dir: str | Path) -> Path:

@@ -1,0 +1,148 @@
+"""Deployments against a real temporary `prefect server start`: deploy, manual run by a worker, retry."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import REPO, SAMPLE_DIR, SAMPLE_QUERIES
+
+pytestmark = pytest.mark.slow
+
+
+def _env(api_url: str, home: Path) -> dict[str, str]:
+    return {**os.environ, "PREFECT_API_URL": api_url, "PREFECT_HOME": str(home), "EMBEDDER_PROJECT_DIR": str(REPO)}
+
+
+def _cli(args: list[str], env: dict[str, str], timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(args, env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+
+
+def test_prefect_yaml_is_well_formed():
+    from prefect.flows import load_flow_from_entrypoint
+
+    doc = yaml.safe_load((REPO / "prefect.yaml").read_text())
+    names = {d["name"]: d for d in doc["deployments"]}
+    assert set(names) == {"nightly", "manual"}
+    assert names["nightly"]["schedules"][0]["cron"] and not names["manual"]["schedules"]
+    for d in names.values():
+        assert d["work_pool"]["name"] == "embedding" and d["concurrency_limit"] >= 1 and "gpu" in d["tags"]
+        flow = load_flow_from_entrypoint(d["entrypoint"])
+        flow.validate_parameters(d["parameters"])
+    assert "set_working_directory" in str(doc["pull"])
+
+
+@pytest.fixture(scope="module")
+def deployed(prefect_server, tmp_path_factory):
+    home = tmp_path_factory.mktemp("deploy-home")
+    env = _env(prefect_server, home)
+    r = _cli([sys.executable, "deployments/setup.py", "--gpus", "1"], env)
+    assert r.returncode == 0, r.stderr
+    r2 = _cli([sys.executable, "deployments/setup.py", "--gpus", "1"], env)  # idempotent
+    assert r2.returncode == 0 and "created" not in r2.stdout.split(";")[0]
+    r = _cli([sys.executable, "-m", "prefect", "--no-prompt", "deploy", "--all"], env)
+    assert r.returncode == 0, r.stdout + r.stderr
+    return env
+
+
+def _client(api_url: str):
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    class _Ctx:
+        def __enter__(self):
+            self._settings = temporary_settings(updates={PREFECT_API_URL: api_url})
+            self._settings.__enter__()
+            self._client = get_client(sync_client=True)
+            return self._client.__enter__()
+
+        def __exit__(self, *exc):
+            self._client.__exit__(*exc)
+            self._settings.__exit__(*exc)
+
+    return _Ctx()
+
+
+def test_deploy_registers_both_with_schedules_and_forms(prefect_server, deployed):
+    with _client(prefect_server) as client:
+        nightly = client.read_deployment_by_name("embed-collections/nightly")
+        manual = client.read_deployment_by_name("embed-collections/manual")
+        gpu = client.read_global_concurrency_limit_by_name("gpu")
+    assert [s.schedule.cron for s in nightly.schedules] == ["0 2 * * *"]
+    assert manual.schedules == []
+    assert nightly.parameters == {"config_file": "deployments/nightly.toml"}
+    schema = manual.parameter_openapi_schema
+    assert "config" in schema["properties"] and "RunConfig" in json.dumps(schema)
+    assert {"embedding", "gpu"} <= set(nightly.tags) and nightly.work_pool_name == "embedding"
+    assert gpu.limit == 1
+
+
+def _run_worker_once(env: dict[str, str]) -> subprocess.CompletedProcess:
+    return _cli([sys.executable, "-m", "prefect", "worker", "start", "--pool", "embedding", "--run-once"], env,
+                timeout=400)
+
+
+def _wait_final(client, flow_run_id, timeout: float = 60):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        run = client.read_flow_run(flow_run_id)
+        if run.state and run.state.is_final():
+            return run
+        time.sleep(1)
+    return client.read_flow_run(flow_run_id)
+
+
+def test_manual_run_then_failed_run_retried_from_cache(prefect_server, deployed, tmp_path, tiny_cross_encoder):
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, FlowRunFilter
+    from prefect.client.schemas.filters import FlowRunFilterParentTaskRunId
+    from prefect.states import Scheduled
+
+    out = tmp_path / "out"
+    config = {"collections": [{"name": "manual_sample", "path": str(SAMPLE_DIR)}],
+              "queries_path": str(SAMPLE_QUERIES), "output_dir": str(out), "local_files_only": True,
+              "rerank_model": str(tiny_cross_encoder)}
+    with _client(prefect_server) as client:
+        dep = client.read_deployment_by_name("embed-collections/manual")
+        run = client.create_flow_run_from_deployment(dep.id, parameters={"config": config})
+    r = _run_worker_once(deployed)
+    with _client(prefect_server) as client:
+        final = _wait_final(client, run.id)
+        assert final.state.is_completed(), (final.state, r.stdout[-3000:], r.stderr[-3000:])
+        sub = client.read_flow_runs(flow_run_filter=FlowRunFilter(
+            parent_task_run_id=FlowRunFilterParentTaskRunId(is_null_=False)),
+            task_run_filter=None)
+        sub_ids = [s.id for s in sub if s.name == "embed-collection-manual_sample"]
+        arts = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=sub_ids)))
+    assert {"summary-manual-sample", "stage-manual-sample-dense"} <= {a.key for a in arts}
+    assert json.loads((out / "manual_sample" / "processing_summary.json").read_text())["status"] == "completed"
+
+    # A run that fails after its stages finished: the summary path is blocked by a directory.
+    out2 = tmp_path / "out2"
+    blocker = out2 / "manual_sample" / "processing_summary.json"
+    blocker.mkdir(parents=True)
+    config2 = {**config, "output_dir": str(out2)}
+    with _client(prefect_server) as client:
+        run2 = client.create_flow_run_from_deployment(dep.id, parameters={"config": config2})
+    _run_worker_once(deployed)
+    with _client(prefect_server) as client:
+        assert _wait_final(client, run2.id).state.is_failed()
+    shutil.rmtree(blocker)
+    with _client(prefect_server) as client:
+        client.set_flow_run_state(run2.id, Scheduled(name="AwaitingRetry"), force=True)
+    r = _run_worker_once(deployed)
+    with _client(prefect_server) as client:
+        final2 = _wait_final(client, run2.id)
+    assert final2.state.is_completed(), (final2.state, r.stdout[-3000:])
+    summary = json.loads((out2 / "manual_sample" / "processing_summary.json").read_text())
+    # `cached` is set from the tasks' Prefect state name ("Cached") by the flow.
+    stages = summary["telemetry"]["stages"]
+    assert stages["dense"]["cached"] and stages["sparse"]["cached"] and stages["rerank"]["cached"], stages
+    assert summary["status"] == "completed"

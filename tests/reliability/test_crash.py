@@ -1,0 +1,107 @@
+"""Hard crashes: SIGKILL during rerank then resume; a crash while writing the summary."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO, SAMPLE_DIR, SAMPLE_QUERIES
+
+pytestmark = pytest.mark.slow
+
+EXPORTS = ("dense.parquet", "sparse.jsonl", "qdrant.jsonl", "rerank.jsonl", "rejects.jsonl")
+
+# Runs the real CLI, but the rerank library call kills its own process the moment it starts:
+# a hard crash in the middle of the rerank stage, with the GPU slot held.
+KILL_IN_RERANK = """
+import os, signal, sys
+import embedder.stages as stages
+def die(*a, **k):
+    print("KILLING IN RERANK", flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)
+stages.rerank = die
+from flows.cli import main
+sys.argv = ["embed-collections", *sys.argv[1:]]
+main()
+"""
+
+
+def _args(out: Path, ce: Path) -> list[str]:
+    return ["run", "--input", str(SAMPLE_DIR), "--collection", "crash", "--queries", str(SAMPLE_QUERIES),
+            "--output-dir", str(out), "--rerank-model", str(ce), "--local-files-only"]
+
+
+def _env(home: Path) -> dict[str, str]:
+    env = {**os.environ, "PREFECT_HOME": str(home), "EMBEDDER_GPU_LEASE_DURATION_S": "60"}
+    env.pop("PREFECT_API_URL", None)
+    return env
+
+
+def test_sigkill_during_rerank_then_rerun_resumes_identically(tmp_path, tiny_cross_encoder):
+    from embedder.io.qdrant import open_client
+
+    home, out = tmp_path / "home", tmp_path / "out"
+    log_path = tmp_path / "crash.log"
+    with open(log_path, "w") as log:
+        crashed = subprocess.Popen([sys.executable, "-c", KILL_IN_RERANK, *_args(out, tiny_cross_encoder)],
+                                   env=_env(home), cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
+    try:
+        crashed.wait(timeout=300)
+    finally:
+        try:
+            os.killpg(crashed.pid, signal.SIGKILL)  # its temporary server outlives it
+        except ProcessLookupError:
+            pass
+    assert crashed.returncode == -signal.SIGKILL and "KILLING IN RERANK" in log_path.read_text()
+    assert not (out / "crash" / "processing_summary.json").exists()
+
+    rerun = subprocess.run([sys.executable, "-m", "flows.cli", *_args(out, tiny_cross_encoder)], env=_env(home),
+                           cwd=REPO, capture_output=True, text=True, timeout=400)
+    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+    summary = json.loads((out / "crash" / "processing_summary.json").read_text())
+    stages = summary["telemetry"]["stages"]
+    assert stages["dense"]["cached"] and stages["sparse"]["cached"] and not stages["rerank"]["cached"]
+    assert summary["status"] == "completed" and summary["rerank_run"]["status"] == "executed"
+
+    ref = tmp_path / "ref"
+    clean = subprocess.run([sys.executable, "-m", "flows.cli", *_args(ref, tiny_cross_encoder)],
+                           env=_env(tmp_path / "home-ref"), cwd=REPO, capture_output=True, text=True, timeout=400)
+    assert clean.returncode == 0, clean.stderr[-3000:]
+    for name in EXPORTS:
+        assert (out / "crash" / name).read_bytes() == (ref / "crash" / name).read_bytes(), name
+    with open_client(path=out / "crash" / "qdrant") as client:
+        assert client.count("crash", exact=True).count == 50  # equal, not doubled
+
+
+WRITE_THEN_CRASH = """
+import os, sys
+import embedder.io.atomic as atomic
+from embedder.summary import load_summary, write_summary
+summary = load_summary(sys.argv[1])
+summary = summary.model_copy(update={"warnings": ["new " * 100_000]})
+def crash(fd):
+    os._exit(9)  # the temp file is fully written, the rename has not happened
+atomic.os.fsync = crash
+write_summary(summary, sys.argv[2])
+"""
+
+
+def test_crash_while_writing_summary_leaves_the_old_file(tmp_path):
+    from embedder.summary import load_summary
+    from tests.conftest import FIXTURES
+
+    target = tmp_path / "processing_summary.json"
+    target.write_bytes((FIXTURES / "summary_v41.json").read_bytes())
+    before = target.read_bytes()
+    r = subprocess.run([sys.executable, "-c", WRITE_THEN_CRASH, str(FIXTURES / "summary_v41.json"), str(target)],
+                       cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 9
+    assert target.read_bytes() == before
+    load_summary(target)  # still valid

@@ -1,0 +1,188 @@
+"""Faults injected into the real flow: bad input, unavailable models, OOM, Qdrant down, secrets, query policy."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from embedder.io.writers import read_jsonl_records
+from embedder.settings import CollectionInput
+from tests.conftest import SAMPLE_DIR
+
+pytestmark = pytest.mark.usefixtures("prefect_harness")
+
+
+def _run(config):
+    from flows.embed_collections import embed_collections
+
+    return embed_collections(config)
+
+
+def _bad_collection(path: Path) -> tuple[Path, set[str]]:
+    good = [{"id": f"good-{i}", "text": t, "metadata": {"document_id": "d"}} for i, t in enumerate(
+        ["Honeybees pollinate almonds.", "Volcanoes erupt ash.", "Tides follow the Moon.", "Espresso needs pressure."])]
+    lines = [json.dumps(r).encode() for r in good]
+    lines += [
+        b'{"id": "bad-json", "text": "oops',
+        json.dumps({"id": "no-text"}).encode(),
+        json.dumps({"id": "empty", "text": ""}).encode(),
+        json.dumps({"id": "blank", "text": "   \t"}).encode(),
+        json.dumps({"id": "good-0", "text": "duplicate id"}).encode(),
+        b'{"id": "bytes", "text": "caf\xe9 au lait"}',
+        json.dumps({"id": "meta-type", "text": "fine", "metadata": {"token_count": "twelve"}}).encode(),
+        json.dumps({"id": "huge", "text": "gigantic chunk " * 70_000}).encode(),  # ~1 MB: truncated, kept
+    ]
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    return path, {r["id"] for r in good} | {"huge"}
+
+
+def test_bad_input_every_good_chunk_exported_every_bad_one_explained(sample_config, tmp_path):
+    data, good_ids = _bad_collection(tmp_path / "mixed.jsonl")
+    cfg = sample_config.model_copy(update={"collections": [CollectionInput(name="mixed", path=str(data))],
+                                           "queries_path": None, "qrels_path": None})
+    [s] = _run(cfg)
+    out = Path(cfg.output_dir) / "mixed"
+    exported = set(pq.read_table(out / "dense.parquet")["id"].to_pylist())
+    assert exported == good_ids
+    assert {r["id"] for r in read_jsonl_records(out / "sparse.jsonl")} == good_ids
+    assert len(read_jsonl_records(out / "qdrant.jsonl")) == len(good_ids) == s.index_run["points_count"]
+    rejects = read_jsonl_records(out / "rejects.jsonl")
+    reasons = sorted(r["reason"].split(":")[0].split(" (")[0] for r in rejects)
+    assert reasons == sorted(["malformed JSON", "missing text", "empty text", "whitespace-only text",
+                              "duplicate id 'good-0'", "undecodable bytes", "metadata.token_count must be int, got str"])
+    assert s.rejects.count == 7
+    assert any("7 record(s) rejected" in w for w in s.warnings)
+    assert any("truncated" in w for w in s.warnings)
+
+
+def test_unavailable_dense_model_fails_before_gpu_work(sample_config):
+    from embedder.errors import ModelUnavailableError
+
+    with pytest.raises(ModelUnavailableError, match="not available offline"):
+        _run(sample_config.model_copy(update={"dense_model": "BAAI/bge-small-en-v1.5"}))
+    assert not Path(sample_config.output_dir).exists()
+
+
+def test_unavailable_sparse_model_falls_back_to_metadata(sample_config, monkeypatch):
+    import embedder.stages as stages
+    from embedder.errors import ModelUnavailableError
+
+    def unavailable(*args, **kwargs):
+        raise ModelUnavailableError("sparse model 'qdrant-bm25' could not be loaded (injected)")
+
+    monkeypatch.setattr(stages, "load_sparse_model", unavailable)
+    [s] = _run(sample_config)
+    assert s.sparse_run.fallback_used and s.sparse_run.payload.fallback_used
+    assert s.sparse_run.payload.fallback_count == 50 and s.sparse_run.vectors.coverage_ratio == 1.0
+    assert any("metadata fallback" in w for w in s.warnings)
+    # fallback vectors live in the live model's index space: BM25 retrieval still finds the answers
+    assert s.quality["sparse"]["ndcg@10"] > 0.5
+
+
+def test_oom_in_dense_and_rerank_backs_off_and_completes(sample_config, tiny_cross_encoder, monkeypatch):
+    from embedder.models.dense import DenseEncoder
+    from embedder.models.rerank import RerankEncoder
+
+    real_dense, real_rerank = DenseEncoder.encode_batch, RerankEncoder.score_pairs
+
+    def dense_oom(self, texts):
+        if len(texts) > 16:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected)")
+        return real_dense(self, texts)
+
+    def rerank_oom(self, pairs):
+        if len(pairs) > 8:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected)")
+        return real_rerank(self, pairs)
+
+    monkeypatch.setattr(DenseEncoder, "encode_batch", dense_oom)
+    monkeypatch.setattr(RerankEncoder, "score_pairs", rerank_oom)
+    [s] = _run(sample_config.model_copy(update={"rerank_model": str(tiny_cross_encoder)}))
+    assert s.status == "completed"
+    assert s.dense_run.batch_size == 16 and s.dense_run.backoffs == [64, 32]
+    assert s.rerank_run.status == "executed" and all(p.batch_size == 8 for p in s.rerank_run.payload)
+    assert s.telemetry.stages["rerank"]["backoffs"] == [32, 16]
+    assert any("dense batch backed off after OOM: 64 -> 32 -> 16" in w for w in s.warnings)
+    assert any("rerank batch backed off after OOM" in w for w in s.warnings)
+
+
+def test_qdrant_down_retries_then_fails_clearly_with_exports_written(sample_config, monkeypatch):
+    from tests.conftest import free_port
+
+    monkeypatch.setenv("QDRANT_URL", f"http://127.0.0.1:{free_port()}")
+    monkeypatch.setenv("QDRANT_API_KEY", "sk-test-secret-123")
+    monkeypatch.setenv("EMBEDDER_QDRANT_TIMEOUT_S", "2")
+    [s] = _run(sample_config)
+    assert s.index_run["status"] == "error" and s.status == "partial"
+    assert any(w.startswith("index stage failed: VectorIndexError") for w in s.warnings)
+    out = Path(sample_config.output_dir) / "sample"
+    for name in ("dense.parquet", "sparse.jsonl", "qdrant.jsonl", "processing_summary.json"):
+        assert (out / name).is_file(), name
+    assert s.fusion_run.status == "executed"  # fusion does not depend on the index
+    # the API key is nowhere in the outputs
+    for f in out.rglob("*"):
+        if f.is_file() and f.suffix in (".json", ".jsonl"):
+            assert "sk-test-secret-123" not in f.read_text(errors="replace"), f
+
+
+def test_index_task_retried_before_failing(sample_config, monkeypatch):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterName
+
+    from tests.conftest import free_port
+
+    monkeypatch.setenv("QDRANT_URL", f"http://127.0.0.1:{free_port()}")
+    _run(sample_config)
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(task_run_filter=TaskRunFilter(name=TaskRunFilterName(like_="qdrant-index")),
+                                     limit=50)
+    latest = max(runs, key=lambda r: r.expected_start_time)
+    assert latest.run_count == 4 and latest.state.is_failed()  # 1 try + 3 retries
+
+
+def test_hash_query_policy_leaves_no_raw_query_anywhere(sample_config, tiny_cross_encoder):
+    from prefect.client.orchestration import get_client
+
+    from embedder.settings import QueryPolicy
+    from tests.conftest import SAMPLE_QUERIES
+
+    cfg = sample_config.model_copy(update={"rerank_model": str(tiny_cross_encoder),
+                                           "query_policy": QueryPolicy(mode="hash")})
+    [s] = _run(cfg)
+    raw = [json.loads(line)["text"] for line in SAMPLE_QUERIES.read_text().splitlines()]
+    assert all(p.query.startswith("sha256:") for p in s.rerank_run.payload)
+    texts = [f.read_text(errors="replace") for f in Path(cfg.output_dir).rglob("*")
+             if f.is_file() and f.suffix in (".json", ".jsonl")]
+    with get_client(sync_client=True) as client:
+        texts += [json.dumps(a.data) if not isinstance(a.data, str) else a.data for a in client.read_artifacts()]
+    for q in raw:
+        assert not any(q in t for t in texts), q
+
+
+def test_persisted_results_are_json_never_pickle(sample_config):
+    from prefect.settings import PREFECT_LOCAL_STORAGE_PATH
+
+    _run(sample_config)
+    files = [f for f in Path(PREFECT_LOCAL_STORAGE_PATH.value()).rglob("*") if f.is_file()]
+    assert files
+    for f in files:
+        record = json.loads(f.read_text())  # every record parses as JSON
+        assert record["metadata"]["serializer"]["type"] == "json", f
+        assert not re.search(r"pickle", json.dumps(record["metadata"]["serializer"])), f
+
+
+def test_unsafe_collection_name_refused_by_cli(tmp_path):
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    r = subprocess.run([sys.executable, "-m", "flows.cli", "run", "--input", str(SAMPLE_DIR), "--collection",
+                        "../../escape", "--output-dir", str(tmp_path)], capture_output=True, text=True, cwd=REPO)
+    assert r.returncode == 2 and "is not allowed" in r.stderr
+    assert list(tmp_path.iterdir()) == []
