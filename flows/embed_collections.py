@@ -61,7 +61,8 @@ def preflight(config: RunConfig) -> None:
         raise EmbedderError("the run names no collections")
 
 
-@flow(name="embed-collection", flow_run_name="embed-collection-{collection.name}", validate_parameters=True)
+@flow(name="embed-collection", flow_run_name="embed-collection-{collection.name}", validate_parameters=True,
+      persist_result=False, result_serializer="json")
 def embed_collection(config: RunConfig, collection: CollectionInput, run_id: uuid.UUID) -> ProcessingSummary:
     """Load, embed, index, fuse, rerank and export one collection, then write its v4.1 summary."""
     log = get_run_logger()
@@ -109,7 +110,8 @@ def embed_collection(config: RunConfig, collection: CollectionInput, run_id: uui
     return summary
 
 
-@flow(name="embed-collections", flow_run_name=_run_name, validate_parameters=True)
+@flow(name="embed-collections", flow_run_name=_run_name, validate_parameters=True, persist_result=False,
+      result_serializer="json")
 def embed_collections(config: RunConfig | None = None, config_file: str | None = None) -> list[ProcessingSummary]:
     """Embed every collection in ``config``: one `embed-collection` subflow each.
 
