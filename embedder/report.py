@@ -23,7 +23,7 @@ from embedder.stages import (
     IndexResult,
     RerankStageResult,
     SparseStageResult,
-    build_collection_points,
+    iter_collection_points,
     collection_dir,
 )
 from embedder.summary import (
@@ -90,8 +90,8 @@ def write_exports(
                                             for r in rows))
         out["sparse"] = str(cdir / "sparse.jsonl")
     if dense is not None and sparse is not None:
-        points = build_collection_points(config, collection, load.chunks, dense, sparse)
-        write_jsonl(cdir / "qdrant.jsonl", points)
+        batches = iter_collection_points(config, collection, load.chunks, dense, sparse)
+        write_jsonl(cdir / "qdrant.jsonl", (p for batch in batches for p in batch))
         out["qdrant"] = str(cdir / "qdrant.jsonl")
     if rerank is not None and rerank.status == "executed" and rerank.results is not None:
         _copy_atomic(rerank.results.path, cdir / "rerank.jsonl")

@@ -13,7 +13,7 @@ import hashlib
 import json
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -260,9 +260,16 @@ def qdrant_location(config: RunConfig, collection: str, url: str | None) -> str:
     return qdrant_location_for(Path(config.output_dir), collection, url)
 
 
-def build_collection_points(config: RunConfig, collection: str, chunks: StageRef, dense: DenseStageResult,
-                            sparse: SparseStageResult) -> list[dict[str, Any]]:
-    """The Qdrant points of a collection (shared by the index and the qdrant.jsonl export)."""
+POINT_BATCH = 256
+
+
+def iter_collection_points(config: RunConfig, collection: str, chunks: StageRef, dense: DenseStageResult,
+                           sparse: SparseStageResult, batch: int = POINT_BATCH) -> Iterator[list[dict[str, Any]]]:
+    """The Qdrant points of a collection in batches (shared by the index and the qdrant.jsonl export).
+
+    Points are built a batch at a time: a point holds its vector as Python floats,
+    so building all of them at once would cost ~30x the vectors' array size.
+    """
     from embedder.io.qdrant import build_points
 
     items = read_chunks(chunks.path)
@@ -270,7 +277,8 @@ def build_collection_points(config: RunConfig, collection: str, chunks: StageRef
     if ids != [c.id for c in items]:
         raise StageError("dense vectors do not line up with the chunk table; re-run the dense stage")
     sparse_map = {o.vector_name: _read_sparse(o.vectors)[1] for o in sparse.outputs}
-    return build_points(collection, items, vectors, sparse_map)
+    for start in range(0, len(items), batch):
+        yield build_points(collection, items, vectors, sparse_map, start=start, stop=start + batch)
 
 
 def index_stage(config: RunConfig, collection: str, chunks: StageRef, dense: DenseStageResult,
@@ -281,21 +289,23 @@ def index_stage(config: RunConfig, collection: str, chunks: StageRef, dense: Den
     Raises:
         VectorIndexError: When Qdrant cannot be reached or rejects the write.
     """
-    from embedder.io.qdrant import ensure_collection, open_client, upsert_points
+    from embedder.io.qdrant import count_points, ensure_collection, open_client, upsert_points
 
     t0 = time.perf_counter()
-    points = build_collection_points(config, collection, chunks, dense, sparse)
     location = qdrant_location(config, collection, url)
+    upserted = 0
     try:
         with open_client(path=None if url else location, url=url, api_key=api_key, timeout_s=timeout_s) as client:
             ensure_collection(client, collection, dense.dim, [o.vector_name for o in sparse.outputs])
-            count = upsert_points(client, collection, points)
+            for points in iter_collection_points(config, collection, chunks, dense, sparse):
+                upserted += upsert_points(client, collection, points)
+            count = count_points(client, collection)
     except VectorIndexError:
         raise
     except Exception as exc:
         raise VectorIndexError(f"Qdrant at {location} failed: {type(exc).__name__}: {exc}") from exc
     return IndexResult(status="executed", location=location, collection=collection, points_count=count,
-                       upserted=len(points), latency_ms=(time.perf_counter() - t0) * 1000)
+                       upserted=upserted, latency_ms=(time.perf_counter() - t0) * 1000)
 
 
 # --- fusion -----------------------------------------------------------------------------------

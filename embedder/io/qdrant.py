@@ -100,10 +100,14 @@ def build_points(
     chunks: Sequence[Chunk],
     dense: np.ndarray,
     sparse: dict[str, Sequence[SparseVector | None]],
+    *,
+    start: int = 0,
+    stop: int | None = None,
 ) -> list[dict[str, Any]]:
-    """Points as plain dicts (also the ``qdrant.jsonl`` export rows)."""
+    """Points ``[start, stop)`` as plain dicts (also the ``qdrant.jsonl`` export rows)."""
     points = []
-    for i, chunk in enumerate(chunks):
+    for i in range(start, len(chunks) if stop is None else min(stop, len(chunks))):
+        chunk = chunks[i]
         vector: dict[str, Any] = {DENSE_VECTOR: [float(x) for x in dense[i]]}
         for name, vecs in sparse.items():
             v = vecs[i]
@@ -113,16 +117,20 @@ def build_points(
     return points
 
 
-def upsert_points(client: Any, name: str, points: Sequence[dict[str, Any]], batch_size: int = 256) -> int:
-    """Upsert in batches with ``wait=True``; return the collection's point count afterwards."""
+def upsert_points(client: Any, name: str, points: Sequence[dict[str, Any]]) -> int:
+    """Upsert one batch with ``wait=True``; return how many points were sent."""
     from qdrant_client import models
 
-    for start in range(0, len(points), batch_size):
-        batch = []
-        for p in points[start:start + batch_size]:
-            vector = {k: (models.SparseVector(**v) if isinstance(v, dict) else v) for k, v in p["vector"].items()}
-            batch.append(models.PointStruct(id=p["id"], vector=vector, payload=p["payload"]))
-        client.upsert(collection_name=name, points=batch, wait=True)
+    batch = []
+    for p in points:
+        vector = {k: (models.SparseVector(**v) if isinstance(v, dict) else v) for k, v in p["vector"].items()}
+        batch.append(models.PointStruct(id=p["id"], vector=vector, payload=p["payload"]))
+    client.upsert(collection_name=name, points=batch, wait=True)
+    return len(batch)
+
+
+def count_points(client: Any, name: str) -> int:
+    """Exact point count of a collection."""
     return int(client.count(collection_name=name, exact=True).count)
 
 

@@ -193,3 +193,23 @@ def test_wiped_output_dir_is_recomputed_not_served_dangling(full_config):
         assert (out / name).is_file(), name
     states = _task_states("embed-collection-sample")
     assert states["dense-embed"] == "Completed"
+
+
+def test_stage_completed_events_are_emitted(full_config):
+    import time
+
+    from prefect.client.orchestration import get_client
+    from prefect.events.filters import EventFilter, EventNameFilter
+
+    _run(full_config)
+    seen: dict[str, dict] = {}
+    deadline = time.time() + 20
+    while time.time() < deadline and not {"dense", "sparse", "rerank"} <= set(seen):
+        with get_client(sync_client=True) as client:
+            page = client.read_events(filter=EventFilter(event=EventNameFilter(name=["embedder.stage.completed"])),
+                                      limit=50)
+        seen = {e.payload["stage"]: e.payload for e in page.events if e.payload.get("collection") == "sample"}
+        time.sleep(0.5)  # events are written asynchronously
+    assert {"dense", "sparse", "rerank"} <= set(seen)
+    assert seen["dense"]["items"] == 50 and seen["dense"]["model"] == "all-minilm-l6-v2"
+    assert seen["sparse"]["coverage_ratio"] == 1.0
