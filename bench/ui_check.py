@@ -55,7 +55,8 @@ def main() -> int:
     api = f"http://127.0.0.1:{port}/api"
     env = {**os.environ, "PREFECT_HOME": str(tmp / "home"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
            "PREFECT_API_URL": api, "EMBEDDER_PROJECT_DIR": str(REPO)}
-    server_env = {k: v for k, v in env.items() if k != "PREFECT_API_URL"}
+    # The bundled UI calls the API at PREFECT_UI_API_URL (default port 4200).
+    server_env = {**{k: v for k, v in env.items() if k != "PREFECT_API_URL"}, "PREFECT_UI_API_URL": api}
     log = open(tmp / "server.log", "w")
     server = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port",
                                str(port)], env=server_env, stdout=log, stderr=subprocess.STDOUT,

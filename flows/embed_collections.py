@@ -112,7 +112,10 @@ def embed_collection(config: RunConfig, collection: CollectionInput, run_id: uui
 
 @flow(name="embed-collections", flow_run_name=_run_name, validate_parameters=True, persist_result=False,
       result_serializer="json")
-def embed_collections(config: RunConfig | None = None, config_file: str | None = None) -> list[ProcessingSummary]:
+def embed_collections(
+    config: RunConfig = RunConfig(),  # noqa: B008 - never mutated; a concrete default makes the UI show the form
+    config_file: str | None = None,
+) -> list[ProcessingSummary]:
     """Embed every collection in ``config``: one `embed-collection` subflow each.
 
     Args:
@@ -124,10 +127,7 @@ def embed_collections(config: RunConfig | None = None, config_file: str | None =
     slot if run side by side, and sequential runs keep memory bounded.
     """
     if config_file is not None:
-        explicit = config.model_dump(exclude_unset=True) if config is not None else {}
-        config = resolve_run_config(config_file, explicit)
-    elif config is None:
-        config = resolve_run_config()
+        config = resolve_run_config(config_file, config.model_dump(exclude_unset=True))
     preflight(config)
     ensure_gpu_limit(config.gpu_concurrency_limit_name)
     run_id = uuid.UUID(flow_run.get_id()) if flow_run.get_id() else uuid.uuid4()
