@@ -24,7 +24,10 @@ from pathlib import Path
 
 import httpx
 
-REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.common import REPO, start_prefect_server  # noqa: E402
+
 DOCS = REPO / "docs"
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROME_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -56,19 +59,9 @@ def main() -> int:
     env = {**os.environ, "PREFECT_HOME": str(tmp / "home"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
            "PREFECT_API_URL": api, "EMBEDDER_PROJECT_DIR": str(REPO)}
     # The bundled UI calls the API at PREFECT_UI_API_URL (default port 4200).
-    server_env = {**{k: v for k, v in env.items() if k != "PREFECT_API_URL"}, "PREFECT_UI_API_URL": api}
-    log = open(tmp / "server.log", "w")
-    server = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port",
-                               str(port)], env=server_env, stdout=log, stderr=subprocess.STDOUT,
-                              start_new_session=True)
+    server, _ = start_prefect_server(tmp / "home", port, ui=True, extra_env={"PREFECT_UI_API_URL": api})
     checks: dict[str, bool] = {}
     try:
-        for _ in range(240):
-            try:
-                if httpx.get(f"{api}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.5)
         run = lambda *a: subprocess.run(a, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)  # noqa: E731
         assert run(sys.executable, "deployments/setup.py").returncode == 0
         assert run(sys.executable, "-m", "prefect", "--no-prompt", "deploy", "--all").returncode == 0
@@ -97,7 +90,6 @@ def main() -> int:
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)
-        log.close()
     print(json.dumps({"ui_version": "prefect 3.8.8 bundled UI", "checks": checks,
                       "screenshots": sorted(p.name for p in DOCS.glob("ui-*.png"))}, indent=2))
     return 0 if all(checks.values()) else 1

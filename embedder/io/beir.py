@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from embedder.errors import InputFormatError
 from embedder.io.atomic import atomic_open
@@ -20,6 +22,18 @@ class BeirInputs:
     qrels_tsv: Path
     documents: int
     queries: int
+
+
+def _records(path: Path, kind: str) -> Iterator[tuple[int, Any]]:
+    """(line number, parsed JSON) for each non-blank line, or an error naming the line."""
+    with open(path, "rb") as src:
+        for lineno, raw in enumerate(src, start=1):
+            if not raw.strip():
+                continue
+            try:
+                yield lineno, json.loads(raw.decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+                raise InputFormatError(f"{path}:{lineno}: not a BEIR {kind} record ({exc})") from exc
 
 
 def prepare_beir(beir_dir: str | Path, split: str, work_dir: str | Path) -> BeirInputs:
@@ -40,28 +54,22 @@ def prepare_beir(beir_dir: str | Path, split: str, work_dir: str | Path) -> Beir
     work = Path(work_dir)
     work.mkdir(parents=True, exist_ok=True)
     docs = 0
-    with open(corpus, "rb") as src, atomic_open(work / "corpus.jsonl") as dst:
-        for lineno, raw in enumerate(src, start=1):
-            if not raw.strip():
-                continue
+    with atomic_open(work / "corpus.jsonl") as dst:
+        for lineno, rec in _records(corpus, "corpus"):
             try:
-                rec = json.loads(raw.decode("utf-8"))
                 doc_id, title, text = str(rec["_id"]), rec.get("title") or "", rec.get("text") or ""
-            except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as exc:
-                raise InputFormatError(f"{corpus}:{lineno}: not a BEIR corpus record ({exc})") from exc
+            except (KeyError, TypeError, AttributeError) as exc:
+                raise InputFormatError(f"{corpus}:{lineno}: not a BEIR corpus record ({exc!r})") from exc
             dst.write(json.dumps({"id": doc_id, "text": f"{title} {text}".strip(),
                                   "metadata": {"title": title}}, ensure_ascii=False) + "\n")
             docs += 1
     kept = 0
-    with open(queries, "rb") as src, atomic_open(work / "queries.jsonl") as dst:
-        for lineno, raw in enumerate(src, start=1):
-            if not raw.strip():
-                continue
+    with atomic_open(work / "queries.jsonl") as dst:
+        for lineno, rec in _records(queries, "query"):
             try:
-                rec = json.loads(raw.decode("utf-8"))
                 qid, text = str(rec["_id"]), rec["text"]
-            except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as exc:
-                raise InputFormatError(f"{queries}:{lineno}: not a BEIR query record ({exc})") from exc
+            except (KeyError, TypeError) as exc:
+                raise InputFormatError(f"{queries}:{lineno}: not a BEIR query record ({exc!r})") from exc
             if qid in qrels:
                 dst.write(json.dumps({"_id": qid, "text": text}, ensure_ascii=False) + "\n")
                 kept += 1
