@@ -8,7 +8,7 @@ export PREFECT_HOME ?= $(CURDIR)/.prefect
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 90
 
-.PHONY: demo test venv lint clean
+.PHONY: demo test venv clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,11 +25,9 @@ demo: $(STAMP)
 		--qrels examples/qrels.tsv --output-dir output/demo --local-files-only
 
 test: $(STAMP)
+	$(BIN)/ruff check embedder tasks flows deployments tests bench
 	$(BIN)/python -m pytest -q
 
-lint: $(STAMP)
-	$(BIN)/python -m pip install -q ruff
-	$(BIN)/ruff check embedder tasks flows deployments tests bench
 
 clean:
 	rm -rf $(VENV) output .prefect

@@ -7,7 +7,7 @@ import platform
 import statistics
 import time
 from collections.abc import Callable
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -64,7 +64,7 @@ def interleaved(raw: Callable[[], Any], pipeline: Callable[[], Any], items: int,
 
 def write_result(name: str, data: dict[str, Any]) -> Path:
     """Print the JSON and write it to bench/results/<name>.json."""
-    data = {"benchmark": name, "measured_at": datetime.now(timezone.utc).isoformat(),
+    data = {"benchmark": name, "measured_at": datetime.now(UTC).isoformat(),
             "machine": {"python": platform.python_version(), "processor": platform.machine(),
                         "cpus": __import__("os").cpu_count()}, **data}
     RESULTS.mkdir(parents=True, exist_ok=True)

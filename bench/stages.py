@@ -80,7 +80,7 @@ def measure_dense(texts, args, results) -> None:
         lambda: embed_dense(texts, encoder, batch=BatchPlan(args.batch)),
         len(texts), args.rounds,
     )
-    results["dense"]["model"] = "all-minilm-l6-v2 (max_seq_length %d)" % model.max_seq_length
+    results["dense"]["model"] = f"all-minilm-l6-v2 (max_seq_length {model.max_seq_length})"
 
 
 def measure_sparse(texts, chunks, args, results) -> None:

@@ -19,7 +19,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import httpx
@@ -67,7 +66,8 @@ def main() -> int:
         assert run(sys.executable, "-m", "prefect", "--no-prompt", "deploy", "--all").returncode == 0
         with httpx.Client(base_url=api, timeout=30) as c:
             dep = c.get("/deployments/name/embed-collections/manual").json()
-            params = {"config": {"collections": [{"name": "ui_sample", "path": str(REPO / "examples/sample_collection")}],
+            sample = str(REPO / "examples/sample_collection")
+            params = {"config": {"collections": [{"name": "ui_sample", "path": sample}],
                                  "queries_path": str(REPO / "examples/queries.jsonl"),
                                  "output_dir": str(tmp / "out"), "local_files_only": True}}
             flow_run = c.post(f"/deployments/{dep['id']}/create_flow_run", json={"parameters": params}).json()

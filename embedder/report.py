@@ -23,8 +23,8 @@ from embedder.stages import (
     IndexResult,
     RerankStageResult,
     SparseStageResult,
-    iter_collection_points,
     collection_dir,
+    iter_collection_points,
 )
 from embedder.summary import (
     DenseRun,

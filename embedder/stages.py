@@ -13,11 +13,10 @@ import hashlib
 import json
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
 from pydantic import BaseModel, Field
 
 import embedder
@@ -28,7 +27,6 @@ from embedder.io.atomic import file_digest
 from embedder.io.load import LoadResult, load_collection
 from embedder.io.readers import read_queries
 from embedder.io.writers import (
-    dumps,
     read_chunks,
     read_dense_parquet,
     read_jsonl_records,
@@ -41,7 +39,6 @@ from embedder.models.rerank import RerankEncoder, default_rerank_batch, rerank
 from embedder.models.sparse import infer_sparse, load_sparse_model
 from embedder.schemas import (
     CrossEncoderRerankRun,
-    Query,
     ScoredCandidate,
     SparseInferenceRun,
     SparseVector,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import uuid
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
@@ -126,7 +126,7 @@ class ProcessingSummary(_Section):
     """The per-collection run summary. v4.0 files validate after :func:`normalize_processing_summary`."""
 
     schema_version: Literal["v4.0", "v4.1"] = CURRENT_VERSION
-    generated_at: str = Field(default_factory=lambda: datetime.now(timezone.utc).isoformat())
+    generated_at: str = Field(default_factory=lambda: datetime.now(UTC).isoformat())
     collection: str
     chunk_count: int = Field(ge=0)
     run_id: uuid.UUID | None = None

@@ -10,7 +10,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -18,7 +18,8 @@ from rich.console import Console
 from embedder.errors import EmbedderError
 from embedder.summary import load_summary, render_summary_lines
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Embed document collections into search-ready vectors.")
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Embed document collections into search-ready vectors.")
 console = Console(stderr=True)
 
 
@@ -76,22 +77,22 @@ def build_config(
 @app.command()
 def run(
     input: Annotated[Path, typer.Option("--input", help="JSONL, Parquet, or a directory of *chunks*.json.")],
-    output_dir: Annotated[Optional[Path], typer.Option("--output-dir", help="Where exports are written.")] = None,
-    collection: Annotated[Optional[str], typer.Option("--collection", help="Collection name.")] = None,
-    queries: Annotated[Optional[Path], typer.Option("--queries", help="JSONL of {_id, text}.")] = None,
-    qrels: Annotated[Optional[Path], typer.Option("--qrels", help="BEIR qrels TSV.")] = None,
-    dense_model: Annotated[Optional[str], typer.Option("--dense-model")] = None,
-    sparse_models: Annotated[Optional[str], typer.Option("--sparse-models", help="Comma-separated.")] = None,
-    rerank_model: Annotated[Optional[str], typer.Option("--rerank-model")] = None,
-    enable_sparse: Annotated[Optional[bool], typer.Option("--enable-sparse/--disable-sparse")] = None,
-    enable_rerank: Annotated[Optional[bool], typer.Option("--enable-rerank/--disable-rerank")] = None,
-    rerank_candidates: Annotated[Optional[int], typer.Option("--rerank-candidates")] = None,
-    rerank_top_k: Annotated[Optional[int], typer.Option("--rerank-top-k")] = None,
-    fusion: Annotated[Optional[str], typer.Option("--fusion", help="rrf or dbsf.")] = None,
-    force_cpu: Annotated[Optional[bool], typer.Option("--force-cpu", help="Never use the GPU.")] = None,
-    local_files_only: Annotated[Optional[bool], typer.Option("--local-files-only",
+    output_dir: Annotated[Path | None, typer.Option("--output-dir", help="Where exports are written.")] = None,
+    collection: Annotated[str | None, typer.Option("--collection", help="Collection name.")] = None,
+    queries: Annotated[Path | None, typer.Option("--queries", help="JSONL of {_id, text}.")] = None,
+    qrels: Annotated[Path | None, typer.Option("--qrels", help="BEIR qrels TSV.")] = None,
+    dense_model: Annotated[str | None, typer.Option("--dense-model")] = None,
+    sparse_models: Annotated[str | None, typer.Option("--sparse-models", help="Comma-separated.")] = None,
+    rerank_model: Annotated[str | None, typer.Option("--rerank-model")] = None,
+    enable_sparse: Annotated[bool | None, typer.Option("--enable-sparse/--disable-sparse")] = None,
+    enable_rerank: Annotated[bool | None, typer.Option("--enable-rerank/--disable-rerank")] = None,
+    rerank_candidates: Annotated[int | None, typer.Option("--rerank-candidates")] = None,
+    rerank_top_k: Annotated[int | None, typer.Option("--rerank-top-k")] = None,
+    fusion: Annotated[str | None, typer.Option("--fusion", help="rrf or dbsf.")] = None,
+    force_cpu: Annotated[bool | None, typer.Option("--force-cpu", help="Never use the GPU.")] = None,
+    local_files_only: Annotated[bool | None, typer.Option("--local-files-only",
                                                              help="Never contact a model hub.")] = None,
-    config: Annotated[Optional[Path], typer.Option("--config", help="TOML or JSON config file.")] = None,
+    config: Annotated[Path | None, typer.Option("--config", help="TOML or JSON config file.")] = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print the summaries as JSON.")] = False,
 ) -> None:
     """Run the embedding flow on one input (one or more collections)."""
@@ -159,13 +160,13 @@ def eval_(
     beir_dir: Annotated[Path, typer.Option("--beir-dir", help="BEIR layout: corpus.jsonl, queries.jsonl, qrels/.")],
     split: Annotated[str, typer.Option("--split", help="qrels/<split>.tsv")],
     output_dir: Annotated[Path, typer.Option("--output-dir")] = Path("output/eval"),
-    dense_model: Annotated[Optional[str], typer.Option("--dense-model")] = None,
-    sparse_models: Annotated[Optional[str], typer.Option("--sparse-models")] = None,
-    rerank_model: Annotated[Optional[str], typer.Option("--rerank-model")] = None,
-    enable_rerank: Annotated[Optional[bool], typer.Option("--enable-rerank/--disable-rerank")] = None,
-    rerank_candidates: Annotated[Optional[int], typer.Option("--rerank-candidates")] = None,
-    local_files_only: Annotated[Optional[bool], typer.Option("--local-files-only")] = None,
-    config: Annotated[Optional[Path], typer.Option("--config")] = None,
+    dense_model: Annotated[str | None, typer.Option("--dense-model")] = None,
+    sparse_models: Annotated[str | None, typer.Option("--sparse-models")] = None,
+    rerank_model: Annotated[str | None, typer.Option("--rerank-model")] = None,
+    enable_rerank: Annotated[bool | None, typer.Option("--enable-rerank/--disable-rerank")] = None,
+    rerank_candidates: Annotated[int | None, typer.Option("--rerank-candidates")] = None,
+    local_files_only: Annotated[bool | None, typer.Option("--local-files-only")] = None,
+    config: Annotated[Path | None, typer.Option("--config")] = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """Run the real pipeline on a BEIR dataset and report nDCG@10 and Recall@100 per stage."""

@@ -150,7 +150,8 @@ def _score_per_query(work: Work, texts: Mapping[str, str], encoder: RerankEncode
             elapsed_ms = (time.perf_counter() - _t0) * 1000
             return elapsed_ms + elapsed_ms / done * (_n - done) > budget_ms
 
-        run = run_batched(len(pairs), lambda s, e: encoder.score_pairs(pairs[s:e]), BatchPlan(size, batch.floor),
+        run = run_batched(len(pairs), lambda s, e, _pairs=pairs: encoder.score_pairs(_pairs[s:e]),
+                          BatchPlan(size, batch.floor),
                           device=encoder.device, on_progress=lambda *_: meter.sample(), should_stop=should_stop)
         backoffs.extend(run.backoffs)
         size = run.final_batch_size

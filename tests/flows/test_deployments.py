@@ -101,8 +101,12 @@ def _wait_final(client, flow_run_id, timeout: float = 60):
 
 
 def test_manual_run_then_failed_run_retried_from_cache(prefect_server, deployed, tmp_path, tiny_cross_encoder):
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, FlowRunFilter
-    from prefect.client.schemas.filters import FlowRunFilterParentTaskRunId
+    from prefect.client.schemas.filters import (
+        ArtifactFilter,
+        ArtifactFilterFlowRunId,
+        FlowRunFilter,
+        FlowRunFilterParentTaskRunId,
+    )
     from prefect.states import Scheduled
 
     out = tmp_path / "out"

@@ -25,7 +25,7 @@ def _run(config):
 def _task_states(flow_run_name: str) -> dict[str, str]:
     """Task name -> state name for the latest subflow run with this name."""
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName, FlowRunFilterId
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, FlowRunFilterName
     from prefect.client.schemas.sorting import FlowRunSort
 
     with get_client(sync_client=True) as client:

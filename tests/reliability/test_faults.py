@@ -54,7 +54,8 @@ def test_bad_input_every_good_chunk_exported_every_bad_one_explained(sample_conf
     rejects = read_jsonl_records(out / "rejects.jsonl")
     reasons = sorted(r["reason"].split(":")[0].split(" (")[0] for r in rejects)
     assert reasons == sorted(["malformed JSON", "missing text", "empty text", "whitespace-only text",
-                              "duplicate id 'good-0'", "undecodable bytes", "metadata.token_count must be int, got str"])
+                              "duplicate id 'good-0'", "undecodable bytes",
+                              "metadata.token_count must be int, got str"])
     assert s.rejects.count == 7
     assert any("7 record(s) rejected" in w for w in s.warnings)
     assert any("truncated" in w for w in s.warnings)

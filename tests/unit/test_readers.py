@@ -75,7 +75,8 @@ def test_parquet_bad_records(tmp_path):
     items = list(read_collection(path))
     assert [i.id for i in items if isinstance(i, Chunk)] == ["p1"]
     reasons = [r.reason for r in items if isinstance(r, Reject)]
-    assert reasons == ["empty text", "whitespace-only text", "duplicate id 'p1'", "metadata must be an object, got list"]
+    assert reasons == ["empty text", "whitespace-only text", "duplicate id 'p1'",
+                       "metadata must be an object, got list"]
 
 
 def test_parquet_without_text_column(tmp_path):

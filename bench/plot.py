@@ -1,0 +1,58 @@
+"""Plot per-stage throughput (pipeline vs raw) and per-stage latency at scale into docs/benchmarks.png.
+
+Reads bench/results/stages.json and bench/results/scale.json. Usage: python bench/plot.py
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.common import REPO, RESULTS  # noqa: E402
+
+
+def main() -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    stages = json.loads((RESULTS / "stages.json").read_text())["stages"]
+    scale = json.loads((RESULTS / "scale.json").read_text())["rows"]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+
+    names = list(stages)
+    x = range(len(names))
+    raw = [stages[n]["raw_items_per_s"] for n in names]
+    pipe = [stages[n]["pipeline_items_per_s"] for n in names]
+    ax1.bar([i - 0.2 for i in x], raw, width=0.4, label="raw library")
+    ax1.bar([i + 0.2 for i in x], pipe, width=0.4, label="pipeline")
+    for i, n in enumerate(names):
+        ax1.text(i, max(raw[i], pipe[i]) * 1.15, f"ratio {stages[n]['ratio']:.2f}", ha="center", fontsize=9)
+    ax1.set_xticks(list(x), [f"{n}\n({stages[n]['items']} items)" for n in names])
+    ax1.set_yscale("log")
+    ax1.set_ylabel("items / s (log)")
+    ax1.set_title("Stage throughput, 2,000 SciFact abstracts, 2-core CPU")
+    ax1.legend()
+
+    sizes = [r["chunks"] for r in scale]
+    for stage in ("dense", "sparse", "index", "fuse"):
+        ax2.plot(sizes, [r["stage_ms"][stage] / 1000 for r in scale], marker="o", label=stage)
+    ax2.plot(sizes, [r["wall_s"] for r in scale], marker="s", linestyle="--", color="black", label="whole run")
+    ax2.set_xscale("log")
+    ax2.set_yscale("log")
+    ax2.set_xlabel("chunks")
+    ax2.set_ylabel("seconds (log)")
+    ax2.set_title("Latency per stage vs collection size")
+    ax2.legend()
+    fig.tight_layout()
+    out = REPO / "docs" / "benchmarks.png"
+    fig.savefig(out, dpi=110)
+    print(out)
+
+
+if __name__ == "__main__":
+    main()
