@@ -112,7 +112,10 @@ def test_oom_in_dense_and_rerank_backs_off_and_completes(sample_config, tiny_cro
     assert any("rerank batch backed off after OOM" in w for w in s.warnings)
 
 
-def test_qdrant_down_retries_then_fails_clearly_with_exports_written(sample_config, monkeypatch):
+def test_qdrant_down_retries_then_fails_clearly_with_exports_written(sample_config, monkeypatch, capfd):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
+
     from tests.conftest import free_port
 
     monkeypatch.setenv("QDRANT_URL", f"http://127.0.0.1:{free_port()}")
@@ -125,10 +128,17 @@ def test_qdrant_down_retries_then_fails_clearly_with_exports_written(sample_conf
     for name in ("dense.parquet", "sparse.jsonl", "qdrant.jsonl", "processing_summary.json"):
         assert (out / name).is_file(), name
     assert s.fusion_run.status == "executed"  # fusion does not depend on the index
-    # the API key is nowhere in the outputs
+    # the API key is nowhere: not in the outputs, the flow parameters, the artifacts or the logs
     for f in out.rglob("*"):
         if f.is_file() and f.suffix in (".json", ".jsonl"):
             assert "sk-test-secret-123" not in f.read_text(errors="replace"), f
+    captured = capfd.readouterr()
+    assert "sk-test-secret-123" not in captured.out + captured.err
+    assert "Qdrant at http://127.0.0.1" in captured.out + captured.err  # the failure itself was logged
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=["embed-sample"])))
+        assert runs and all("sk-test-secret-123" not in json.dumps(r.parameters, default=str) for r in runs)
+        assert all("sk-test-secret-123" not in json.dumps(a.data, default=str) for a in client.read_artifacts())
 
 
 def test_index_task_retried_before_failing(sample_config, monkeypatch):
