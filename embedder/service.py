@@ -93,11 +93,12 @@ def search_collection(root: Path, req: SearchRequest) -> SearchResponse:
     """
     from embedder.batching import BatchPlan
     from embedder.io.qdrant import hybrid_query, open_client, sparse_vector_name
-    from embedder.models.dense import DenseEncoder
     from embedder.models.registry import resolve_model
     from embedder.models.rerank import RerankEncoder, rerank
     from embedder.models.sparse import load_sparse_model
     from embedder.schemas import Query
+    from embedder.settings import RunConfig
+    from embedder.stages import dense_encoder
 
     summary = summary_for(root, req.collection)
     cfg = summary.config
@@ -105,8 +106,8 @@ def search_collection(root: Path, req: SearchRequest) -> SearchResponse:
         raise StageError(f"collection {req.collection!r} has no dense index; re-run the pipeline")
     warnings: list[str] = []
     local_only = bool(cfg.get("local_files_only", False))
-    dense = DenseEncoder(resolve_model(cfg["dense_model"], "dense", local_files_only=local_only), "cpu",
-                         backend=cfg.get("dense_backend", "torch"))
+    dense = dense_encoder(RunConfig.model_validate({k: v for k, v in cfg.items() if k in RunConfig.model_fields}),
+                          resolve_model(cfg["dense_model"], "dense", local_files_only=local_only))
     qvec = dense.encode_batch([req.query])[0]
     sparse_q = {}
     if summary.sparse_run and summary.sparse_run.executed:

@@ -109,6 +109,15 @@ def load_stage(config: RunConfig, collection: CollectionInput, key: str) -> Load
 # --- dense ------------------------------------------------------------------------------------
 
 
+def dense_encoder(config: RunConfig, resolved: Any) -> Any:
+    """The dense encoder for the configured backend (torch on the best device, or ONNX on the CPU)."""
+    if config.dense_backend == "torch":
+        return DenseEncoder(resolved, resolve_device(config.force_cpu), local_files_only=config.local_files_only)
+    from embedder.models.onnx_dense import OnnxDenseEncoder
+
+    return OnnxDenseEncoder(resolved, Path(config.output_dir) / ".onnx-cache", config.dense_backend)
+
+
 class DenseStageResult(BaseModel):
     """Dense vectors for chunks (and queries), by reference."""
 
@@ -133,10 +142,10 @@ def dense_stage(
     Raises:
         ModelUnavailableError: When the dense model cannot load (the run cannot continue).
     """
-    device = resolve_device(config.force_cpu)
-    apply_memory_ceiling(device, config.gpu_memory_ceiling_gb)
     resolved = resolve_model(config.dense_model, "dense", local_files_only=config.local_files_only)
-    encoder = DenseEncoder(resolved, device, backend=config.dense_backend, local_files_only=config.local_files_only)
+    encoder = dense_encoder(config, resolved)
+    device = encoder.device
+    apply_memory_ceiling(device, config.gpu_memory_ceiling_gb)
     encoder.load()
     max_len = int(getattr(encoder.load(), "max_seq_length", resolved.spec.max_length) or resolved.spec.max_length)
     plan = default_dense_batch(device, config.gpu_memory_ceiling_gb, max_len)

@@ -234,3 +234,17 @@ def test_unloadable_rerank_model_is_a_clear_error(tmp_path):
     encoder = RerankEncoder(resolve_model(str(tmp_path), "rerank"), "cpu", local_files_only=True)
     with pytest.raises(ModelUnavailableError, match="could not be loaded"):
         encoder.load()
+
+
+@pytest.mark.slow
+def test_onnx_backend_agrees_with_torch(tmp_path, minilm):
+    from embedder.models.onnx_dense import OnnxDenseEncoder
+
+    texts = ["short", "a much longer sentence about volcanoes, ash clouds and the climate", "word " * 600]
+    ref = embed_dense(texts, minilm, batch=BatchPlan(2)).vectors
+    onnx_enc = OnnxDenseEncoder(resolve_model("all-minilm-l6-v2", "dense"), tmp_path, "onnx")
+    res = embed_dense(texts, onnx_enc, batch=BatchPlan(2))
+    assert res.vectors.shape == ref.shape and res.telemetry.device == "cpu"
+    assert np.min(np.sum(res.vectors * ref, axis=1)) >= 0.999
+    assert list(tmp_path.rglob("model.onnx"))  # exported once, cached
+    OnnxDenseEncoder(resolve_model("all-minilm-l6-v2", "dense"), tmp_path, "onnx").load()  # reuses the cache

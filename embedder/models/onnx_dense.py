@@ -1,0 +1,164 @@
+"""An ONNX Runtime backend for sentence-transformers encoders with mean pooling (MiniLM, e5, ...).
+
+The model is exported once with torch's dynamo exporter (needs the optional
+``onnx`` and ``onnxscript`` packages) into a cache directory keyed by the model
+files' digest; ``onnx-int8`` adds dynamic int8 weight quantisation. Inference
+needs only onnxruntime (a fastembed dependency) and the tokenizer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from embedder.errors import ModelUnavailableError
+from embedder.models.registry import ResolvedModel
+
+ONNX_BACKENDS = ("onnx", "onnx-int8")
+_SESSIONS: dict[tuple[str, str], Any] = {}
+_LOCK = threading.Lock()
+
+
+def _model_digest(model_dir: Path) -> str:
+    h = hashlib.sha256()
+    for path in sorted(model_dir.rglob("*")):
+        if path.is_file() and path.suffix in (".json", ".safetensors", ".bin", ".txt"):
+            h.update(path.relative_to(model_dir).as_posix().encode())
+            h.update(str(path.stat().st_size).encode())
+    return h.hexdigest()[:16]
+
+
+def _check_pooling(model_dir: Path) -> int:
+    """The ST pooling must be plain mean pooling; returns the sequence length limit."""
+    modules = json.loads((model_dir / "modules.json").read_text()) if (model_dir / "modules.json").is_file() else []
+    pooling = next((m for m in modules if m.get("type", "").endswith("Pooling")), None)
+    if pooling is not None:
+        cfg = json.loads((model_dir / pooling["path"] / "config.json").read_text())
+        if not cfg.get("pooling_mode_mean_tokens") or cfg.get("pooling_mode_cls_token"):
+            raise ModelUnavailableError(f"the ONNX backend supports mean pooling only; {model_dir} uses another")
+    st_cfg = model_dir / "sentence_bert_config.json"
+    return int(json.loads(st_cfg.read_text()).get("max_seq_length", 512)) if st_cfg.is_file() else 512
+
+
+def export_onnx(model_dir: Path, cache_dir: Path, backend: str) -> Path:
+    """Export (once) the transformer of a sentence-transformers dir to ONNX; return the .onnx path.
+
+    Raises:
+        ModelUnavailableError: If the export tools are missing or the export fails.
+    """
+    target = cache_dir / _model_digest(model_dir)
+    fp32 = target / "model.onnx"
+    out = target / ("model_int8.onnx" if backend == "onnx-int8" else "model.onnx")
+    if out.is_file():
+        return out
+    target.mkdir(parents=True, exist_ok=True)
+    if not fp32.is_file():
+        try:
+            import onnx  # noqa: F401 - the exporter needs it
+            import onnxscript  # noqa: F401
+        except ImportError as exc:
+            raise ModelUnavailableError(
+                "the ONNX dense backend needs the export tools once: pip install 'prefect-embedder[onnx]'"
+            ) from exc
+        import torch
+        from transformers import AutoModel, AutoTokenizer
+
+        model = AutoModel.from_pretrained(model_dir).eval()
+        tok = AutoTokenizer.from_pretrained(model_dir)
+
+        class _Encoder(torch.nn.Module):
+            def __init__(self, inner: Any) -> None:
+                super().__init__()
+                self.inner = inner
+
+            def forward(self, ids: Any, mask: Any, types: Any) -> Any:
+                return self.inner(input_ids=ids, attention_mask=mask, token_type_ids=types).last_hidden_state
+
+        sample = tok(["an example sentence", "another, longer example sentence"], padding=True, return_tensors="pt")
+        batch = torch.export.Dim("batch", min=1, max=4096)
+        seq = torch.export.Dim("seq", min=2, max=int(model.config.max_position_embeddings))
+        tmp = target / "model.onnx.tmp"
+        torch.onnx.export(_Encoder(model), (sample["input_ids"], sample["attention_mask"], sample["token_type_ids"]),
+                          str(tmp), input_names=["input_ids", "attention_mask", "token_type_ids"],
+                          output_names=["last_hidden_state"],
+                          dynamic_shapes=({0: batch, 1: seq}, {0: batch, 1: seq}, {0: batch, 1: seq}),
+                          dynamo=True, external_data=False)
+        tmp.replace(fp32)
+    if backend == "onnx-int8" and not out.is_file():
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        tmp = target / "model_int8.onnx.tmp"
+        quantize_dynamic(str(fp32), str(tmp), weight_type=QuantType.QInt8)
+        tmp.replace(out)
+    return out
+
+
+class OnnxDenseEncoder:
+    """Drop-in for :class:`~embedder.models.dense.DenseEncoder` on ONNX Runtime (CPU)."""
+
+    def __init__(self, resolved: ResolvedModel, cache_dir: Path, backend: str = "onnx") -> None:
+        if backend not in ONNX_BACKENDS:
+            raise ValueError(f"backend must be one of {ONNX_BACKENDS}")
+        self.resolved = resolved
+        self.cache_dir = cache_dir
+        self.backend = backend
+        self.device = "cpu"
+        self._session: Any = None
+        self._tokenizer: Any = None
+        self._max_len = 512
+
+    @property
+    def name(self) -> str:
+        """The registry name (or local path) of the model."""
+        return self.resolved.spec.name
+
+    def load(self) -> Any:
+        """Export if needed and open the session once per process."""
+        if self._session is not None:
+            return self._session
+        model_dir = Path(self.resolved.location)
+        if not model_dir.is_dir():
+            raise ModelUnavailableError(f"the ONNX backend needs a local model directory, not {self.resolved.location}")
+        self._max_len = _check_pooling(model_dir)
+        from transformers import AutoTokenizer
+
+        self._tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        key = (str(model_dir), self.backend)
+        with _LOCK:
+            if key not in _SESSIONS:
+                import onnxruntime as ort
+
+                try:
+                    path = export_onnx(model_dir, self.cache_dir, self.backend)
+                except ModelUnavailableError:
+                    raise
+                except Exception as exc:
+                    raise ModelUnavailableError(f"ONNX export of {self.name!r} failed: {exc}") from exc
+                _SESSIONS[key] = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+            self._session = _SESSIONS[key]
+        return self._session
+
+    @property
+    def dim(self) -> int:
+        """Embedding dimension."""
+        return int(self.encode_batch(["dimension probe"]).shape[1])
+
+    def encode_batch(self, texts: Sequence[str]) -> np.ndarray:
+        """Mean-pooled, L2-normalised float32 rows (as the sentence-transformers model computes them)."""
+        session = self.load()
+        enc = self._tokenizer(list(texts), padding=True, truncation=True, max_length=self._max_len,
+                              return_tensors="np")
+        hidden = session.run(None, {"input_ids": enc["input_ids"].astype(np.int64),
+                                    "attention_mask": enc["attention_mask"].astype(np.int64),
+                                    "token_type_ids": enc.get("token_type_ids",
+                                                              np.zeros_like(enc["input_ids"])).astype(np.int64)})[0]
+        mask = enc["attention_mask"][..., None].astype(np.float32)
+        pooled = (hidden * mask).sum(axis=1) / np.clip(mask.sum(axis=1), 1e-9, None)
+        norms = np.linalg.norm(pooled, axis=1, keepdims=True)
+        return (pooled / np.clip(norms, 1e-12, None)).astype(np.float32)
