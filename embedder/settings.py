@@ -85,7 +85,7 @@ class RunConfig(BaseModel):
     qrels_path: str | None = Field(None, description="BEIR qrels TSV (query-id, corpus-id, score) for quality metrics.")
     output_dir: str = Field("output", description="Where per-collection exports and summaries are written.")
     dense_model: str = Field("all-minilm-l6-v2", description="Registry name, HF id or local dir.")
-    dense_backend: Literal["torch", "onnx", "onnx-int8"] = Field(
+    dense_backend: Literal["torch", "onnx"] = Field(
         "torch", description="torch (sentence-transformers), or ONNX Runtime on the CPU (exported once)."
     )
     sparse_models: list[str] = Field(default_factory=lambda: ["qdrant-bm25"], description="SPARSE_MODELS names.")
@@ -132,7 +132,7 @@ class EmbedderSettings(BaseSettings):
     qrels_path: str | None = None
     output_dir: str = "output"
     dense_model: str = "all-minilm-l6-v2"
-    dense_backend: Literal["torch", "onnx", "onnx-int8"] = "torch"
+    dense_backend: Literal["torch", "onnx"] = "torch"
     sparse_models: list[str] = Field(default_factory=lambda: ["qdrant-bm25"])
     rerank_model: str = "cross-encoder/ms-marco-MiniLM-L-6-v2"
     enable_sparse: bool = True
