@@ -216,6 +216,25 @@ def eval_(
         typer.echo(f"WARNING: {w}")
 
 
+@app.command(name="gpu-slots")
+def gpu_slots(
+    limit_name: Annotated[str, typer.Option("--limit-name", help="The global concurrency limit.")] = "gpu",
+    recover: Annotated[bool, typer.Option("--recover", help="Free slots held by dead local holders.")] = False,
+) -> None:
+    """Show the GPU lease's slots; with --recover, free slots whose holders died past their lease."""
+    _prefect_defaults()
+    from prefect.client.orchestration import get_client
+
+    from tasks.lease import ensure_gpu_limit, recover_stale_slots
+
+    ensure_gpu_limit(limit_name)
+    freed = recover_stale_slots(limit_name) if recover else 0
+    with get_client(sync_client=True) as client:
+        limit = client.read_global_concurrency_limit_by_name(limit_name)
+    status = f"{limit.name}: {limit.active_slots}/{limit.limit} slot(s) in use"
+    typer.echo(status + (f"; freed {freed}" if recover else ""))
+
+
 def main() -> None:
     """Console-script entry point."""
     app()

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -294,8 +294,3 @@ def read_qrels(path: str | Path) -> dict[str, dict[str, int]]:
                 raise InputFormatError(f"{p}:{lineno}: expected query-id, corpus-id and an integer score") from exc
             qrels.setdefault(qid, {})[did] = score
     return qrels
-
-
-def iter_texts(items: Iterable[ReadItem]) -> Iterator[Chunk]:
-    """Only the chunks of a read stream (for callers that collect rejects elsewhere)."""
-    return (item for item in items if isinstance(item, Chunk))

@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from embedder.io.atomic import atomic_open, atomic_path, file_digest
-from embedder.schemas import Chunk, SparseVector, StageRef
+from embedder.schemas import Chunk, StageRef
 
 
 def dumps(obj: Any) -> str:
@@ -122,15 +122,3 @@ def read_dense_parquet(path: str | Path) -> tuple[list[str], np.ndarray]:
     dim = col.type.list_size
     vectors = col.values.to_numpy(zero_copy_only=False).astype(np.float32, copy=False).reshape(-1, dim)
     return ids, vectors
-
-
-def read_sparse_jsonl(path: str | Path) -> tuple[list[str], list[SparseVector], list[bool]]:
-    """Read ids, vectors and fallback flags back from ``sparse.jsonl``."""
-    ids: list[str] = []
-    vectors: list[SparseVector] = []
-    fallback: list[bool] = []
-    for rec in read_jsonl_records(path):
-        ids.append(rec["id"])
-        vectors.append(SparseVector(**rec["sparse_vector"]))
-        fallback.append(bool(rec.get("fallback", False)))
-    return ids, vectors, fallback

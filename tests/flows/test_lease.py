@@ -120,3 +120,10 @@ def test_embedded_server_recovers_a_dead_holders_slot_after_its_lease(tmp_path):
     assert ev["stuck_slots"] == 1  # the dead holder's slot really was stuck
     waited = ev["acquired_epoch"] - killed_at
     assert 55 <= waited < 150, waited  # freed after the 60 s lease, not never
+
+
+def test_gpu_slots_command_creates_and_reports_the_limit(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "flows.cli", "gpu-slots", "--limit-name", "gpu-cli", "--recover"],
+                       env=_embedded_env(tmp_path / "home"), cwd=REPO, capture_output=True, text=True, timeout=180)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "gpu-cli: 0/1 slot(s) in use; freed 0" in r.stdout
