@@ -27,6 +27,7 @@ from tasks.stages import (
     rerank_task,
     sparse_infer_task,
 )
+from tasks.telemetry import artifact_key
 
 
 def _run_name() -> str:
@@ -102,7 +103,7 @@ def embed_collection(config: RunConfig, collection: CollectionInput, run_id: uui
     create_markdown_artifact(
         markdown="\n".join([f"# Collection `{name}`", "", "```", *render_summary_lines(summary), "```", "",
                             f"Summary: `{path}`"]),
-        key=f"summary-{name.lower().replace('_', '-').replace('.', '-')}"[:100],
+        key=artifact_key("summary", name),
         description=f"processing summary of {name}",
     )
     if "dense" in errors:

@@ -14,8 +14,8 @@ TABLE_COLUMNS = ("stage", "model", "device", "batch_size", "items", "latency_ms"
                  "fallback", "warnings")
 
 
-def _artifact_key(*parts: str) -> str:
-    # Artifact keys allow only lowercase letters, digits and dashes.
+def artifact_key(*parts: str) -> str:
+    """A Prefect artifact key from parts (keys allow only lowercase letters, digits and dashes)."""
     raw = "-".join(parts).lower()
     return "".join(c if c.isalnum() else "-" for c in raw).strip("-")[:100]
 
@@ -25,7 +25,7 @@ def publish_stage(collection: str, telemetry: StageTelemetry, extra: dict[str, A
     row = telemetry.model_dump()
     table = [{k: (round(row[k], 3) if isinstance(row[k], float) else
                   "; ".join(row[k]) if isinstance(row[k], list) else row[k]) for k in TABLE_COLUMNS}]
-    create_table_artifact(table=table, key=_artifact_key("stage", collection, telemetry.stage),
+    create_table_artifact(table=table, key=artifact_key("stage", collection, telemetry.stage),
                           description=f"{telemetry.stage} stage of collection {collection}")
     payload = {**{k: row[k] for k in TABLE_COLUMNS}, "collection": collection, **(extra or {})}
     emit_event(
@@ -43,7 +43,7 @@ class ProgressReporter:
 
     def __init__(self, collection: str, stage: str) -> None:
         self.artifact_id = create_progress_artifact(
-            progress=0.0, key=_artifact_key("progress", collection, stage),
+            progress=0.0, key=artifact_key("progress", collection, stage),
             description=f"{stage} progress for {collection}",
         )
         self._last = 0.0
