@@ -146,7 +146,6 @@ def dense_stage(
     encoder = dense_encoder(config, resolved)
     device = encoder.device
     apply_memory_ceiling(device, config.gpu_memory_ceiling_gb)
-    encoder.load()
     max_len = int(getattr(encoder.load(), "max_seq_length", resolved.spec.max_length) or resolved.spec.max_length)
     plan = default_dense_batch(device, config.gpu_memory_ceiling_gb, max_len)
     items = read_chunks(chunks.path)
@@ -160,7 +159,8 @@ def dense_stage(
         qres = embed_dense([q.text for q in queries], encoder, batch=plan)
         qref = write_dense_parquet(sdir / f"dense-queries-{key[:16]}.parquet", [q.id for q in queries],
                                    qres.vectors, encoder.name)
-    return DenseStageResult(vectors=ref, query_vectors=qref, model_name=encoder.name, dim=encoder.dim,
+    # The dimension comes from the vectors: an ONNX encoder's `dim` costs a probe encode.
+    return DenseStageResult(vectors=ref, query_vectors=qref, model_name=encoder.name, dim=int(result.vectors.shape[1]),
                             telemetry=result.telemetry)
 
 
