@@ -48,3 +48,7 @@ class VectorIndexError(EmbedderError, RuntimeError):
 
 class UnknownCollectionError(EmbedderError, LookupError):
     """No collection by that name exists in the output dir or the index."""
+
+
+class IndexNotFoundError(VectorIndexError, LookupError):
+    """No published index exists for a collection (never built, failed, or written by an older version)."""

@@ -241,7 +241,9 @@ def build_summary(
     }
     if index is not None:
         stages["index"] = StageTelemetry(stage="index", items=index.upserted, latency_ms=index.latency_ms,
+                                         items_per_s=index.points_per_s, batch_size=index.batch_size,
                                          cached="index" in cached).model_dump()
+        warnings.extend(index.warnings)
 
     gpu_peak = max([s.get("gpu_peak_gb", 0.0) for s in stages.values()] + [0.0])
     run_failed = dense is None

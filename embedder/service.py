@@ -1,27 +1,29 @@
-"""FastAPI search service over the collections a run wrote: hybrid retrieval from Qdrant, then rerank.
+"""FastAPI search service over the collections a run wrote: hybrid retrieval from the index, then rerank.
 
 Run it with ``uvicorn embedder.service:app`` (``EMBEDDER_OUTPUT_DIR`` names the
-run's output dir; ``QDRANT_URL`` selects a server instead of local mode).
+run's output dir; ``QDRANT_URL`` selects a server instead of the embedded Qdrant Edge shards).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import uuid
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-from fastapi import FastAPI, HTTPException
-from pydantic import BaseModel, Field
+from fastapi import FastAPI, HTTPException, Request
+from pydantic import BaseModel, Field, field_validator
 
 from embedder.errors import (
+    IndexNotFoundError,
     ModelUnavailableError,
     StageError,
     SummaryValidationError,
     UnknownCollectionError,
-    UnsafeNameError,
 )
-from embedder.io.qdrant import qdrant_location_for
+from embedder.io.store import VectorStore, open_store
 from embedder.settings import EmbedderSettings, ServiceSettings, validate_collection_name
 from embedder.summary import ProcessingSummary, load_summary
 
@@ -33,6 +35,12 @@ class SearchRequest(BaseModel):
     query: str = Field(min_length=1, max_length=4096)
     top_k: int = Field(10, ge=1, le=100)
     rerank: bool = True
+
+    @field_validator("collection")
+    @classmethod
+    def _safe(cls, value: str) -> str:
+        # A 422 like any other invalid field, not a bespoke error shape.
+        return validate_collection_name(value)
 
 
 class SearchHit(BaseModel):
@@ -84,15 +92,22 @@ def _chunk_texts(path: str, mtime: float) -> dict[str, str]:
     return {c.id: c.text for c in read_chunks(path)}
 
 
-def search_collection(root: Path, req: SearchRequest) -> SearchResponse:
-    """Hybrid retrieval from the collection's Qdrant index, then a CrossEncoder rerank when asked and available.
+def search_collection(root: Path, req: SearchRequest, store: VectorStore | None = None) -> SearchResponse:
+    """Hybrid retrieval from the collection's published index, then a CrossEncoder rerank when asked and available.
+
+    Args:
+        root: The run's output dir.
+        req: The search.
+        store: An open store to reuse (the service keeps one per process); opened and closed here otherwise.
 
     Raises:
-    UnknownCollectionError: No summary or no Qdrant collection by that name.
-    StageError: The collection has no dense index to search.
+        UnknownCollectionError: No summary by that name under ``root``.
+        StageError: The collection's run produced no dense vectors.
+        IndexNotFoundError: No published index exists for it.
     """
     from embedder.batching import BatchPlan
-    from embedder.io.qdrant import hybrid_query, open_client, sparse_vector_name
+    from embedder.io.qdrant import point_id, sparse_vector_name
+    from embedder.io.store import HybridQuery
     from embedder.models.registry import resolve_model
     from embedder.models.rerank import RerankEncoder, rerank
     from embedder.models.sparse import load_sparse_model
@@ -103,64 +118,109 @@ def search_collection(root: Path, req: SearchRequest) -> SearchResponse:
     summary = summary_for(root, req.collection)
     cfg = summary.config
     if not cfg or summary.dense_run is None or summary.dense_run.status != "executed":
-        raise StageError(f"collection {req.collection!r} has no dense index; re-run the pipeline")
-    warnings: list[str] = []
-    local_only = bool(cfg.get("local_files_only", False))
-    dense = dense_encoder(RunConfig.model_validate({k: v for k, v in cfg.items() if k in RunConfig.model_fields}),
-                          resolve_model(cfg["dense_model"], "dense", local_files_only=local_only))
-    qvec = dense.encode_batch([req.query])[0]
-    sparse_q = {}
-    if summary.sparse_run and summary.sparse_run.executed:
-        for name in summary.sparse_run.model_names:
+        raise StageError(f"collection {req.collection!r} has no dense vectors; re-run the pipeline")
+    own_store = store is None
+    store = store or open_service_store(root)
+    try:
+        status = store.status(req.collection)
+        if not status.exists:
+            raise IndexNotFoundError(status.reason or f"no index for {req.collection!r}")
+        indexed_sparse = {name for name, _ in status.layout.sparse} if status.layout else set()
+        warnings: list[str] = []
+        local_only = bool(cfg.get("local_files_only", False))
+        dense = dense_encoder(RunConfig.model_validate({k: v for k, v in cfg.items() if k in RunConfig.model_fields}),
+                              resolve_model(cfg["dense_model"], "dense", local_files_only=local_only))
+        qvec = dense.encode_batch([req.query])[0]
+        sparse_q = {}
+        if summary.sparse_run and summary.sparse_run.executed:
+            for name in summary.sparse_run.model_names:
+                if sparse_vector_name(name) not in indexed_sparse:
+                    continue
+                try:
+                    model = load_sparse_model(resolve_model(name, "sparse", local_files_only=local_only))
+                    sparse_q[sparse_vector_name(name)] = model.query_embed([req.query])[0]
+                except ModelUnavailableError as exc:
+                    warnings.append(f"sparse model {name!r} unavailable, dense-only retrieval: {exc}")
+        fusion = cfg.get("fusion", "rrf")
+        n = max(req.top_k, int(cfg.get("rerank_top_k_candidates", 100)) if req.rerank else req.top_k)
+        cands = store.query(req.collection, HybridQuery(dense=qvec, sparse=sparse_q, fusion=fusion,
+                                                        k=int(cfg.get("rrf_k", 60)), prefetch_limit=n, limit=n))
+        reranked = False
+        rerank_model = cfg.get("rerank_model") if req.rerank else None
+        if req.rerank and cands:
+            chunks_path = summary.exports.get("chunks")
             try:
-                model = load_sparse_model(resolve_model(name, "sparse", local_files_only=local_only))
-                sparse_q[sparse_vector_name(name)] = model.query_embed([req.query])[0]
+                if not chunks_path or not Path(chunks_path).is_file():
+                    raise ModelUnavailableError("the collection's chunk table is missing; re-run the pipeline")
+                texts = _chunk_texts(chunks_path, Path(chunks_path).stat().st_mtime)
+                enc = RerankEncoder(resolve_model(cfg["rerank_model"], "rerank", local_files_only=local_only), "cpu",
+                                    local_files_only=local_only)
+                res = rerank([Query(id="q", text=req.query)], {"q": cands}, texts, enc,
+                             top_k_candidates=len(cands), top_k=req.top_k, batch=BatchPlan(32))
+                cands = res.results["q"]
+                reranked = True
             except ModelUnavailableError as exc:
-                warnings.append(f"sparse model {name!r} unavailable, dense-only retrieval: {exc}")
-    service = ServiceSettings()
-    fusion = cfg.get("fusion", "rrf")
-    n = max(req.top_k, int(cfg.get("rerank_top_k_candidates", 100)) if req.rerank else req.top_k)
-    location = qdrant_location_for(root, req.collection, service.qdrant_url)
-    api_key = service.qdrant_api_key.get_secret_value() if service.qdrant_api_key else None
-    with open_client(path=None if service.qdrant_url else location, url=service.qdrant_url,
-                     api_key=api_key) as client:
-        if not client.collection_exists(req.collection):
-            raise UnknownCollectionError(f"collection {req.collection!r} is not in Qdrant at {location}")
-        cands = hybrid_query(client, req.collection, qvec, sparse_q, fusion=fusion, k=int(cfg.get("rrf_k", 60)),
-                             prefetch_limit=n, limit=n)
-    reranked = False
-    rerank_model = cfg.get("rerank_model") if req.rerank else None
-    if req.rerank and cands:
-        chunks_path = summary.exports.get("chunks")
-        try:
-            if not chunks_path or not Path(chunks_path).is_file():
-                raise ModelUnavailableError("the collection's chunk table is missing; re-run the pipeline")
-            texts = _chunk_texts(chunks_path, Path(chunks_path).stat().st_mtime)
-            enc = RerankEncoder(resolve_model(cfg["rerank_model"], "rerank", local_files_only=local_only), "cpu",
-                                local_files_only=local_only)
-            res = rerank([Query(id="q", text=req.query)], {"q": cands}, texts, enc,
-                         top_k_candidates=len(cands), top_k=req.top_k, batch=BatchPlan(32))
-            cands = res.results["q"]
-            reranked = True
-        except ModelUnavailableError as exc:
-            warnings.append(f"rerank skipped: {exc}")
-    hits = _hydrate(root, req.collection, cands[: req.top_k], service)
+                warnings.append(f"rerank skipped: {exc}")
+        top = cands[: req.top_k]
+        payloads = store.payloads(req.collection, [point_id(req.collection, c.id) for c in top])
+    finally:
+        if own_store:
+            store.close()
+    by_chunk = {p.get("chunk_id"): p for p in payloads.values()}
+    hits = [SearchHit(id=c.id, score=c.score, text_preview=by_chunk.get(c.id, {}).get("text_preview", ""),
+                      metadata=by_chunk.get(c.id, {}).get("metadata", {})) for c in top]
     return SearchResponse(collection=req.collection, fusion=fusion, reranked=reranked,
                           rerank_model=rerank_model if reranked else None, warnings=warnings, hits=hits)
 
 
+def open_service_store(root: Path) -> VectorStore:
+    """The store a reader uses: the Qdrant server of ``QDRANT_URL``, else the Edge shards under ``root``."""
+    service = ServiceSettings()
+    api_key = service.qdrant_api_key.get_secret_value() if service.qdrant_api_key else None
+    return open_store(root, url=service.qdrant_url, api_key=api_key, timeout_s=service.qdrant_timeout_s)
+
+
+class ErrorResponse(BaseModel):
+    """Why a request failed."""
+
+    detail: str
+
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    404: {"model": ErrorResponse, "description": "No collection (no processing summary) by that name."},
+    409: {"model": ErrorResponse, "description": "The collection's summary is invalid or its run produced no "
+                                                 "dense vectors; re-run the pipeline."},
+    503: {"model": ErrorResponse, "description": "No published index exists for the collection (never indexed, "
+                                                 "its index stage failed, or it was written by an older version)."},
+}
+
 
 def create_app(output_dir: str | Path | None = None) -> FastAPI:
-    """Build the app over ``output_dir`` (default: ``EMBEDDER_OUTPUT_DIR``)."""
+    """Build the app over ``output_dir`` (default: ``EMBEDDER_OUTPUT_DIR``).
+
+    The app opens one store per process at start-up and shares it across
+    requests and threads; the Edge store notices a newer published index by
+    itself, so a run that re-indexes never disturbs a request.
+    """
     root = Path(output_dir or EmbedderSettings().output_dir)
-    app = FastAPI(title="embedder search", version="0.1.0")
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        app.state.store = open_service_store(root)
+        try:
+            yield
+        finally:
+            app.state.store.close()
+
+    app = FastAPI(title="embedder search", version="0.1.0", lifespan=lifespan)
 
     @app.get("/healthz")
     def healthz() -> dict[str, Any]:
         collections = sorted(p.parent.name for p in root.glob("*/processing_summary.json"))
         return {"status": "ok", "output_dir": str(root), "collections": collections}
 
-    @app.get("/runs/{run_id}/summary", response_model=RunSummaries)
+    @app.get("/runs/{run_id}/summary", response_model=RunSummaries,
+             responses={404: {"model": ErrorResponse, "description": "No collection summary carries that run id."}})
     def run_summary(run_id: uuid.UUID) -> RunSummaries:
         found = []
         for path in sorted(root.glob("*/processing_summary.json")):
@@ -174,32 +234,19 @@ def create_app(output_dir: str | Path | None = None) -> FastAPI:
             raise HTTPException(status_code=404, detail=f"no summary for run {run_id}")
         return RunSummaries(run_id=run_id, summaries=found)
 
-    @app.post("/search", response_model=SearchResponse)
-    def search(req: SearchRequest) -> SearchResponse:
+    @app.post("/search", response_model=SearchResponse, responses=_ERRORS)
+    def search(req: SearchRequest, request: Request) -> SearchResponse:
+        store = getattr(request.app.state, "store", None)
         try:
-            return search_collection(root, req)
+            return search_collection(root, req, store)
         except UnknownCollectionError as exc:
             raise HTTPException(status_code=404, detail=str(exc)) from exc
-        except UnsafeNameError as exc:
-            raise HTTPException(status_code=422, detail=str(exc)) from exc
+        except IndexNotFoundError as exc:
+            raise HTTPException(status_code=503, detail=str(exc)) from exc
         except (SummaryValidationError, StageError) as exc:
             raise HTTPException(status_code=409, detail=str(exc)) from exc
 
     return app
-
-
-def _hydrate(root: Path, collection: str, cands: list, service: ServiceSettings) -> list[SearchHit]:
-    from embedder.io.qdrant import open_client, point_id
-
-    if not cands:
-        return []
-    api_key = service.qdrant_api_key.get_secret_value() if service.qdrant_api_key else None
-    with open_client(path=None if service.qdrant_url else qdrant_location_for(root, collection, None),
-                     url=service.qdrant_url, api_key=api_key) as client:
-        recs = client.retrieve(collection, ids=[point_id(collection, c.id) for c in cands], with_payload=True)
-    payloads = {r.payload["chunk_id"]: r.payload for r in recs}
-    return [SearchHit(id=c.id, score=c.score, text_preview=payloads.get(c.id, {}).get("text_preview", ""),
-                      metadata=payloads.get(c.id, {}).get("metadata", {})) for c in cands]
 
 
 app = create_app()

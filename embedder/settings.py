@@ -106,6 +106,13 @@ class RunConfig(BaseModel):
     local_files_only: bool = Field(False, description="Never contact a model hub.")
     force_cpu: bool = False
     max_chunk_chars: int = Field(32_768, ge=64, description="Longer chunks are truncated with a warning.")
+    index_batch_size: int = Field(
+        512, ge=1, le=100_000, description="Points per upsert (bench/index.py measures the choice)."
+    )
+    index_hnsw_min_points: int = Field(
+        100_000, ge=1, description="Qdrant Edge builds an HNSW graph at or above this many points, else searches "
+        "exactly (bench/index.py: exact hybrid queries stay near 15 ms at 100k points).",
+    )
     sources: dict[str, SettingSource] = Field(
         default_factory=dict, description="Where each setting came from (filled in by resolve_run_config)."
     )
@@ -151,6 +158,8 @@ class EmbedderSettings(BaseSettings):
     local_files_only: bool = False
     force_cpu: bool = False
     max_chunk_chars: int = 32_768
+    index_batch_size: int = 512
+    index_hnsw_min_points: int = 100_000
 
 
 class ServiceSettings(BaseSettings):

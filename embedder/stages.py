@@ -20,7 +20,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field
 
 import embedder
-from embedder.errors import ModelUnavailableError, StageError, VectorIndexError
+from embedder.errors import ModelUnavailableError, StageError
 from embedder.fusion import DenseIndex, SparseIndex, fuse_dbsf, fuse_rrf, retrieve_candidates
 from embedder.gpu import apply_memory_ceiling, resolve_device
 from embedder.io.atomic import file_digest
@@ -247,71 +247,97 @@ def _read_sparse(ref: StageRef) -> tuple[list[str], list[SparseVector | None]]:
 
 
 class IndexResult(BaseModel):
-    """What the Qdrant upsert did."""
+    """What the index stage did, as ``index_run`` reports it."""
 
     status: Status
-    backend: str = "qdrant"
+    backend: str = "edge"
     location: str = ""
     collection: str = ""
     points_count: int = 0
     upserted: int = 0
     latency_ms: float = 0.0
+    points_per_s: float = 0.0
+    batch_size: int = 0
+    search_mode: str | None = Field(None, description="exact (brute force), hnsw (graph built) or server.")
+    hnsw_build_s: float = 0.0
+    build_id: str | None = None
+    warnings: list[str] = Field(default_factory=list)
     reason: str | None = None
-
-
-def qdrant_location(config: RunConfig, collection: str, url: str | None) -> str:
-    """The server URL, or the local-mode path under the collection's output dir."""
-    from embedder.io.qdrant import qdrant_location_for
-
-    return qdrant_location_for(Path(config.output_dir), collection, url)
 
 
 POINT_BATCH = 256
 
 
-def iter_collection_points(config: RunConfig, collection: str, chunks: StageRef, dense: DenseStageResult,
-                           sparse: SparseStageResult, batch: int = POINT_BATCH) -> Iterator[list[dict[str, Any]]]:
-    """The Qdrant points of a collection in batches (shared by the index and the qdrant.jsonl export).
-
-    Points are built a batch at a time: a point holds its vector as Python floats,
-    so building all of them at once would cost ~30x the vectors' array size.
-    """
-    from embedder.io.qdrant import build_points
-
+def _load_point_inputs(chunks: StageRef, dense: DenseStageResult,
+                       sparse: SparseStageResult) -> tuple[list[Any], Any, dict[str, list[SparseVector | None]]]:
     items = read_chunks(chunks.path)
     ids, vectors = read_dense_parquet(dense.vectors.path)
     if ids != [c.id for c in items]:
         raise StageError("dense vectors do not line up with the chunk table; re-run the dense stage")
     sparse_map = {o.vector_name: _read_sparse(o.vectors)[1] for o in sparse.outputs}
+    return items, vectors, sparse_map
+
+
+def iter_collection_points(config: RunConfig, collection: str, chunks: StageRef, dense: DenseStageResult,
+                           sparse: SparseStageResult, batch: int = POINT_BATCH) -> Iterator[list[dict[str, Any]]]:
+    """The ``qdrant.jsonl`` export rows of a collection, in batches.
+
+    Rows are built a batch at a time: a row holds its vector as Python floats,
+    so building all of them at once would cost ~30x the vectors' array size.
+    """
+    from embedder.io.qdrant import build_points
+
+    items, vectors, sparse_map = _load_point_inputs(chunks, dense, sparse)
     for start in range(0, len(items), batch):
         yield build_points(collection, items, vectors, sparse_map, start=start, stop=start + batch)
 
 
+def index_layout(dense: DenseStageResult, sparse: SparseStageResult) -> Any:
+    """The index layout: the dense dimension, and per sparse model its vector name and IDF flag (registry)."""
+    from embedder.io.store import IndexLayout
+
+    return IndexLayout(dense.dim, tuple((o.vector_name, get_spec(o.model_name, "sparse").requires_idf)
+                                        for o in sparse.outputs))
+
+
 def index_stage(config: RunConfig, collection: str, chunks: StageRef, dense: DenseStageResult,
-                sparse: SparseStageResult, *, url: str | None = None, api_key: str | None = None,
-                timeout_s: float = 30.0) -> IndexResult:
-    """Create the collection if needed and upsert every chunk as a point.
+                sparse: SparseStageResult, store: Any) -> IndexResult:
+    """Build the collection's index in ``store`` from the stage outputs and publish it.
+
+    On Qdrant Edge every run builds a fresh shard and publishes it atomically, so
+    readers keep the old index until the new one is complete. On a server the
+    points are upserted into the collection.
+
+    Args:
+        store: A :class:`embedder.io.store.VectorStore`.
 
     Raises:
-        VectorIndexError: When Qdrant cannot be reached or rejects the write.
+        VectorIndexError: When the store cannot be reached or rejects the write.
     """
-    from embedder.io.qdrant import count_points, ensure_collection, open_client, upsert_points
+    from embedder.io.edge_store import legacy_index_note
+    from embedder.io.qdrant import point_batch
 
     t0 = time.perf_counter()
-    location = qdrant_location(config, collection, url)
+    warnings = []
+    if store.backend == "edge" and (note := legacy_index_note(config.output_dir, collection)):
+        warnings.append(note)
+    items, vectors, sparse_map = _load_point_inputs(chunks, dense, sparse)
+    writer = store.writer(collection, index_layout(dense, sparse), expected_points=len(items))
     upserted = 0
     try:
-        with open_client(path=None if url else location, url=url, api_key=api_key, timeout_s=timeout_s) as client:
-            ensure_collection(client, collection, dense.dim, [o.vector_name for o in sparse.outputs])
-            for points in iter_collection_points(config, collection, chunks, dense, sparse):
-                upserted += upsert_points(client, collection, points)
-            count = count_points(client, collection)
-    except VectorIndexError:
+        for start in range(0, len(items), config.index_batch_size):
+            upserted += writer.upsert(point_batch(collection, items, vectors, sparse_map, start=start,
+                                                  stop=start + config.index_batch_size))
+        published = writer.publish()
+    except BaseException:
+        writer.abort()
         raise
-    except Exception as exc:
-        raise VectorIndexError(f"Qdrant at {location} failed: {type(exc).__name__}: {exc}") from exc
-    return IndexResult(status="executed", location=location, collection=collection, points_count=count,
-                       upserted=upserted, latency_ms=(time.perf_counter() - t0) * 1000)
+    elapsed = time.perf_counter() - t0
+    return IndexResult(status="executed", backend=published.backend, location=published.location,
+                       collection=collection, points_count=published.points_count, upserted=upserted,
+                       latency_ms=elapsed * 1000, points_per_s=upserted / elapsed if elapsed > 0 else 0.0,
+                       batch_size=config.index_batch_size, search_mode=published.search_mode,
+                       hnsw_build_s=published.hnsw_build_s, build_id=published.build_id, warnings=warnings)
 
 
 # --- fusion -----------------------------------------------------------------------------------
@@ -343,7 +369,7 @@ def fuse_stage(config: RunConfig, collection: str, dense: DenseStageResult, spar
     sparse_queries: list[dict[str, SparseVector]] = []
     for out in sparse.outputs:
         sids, svecs = _read_sparse(out.vectors)
-        sparse_indexes.append(SparseIndex(sids, svecs))
+        sparse_indexes.append(SparseIndex(sids, svecs, use_idf=get_spec(out.model_name, "sparse").requires_idf))
         sparse_queries.append({r["id"]: SparseVector(**r["sparse_vector"])
                                for r in read_jsonl_records(out.query_vectors.path)} if out.query_vectors else {})
     rows = []

@@ -283,10 +283,11 @@ def render_summary_lines(summary: ProcessingSummary) -> list[str]:
             line += f": {r.reason}"
         lines.append(line)
     if s.index_run:
-        lines.append(
-            f"Index: {s.index_run.get('backend', 'qdrant')} {s.index_run.get('location', '')} "
-            f"points={s.index_run.get('points_count', '?')} [{s.index_run.get('status', '?')}]"
-        )
+        ir = s.index_run
+        line = f"Index: {ir.get('backend', 'qdrant')} {ir.get('location', '')} points={ir.get('points_count', '?')}"
+        if ir.get("points_per_s"):
+            line += f", {ir['points_per_s']:.0f} points/s, {ir.get('search_mode') or '?'} search"
+        lines.append(f"{line} [{ir.get('status', '?')}]")
     if s.quality:
         for name, metrics in s.quality.items():
             figures = ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k != "queries")

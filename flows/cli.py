@@ -136,12 +136,17 @@ def search(
     no_rerank: Annotated[bool, typer.Option("--no-rerank", help="Skip the CrossEncoder pass.")] = False,
     json_output: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
-    """Hybrid search (dense + sparse, fused in Qdrant) over a collection a run wrote, then rerank."""
+    """Hybrid search (dense + sparse, fused by the index engine) over a collection a run wrote, then rerank."""
+    from pydantic import ValidationError
+
     from embedder.service import SearchRequest, search_collection
 
     try:
-        resp = search_collection(output_dir, SearchRequest(collection=collection, query=query, top_k=top_k,
-                                                           rerank=not no_rerank))
+        req = SearchRequest(collection=collection, query=query, top_k=top_k, rerank=not no_rerank)
+    except ValidationError as exc:
+        _fail("; ".join(e["msg"] for e in exc.errors()), 2)
+    try:
+        resp = search_collection(output_dir, req)
     except EmbedderError as exc:
         _fail(str(exc))
     if json_output:

@@ -19,6 +19,7 @@ from prefect.context import TaskRunContext
 from embedder import stages as st
 from embedder.errors import EmbedderError, ModelUnavailableError
 from embedder.io.load import LoadResult
+from embedder.schemas import StageTelemetry
 from embedder.settings import CollectionInput, RunConfig, ServiceSettings
 from tasks.lease import gpu_lease
 from tasks.telemetry import ProgressReporter, publish_stage
@@ -83,18 +84,33 @@ def sparse_infer_task(config: RunConfig, collection: str, chunks: Any, run_id: u
     return result
 
 
+def open_run_store(config: RunConfig) -> Any:
+    """The run's vector store: a Qdrant server when ``QDRANT_URL`` is set, else Qdrant Edge under the output dir.
+
+    The URL and API key are read here from the environment, never passed as
+    parameters: Prefect stores parameters, and the key is a secret.
+    """
+    from embedder.io.store import open_store
+
+    service = ServiceSettings()
+    api_key = service.qdrant_api_key.get_secret_value() if service.qdrant_api_key else None
+    return open_store(config.output_dir, url=service.qdrant_url, api_key=api_key, timeout_s=service.qdrant_timeout_s,
+                      hnsw_min_points=config.index_hnsw_min_points)
+
+
 @task(name="qdrant-index", retries=3, retry_delay_seconds=[1, 4, 10], retry_condition_fn=_transient, **_PERSIST)
 def index_task(config: RunConfig, collection: str, chunks: Any, dense: st.DenseStageResult,
                sparse: st.SparseStageResult) -> st.IndexResult:
-    """Prefect wrapper for `embedder.stages.index_stage`; I/O, so retried with backoff.
-
-    The Qdrant URL and API key are read here from the environment, never passed as
-    parameters: Prefect stores parameters, and the key is a secret.
-    """
-    service = ServiceSettings()
-    api_key = service.qdrant_api_key.get_secret_value() if service.qdrant_api_key else None
-    return st.index_stage(config, collection, chunks, dense, sparse, url=service.qdrant_url, api_key=api_key,
-                          timeout_s=service.qdrant_timeout_s)
+    """Prefect wrapper for `embedder.stages.index_stage`; I/O, so retried with backoff."""
+    store = open_run_store(config)
+    try:
+        result = st.index_stage(config, collection, chunks, dense, sparse, store)
+    finally:
+        store.close()
+    publish_stage(collection, StageTelemetry(stage="index", items=result.upserted, latency_ms=result.latency_ms,
+                                             items_per_s=result.points_per_s, batch_size=result.batch_size,
+                                             warnings=result.warnings))
+    return result
 
 
 @task(name="fuse", cache_key_fn=_keyed(lambda p: st.fuse_key(p["config"], p["dense"], p["sparse"])), **_PERSIST)

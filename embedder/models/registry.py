@@ -31,6 +31,8 @@ class ModelSpec:
         license: SPDX-style licence of the weights.
         preferred_device: ``cuda`` when it benefits from a GPU, else ``cpu``.
         pip_hint: How to install a packaged model.
+        requires_idf: Sparse models whose document weights are term frequencies (BM25) need the
+            index to apply IDF; learned weights (SPLADE) must not get it.
     """
 
     name: str
@@ -43,6 +45,7 @@ class ModelSpec:
     license: str = "unknown"
     preferred_device: Literal["cuda", "cpu"] = "cuda"
     pip_hint: str | None = None
+    requires_idf: bool = False
 
 
 DENSE_MODELS: dict[str, ModelSpec] = {
@@ -66,7 +69,7 @@ SPARSE_MODELS: dict[str, ModelSpec] = {
     s.name: s
     for s in (
         ModelSpec("qdrant-bm25", "sparse-bm25", "bundled", "bm25", vocab_size=0, max_length=0,
-                  license="apache-2.0", preferred_device="cpu"),
+                  license="apache-2.0", preferred_device="cpu", requires_idf=True),
         ModelSpec("splade", "sparse-splade", "hf", "prithivida/Splade_PP_en_v1", vocab_size=30522, max_length=512,
                   license="apache-2.0", preferred_device="cpu"),
         ModelSpec("splade-tiny", "sparse-splade", "package", "cognition:model", vocab_size=30522, max_length=512,

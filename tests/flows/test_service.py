@@ -1,31 +1,57 @@
-"""The FastAPI search service over a real run's local-mode Qdrant."""
+"""The FastAPI search service over a real run's Qdrant Edge index: in-process, then as real server processes."""
 
 from __future__ import annotations
 
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
 import pytest
+import schemathesis
 from fastapi.testclient import TestClient
+from hypothesis import HealthCheck, given, settings
+
+from tests.conftest import REPO, SAMPLE_DIR, SAMPLE_QRELS, SAMPLE_QUERIES, free_port
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 
 
-@pytest.fixture
-def served(sample_config, tiny_cross_encoder):
-    from embedder.service import create_app
+@pytest.fixture(scope="module")
+def run_output(tmp_path_factory: pytest.TempPathFactory, _tiny_ce_master: Path, prefect_harness):
+    """One real run of the sample collection (with the tiny trained CrossEncoder) shared by the module."""
+    from embedder.settings import CollectionInput, RunConfig
     from flows.embed_collections import embed_collections
 
-    cfg = sample_config.model_copy(update={"rerank_model": str(tiny_cross_encoder)})
+    cfg = RunConfig(collections=[CollectionInput(name="sample", path=str(SAMPLE_DIR))],
+                    queries_path=str(SAMPLE_QUERIES), qrels_path=str(SAMPLE_QRELS),
+                    output_dir=str(tmp_path_factory.mktemp("service") / "out"), local_files_only=True,
+                    rerank_model=str(_tiny_ce_master))
     [summary] = embed_collections(cfg)
-    return TestClient(create_app(cfg.output_dir)), summary
+    return cfg, summary
 
 
-def test_healthz_lists_collections(served):
-    client, _ = served
+@pytest.fixture
+def client(run_output) -> Iterator[TestClient]:
+    from embedder.service import create_app
+
+    cfg, _ = run_output
+    with TestClient(create_app(cfg.output_dir)) as c:  # `with` runs the lifespan: one store per app
+        yield c
+
+
+def test_healthz_lists_collections(client):
     r = client.get("/healthz")
     assert r.status_code == 200 and r.json()["collections"] == ["sample"]
 
 
-def test_search_hybrid_then_rerank(served):
-    client, _ = served
+def test_search_hybrid_then_rerank(client):
     r = client.post("/search", json={"collection": "sample", "query": "what makes sourdough taste sour",
                                      "top_k": 3, "rerank": False})
     assert r.status_code == 200, r.text
@@ -40,25 +66,140 @@ def test_search_hybrid_then_rerank(served):
     assert scores == sorted(scores, reverse=True)
 
 
-def test_bad_input_is_422_naming_the_field(served):
-    client, _ = served
+def test_bad_input_is_422_naming_the_field(client):
     r = client.post("/search", json={"collection": "sample", "query": "x", "top_k": 0})
     assert r.status_code == 422 and r.json()["detail"][0]["loc"][-1] == "top_k"
-    r = client.post("/search", json={"collection": "../etc", "query": "x"})
-    assert r.status_code == 422 and r.json()["detail"][0]["loc"][-1] == "collection"
+    for name in ("../etc", "a..b"):
+        r = client.post("/search", json={"collection": name, "query": "x"})
+        assert r.status_code == 422 and r.json()["detail"][0]["loc"][-1] == "collection", name
 
 
-def test_unknown_collection_is_404(served):
-    client, _ = served
+def test_unknown_collection_is_404(client):
     r = client.post("/search", json={"collection": "nope", "query": "anything"})
     assert r.status_code == 404 and "unknown collection" in r.json()["detail"]
 
 
-def test_run_summary_by_run_id(served):
-    client, summary = served
+def test_no_published_index_is_503_with_the_reason(run_output, tmp_path):
+    from embedder.service import create_app
+
+    cfg, _ = run_output
+    copy = tmp_path / "out"
+    shutil.copytree(cfg.output_dir, copy)
+    shutil.rmtree(copy / "sample" / "index")
+    with TestClient(create_app(copy)) as c:
+        r = c.post("/search", json={"collection": "sample", "query": "bees"})
+        assert r.status_code == 503 and "no index has been published" in r.json()["detail"]
+        (copy / "sample" / "qdrant").mkdir()  # an output dir written by the local-mode version
+        r = c.post("/search", json={"collection": "sample", "query": "bees"})
+        assert r.status_code == 503 and "written by an earlier version" in r.json()["detail"]
+
+
+def test_run_summary_by_run_id(client, run_output):
+    _, summary = run_output
     r = client.get(f"/runs/{summary.run_id}/summary")
     assert r.status_code == 200
     [s] = r.json()["summaries"]
     assert s["schema_version"] == "v4.1" and s["collection"] == "sample"
     assert client.get("/runs/00000000-0000-0000-0000-000000000000/summary").status_code == 404
     assert client.get("/runs/not-a-uuid/summary").status_code == 422
+
+
+def test_openapi_declares_every_status_the_routes_return(client):
+    paths = client.get("/openapi.json").json()["paths"]
+    assert set(paths["/search"]["post"]["responses"]) == {"200", "404", "409", "422", "503"}
+    assert set(paths["/runs/{run_id}/summary"]["get"]["responses"]) == {"200", "404", "422"}
+
+
+# --- real server processes ---------------------------------------------------------------------
+
+
+def _start_service(output_dir: str, log: Path) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    env = {**os.environ, "EMBEDDER_OUTPUT_DIR": output_dir, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "embedder.service:app", "--host", "127.0.0.1",
+                             "--port", str(port)], cwd=REPO, env=env, stdout=open(log, "w"),
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(log.read_text())
+        try:
+            if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            time.sleep(0.3)
+    raise RuntimeError(f"service did not start: {log.read_text()[-2000:]}")
+
+
+@pytest.fixture(scope="module")
+def two_services(run_output, tmp_path_factory) -> Iterator[list[str]]:
+    """Two uvicorn processes serving the same output dir."""
+    cfg, _ = run_output
+    logs = tmp_path_factory.mktemp("service-logs")
+    procs = []
+    try:
+        for i in range(2):
+            procs.append(_start_service(cfg.output_dir, logs / f"service-{i}.log"))
+        yield [url for _, url in procs]
+    finally:
+        for proc, _ in procs:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=30)
+
+
+QUERIES = ["sourdough sour taste", "how do bees make honey", "volcano eruption", "espresso extraction",
+           "photosynthesis light reactions", "chess openings", "GPU memory", "tides and the moon"]
+
+
+def _search(url: str, i: int) -> int:
+    r = httpx.post(f"{url}/search", json={"collection": "sample", "query": QUERIES[i % len(QUERIES)],
+                                          "top_k": 5, "rerank": i % 2 == 0}, timeout=120)
+    return r.status_code
+
+
+@pytest.mark.slow
+def test_fifty_concurrent_searches_on_two_processes_all_succeed(two_services):
+    with ThreadPoolExecutor(50) as pool:
+        codes = list(pool.map(lambda i: _search(two_services[i % 2], i), range(50)))
+    assert codes == [200] * 50
+
+
+@pytest.mark.slow
+def test_searches_succeed_while_a_second_run_reindexes(two_services, run_output):
+    from embedder.io.edge_store import EdgeStore
+    from flows.embed_collections import embed_collections
+
+    cfg, _ = run_output
+    before = EdgeStore(cfg.output_dir).status("sample").build_id
+    with ThreadPoolExecutor(9) as pool:
+        rerun = pool.submit(embed_collections, cfg)
+        codes: list[int] = []
+        i = 0
+        while not rerun.done() or i < 40:
+            codes.extend(pool.map(lambda j: _search(two_services[j % 2], j), range(i, i + 8)))
+            i += 8
+        [summary] = rerun.result()
+    after = EdgeStore(cfg.output_dir).status("sample").build_id
+    assert summary.index_run["status"] == "executed" and after != before  # a new shard was published
+    assert codes == [200] * len(codes) and len(codes) >= 40
+    assert _search(two_services[0], 1) == 200 and _search(two_services[1], 1) == 200  # both follow the switch
+
+
+@pytest.mark.slow
+def test_the_service_conforms_to_its_openapi_document(two_services):
+    """Schemathesis against the running service: every response's status and body must match the spec.
+
+    Driven through the programmatic API (its pytest plugin does not load under pytest 9).
+    """
+    schema = schemathesis.openapi.from_url(f"{two_services[0]}/openapi.json")
+    operations = [result.ok() for result in schema.get_all_operations()]
+    assert {f"{op.method.upper()} {op.path}" for op in operations} >= {"POST /search", "GET /runs/{run_id}/summary",
+                                                                       "GET /healthz"}
+    for op in operations:
+        @given(case=op.as_strategy())
+        @settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+        def check(case) -> None:
+            case.call_and_validate()
+
+        check()

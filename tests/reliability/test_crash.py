@@ -44,7 +44,7 @@ def _env(home: Path) -> dict[str, str]:
 
 
 def test_sigkill_during_rerank_then_rerun_resumes_identically(tmp_path, tiny_cross_encoder):
-    from embedder.io.qdrant import open_client
+    from embedder.io.edge_store import EdgeStore
 
     home, out = tmp_path / "home", tmp_path / "out"
     log_path = tmp_path / "crash.log"
@@ -76,8 +76,8 @@ def test_sigkill_during_rerank_then_rerun_resumes_identically(tmp_path, tiny_cro
     assert clean.returncode == 0, clean.stderr[-3000:]
     for name in EXPORTS:
         assert (out / "crash" / name).read_bytes() == (ref / "crash" / name).read_bytes(), name
-    with open_client(path=out / "crash" / "qdrant") as client:
-        assert client.count("crash", exact=True).count == 50  # equal, not doubled
+    status = EdgeStore(out).status("crash")
+    assert status.exists and status.points_count == 50  # equal, not doubled
 
 
 WRITE_THEN_CRASH = """

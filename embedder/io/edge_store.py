@@ -1,0 +1,327 @@
+"""Qdrant Edge backend: immutable shards under the output dir, published by an atomic pointer switch.
+
+Layout, per collection::
+
+    <output_dir>/<collection>/index/
+        CURRENT.json              the published shard's id, layout and counts (replaced atomically)
+        shards/<build-id>/        one Edge shard per build; never modified once published
+        shards/<build-id>.building  present while a process builds that shard (pid, host)
+
+Shards are created with the write-ahead log off: a shard with a WAL cannot be
+opened by a second process (``Can't init WAL: WouldBlock``), while a flushed
+WAL-less shard is opened and queried by any number of processes at once. So a
+writer never touches a published shard; it builds a new one, flushes it and
+switches ``CURRENT.json``. Readers open the published shard once per process,
+share the handle across threads and notice a newer one on their next query.
+
+This is the only module that imports ``qdrant_edge`` (pinned exactly: the API
+is beta and moved between 0.6 and 0.9).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from embedder.errors import IndexNotFoundError, VectorIndexError
+from embedder.io.atomic import atomic_write_text
+from embedder.io.qdrant import DENSE_VECTOR
+from embedder.io.store import HybridQuery, IndexLayout, IndexStatus, PointBatch, PublishedIndex
+from embedder.schemas import ScoredCandidate, SparseVector
+
+MANIFEST = "CURRENT.json"
+SHARDS = "shards"
+FORMAT = 1
+# Exact search stays near 15 ms per hybrid query at 100k points on 2 cores, while an HNSW
+# build there costs minutes (bench/index.py): below this, search exactly and skip the build.
+DEFAULT_HNSW_MIN_POINTS = 100_000
+# Segments above this size (KB) get an HNSW graph when optimize() runs; 0 disables indexing
+# during the bulk load, so upserts never pay for graph maintenance.
+_HNSW_INDEXING_THRESHOLD_KB = 1
+
+
+def index_root(output_dir: str | Path, collection: str) -> Path:
+    """``<output_dir>/<collection>/index``: the collection's published shard and its builds."""
+    return Path(output_dir) / collection / "index"
+
+
+def legacy_index_dir(output_dir: str | Path, collection: str) -> Path | None:
+    """The Qdrant local-mode folder an earlier version wrote (``<collection>/qdrant``), if present."""
+    path = Path(output_dir) / collection / "qdrant"
+    return path if path.is_dir() else None
+
+
+def legacy_index_note(output_dir: str | Path, collection: str) -> str | None:
+    """What to tell a user whose output dir holds an index from an earlier version, or None."""
+    old = legacy_index_dir(output_dir, collection)
+    if old is None:
+        return None
+    return (f"{old} holds a Qdrant local-mode index written by an earlier version; it is no longer read. "
+            f"The next run (or this one) re-indexes {collection!r} into Qdrant Edge at "
+            f"{index_root(output_dir, collection)}; delete {old} to reclaim its space")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _edge() -> Any:
+    try:
+        import qdrant_edge
+    except ImportError as exc:  # pragma: no cover - a dependency of the package
+        raise VectorIndexError("qdrant-edge-py is not installed; pip install 'qdrant-edge-py==0.9.0'") from exc
+    return qdrant_edge
+
+
+def _config(layout: IndexLayout, *, indexing_threshold_kb: int) -> Any:
+    qe = _edge()
+    return qe.EdgeConfig(
+        vectors={DENSE_VECTOR: qe.EdgeVectorParams(size=layout.dense_dim, distance=qe.Distance.Cosine)},
+        sparse_vectors={name: qe.EdgeSparseVectorParams(modifier=qe.Modifier.Idf if idf else None)
+                        for name, idf in layout.sparse},
+        optimizers=qe.EdgeOptimizersConfig(indexing_threshold=indexing_threshold_kb),
+        wal_enabled=False,
+    )
+
+
+def _edge_sparse(vec: SparseVector) -> Any:
+    return _edge().SparseVector(list(vec.indices), [float(v) for v in vec.values])
+
+
+def to_edge_request(query: HybridQuery, payload_fields: Sequence[str] = ("chunk_id",)) -> Any | None:
+    """The Edge ``QueryRequest`` for a :class:`HybridQuery` (None when it searches no list)."""
+    qe = _edge()
+    lists = query.lists()
+    if not lists:
+        return None
+    params = qe.SearchParams(exact=True) if query.exact else None
+
+    def nearest(name: str, vec: Any) -> Any:
+        value = _edge_sparse(vec) if isinstance(vec, SparseVector) else vec.tolist()
+        return qe.Query.Nearest(value, using=name)
+
+    if len(lists) == 1:
+        return qe.QueryRequest(limit=query.limit, query=nearest(*lists[0]), params=params,
+                               with_payload=list(payload_fields))
+    prefetches = [qe.Prefetch(limit=query.prefetch_limit, query=nearest(n, v), params=params) for n, v in lists]
+    # Qdrant scores RRF as 1 / (k + position) with 0-based positions; embedder.fusion uses the
+    # standard 1 / (k + rank) with 1-based ranks. k + 1 makes the two agree exactly.
+    fusion = (qe.Fusion.Rrf(k=query.k + 1, weights=list(query.weights) if query.weights else None)
+              if query.fusion == "rrf" else qe.Fusion.Dbsf())
+    return qe.QueryRequest(limit=query.limit, prefetches=prefetches, query=fusion, with_payload=list(payload_fields))
+
+
+class EdgeIndexWriter:
+    """Builds one new shard; :meth:`publish` switches the collection's pointer to it."""
+
+    def __init__(self, store: EdgeStore, collection: str, layout: IndexLayout) -> None:
+        self.store = store
+        self.collection = collection
+        self.layout = layout
+        self.root = index_root(store.root, collection)
+        shards = self.root / SHARDS
+        shards.mkdir(parents=True, exist_ok=True)
+        self.build_id = f"{datetime.now(UTC):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}"
+        self.path = shards / self.build_id
+        # The marker exists before the shard does, so a concurrent publisher's clean-up never
+        # mistakes this build for an abandoned one.
+        self.marker = shards / f"{self.build_id}.building"
+        self.marker.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                           "started_at": time.time()}), encoding="utf-8")
+        try:
+            self._shard: Any = _edge().EdgeShard.create(str(self.path), _config(layout, indexing_threshold_kb=0))
+        except Exception as exc:
+            self.marker.unlink(missing_ok=True)
+            raise VectorIndexError(f"cannot create a Qdrant Edge shard at {self.path}: {exc}") from exc
+        self._done = False
+
+    def upsert(self, batch: PointBatch) -> int:
+        """Write a batch of points into the unpublished shard."""
+        qe = _edge()
+        points = []
+        for i, pid in enumerate(batch.point_ids):
+            vector: dict[str, Any] = {DENSE_VECTOR: batch.dense[i]}
+            for name, vecs in batch.sparse.items():
+                v = vecs[i]
+                if v is not None and v.nnz:
+                    vector[name] = _edge_sparse(v)
+            points.append(qe.Point(pid, vector, batch.payloads[i]))
+        try:
+            self._shard.update(qe.UpdateOperation.upsert_points(points))
+        except Exception as exc:
+            raise VectorIndexError(f"Qdrant Edge rejected a batch for {self.collection!r}: {exc}") from exc
+        return len(points)
+
+    def publish(self) -> PublishedIndex:
+        """Flush, build HNSW when the shard is big enough, then switch ``CURRENT.json`` to this shard."""
+        qe = _edge()
+        self._shard.flush()
+        count = int(self._shard.count(qe.CountRequest(exact=True)))
+        mode = "exact"
+        hnsw_s = 0.0
+        if count >= self.store.hnsw_min_points:
+            self._shard.close()
+            t0 = time.perf_counter()
+            self._shard = qe.EdgeShard.load(
+                str(self.path), _config(self.layout, indexing_threshold_kb=_HNSW_INDEXING_THRESHOLD_KB))
+            self._shard.optimize()
+            self._shard.flush()
+            hnsw_s = time.perf_counter() - t0
+            mode = "hnsw"
+        self._shard.close()
+        previous = self.store.manifest(self.collection)
+        manifest = {
+            "format": FORMAT, "backend": "edge", "collection": self.collection, "shard": self.build_id,
+            "previous": previous.get("shard") if previous else None, "layout": self.layout.to_json(),
+            "points_count": count, "search_mode": mode, "hnsw_build_s": round(hnsw_s, 3),
+            "published_at": datetime.now(UTC).isoformat(),
+        }
+        atomic_write_text(self.root / MANIFEST, json.dumps(manifest, indent=2))
+        self.marker.unlink(missing_ok=True)
+        self._done = True
+        self.store.collect_garbage(self.collection)
+        return PublishedIndex(backend="edge", location=str(self.path), collection=self.collection,
+                              points_count=count, search_mode=mode, hnsw_build_s=hnsw_s, build_id=self.build_id)
+
+    def abort(self) -> None:
+        """Remove the unpublished shard; the published one is untouched."""
+        if self._done:
+            return
+        self._done = True
+        try:
+            self._shard.close()
+        except Exception:  # already closed by a failed publish
+            pass
+        shutil.rmtree(self.path, ignore_errors=True)
+        self.marker.unlink(missing_ok=True)
+
+
+class EdgeStore:
+    """Qdrant Edge shards under an output dir; one read handle per collection per process."""
+
+    backend = "edge"
+
+    def __init__(self, output_dir: str | Path, *, hnsw_min_points: int = DEFAULT_HNSW_MIN_POINTS) -> None:
+        self.root = Path(output_dir)
+        self.hnsw_min_points = hnsw_min_points
+        self._handles: dict[str, tuple[bytes, Any]] = {}
+        self._lock = threading.Lock()
+
+    def location(self, collection: str) -> str:
+        """The collection's index directory."""
+        return str(index_root(self.root, collection))
+
+    def manifest(self, collection: str) -> dict[str, Any] | None:
+        """The published manifest, or None when nothing was published."""
+        try:
+            return json.loads((index_root(self.root, collection) / MANIFEST).read_bytes())
+        except FileNotFoundError:
+            return None
+
+    def status(self, collection: str) -> IndexStatus:
+        """The published index, or the reason there is none."""
+        manifest = self.manifest(collection)
+        location = self.location(collection)
+        if manifest is None:
+            reason = legacy_index_note(self.root, collection) or (
+                f"no index has been published for collection {collection!r} under {self.root}; "
+                "run `embed-collections run` for it first")
+            return IndexStatus(exists=False, location=location, reason=reason)
+        return IndexStatus(exists=True, location=location, layout=IndexLayout.from_json(manifest["layout"]),
+                           points_count=int(manifest["points_count"]), build_id=manifest["shard"])
+
+    def writer(self, collection: str, layout: IndexLayout, *, expected_points: int = 0) -> EdgeIndexWriter:
+        """A writer for a new shard; any layout is fine, since it never shares a shard with the old one."""
+        return EdgeIndexWriter(self, collection, layout)
+
+    def _shard(self, collection: str) -> Any:
+        path = index_root(self.root, collection) / MANIFEST
+        last_error: Exception | None = None
+        for _attempt in range(3):
+            try:
+                raw = path.read_bytes()
+            except FileNotFoundError:
+                raise IndexNotFoundError(self.status(collection).reason) from None
+            with self._lock:
+                held = self._handles.get(collection)
+                if held is not None and held[0] == raw:
+                    return held[1]
+                shard_dir = path.parent / SHARDS / json.loads(raw)["shard"]
+                try:
+                    shard = _edge().EdgeShard.load(str(shard_dir))
+                except Exception as exc:
+                    # A newer publish may have cleaned this shard up between our read and load.
+                    last_error = exc
+                    continue
+                # The old handle closes when the last in-flight query using it drops it.
+                self._handles[collection] = (raw, shard)
+                return shard
+        raise VectorIndexError(f"cannot open the published Qdrant Edge shard of {collection!r}: {last_error}")
+
+    def query(self, collection: str, query: HybridQuery) -> list[ScoredCandidate]:
+        """Search the published shard."""
+        request = to_edge_request(query)
+        if request is None:
+            return []
+        points = self._shard(collection).query(request)
+        return [ScoredCandidate(id=p.payload["chunk_id"], score=float(p.score)) for p in points]
+
+    def payloads(self, collection: str, point_ids: Sequence[str]) -> dict[str, dict[str, Any]]:
+        """Payloads of the given points, keyed by point id."""
+        if not point_ids:
+            return {}
+        records = self._shard(collection).retrieve(list(point_ids), True, False)
+        return {str(r.id): dict(r.payload or {}) for r in records}
+
+    def collect_garbage(self, collection: str) -> list[str]:
+        """Delete shards that are neither published, the previous one, nor being built; return their ids.
+
+        The previous shard is kept so a reader that loaded it just before the switch
+        finishes its query; readers move to the new shard on their next query.
+        """
+        manifest = self.manifest(collection) or {}
+        keep = {manifest.get("shard"), manifest.get("previous")}
+        shards = index_root(self.root, collection) / SHARDS
+        removed = []
+        host = socket.gethostname()
+        for path in sorted(shards.iterdir()) if shards.is_dir() else []:
+            if not path.is_dir() or path.name in keep:
+                continue
+            marker = shards / f"{path.name}.building"
+            if marker.exists():
+                try:
+                    info = json.loads(marker.read_text(encoding="utf-8"))
+                except (OSError, ValueError):
+                    continue
+                if info.get("host") != host or _pid_alive(int(info.get("pid", 0))):
+                    continue  # another live process is building it (or we cannot tell: another host)
+                marker.unlink(missing_ok=True)
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path.name)
+        return removed
+
+    def close(self) -> None:
+        """Drop every read handle."""
+        with self._lock:
+            handles = [h for _, h in self._handles.values()]
+            self._handles.clear()
+        for h in handles:
+            try:
+                h.close()
+            except Exception:
+                pass

@@ -1,0 +1,179 @@
+"""Qdrant server backend through qdrant-client (``QDRANT_URL``, ``QDRANT_API_KEY``).
+
+The only module that talks to a Qdrant server. Tests drive it with a
+qdrant-client in local mode standing in for the server: the client API is the
+same, only the transport differs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from embedder.errors import IndexNotFoundError, VectorIndexError
+from embedder.io.qdrant import DENSE_VECTOR
+from embedder.io.store import HybridQuery, IndexLayout, IndexStatus, PointBatch, PublishedIndex
+from embedder.schemas import ScoredCandidate, SparseVector
+
+
+def _layout_of(info: Any) -> IndexLayout | None:
+    vectors = info.config.params.vectors
+    if not isinstance(vectors, dict) or DENSE_VECTOR not in vectors:
+        return None
+    sparse = info.config.params.sparse_vectors or {}
+    from qdrant_client import models
+
+    return IndexLayout(int(vectors[DENSE_VECTOR].size),
+                       tuple((name, p.modifier == models.Modifier.IDF) for name, p in sparse.items()))
+
+
+class ServerIndexWriter:
+    """Upserts into the server collection (created when missing)."""
+
+    def __init__(self, store: ServerStore, collection: str, layout: IndexLayout) -> None:
+        self.store = store
+        self.collection = collection
+        self.layout = layout
+        store.ensure_collection(collection, layout)
+
+    def upsert(self, batch: PointBatch) -> int:
+        """Upsert one batch with ``wait=True``."""
+        from qdrant_client import models
+
+        points = []
+        for i, pid in enumerate(batch.point_ids):
+            vector: dict[str, Any] = {DENSE_VECTOR: batch.dense[i].tolist()}
+            for name, vecs in batch.sparse.items():
+                v = vecs[i]
+                if v is not None and v.nnz:
+                    vector[name] = models.SparseVector(indices=list(v.indices), values=list(v.values))
+            points.append(models.PointStruct(id=pid, vector=vector, payload=batch.payloads[i]))
+        self.store.call(lambda c: c.upsert(collection_name=self.collection, points=points, wait=True))
+        return len(points)
+
+    def publish(self) -> PublishedIndex:
+        """Read the point count back; the server indexes on its own."""
+        count = self.store.count(self.collection)
+        return PublishedIndex(backend="server", location=self.store.url, collection=self.collection,
+                              points_count=count, search_mode="server", build_id=self.collection)
+
+    def abort(self) -> None:
+        """Server writes are live as they land; nothing to drop."""
+
+
+class ServerStore:
+    """A Qdrant server (or a qdrant-client local-mode client standing in for one in tests)."""
+
+    backend = "server"
+
+    def __init__(self, *, url: str | None = None, api_key: str | None = None, timeout_s: float = 30.0,
+                 client: Any | None = None) -> None:
+        if client is None:
+            from qdrant_client import QdrantClient
+
+            client = QdrantClient(url=url, api_key=api_key, timeout=int(timeout_s))
+        self._client = client
+        self.url = url or "qdrant-client"
+
+    def call(self, fn: Any) -> Any:
+        """Run ``fn(client)``, turning transport and server errors into :class:`VectorIndexError`."""
+        try:
+            return fn(self._client)
+        except VectorIndexError:
+            raise
+        except Exception as exc:
+            raise VectorIndexError(f"Qdrant at {self.url} failed: {type(exc).__name__}: {exc}") from exc
+
+    def location(self, collection: str) -> str:
+        """The server URL."""
+        return self.url
+
+    def status(self, collection: str) -> IndexStatus:
+        """Whether the collection exists on the server, with its layout and point count."""
+        if not self.call(lambda c: c.collection_exists(collection)):
+            return IndexStatus(exists=False, location=self.url,
+                               reason=f"collection {collection!r} does not exist on the Qdrant server at {self.url}; "
+                                      "run `embed-collections run` for it first")
+        info = self.call(lambda c: c.get_collection(collection))
+        return IndexStatus(exists=True, location=self.url, layout=_layout_of(info), points_count=self.count(collection),
+                           build_id=collection)
+
+    def ensure_collection(self, name: str, layout: IndexLayout) -> None:
+        """Create the collection with the layout, or check an existing one has it.
+
+        Raises:
+            VectorIndexError: An existing collection has another dense dimension or lacks a sparse vector.
+        """
+        from qdrant_client import models
+
+        if self.call(lambda c: c.collection_exists(name)):
+            existing = _layout_of(self.call(lambda c: c.get_collection(name)))
+            dim = existing.dense_dim if existing else None
+            if dim != layout.dense_dim:
+                raise VectorIndexError(
+                    f"Qdrant collection {name!r} has dense dim {dim}, the model gives {layout.dense_dim}; "
+                    "use another collection name or delete the old collection")
+            missing = [n for n, _ in layout.sparse if n not in dict(existing.sparse)]
+            if missing:
+                raise VectorIndexError(f"Qdrant collection {name!r} lacks sparse vectors {missing}")
+            return
+        self.call(lambda c: c.create_collection(
+            collection_name=name,
+            vectors_config={DENSE_VECTOR: models.VectorParams(size=layout.dense_dim, distance=models.Distance.COSINE)},
+            sparse_vectors_config={n: models.SparseVectorParams(modifier=models.Modifier.IDF if idf else None)
+                                   for n, idf in layout.sparse},
+        ))
+
+    def count(self, collection: str) -> int:
+        """Exact point count."""
+        return int(self.call(lambda c: c.count(collection_name=collection, exact=True)).count)
+
+    def writer(self, collection: str, layout: IndexLayout, *, expected_points: int = 0) -> ServerIndexWriter:
+        """A writer into the server collection."""
+        return ServerIndexWriter(self, collection, layout)
+
+    def query(self, collection: str, query: HybridQuery) -> list[ScoredCandidate]:
+        """The Query API: one list, or prefetches fused by RRF / DBSF on the server."""
+        from qdrant_client import models
+
+        lists = query.lists()
+        if not lists:
+            return []
+        if not self.call(lambda c: c.collection_exists(collection)):
+            raise IndexNotFoundError(self.status(collection).reason)
+        params = models.SearchParams(exact=True) if query.exact else None
+
+        def q(vec: Any) -> Any:
+            if isinstance(vec, SparseVector):
+                return models.SparseVector(indices=list(vec.indices), values=list(vec.values))
+            return vec.tolist()
+
+        if len(lists) == 1:
+            name, vec = lists[0]
+            resp = self.call(lambda c: c.query_points(collection_name=collection, query=q(vec), using=name,
+                                                      limit=query.limit, search_params=params,
+                                                      with_payload=["chunk_id"]))
+        else:
+            prefetch = [models.Prefetch(query=q(v), using=n, limit=query.prefetch_limit, params=params)
+                        for n, v in lists]
+            # Qdrant counts RRF positions from 0; embedder.fusion ranks from 1 (see edge_store).
+            fusion: Any = (models.RrfQuery(rrf=models.Rrf(k=query.k + 1,
+                                                          weights=list(query.weights) if query.weights else None))
+                           if query.fusion == "rrf" else models.FusionQuery(fusion=models.Fusion.DBSF))
+            resp = self.call(lambda c: c.query_points(collection_name=collection, prefetch=prefetch, query=fusion,
+                                                      limit=query.limit, with_payload=["chunk_id"]))
+        return [ScoredCandidate(id=p.payload["chunk_id"], score=float(p.score)) for p in resp.points]
+
+    def payloads(self, collection: str, point_ids: Sequence[str]) -> dict[str, dict[str, Any]]:
+        """Payloads of the given points, keyed by point id."""
+        if not point_ids:
+            return {}
+        recs = self.call(lambda c: c.retrieve(collection, ids=list(point_ids), with_payload=True))
+        return {str(r.id): dict(r.payload or {}) for r in recs}
+
+    def close(self) -> None:
+        """Close the client."""
+        try:
+            self._client.close()
+        except Exception:
+            pass

@@ -1,0 +1,213 @@
+"""The `VectorStore` protocol: one interface over Qdrant Edge (embedded) and a Qdrant server.
+
+Everything above this module (the index stage, ``search``, the service) talks
+to a store through these types only; the backends are
+:mod:`embedder.io.edge_store` and :mod:`embedder.io.server_store`, the only
+modules that import ``qdrant_edge`` or ``qdrant_client``.
+
+A store publishes an index per collection. Writers build a whole index through
+an :class:`IndexWriter` and make it visible with :meth:`IndexWriter.publish`;
+readers only ever see a published index.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+import numpy as np
+
+from embedder.schemas import ScoredCandidate, SparseVector
+
+SearchMode = Literal["exact", "hnsw", "server"]
+FusionMethod = Literal["rrf", "dbsf"]
+
+
+@dataclass(frozen=True)
+class IndexLayout:
+    """The vectors every point of an index carries.
+
+    Attributes:
+        dense_dim: Dimension of the named cosine dense vector.
+        sparse: ``(vector name, use IDF)`` per sparse model, in run order.
+    """
+
+    dense_dim: int
+    sparse: tuple[tuple[str, bool], ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-ready form (stored in the Edge manifest)."""
+        return {"dense_dim": self.dense_dim, "sparse": [{"name": n, "idf": idf} for n, idf in self.sparse]}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> IndexLayout:
+        """Inverse of :meth:`to_json`."""
+        return cls(int(data["dense_dim"]), tuple((str(s["name"]), bool(s["idf"])) for s in data.get("sparse", [])))
+
+
+@dataclass
+class PointBatch:
+    """A batch of points in columns: the dense rows stay one float32 array end to end.
+
+    Attributes:
+        point_ids: Qdrant point ids (UUIDv5 strings, see :func:`embedder.io.qdrant.point_id`).
+        dense: ``(n, dense_dim)`` float32 rows.
+        sparse: Vector name -> one sparse vector (or None: no vector) per point.
+        payloads: One payload per point; each holds ``chunk_id``.
+    """
+
+    point_ids: list[str]
+    dense: np.ndarray
+    sparse: dict[str, Sequence[SparseVector | None]]
+    payloads: list[dict[str, Any]]
+
+    def __len__(self) -> int:
+        return len(self.point_ids)
+
+
+@dataclass(frozen=True)
+class HybridQuery:
+    """One query: a single list (dense or one sparse vector) or several fused by the engine.
+
+    Attributes:
+        dense: The dense query vector, or None to leave the dense list out.
+        sparse: Vector name -> sparse query vector; empty vectors are left out.
+        fusion: ``rrf`` or ``dbsf`` over the lists; ignored when there is one list.
+        k: RRF k, in the standard ``1 / (k + rank)`` form with 1-based ranks.
+        weights: Optional RRF weight per list (dense first, then sparse in order).
+        prefetch_limit: Candidates per list before fusion.
+        limit: Results returned.
+        exact: Brute-force search even where an HNSW index exists (cross-checks).
+    """
+
+    dense: np.ndarray | None = None
+    sparse: Mapping[str, SparseVector] = field(default_factory=dict)
+    fusion: FusionMethod = "rrf"
+    k: int = 60
+    weights: Sequence[float] | None = None
+    prefetch_limit: int = 100
+    limit: int = 100
+    exact: bool = False
+
+    def lists(self) -> list[tuple[str, np.ndarray | SparseVector]]:
+        """``(vector name, query)`` for every list this query searches."""
+        from embedder.io.qdrant import DENSE_VECTOR
+
+        out: list[tuple[str, np.ndarray | SparseVector]] = []
+        if self.dense is not None:
+            out.append((DENSE_VECTOR, np.asarray(self.dense, dtype=np.float32)))
+        out.extend((name, vec) for name, vec in self.sparse.items() if vec.nnz)
+        return out
+
+
+@dataclass(frozen=True)
+class PublishedIndex:
+    """What a publish made visible.
+
+    Attributes:
+        backend: ``edge`` or ``server``.
+        location: The shard directory or the server URL.
+        collection: The collection name.
+        points_count: Points read back from the published index.
+        search_mode: ``exact`` (brute force), ``hnsw`` (graph built) or ``server`` (the server indexes itself).
+        hnsw_build_s: Seconds spent building the HNSW graph (0 when exact).
+        build_id: The physical index's id (the Edge shard directory name, or the server collection).
+    """
+
+    backend: str
+    location: str
+    collection: str
+    points_count: int
+    search_mode: SearchMode
+    hnsw_build_s: float = 0.0
+    build_id: str = ""
+
+
+@dataclass(frozen=True)
+class IndexStatus:
+    """What a store knows about a collection's published index."""
+
+    exists: bool
+    location: str
+    layout: IndexLayout | None = None
+    points_count: int | None = None
+    build_id: str | None = None
+    reason: str | None = None
+
+
+class IndexWriter(Protocol):
+    """Builds one index; nothing is visible to readers until :meth:`publish`."""
+
+    def upsert(self, batch: PointBatch) -> int:
+        """Write a batch; return how many points it held."""
+        ...
+
+    def publish(self) -> PublishedIndex:
+        """Finish the index (flush, HNSW where due) and make it the collection's published index."""
+        ...
+
+    def abort(self) -> None:
+        """Drop an unpublished build; the published index is untouched."""
+        ...
+
+
+class VectorStore(Protocol):
+    """A place that holds one published index per collection."""
+
+    backend: str
+
+    def location(self, collection: str) -> str:
+        """Where the collection's index lives (a directory or a URL)."""
+        ...
+
+    def status(self, collection: str) -> IndexStatus:
+        """The published index of a collection, or why there is none."""
+        ...
+
+    def writer(self, collection: str, layout: IndexLayout, *, expected_points: int) -> IndexWriter:
+        """Start building the collection's next index.
+
+        Raises:
+            VectorIndexError: The store cannot take this layout or cannot be reached.
+        """
+        ...
+
+    def query(self, collection: str, query: HybridQuery) -> list[ScoredCandidate]:
+        """Search the published index; candidates carry chunk ids, best first.
+
+        Raises:
+            IndexNotFoundError: No published index exists.
+        """
+        ...
+
+    def payloads(self, collection: str, point_ids: Sequence[str]) -> dict[str, dict[str, Any]]:
+        """Payloads of the given points (missing points are left out), keyed by point id."""
+        ...
+
+    def close(self) -> None:
+        """Release every handle the store holds."""
+        ...
+
+
+def open_store(output_dir: str | Path, *, url: str | None = None, api_key: str | None = None,
+               timeout_s: float = 30.0, hnsw_min_points: int | None = None,
+               client: Any | None = None) -> VectorStore:
+    """The store for a run or a reader: a Qdrant server when ``url`` (or ``client``) is given, else Edge.
+
+    Args:
+        output_dir: The run's output dir; Edge keeps ``<output_dir>/<collection>/index/`` there.
+        url: A Qdrant server URL (``QDRANT_URL``).
+        api_key: The server's API key (``QDRANT_API_KEY``).
+        timeout_s: Server request timeout.
+        hnsw_min_points: Edge builds an HNSW graph at or above this many points, else searches exactly.
+        client: An already constructed ``QdrantClient`` (tests use one in local mode as a stand-in).
+    """
+    if url or client is not None:
+        from embedder.io.server_store import ServerStore
+
+        return ServerStore(url=url, api_key=api_key, timeout_s=timeout_s, client=client)
+    from embedder.io.edge_store import DEFAULT_HNSW_MIN_POINTS, EdgeStore
+
+    return EdgeStore(output_dir, hnsw_min_points=hnsw_min_points or DEFAULT_HNSW_MIN_POINTS)

@@ -1,0 +1,292 @@
+"""The VectorStore protocol on real points: Qdrant Edge against qdrant-client (the oracle) and embedder.fusion.
+
+The sample collection is embedded once per module with the real MiniLM and
+BM25 models; every test then builds indexes from those stage outputs.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from embedder import stages as st
+from embedder.errors import IndexNotFoundError, VectorIndexError
+from embedder.fusion import DenseIndex, SparseIndex, fuse_dbsf, fuse_rrf
+from embedder.io.edge_store import MANIFEST, SHARDS, EdgeIndexWriter, EdgeStore, index_root
+from embedder.io.store import HybridQuery, open_store
+from embedder.io.writers import read_dense_parquet, read_jsonl_records
+from embedder.schemas import ScoredCandidate, SparseVector
+from embedder.settings import CollectionInput, RunConfig
+from tests.conftest import SAMPLE_DIR, SAMPLE_QUERIES
+
+# qdrant-client's local mode is always exact and says so when asked for exact search.
+pytestmark = pytest.mark.filterwarnings("ignore:Local mode performs exact")
+
+
+@pytest.fixture(scope="module")
+def stage_outputs(tmp_path_factory: pytest.TempPathFactory):
+    out = tmp_path_factory.mktemp("store")
+    cfg = RunConfig(collections=[CollectionInput(name="sample", path=str(SAMPLE_DIR))],
+                    queries_path=str(SAMPLE_QUERIES), output_dir=str(out / "run"), local_files_only=True)
+    col = cfg.collections[0]
+    load = st.load_stage(cfg, col, st.load_key(cfg, col))
+    dense = st.dense_stage(cfg, col.name, load.chunks, st.dense_key(cfg, load.chunks))
+    sparse = st.sparse_stage(cfg, col.name, load.chunks, st.sparse_key(cfg, load.chunks))
+    return cfg, load, dense, sparse
+
+
+def _config_in(cfg: RunConfig, path: Path, **updates) -> RunConfig:
+    return cfg.model_copy(update={"output_dir": str(path), **updates})
+
+
+def _queries(dense, sparse) -> list[tuple[np.ndarray, SparseVector]]:
+    """The 5 real queries plus 20 chunks used as queries: (dense vector, BM25 vector) each."""
+    ids, vecs = read_dense_parquet(dense.vectors.path)
+    qids, qvecs = read_dense_parquet(dense.query_vectors.path)
+    out = sparse.outputs[0]
+    squeries = {r["id"]: SparseVector(**r["sparse_vector"]) for r in read_jsonl_records(out.query_vectors.path)}
+    docs = [SparseVector(**r["sparse_vector"]) for r in read_jsonl_records(out.vectors.path)]
+    return ([(qvecs[i], squeries[q]) for i, q in enumerate(qids)]
+            + [(vecs[i], docs[i]) for i in range(0, len(ids), max(1, len(ids) // 20))][:20])
+
+
+def _untied(dense, sparse, queries, n: int) -> list[tuple[np.ndarray, SparseVector]]:
+    """Queries whose dense and sparse top-(n+1) hold no tied scores.
+
+    RRF works on ranks, and two engines may order equal scores differently, so
+    fused scores are comparable only where the input lists have one order.
+    """
+    ids, vecs = read_dense_parquet(dense.vectors.path)
+    svecs = [SparseVector(**r["sparse_vector"]) for r in read_jsonl_records(sparse.outputs[0].vectors.path)]
+    d_index, s_index = DenseIndex(ids, vecs), SparseIndex(ids, svecs, use_idf=True)
+    out = []
+    for dq, sq in queries:
+        lists = [d_index.search(dq, n + 1), s_index.search(sq, n + 1)]
+        if all(len({round(c.score, 5) for c in lst}) == len(lst) for lst in lists):
+            out.append((dq, sq))
+    return out
+
+
+def _same_ranking(ours: list[ScoredCandidate], theirs: list[ScoredCandidate], n: int = 10) -> None:
+    """Identical top-n ids and scores; ids tied on score at the cut-off may differ in which made it in."""
+    assert len(ours) == len(theirs)
+    assert [round(c.score, 4) for c in ours[:n]] == pytest.approx([round(c.score, 4) for c in theirs[:n]], abs=2e-4)
+    cutoff = round(ours[min(n, len(ours)) - 1].score, 4) if ours else None
+    strict = lambda lst: {c.id for c in lst[:n] if round(c.score, 4) != cutoff}  # noqa: E731
+    assert strict(ours) == strict(theirs)
+
+
+@pytest.fixture(scope="module")
+def both_stores(stage_outputs, tmp_path_factory: pytest.TempPathFactory):
+    """The same points indexed by Qdrant Edge and by qdrant-client's local mode (the test oracle)."""
+    from qdrant_client import QdrantClient
+
+    cfg, load, dense, sparse = stage_outputs
+    edge_cfg = _config_in(cfg, tmp_path_factory.mktemp("edge"))
+    edge = open_store(edge_cfg.output_dir)
+    st.index_stage(edge_cfg, "sample", load.chunks, dense, sparse, edge)
+    oracle = open_store(cfg.output_dir, client=QdrantClient(location=":memory:"))
+    st.index_stage(cfg, "sample", load.chunks, dense, sparse, oracle)
+    yield edge, oracle
+    edge.close()
+    oracle.close()
+
+
+@pytest.mark.parametrize("kind", ["dense", "sparse-idf", "rrf", "dbsf"])
+def test_edge_and_qdrant_client_return_the_same_top10(both_stores, stage_outputs, kind):
+    edge, oracle = both_stores
+    _, _, dense, sparse = stage_outputs
+    name = sparse.outputs[0].vector_name
+    queries = _queries(dense, sparse)
+    if kind in ("rrf", "dbsf"):
+        queries = _untied(dense, sparse, queries, 20)
+        assert len(queries) >= 5
+    for dq, sq in queries:
+        q = HybridQuery(
+            dense=None if kind == "sparse-idf" else dq,
+            sparse={} if kind == "dense" else {name: sq},
+            fusion="dbsf" if kind == "dbsf" else "rrf", k=60, prefetch_limit=20, limit=10, exact=True,
+        )
+        _same_ranking(edge.query("sample", q), oracle.query("sample", q))
+
+
+@pytest.mark.parametrize("method", ["rrf", "dbsf"])
+def test_embedder_fusion_agrees_with_both_stores(both_stores, stage_outputs, method):
+    edge, oracle = both_stores
+    _, _, dense, sparse = stage_outputs
+    out = sparse.outputs[0]
+    ids, vecs = read_dense_parquet(dense.vectors.path)
+    svecs = [SparseVector(**r["sparse_vector"]) for r in read_jsonl_records(out.vectors.path)]
+    dense_index, sparse_index = DenseIndex(ids, vecs), SparseIndex(ids, svecs, use_idf=True)
+    n = 20
+    queries = _untied(dense, sparse, _queries(dense, sparse), n)
+    assert len(queries) >= 5
+    for dq, sq in queries:
+        d_list, s_list = dense_index.search(dq, n), sparse_index.search(sq, n)
+        ours = (fuse_rrf([[c.id for c in d_list], [c.id for c in s_list]], k=60) if method == "rrf"
+                else fuse_dbsf([d_list, s_list]))
+        q = HybridQuery(dense=dq, sparse={out.vector_name: sq}, fusion=method, k=60, prefetch_limit=n,
+                        limit=len(ours), exact=True)
+        expected = {c.id: c.score for c in ours}
+        for store in (edge, oracle):
+            got = store.query("sample", q)
+            assert {c.id for c in got} == set(expected)
+            for c in got:
+                assert c.score == pytest.approx(expected[c.id], rel=1e-4, abs=1e-6), c.id
+
+
+def test_reindex_publishes_a_new_shard_and_keeps_only_current_and_previous(stage_outputs, tmp_path):
+    cfg, load, dense, sparse = stage_outputs
+    cfg = _config_in(cfg, tmp_path)
+    store = EdgeStore(tmp_path)
+    builds = [st.index_stage(cfg, "sample", load.chunks, dense, sparse, store) for _ in range(3)]
+    assert [b.points_count for b in builds] == [50, 50, 50]
+    assert len({b.build_id for b in builds}) == 3
+    manifest = json.loads((index_root(tmp_path, "sample") / MANIFEST).read_text())
+    assert manifest["shard"] == builds[2].build_id and manifest["previous"] == builds[1].build_id
+    left = sorted(p.name for p in (index_root(tmp_path, "sample") / SHARDS).iterdir())
+    assert left == sorted([builds[1].build_id, builds[2].build_id])
+    assert builds[2].search_mode == "exact" and builds[2].hnsw_build_s == 0.0
+
+
+def test_hnsw_is_built_at_the_threshold_and_search_still_agrees(stage_outputs, tmp_path):
+    cfg, load, dense, sparse = stage_outputs
+    exact_store, hnsw_store = EdgeStore(tmp_path / "exact"), EdgeStore(tmp_path / "hnsw", hnsw_min_points=50)
+    st.index_stage(_config_in(cfg, tmp_path / "exact"), "sample", load.chunks, dense, sparse, exact_store)
+    built = st.index_stage(_config_in(cfg, tmp_path / "hnsw"), "sample", load.chunks, dense, sparse, hnsw_store)
+    assert built.search_mode == "hnsw" and built.hnsw_build_s > 0
+    for dq, _ in _queries(dense, sparse):
+        q = HybridQuery(dense=dq, limit=10)
+        # 50 points: the HNSW graph is exact at this size.
+        assert [c.id for c in hnsw_store.query("sample", q)] == [c.id for c in exact_store.query("sample", q)]
+
+
+def test_a_failed_build_leaves_the_published_index_and_no_debris(stage_outputs, tmp_path, monkeypatch):
+    cfg, load, dense, sparse = stage_outputs
+    cfg = _config_in(cfg, tmp_path, index_batch_size=16)
+    store = EdgeStore(tmp_path)
+    first = st.index_stage(cfg, "sample", load.chunks, dense, sparse, store)
+    calls = {"n": 0}
+    real = EdgeIndexWriter.upsert
+
+    def failing(self, batch):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise VectorIndexError("injected: disk full")
+        return real(self, batch)
+
+    monkeypatch.setattr(EdgeIndexWriter, "upsert", failing)
+    with pytest.raises(VectorIndexError, match="injected"):
+        st.index_stage(cfg, "sample", load.chunks, dense, sparse, store)
+    assert store.status("sample").build_id == first.build_id
+    assert [p.name for p in (index_root(tmp_path, "sample") / SHARDS).iterdir()] == [first.build_id]
+    assert len(store.query("sample", HybridQuery(dense=read_dense_parquet(dense.vectors.path)[1][0], limit=50))) == 50
+
+
+def test_cleanup_never_removes_a_shard_another_live_process_is_building(stage_outputs, tmp_path):
+    cfg, load, dense, sparse = stage_outputs
+    cfg = _config_in(cfg, tmp_path)
+    store = EdgeStore(tmp_path)
+    in_progress = store.writer("sample", st.index_layout(dense, sparse))  # this live process "builds" it
+    for _ in range(3):
+        st.index_stage(cfg, "sample", load.chunks, dense, sparse, store)
+    assert in_progress.path.is_dir() and in_progress.marker.is_file()
+    in_progress.abort()
+    assert not in_progress.path.exists() and not in_progress.marker.exists()
+
+
+def test_a_dead_builders_leftover_shard_is_removed(stage_outputs, tmp_path):
+    cfg, load, dense, sparse = stage_outputs
+    cfg = _config_in(cfg, tmp_path)
+    store = EdgeStore(tmp_path)
+    orphan = store.writer("sample", st.index_layout(dense, sparse))
+    info = json.loads(orphan.marker.read_text())
+    orphan.marker.write_text(json.dumps({**info, "pid": 2**22 + 12345}))  # no such pid: a crashed builder
+    st.index_stage(cfg, "sample", load.chunks, dense, sparse, store)
+    assert not orphan.path.exists() and not orphan.marker.exists()
+
+
+def test_status_and_query_without_an_index_say_why(tmp_path):
+    store = EdgeStore(tmp_path)
+    assert not store.status("nothing").exists
+    with pytest.raises(IndexNotFoundError, match="no index has been published"):
+        store.query("nothing", HybridQuery(dense=np.ones(4, dtype=np.float32)))
+
+
+def test_an_index_from_an_earlier_version_is_reported(stage_outputs, tmp_path):
+    cfg, load, dense, sparse = stage_outputs
+    cfg = _config_in(cfg, tmp_path)
+    (tmp_path / "sample" / "qdrant" / "collection").mkdir(parents=True)
+    store = EdgeStore(tmp_path)
+    with pytest.raises(IndexNotFoundError, match="written by an earlier version"):
+        store.query("sample", HybridQuery(dense=np.ones(384, dtype=np.float32)))
+    result = st.index_stage(cfg, "sample", load.chunks, dense, sparse, store)
+    assert result.points_count == 50
+    assert any("local-mode index written by an earlier version" in w and "re-indexes" in w for w in result.warnings)
+
+
+def test_threads_share_one_handle_while_a_writer_publishes(stage_outputs, tmp_path):
+    cfg, load, dense, sparse = stage_outputs
+    cfg = _config_in(cfg, tmp_path)
+    writer_store, reader = EdgeStore(tmp_path), EdgeStore(tmp_path)
+    st.index_stage(cfg, "sample", load.chunks, dense, sparse, writer_store)
+    queries = _queries(dense, sparse)
+    name = sparse.outputs[0].vector_name
+    stop = threading.Event()
+
+    def republish() -> int:
+        n = 0
+        while not stop.is_set() and n < 5:
+            st.index_stage(cfg, "sample", load.chunks, dense, sparse, writer_store)
+            n += 1
+        return n
+
+    def one(i: int) -> int:
+        dq, sq = queries[i % len(queries)]
+        return len(reader.query("sample", HybridQuery(dense=dq, sparse={name: sq}, limit=10)))
+
+    with ThreadPoolExecutor(17) as pool:
+        publishes = pool.submit(republish)
+        results = list(pool.map(one, range(400)))
+        stop.set()
+        assert publishes.result() >= 1
+    assert results == [10] * 400
+    # The reader follows the newest publish.
+    reader.query("sample", HybridQuery(dense=queries[0][0], limit=1))
+    assert reader._handles["sample"][0] == (index_root(tmp_path, "sample") / MANIFEST).read_bytes()
+    reader.close()
+
+
+def _query_in_child(output_dir: str, vec: list[float], conn) -> None:
+    store = EdgeStore(output_dir)
+    conn.send([c.id for c in store.query("sample", HybridQuery(dense=np.asarray(vec, np.float32), limit=5))])
+
+
+def test_several_processes_open_the_published_shard_at_once(stage_outputs, tmp_path):
+    cfg, load, dense, sparse = stage_outputs
+    st.index_stage(_config_in(cfg, tmp_path), "sample", load.chunks, dense, sparse, EdgeStore(tmp_path))
+    here = EdgeStore(tmp_path)
+    vec = read_dense_parquet(dense.query_vectors.path)[1][0]
+    expected = [c.id for c in here.query("sample", HybridQuery(dense=vec, limit=5))]  # held open meanwhile
+    ctx = mp.get_context("spawn")
+    pipes, procs = [], []
+    for _ in range(3):
+        parent, child = ctx.Pipe()
+        p = ctx.Process(target=_query_in_child, args=(str(tmp_path), vec.tolist(), child))
+        p.start()
+        pipes.append(parent)
+        procs.append(p)
+    got = [pipe.recv() if pipe.poll(120) else None for pipe in pipes]
+    for p in procs:
+        p.join(30)
+    assert got == [expected] * 3
+    assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
+    assert os.getpid()  # this process kept its handle throughout
+    here.close()
