@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import shutil
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -26,7 +27,9 @@ from typing import Any
 
 import numpy as np
 
-from bench.common import write_result
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.common import write_result  # noqa: E402
 from embedder.io.edge_store import EdgeStore
 from embedder.io.qdrant import point_id
 from embedder.io.store import HybridQuery, IndexLayout, PointBatch, VectorStore, open_store
@@ -61,7 +64,7 @@ def batches(dense: np.ndarray, sparse: list[SparseVector], ids: list[str], size:
 def load(store: VectorStore, dense: np.ndarray, sparse: list[SparseVector], ids: list[str],
          batch: int) -> dict[str, Any]:
     t0 = time.perf_counter()
-    writer = store.writer("bench", LAYOUT, expected_points=len(ids))
+    writer = store.writer("bench", LAYOUT, incremental=False)
     for b in batches(dense, sparse, ids, batch):
         writer.upsert(b)
     t_upsert = time.perf_counter() - t0

@@ -52,3 +52,7 @@ class UnknownCollectionError(EmbedderError, LookupError):
 
 class IndexNotFoundError(VectorIndexError, LookupError):
     """No published index exists for a collection (never built, failed, or written by an older version)."""
+
+
+class IndexLayoutError(VectorIndexError, ValueError):
+    """The store holds the collection with another layout (dense dimension, sparse vectors): deterministic."""

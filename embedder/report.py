@@ -246,8 +246,12 @@ def build_summary(
         warnings.extend(index.warnings)
 
     gpu_peak = max([s.get("gpu_peak_gb", 0.0) for s in stages.values()] + [0.0])
-    run_failed = dense is None
-    degraded = bool(stage_errors) or sparse_run.status == "error" or rerank_run.status == "error"
+    # Dense, index and exports are what a collection is for; without them the run failed.
+    run_failed = dense is None or "index" in stage_errors or "export" in stage_errors
+    chunk_count = load.chunk_count if load else 0
+    out_of_sync = index is not None and index.points_count != chunk_count
+    degraded = (bool(stage_errors) or sparse_run.status == "error" or rerank_run.status == "error"
+                or out_of_sync)
     # A config built without resolve_run_config (a UI form, a test) has no recorded sources:
     # explicitly given values count as overrides, the rest as defaults.
     toggles_sources = {
@@ -278,11 +282,29 @@ def build_summary(
                             path=exports.get("rejects")),
         exports=exports,
         versions=library_versions(),
+        model_fingerprints=_fingerprints(config),
         config=config.model_dump(mode="json", exclude={"sources"}),
         warnings=list(dict.fromkeys(warnings)),
     )
 
 
-def write_collection_summary(summary: ProcessingSummary, config: RunConfig) -> Path:
-    """Write ``<output_dir>/<collection>/processing_summary.json`` atomically."""
-    return write_summary(summary, collection_dir(config, summary.collection) / "processing_summary.json")
+def _fingerprints(config: RunConfig) -> dict[str, str]:
+    from embedder.stages import model_fingerprint
+
+    roles: list[tuple[str, Any]] = [(config.dense_model, "dense")]
+    roles += [(m, "sparse") for m in config.sparse_models] if config.enable_sparse else []
+    roles += [(config.rerank_model, "rerank")] if config.enable_rerank else []
+    return {name: model_fingerprint(name, role, config.local_files_only) for name, role in roles}
+
+
+def write_collection_summary(summary: ProcessingSummary, config: RunConfig, *, publish: bool = True) -> Path:
+    """Write the collection's summary atomically.
+
+    Published runs write ``<output_dir>/<collection>/processing_summary.json``;
+    a run that must leave the published set alone (its index failed) writes
+    ``<output_dir>/<collection>/.runs/<run_id>/processing_summary.json``.
+    """
+    cdir = collection_dir(config, summary.collection)
+    if not publish:
+        return write_summary(summary, cdir / ".runs" / str(summary.run_id) / "processing_summary.json")
+    return write_summary(summary, cdir / "processing_summary.json")

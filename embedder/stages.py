@@ -50,14 +50,31 @@ from embedder.settings import CollectionInput, RunConfig
 Status = Literal["executed", "disabled", "skipped", "error"]
 
 
+# Libraries whose releases can change a stage's output for the same input and model.
+_OUTPUT_LIBRARIES = ("torch", "transformers", "sentence-transformers", "fastembed", "qdrant-client",
+                     "qdrant-edge-py", "onnxruntime", "tokenizers", "numpy", "pyarrow")
+
+
 @functools.lru_cache(maxsize=1)
 def code_version() -> str:
-    """The package version plus a digest of the library's source: a code change invalidates caches."""
+    """The package version, a digest of the library's source and package data, and the output-shaping libraries.
+
+    A change to any of them invalidates every cache key.
+    """
+    from importlib import metadata
+
     h = hashlib.sha256(embedder.__version__.encode())
     root = Path(embedder.__file__).parent
-    for path in sorted(root.rglob("*.py")):
-        h.update(path.relative_to(root).as_posix().encode())
-        h.update(path.read_bytes())
+    for path in sorted(root.rglob("*")):
+        rel = path.relative_to(root)
+        if path.is_file() and "__pycache__" not in rel.parts and path.suffix not in (".pyc", ".pyo"):
+            h.update(rel.as_posix().encode())
+            h.update(path.read_bytes())
+    for name in _OUTPUT_LIBRARIES:
+        try:
+            h.update(f"{name}=={metadata.version(name)}".encode())
+        except metadata.PackageNotFoundError:
+            h.update(f"{name}:absent".encode())
     return f"{embedder.__version__}+{h.hexdigest()[:12]}"
 
 
@@ -73,8 +90,29 @@ def collection_dir(config: RunConfig, collection: str) -> Path:
 
 
 def stages_dir(config: RunConfig, collection: str) -> Path:
-    """Where stage outputs live (content-addressed by cache key)."""
+    """Where stage outputs live: ``<output_dir>/<collection>/.stages`` (named by cache key)."""
     return collection_dir(config, collection) / ".stages"
+
+
+def store_id(config: RunConfig, collection: str) -> str:
+    """The identity of this collection's stage store, created on first use.
+
+    Every cache key includes it, so a Prefect cache record only ever names files
+    of this store: another output dir has another id, and a store that was
+    deleted comes back with a new one, so no record can point at vanished files.
+    """
+    path = stages_dir(config, collection) / "STORE_ID"
+    try:
+        return path.read_text(encoding="utf-8").strip()
+    except FileNotFoundError:
+        pass
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with open(path, "x", encoding="utf-8") as fh:  # exclusive: two racing runs agree on one id
+            fh.write(uuid.uuid4().hex)
+    except FileExistsError:
+        pass
+    return path.read_text(encoding="utf-8").strip()
 
 
 def input_digest(path: str | Path) -> str:
@@ -253,8 +291,13 @@ class IndexResult(BaseModel):
     backend: str = "edge"
     location: str = ""
     collection: str = ""
-    points_count: int = 0
-    upserted: int = 0
+    action: Literal["rebuilt", "incremental", "unchanged"] | None = Field(
+        None, description="rebuilt: a new index from every point; incremental: only what changed was written; "
+        "unchanged: the published index already held exactly these points.")
+    points_count: int = Field(0, description="Points read back from the published index.")
+    upserted: int = Field(0, description="New and changed points written.")
+    deleted: int = Field(0, description="Points of chunks that are gone, removed after the upserts succeeded.")
+    unchanged: int = Field(0, description="Points the published index already held as they are.")
     latency_ms: float = 0.0
     points_per_s: float = 0.0
     batch_size: int = 0
@@ -302,42 +345,70 @@ def index_layout(dense: DenseStageResult, sparse: SparseStageResult) -> Any:
 
 def index_stage(config: RunConfig, collection: str, chunks: StageRef, dense: DenseStageResult,
                 sparse: SparseStageResult, store: Any) -> IndexResult:
-    """Build the collection's index in ``store`` from the stage outputs and publish it.
+    """Bring the collection's published index in line with this run's points.
 
-    On Qdrant Edge every run builds a fresh shard and publishes it atomically, so
-    readers keep the old index until the new one is complete. On a server the
-    points are upserted into the collection.
+    Points are compared by digest with the published index: when nothing
+    changed, nothing is written. Otherwise new and changed points are upserted
+    and, only after that succeeded, points whose chunks are gone are deleted. On
+    Qdrant Edge the writes go into a copy of the published shard (or a new
+    shard when the layout changed: another model or dimension), which is
+    published atomically, so readers keep the old index until the new one is
+    complete.
 
     Args:
         store: A :class:`embedder.io.store.VectorStore`.
 
     Raises:
         VectorIndexError: When the store cannot be reached or rejects the write.
+        IndexLayoutError: When a server collection holds another layout.
     """
     from embedder.io.edge_store import legacy_index_note
-    from embedder.io.qdrant import point_batch
+    from embedder.io.qdrant import payload_for, point_batch, point_digest, point_id
 
     t0 = time.perf_counter()
     warnings = []
     if store.backend == "edge" and (note := legacy_index_note(config.output_dir, collection)):
         warnings.append(note)
     items, vectors, sparse_map = _load_point_inputs(chunks, dense, sparse)
-    writer = store.writer(collection, index_layout(dense, sparse), expected_points=len(items))
-    upserted = 0
+    layout = index_layout(dense, sparse)
+    pids = [point_id(collection, c.id) for c in items]
+    digests = [point_digest(vectors[i], {n: v[i] for n, v in sparse_map.items()}, payload_for(c))
+               for i, c in enumerate(items)]
+    status = store.status(collection)
+    previous = store.point_digests(collection) if status.exists else {}
+    current = dict(zip(pids, digests))
+    gone = [p for p in previous if p not in current]
+    common = dict(batch_size=config.index_batch_size, collection=collection, warnings=warnings)
+    if status.exists and status.layout == layout and previous == current:
+        elapsed = time.perf_counter() - t0
+        return IndexResult(status="executed", action="unchanged", backend=store.backend, location=status.location,
+                           points_count=status.points_count or 0, unchanged=len(pids), build_id=status.build_id,
+                           search_mode=None, latency_ms=elapsed * 1000, **common)
+    writer = store.writer(collection, layout, incremental=True)
+    rows = [i for i, (p, d) in enumerate(current.items()) if not writer.incremental or previous.get(p) != d]
+    upserted = deleted = 0
     try:
-        for start in range(0, len(items), config.index_batch_size):
-            upserted += writer.upsert(point_batch(collection, items, vectors, sparse_map, start=start,
-                                                  stop=start + config.index_batch_size))
+        for start in range(0, len(rows), config.index_batch_size):
+            part = rows[start:start + config.index_batch_size]
+            upserted += writer.upsert(point_batch(collection, items, vectors, sparse_map, part, digests))
+        if writer.incremental:  # a fresh index never held the gone points
+            for start in range(0, len(gone), config.index_batch_size):
+                deleted += writer.delete(gone[start:start + config.index_batch_size])
         published = writer.publish()
     except BaseException:
         writer.abort()
         raise
     elapsed = time.perf_counter() - t0
-    return IndexResult(status="executed", backend=published.backend, location=published.location,
-                       collection=collection, points_count=published.points_count, upserted=upserted,
-                       latency_ms=elapsed * 1000, points_per_s=upserted / elapsed if elapsed > 0 else 0.0,
-                       batch_size=config.index_batch_size, search_mode=published.search_mode,
-                       hnsw_build_s=published.hnsw_build_s, build_id=published.build_id, warnings=warnings)
+    if published.points_count != len(items):
+        warnings.append(f"the index holds {published.points_count} points but the collection has {len(items)} "
+                        "chunks; re-run to resynchronise")
+    return IndexResult(
+        status="executed", action="incremental" if writer.incremental else "rebuilt", backend=published.backend,
+        location=published.location, points_count=published.points_count, upserted=upserted,
+        deleted=deleted if writer.incremental else len(gone), unchanged=len(items) - len(rows),
+        latency_ms=elapsed * 1000, points_per_s=len(rows) / elapsed if elapsed > 0 else 0.0,
+        search_mode=published.search_mode, hnsw_build_s=published.hnsw_build_s, build_id=published.build_id,
+        **common)
 
 
 # --- fusion -----------------------------------------------------------------------------------
@@ -454,49 +525,61 @@ def rerank_stage(config: RunConfig, collection: str, chunks: StageRef, fusion: F
 # --- cache keys -------------------------------------------------------------------------------
 
 
-def _model_fingerprint(name: str, role: Literal["dense", "sparse", "rerank"], local_files_only: bool) -> str:
-    # Where the model resolves to (or that it does not): a cached fallback result must not
-    # outlive the day the model becomes available.
+def model_fingerprint(name: str, role: Literal["dense", "sparse", "rerank"], local_files_only: bool) -> str:
+    """What a model's outputs depend on: a digest of its files when they are here, else its hub id.
+
+    An unavailable model is part of a key too: a cached fallback result must not
+    outlive the day the model becomes available.
+    """
+    from embedder.models.fingerprint import model_fingerprint as content_digest
+
     try:
-        return resolve_model(name, role, local_files_only=local_files_only).location
-    except Exception as exc:  # unknown or unavailable: part of the key, the stage reports it
+        resolved = resolve_model(name, role, local_files_only=local_files_only)
+    except Exception as exc:  # unknown or unavailable: the stage reports it
         return f"unavailable:{type(exc).__name__}"
+    if resolved.is_local:
+        return f"sha256:{content_digest(resolved.location)}"
+    return f"hub:{resolved.location}"
+
+
+def _owner(config: RunConfig, collection: str) -> list[str]:
+    # Every key names the store its files live in: the output dir, the collection, the store's id.
+    return [str(Path(config.output_dir).resolve()), collection, store_id(config, collection)]
 
 
 def load_key(config: RunConfig, collection: CollectionInput) -> str:
     """Cache key of the load stage."""
-    return stage_key("load", collection.name, input_digest(collection.path), config.max_chunk_chars)
+    return stage_key("load", *_owner(config, collection.name), input_digest(collection.path), config.max_chunk_chars)
 
 
-def dense_key(config: RunConfig, chunks: StageRef) -> str:
+def dense_key(config: RunConfig, collection: str, chunks: StageRef) -> str:
     """Cache key of the dense stage."""
-    return stage_key("dense", chunks.digest, config.dense_model, config.dense_backend, queries_digest(config),
-                     config.force_cpu, _model_fingerprint(config.dense_model, "dense", config.local_files_only))
+    return stage_key("dense", *_owner(config, collection), chunks.digest, config.dense_model, config.dense_backend,
+                     queries_digest(config), config.force_cpu, config.gpu_memory_ceiling_gb,
+                     model_fingerprint(config.dense_model, "dense", config.local_files_only))
 
 
-def sparse_key(config: RunConfig, chunks: StageRef) -> str:
+def sparse_key(config: RunConfig, collection: str, chunks: StageRef) -> str:
     """Cache key of the sparse stage."""
-    models = [(m, _model_fingerprint(m, "sparse", config.local_files_only)) for m in config.sparse_models]
-    return stage_key("sparse", chunks.digest, config.enable_sparse, models, queries_digest(config))
+    models = [(m, model_fingerprint(m, "sparse", config.local_files_only)) for m in config.sparse_models]
+    return stage_key("sparse", *_owner(config, collection), chunks.digest, config.enable_sparse, models,
+                     queries_digest(config))
 
 
-def fuse_key(config: RunConfig, dense: DenseStageResult, sparse: SparseStageResult) -> str:
+def fuse_key(config: RunConfig, collection: str, dense: DenseStageResult, sparse: SparseStageResult) -> str:
     """Cache key of the fusion stage."""
-    sparse_digests = [(o.vectors.digest, o.query_vectors.digest if o.query_vectors else None) for o in sparse.outputs]
-    return stage_key("fuse", dense.vectors.digest, dense.query_vectors.digest if dense.query_vectors else None,
-                     sparse_digests, config.retrieval_top_n, config.rrf_k, config.fusion)
+    sparse_digests = [(o.model_name, o.vectors.digest, o.query_vectors.digest if o.query_vectors else None)
+                      for o in sparse.outputs]
+    return stage_key("fuse", *_owner(config, collection), dense.vectors.digest,
+                     dense.query_vectors.digest if dense.query_vectors else None, sparse_digests,
+                     config.retrieval_top_n, config.rrf_k, config.fusion)
 
 
-def rerank_key(config: RunConfig, chunks: StageRef, fusion: FusionResult) -> str:
+def rerank_key(config: RunConfig, collection: str, chunks: StageRef, fusion: FusionResult) -> str:
     """Cache key of the rerank stage."""
-    return stage_key("rerank", chunks.digest, fusion.candidates.digest if fusion.candidates else fusion.reason,
+    return stage_key("rerank", *_owner(config, collection), chunks.digest,
+                     fusion.candidates.digest if fusion.candidates else fusion.reason,
                      config.enable_rerank, config.rerank_model, config.fusion, config.rerank_top_k_candidates,
                      config.rerank_top_k, config.rerank_latency_budget_ms, config.query_policy.model_dump(),
-                     config.force_cpu, _model_fingerprint(config.rerank_model, "rerank", config.local_files_only))
-
-
-
-def has_outputs(config: RunConfig, collection: str, key: str) -> bool:
-    """True when a stage run under ``key`` left its files in ``.stages/`` (a cached result is usable)."""
-    sdir = stages_dir(config, collection)
-    return sdir.is_dir() and any(sdir.glob(f"*-{key[:16]}*"))
+                     config.force_cpu, config.gpu_memory_ceiling_gb,
+                     model_fingerprint(config.rerank_model, "rerank", config.local_files_only))

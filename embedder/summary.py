@@ -136,6 +136,8 @@ class ProcessingSummary(_Section):
     sparse_run: SparseRun | None = None
     rerank_run: RerankRun | None = None
     fusion_run: FusionRun | None = None
+    model_fingerprints: dict[str, str] = Field(
+        default_factory=dict, description="Model name -> sha256 of its files (or its hub id when not local).")
     index_run: dict[str, Any] | None = None
     compatibility: Compatibility = Field(default_factory=Compatibility)
     telemetry: Telemetry = Field(default_factory=Telemetry)

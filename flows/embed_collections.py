@@ -91,7 +91,11 @@ def embed_collection(config: RunConfig, collection: CollectionInput, run_id: uui
         fusion = outcome("fuse", fuse_task(config, name, dense, sparse, return_state=True))
     if fusion is not None:
         rerank = outcome("rerank", rerank_task(config, name, load.chunks, fusion, run_id, return_state=True))
-    exports = outcome("export", export_task(config, name, load, dense, sparse, rerank, return_state=True)) or {}
+    # The exports and the summary beside them describe the published index: when the index
+    # could not be brought in line, the previous set stays as it is, whole.
+    publishable = dense is not None and sparse is not None and index is not None
+    exports = (outcome("export", export_task(config, name, load, dense, sparse, rerank, return_state=True)) or {}
+               if publishable else {})
     lease_events = [r.lease_event for stage, r in (("dense", dense), ("rerank", rerank))
                     if r is not None and r.lease_event and stage not in cached]
     summary = build_summary(
@@ -99,15 +103,16 @@ def embed_collection(config: RunConfig, collection: CollectionInput, run_id: uui
         index=index, fusion=fusion, rerank=rerank, exports=exports, lease_events=lease_events, stage_errors=errors,
         cached_stages=cached, quality=compute_quality(config, fusion, rerank),
     )
-    path = write_collection_summary(summary, config)
+    path = write_collection_summary(summary, config, publish=summary.status != "failed")
     create_markdown_artifact(
         markdown="\n".join([f"# Collection `{name}`", "", "```", *render_summary_lines(summary), "```", "",
                             f"Summary: `{path}`"]),
         key=artifact_key("summary", name),
         description=f"processing summary of {name}",
     )
-    if "dense" in errors:
-        raise EmbedderError(f"collection {name!r}: dense stage failed ({errors['dense']}); summary at {path}")
+    if summary.status == "failed":
+        failed = ", ".join(f"{stage} ({err})" for stage, err in errors.items()) or "see warnings"
+        raise EmbedderError(f"collection {name!r} failed: {failed}; summary at {path}")
     return summary
 
 

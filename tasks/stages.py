@@ -28,31 +28,27 @@ _PERSIST: dict[str, Any] = {"persist_result": True, "result_serializer": "json"}
 
 
 def _transient(task_: Any, task_run: Any, state: Any) -> bool:
-    """Retry only errors that may pass: never our own deterministic EmbedderErrors (bad input, unknown model)."""
+    """Retry only errors that may pass: transport and store errors, never deterministic ones.
+
+    Bad input, an unknown model, a layout the store cannot take: a retry would
+    fail the same way, only later.
+    """
+    from embedder.errors import IndexLayoutError, VectorIndexError
+
     try:
         state.result()
     except EmbedderError as exc:
-        from embedder.errors import VectorIndexError
-
-        return isinstance(exc, VectorIndexError)
+        return isinstance(exc, VectorIndexError) and not isinstance(exc, IndexLayoutError)
     except Exception:
         return True
     return False
 
 
 def _keyed(key_fn: Callable[..., str]) -> Callable[[TaskRunContext, dict[str, Any]], str]:
+    # The key names the run's own stage store (see embedder.stages.store_id): a record can never
+    # point into another output dir, and a deleted store comes back under new keys.
     def cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
-        config: RunConfig = parameters["config"]
-        collection = parameters["collection"]
-        name = collection.name if isinstance(collection, CollectionInput) else collection
-        key = key_fn(parameters)
-        # A cached result whose files were deleted (an output dir wiped) would hand out dangling
-        # paths: recompute under a one-off key. Stage files are named after the key, so the
-        # recomputed files land where the old record points and later runs hit it again.
-        store = getattr(context, "result_store", None)
-        if not st.has_outputs(config, name, key) and store is not None and store.exists(key):
-            return f"{key}-rebuild-{uuid.uuid4().hex}"
-        return key
+        return key_fn(parameters)
 
     return cache_key
 
@@ -63,10 +59,11 @@ def load_collection_task(config: RunConfig, collection: CollectionInput) -> Load
     return st.load_stage(config, collection, st.load_key(config, collection))
 
 
-@task(name="dense-embed", cache_key_fn=_keyed(lambda p: st.dense_key(p["config"], p["chunks"])), **_PERSIST)
+@task(name="dense-embed", cache_key_fn=_keyed(lambda p: st.dense_key(p["config"], p["collection"], p["chunks"])),
+      **_PERSIST)
 def dense_embed_task(config: RunConfig, collection: str, chunks: Any) -> st.DenseStageResult:
     """Prefect wrapper for `embedder.stages.dense_stage`, inside the GPU lease."""
-    key = st.dense_key(config, chunks)
+    key = st.dense_key(config, collection, chunks)
     progress = ProgressReporter(collection, "dense")
     with gpu_lease(config.gpu_concurrency_limit_name, "dense", timeout_s=config.gpu_lease_timeout_s,
                    lease_duration_s=config.gpu_lease_duration_s) as lease:
@@ -75,10 +72,11 @@ def dense_embed_task(config: RunConfig, collection: str, chunks: Any) -> st.Dens
     return result.model_copy(update={"lease_event": lease})
 
 
-@task(name="sparse-infer", cache_key_fn=_keyed(lambda p: st.sparse_key(p["config"], p["chunks"])), **_PERSIST)
+@task(name="sparse-infer",
+      cache_key_fn=_keyed(lambda p: st.sparse_key(p["config"], p["collection"], p["chunks"])), **_PERSIST)
 def sparse_infer_task(config: RunConfig, collection: str, chunks: Any, run_id: uuid.UUID) -> st.SparseStageResult:
     """Prefect wrapper for `embedder.stages.sparse_stage` (CPU first: no GPU lease)."""
-    result = st.sparse_stage(config, collection, chunks, st.sparse_key(config, chunks), run_id=run_id)
+    result = st.sparse_stage(config, collection, chunks, st.sparse_key(config, collection, chunks), run_id=run_id)
     for out in result.outputs:
         publish_stage(collection, out.telemetry, {"coverage_ratio": out.run.coverage_ratio})
     return result
@@ -113,14 +111,17 @@ def index_task(config: RunConfig, collection: str, chunks: Any, dense: st.DenseS
     return result
 
 
-@task(name="fuse", cache_key_fn=_keyed(lambda p: st.fuse_key(p["config"], p["dense"], p["sparse"])), **_PERSIST)
+@task(name="fuse",
+      cache_key_fn=_keyed(lambda p: st.fuse_key(p["config"], p["collection"], p["dense"], p["sparse"])),
+      **_PERSIST)
 def fuse_task(config: RunConfig, collection: str, dense: st.DenseStageResult,
               sparse: st.SparseStageResult) -> st.FusionResult:
     """Prefect wrapper for `embedder.stages.fuse_stage`."""
-    return st.fuse_stage(config, collection, dense, sparse, st.fuse_key(config, dense, sparse))
+    return st.fuse_stage(config, collection, dense, sparse, st.fuse_key(config, collection, dense, sparse))
 
 
-@task(name="rerank", cache_key_fn=_keyed(lambda p: st.rerank_key(p["config"], p["chunks"], p["fusion"])),
+@task(name="rerank",
+      cache_key_fn=_keyed(lambda p: st.rerank_key(p["config"], p["collection"], p["chunks"], p["fusion"])),
       **_PERSIST)
 def rerank_task(config: RunConfig, collection: str, chunks: Any, fusion: st.FusionResult,
                 run_id: uuid.UUID) -> st.RerankStageResult:
@@ -129,7 +130,7 @@ def rerank_task(config: RunConfig, collection: str, chunks: Any, fusion: st.Fusi
     An unavailable rerank model raises (so the failure is never cached); the flow
     records it as ``rerank_run.status: "error"`` and carries on.
     """
-    key = st.rerank_key(config, chunks, fusion)
+    key = st.rerank_key(config, collection, chunks, fusion)
     if not config.enable_rerank or fusion.status != "executed":
         return st.rerank_stage(config, collection, chunks, fusion, key, run_id=run_id)
     with gpu_lease(config.gpu_concurrency_limit_name, "rerank", timeout_s=config.gpu_lease_timeout_s,

@@ -129,7 +129,7 @@ def to_edge_request(query: HybridQuery, payload_fields: Sequence[str] = ("chunk_
 class EdgeIndexWriter:
     """Builds one new shard; :meth:`publish` switches the collection's pointer to it."""
 
-    def __init__(self, store: EdgeStore, collection: str, layout: IndexLayout) -> None:
+    def __init__(self, store: EdgeStore, collection: str, layout: IndexLayout, *, incremental: bool = True) -> None:
         self.store = store
         self.collection = collection
         self.layout = layout
@@ -143,9 +143,20 @@ class EdgeIndexWriter:
         self.marker = shards / f"{self.build_id}.building"
         self.marker.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
                                            "started_at": time.time()}), encoding="utf-8")
+        published = store.manifest(collection)
+        base = self.root / SHARDS / published["shard"] if published else None
+        # Same layout: start from a copy of the published shard and write only what changed.
+        # The published shard itself is never opened for writing; readers keep using it.
+        self.incremental = bool(incremental and base is not None and base.is_dir()
+                                and IndexLayout.from_json(published["layout"]) == layout)
         try:
-            self._shard: Any = _edge().EdgeShard.create(str(self.path), _config(layout, indexing_threshold_kb=0))
+            if self.incremental:
+                shutil.copytree(base, self.path)
+                self._shard: Any = _edge().EdgeShard.load(str(self.path), _config(layout, indexing_threshold_kb=0))
+            else:
+                self._shard = _edge().EdgeShard.create(str(self.path), _config(layout, indexing_threshold_kb=0))
         except Exception as exc:
+            shutil.rmtree(self.path, ignore_errors=True)
             self.marker.unlink(missing_ok=True)
             raise VectorIndexError(f"cannot create a Qdrant Edge shard at {self.path}: {exc}") from exc
         self._done = False
@@ -166,6 +177,16 @@ class EdgeIndexWriter:
         except Exception as exc:
             raise VectorIndexError(f"Qdrant Edge rejected a batch for {self.collection!r}: {exc}") from exc
         return len(points)
+
+    def delete(self, point_ids: Sequence[str]) -> int:
+        """Remove points from the unpublished shard."""
+        if not point_ids:
+            return 0
+        try:
+            self._shard.update(_edge().UpdateOperation.delete_points(list(point_ids)))
+        except Exception as exc:
+            raise VectorIndexError(f"Qdrant Edge could not delete points of {self.collection!r}: {exc}") from exc
+        return len(point_ids)
 
     def publish(self) -> PublishedIndex:
         """Flush, build HNSW when the shard is big enough, then switch ``CURRENT.json`` to this shard."""
@@ -245,9 +266,29 @@ class EdgeStore:
         return IndexStatus(exists=True, location=location, layout=IndexLayout.from_json(manifest["layout"]),
                            points_count=int(manifest["points_count"]), build_id=manifest["shard"])
 
-    def writer(self, collection: str, layout: IndexLayout, *, expected_points: int = 0) -> EdgeIndexWriter:
-        """A writer for a new shard; any layout is fine, since it never shares a shard with the old one."""
-        return EdgeIndexWriter(self, collection, layout)
+    def writer(self, collection: str, layout: IndexLayout, *, incremental: bool = True) -> EdgeIndexWriter:
+        """A writer for a new shard: a copy of the published one when the layout matches, else empty.
+
+        Any layout is fine: a new layout (another model, another dimension) builds
+        a new shard and replaces the old one only when it is published.
+        """
+        return EdgeIndexWriter(self, collection, layout, incremental=incremental)
+
+    def point_digests(self, collection: str) -> dict[str, str | None]:
+        """Point id -> ``point_digest`` payload over the published shard."""
+        if self.manifest(collection) is None:
+            return {}
+        qe = _edge()
+        shard = self._shard(collection)
+        out: dict[str, str | None] = {}
+        offset = None
+        while True:
+            records, offset = shard.scroll(qe.ScrollRequest(offset=offset, limit=10_000,
+                                                            with_payload=["point_digest"], with_vector=False))
+            for r in records:
+                out[str(r.id)] = (r.payload or {}).get("point_digest")
+            if offset is None or not records:
+                return out
 
     def _shard(self, collection: str) -> Any:
         path = index_root(self.root, collection) / MANIFEST

@@ -5,6 +5,8 @@ Nothing here talks to a store; see :mod:`embedder.io.store` for that.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import uuid
 from collections.abc import Sequence
 from typing import Any
@@ -35,23 +37,39 @@ def payload_for(chunk: Chunk, preview_chars: int = 300) -> dict[str, Any]:
     return {"chunk_id": chunk.id, "text_preview": chunk.text[:preview_chars], "metadata": metadata}
 
 
+def point_digest(dense_row: np.ndarray, sparse: dict[str, SparseVector | None], payload: dict[str, Any]) -> str:
+    """sha256 of everything a point carries: an index re-run writes only points whose digest changed."""
+    h = hashlib.sha256(np.ascontiguousarray(dense_row, dtype=np.float32).tobytes())
+    for name in sorted(sparse):
+        v = sparse[name]
+        if v is not None and v.nnz:
+            h.update(name.encode())
+            h.update(np.asarray(v.indices, dtype=np.int64).tobytes())
+            h.update(np.asarray(v.values, dtype=np.float32).tobytes())
+    h.update(json.dumps(payload, sort_keys=True, ensure_ascii=False).encode())
+    return h.hexdigest()
+
+
 def point_batch(
     collection: str,
     chunks: Sequence[Chunk],
     dense: np.ndarray,
     sparse: dict[str, Sequence[SparseVector | None]],
-    *,
-    start: int = 0,
-    stop: int | None = None,
+    rows: Sequence[int],
+    digests: Sequence[str],
 ) -> PointBatch:
-    """Points ``[start, stop)`` in columns, for a store's upsert (the dense rows stay an array view)."""
-    stop = len(chunks) if stop is None else min(stop, len(chunks))
-    part = chunks[start:stop]
+    """The points of ``rows`` in columns, for a store's upsert; each payload carries its ``point_digest``."""
+    idx = np.asarray(rows, dtype=np.int64)
+    payloads = []
+    for r in rows:
+        payload = payload_for(chunks[r])
+        payload["point_digest"] = digests[r]
+        payloads.append(payload)
     return PointBatch(
-        point_ids=[point_id(collection, c.id) for c in part],
-        dense=np.ascontiguousarray(dense[start:stop], dtype=np.float32),
-        sparse={name: vecs[start:stop] for name, vecs in sparse.items()},
-        payloads=[payload_for(c) for c in part],
+        point_ids=[point_id(collection, chunks[r].id) for r in rows],
+        dense=np.ascontiguousarray(dense[idx], dtype=np.float32),
+        sparse={name: [vecs[r] for r in rows] for name, vecs in sparse.items()},
+        payloads=payloads,
     )
 
 

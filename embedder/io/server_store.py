@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from embedder.errors import IndexNotFoundError, VectorIndexError
+from embedder.errors import IndexLayoutError, IndexNotFoundError, VectorIndexError
 from embedder.io.qdrant import DENSE_VECTOR
 from embedder.io.store import HybridQuery, IndexLayout, IndexStatus, PointBatch, PublishedIndex
 from embedder.schemas import ScoredCandidate, SparseVector
@@ -30,11 +30,12 @@ def _layout_of(info: Any) -> IndexLayout | None:
 class ServerIndexWriter:
     """Upserts into the server collection (created when missing)."""
 
-    def __init__(self, store: ServerStore, collection: str, layout: IndexLayout) -> None:
+    def __init__(self, store: ServerStore, collection: str, layout: IndexLayout, *, incremental: bool = True) -> None:
         self.store = store
         self.collection = collection
         self.layout = layout
-        store.ensure_collection(collection, layout)
+        # A server collection is written in place: it is incremental whenever it already exists.
+        self.incremental = store.ensure_collection(collection, layout)
 
     def upsert(self, batch: PointBatch) -> int:
         """Upsert one batch with ``wait=True``."""
@@ -50,6 +51,16 @@ class ServerIndexWriter:
             points.append(models.PointStruct(id=pid, vector=vector, payload=batch.payloads[i]))
         self.store.call(lambda c: c.upsert(collection_name=self.collection, points=points, wait=True))
         return len(points)
+
+    def delete(self, point_ids: Sequence[str]) -> int:
+        """Delete points by id with ``wait=True``."""
+        from qdrant_client import models
+
+        if not point_ids:
+            return 0
+        self.store.call(lambda c: c.delete(collection_name=self.collection, wait=True,
+                                           points_selector=models.PointIdsList(points=list(point_ids))))
+        return len(point_ids)
 
     def publish(self) -> PublishedIndex:
         """Read the point count back; the server indexes on its own."""
@@ -98,8 +109,8 @@ class ServerStore:
         return IndexStatus(exists=True, location=self.url, layout=_layout_of(info), points_count=self.count(collection),
                            build_id=collection)
 
-    def ensure_collection(self, name: str, layout: IndexLayout) -> None:
-        """Create the collection with the layout, or check an existing one has it.
+    def ensure_collection(self, name: str, layout: IndexLayout) -> bool:
+        """Create the collection with the layout, or check an existing one has it; True if it existed.
 
         Raises:
             VectorIndexError: An existing collection has another dense dimension or lacks a sparse vector.
@@ -110,27 +121,43 @@ class ServerStore:
             existing = _layout_of(self.call(lambda c: c.get_collection(name)))
             dim = existing.dense_dim if existing else None
             if dim != layout.dense_dim:
-                raise VectorIndexError(
+                raise IndexLayoutError(
                     f"Qdrant collection {name!r} has dense dim {dim}, the model gives {layout.dense_dim}; "
                     "use another collection name or delete the old collection")
             missing = [n for n, _ in layout.sparse if n not in dict(existing.sparse)]
             if missing:
-                raise VectorIndexError(f"Qdrant collection {name!r} lacks sparse vectors {missing}")
-            return
+                raise IndexLayoutError(f"Qdrant collection {name!r} lacks sparse vectors {missing}")
+            return True
         self.call(lambda c: c.create_collection(
             collection_name=name,
             vectors_config={DENSE_VECTOR: models.VectorParams(size=layout.dense_dim, distance=models.Distance.COSINE)},
             sparse_vectors_config={n: models.SparseVectorParams(modifier=models.Modifier.IDF if idf else None)
                                    for n, idf in layout.sparse},
         ))
+        return False
 
     def count(self, collection: str) -> int:
         """Exact point count."""
         return int(self.call(lambda c: c.count(collection_name=collection, exact=True)).count)
 
-    def writer(self, collection: str, layout: IndexLayout, *, expected_points: int = 0) -> ServerIndexWriter:
+    def writer(self, collection: str, layout: IndexLayout, *, incremental: bool = True) -> ServerIndexWriter:
         """A writer into the server collection."""
-        return ServerIndexWriter(self, collection, layout)
+        return ServerIndexWriter(self, collection, layout, incremental=incremental)
+
+    def point_digests(self, collection: str) -> dict[str, str | None]:
+        """Point id -> ``point_digest`` payload, scrolled from the server."""
+        if not self.call(lambda c: c.collection_exists(collection)):
+            return {}
+        out: dict[str, str | None] = {}
+        offset = None
+        while True:
+            records, offset = self.call(lambda c, off=offset: c.scroll(
+                collection_name=collection, limit=10_000, offset=off, with_payload=["point_digest"],
+                with_vectors=False))
+            for r in records:
+                out[str(r.id)] = (r.payload or {}).get("point_digest")
+            if offset is None or not records:
+                return out
 
     def query(self, collection: str, query: HybridQuery) -> list[ScoredCandidate]:
         """The Query API: one list, or prefetches fused by RRF / DBSF on the server."""

@@ -138,10 +138,21 @@ class IndexStatus:
 
 
 class IndexWriter(Protocol):
-    """Builds one index; nothing is visible to readers until :meth:`publish`."""
+    """Builds one index; nothing is visible to readers until :meth:`publish`.
+
+    Attributes:
+        incremental: True when the build starts from the published index (same layout), so
+            only new, changed and deleted points need writing; False for an empty new index.
+    """
+
+    incremental: bool
 
     def upsert(self, batch: PointBatch) -> int:
         """Write a batch; return how many points it held."""
+        ...
+
+    def delete(self, point_ids: Sequence[str]) -> int:
+        """Remove points by id; return how many ids were sent."""
         ...
 
     def publish(self) -> PublishedIndex:
@@ -166,12 +177,17 @@ class VectorStore(Protocol):
         """The published index of a collection, or why there is none."""
         ...
 
-    def writer(self, collection: str, layout: IndexLayout, *, expected_points: int) -> IndexWriter:
-        """Start building the collection's next index.
+    def writer(self, collection: str, layout: IndexLayout, *, incremental: bool = True) -> IndexWriter:
+        """Start building the collection's next index, from the published one when ``incremental`` allows.
 
         Raises:
-            VectorIndexError: The store cannot take this layout or cannot be reached.
+            VectorIndexError: The store cannot be reached.
+            IndexLayoutError: The store cannot take this layout for the collection.
         """
+        ...
+
+    def point_digests(self, collection: str) -> dict[str, str | None]:
+        """Point id -> the ``point_digest`` payload of every point in the published index (empty if none)."""
         ...
 
     def query(self, collection: str, query: HybridQuery) -> list[ScoredCandidate]:

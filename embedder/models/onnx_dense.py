@@ -8,7 +8,6 @@ needs only onnxruntime (a fastembed dependency) and the tokenizer.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import threading
 from collections.abc import Sequence
@@ -26,12 +25,10 @@ _LOCK = threading.Lock()
 
 
 def _model_digest(model_dir: Path) -> str:
-    h = hashlib.sha256()
-    for path in sorted(model_dir.rglob("*")):
-        if path.is_file() and path.suffix in (".json", ".safetensors", ".bin", ".txt"):
-            h.update(path.relative_to(model_dir).as_posix().encode())
-            h.update(str(path.stat().st_size).encode())
-    return h.hexdigest()[:16]
+    # From content: new weights in the same directory must never be served from an old export.
+    from embedder.models.fingerprint import model_fingerprint
+
+    return model_fingerprint(model_dir)[:16]
 
 
 def _check_pooling(model_dir: Path) -> int:

@@ -37,9 +37,31 @@ def stage_outputs(tmp_path_factory: pytest.TempPathFactory):
                     queries_path=str(SAMPLE_QUERIES), output_dir=str(out / "run"), local_files_only=True)
     col = cfg.collections[0]
     load = st.load_stage(cfg, col, st.load_key(cfg, col))
-    dense = st.dense_stage(cfg, col.name, load.chunks, st.dense_key(cfg, load.chunks))
-    sparse = st.sparse_stage(cfg, col.name, load.chunks, st.sparse_key(cfg, load.chunks))
+    dense = st.dense_stage(cfg, col.name, load.chunks, st.dense_key(cfg, col.name, load.chunks))
+    sparse = st.sparse_stage(cfg, col.name, load.chunks, st.sparse_key(cfg, col.name, load.chunks))
     return cfg, load, dense, sparse
+
+
+def _subset(stage_outputs, keep, tmp: Path, tag: str):
+    """Stage outputs restricted to the chunks ``keep`` accepts: a collection with deleted chunks."""
+    from embedder.io.writers import ChunkTableWriter, read_chunks, write_dense_parquet, write_jsonl
+
+    _, load, dense, sparse = stage_outputs
+    chunks = [c for c in read_chunks(load.chunks.path) if keep(c.id)]
+    wanted = {c.id for c in chunks}
+    writer = ChunkTableWriter(tmp / f"chunks-{tag}.parquet")
+    for c in chunks:
+        writer.add(c)
+    chunks_ref = writer.close()
+    ids, vecs = read_dense_parquet(dense.vectors.path)
+    rows = [i for i, x in enumerate(ids) if x in wanted]
+    dense_ref = write_dense_parquet(tmp / f"dense-{tag}.parquet", [ids[i] for i in rows], vecs[rows], "m")
+    outs = []
+    for o in sparse.outputs:
+        recs = [r for r in read_jsonl_records(o.vectors.path) if r["id"] in wanted]
+        outs.append(o.model_copy(update={"vectors": write_jsonl(tmp / f"{o.vector_name}-{tag}.jsonl", recs)}))
+    return (chunks_ref, dense.model_copy(update={"vectors": dense_ref}),
+            sparse.model_copy(update={"outputs": outs}))
 
 
 def _config_in(cfg: RunConfig, path: Path, **updates) -> RunConfig:
@@ -142,18 +164,49 @@ def test_embedder_fusion_agrees_with_both_stores(both_stores, stage_outputs, met
                 assert c.score == pytest.approx(expected[c.id], rel=1e-4, abs=1e-6), c.id
 
 
-def test_reindex_publishes_a_new_shard_and_keeps_only_current_and_previous(stage_outputs, tmp_path):
+def test_reruns_write_only_what_changed_and_keep_current_and_previous_shards(stage_outputs, tmp_path):
     cfg, load, dense, sparse = stage_outputs
     cfg = _config_in(cfg, tmp_path)
     store = EdgeStore(tmp_path)
-    builds = [st.index_stage(cfg, "sample", load.chunks, dense, sparse, store) for _ in range(3)]
-    assert [b.points_count for b in builds] == [50, 50, 50]
-    assert len({b.build_id for b in builds}) == 3
+    first = st.index_stage(cfg, "sample", load.chunks, dense, sparse, store)
+    assert (first.action, first.upserted, first.points_count) == ("rebuilt", 50, 50)
+    same = st.index_stage(cfg, "sample", load.chunks, dense, sparse, store)
+    assert (same.action, same.upserted, same.deleted, same.unchanged) == ("unchanged", 0, 0, 50)
+    assert same.build_id == first.build_id  # nothing was rebuilt or published
+
+    gone = {"coffee-0001", "chess-0002", "tides-0003"}
+    fewer = st.index_stage(cfg, "sample", *_subset(stage_outputs, lambda i: i not in gone, tmp_path, "fewer"), store)
+    assert (fewer.action, fewer.upserted, fewer.deleted, fewer.unchanged, fewer.points_count) == (
+        "incremental", 0, 3, 47, 47)
+    qvec = read_dense_parquet(dense.vectors.path)[1]
+    hits = {c.id for v in qvec for c in store.query("sample", HybridQuery(dense=v, limit=50))}
+    assert hits and not hits & gone
+    back = st.index_stage(cfg, "sample", load.chunks, dense, sparse, store)
+    assert (back.action, back.upserted, back.deleted, back.points_count) == ("incremental", 3, 0, 50)
+
     manifest = json.loads((index_root(tmp_path, "sample") / MANIFEST).read_text())
-    assert manifest["shard"] == builds[2].build_id and manifest["previous"] == builds[1].build_id
+    assert manifest["shard"] == back.build_id and manifest["previous"] == fewer.build_id
     left = sorted(p.name for p in (index_root(tmp_path, "sample") / SHARDS).iterdir())
-    assert left == sorted([builds[1].build_id, builds[2].build_id])
-    assert builds[2].search_mode == "exact" and builds[2].hnsw_build_s == 0.0
+    assert left == sorted([fewer.build_id, back.build_id])
+    assert back.search_mode == "exact" and back.hnsw_build_s == 0.0
+
+
+def test_a_new_layout_builds_a_new_index_and_switches_only_when_complete(stage_outputs, tmp_path):
+    cfg, load, dense, sparse = stage_outputs
+    cfg = _config_in(cfg, tmp_path)
+    store = EdgeStore(tmp_path)
+    st.index_stage(cfg, "sample", load.chunks, dense, sparse, store)
+    # Another dense model of another dimension: same chunks, 128-dim vectors.
+    ids, vecs = read_dense_parquet(dense.vectors.path)
+    small = np.ascontiguousarray(vecs[:, :128]) / np.linalg.norm(vecs[:, :128], axis=1, keepdims=True)
+    from embedder.io.writers import write_dense_parquet
+
+    dense128 = dense.model_copy(update={"dim": 128, "vectors": write_dense_parquet(
+        tmp_path / "dense128.parquet", ids, small.astype(np.float32), "other")})
+    result = st.index_stage(cfg, "sample", load.chunks, dense128, sparse, store)
+    assert (result.action, result.upserted, result.points_count) == ("rebuilt", 50, 50)
+    assert store.status("sample").layout.dense_dim == 128
+    assert len(store.query("sample", HybridQuery(dense=small[0], limit=5))) == 5
 
 
 def test_hnsw_is_built_at_the_threshold_and_search_still_agrees(stage_outputs, tmp_path):
@@ -172,13 +225,14 @@ def test_a_failed_build_leaves_the_published_index_and_no_debris(stage_outputs, 
     cfg, load, dense, sparse = stage_outputs
     cfg = _config_in(cfg, tmp_path, index_batch_size=16)
     store = EdgeStore(tmp_path)
-    first = st.index_stage(cfg, "sample", load.chunks, dense, sparse, store)
+    first = st.index_stage(cfg, "sample", *_subset(stage_outputs, lambda i: not i.startswith("gpus"), tmp_path, "a"),
+                           store)
     calls = {"n": 0}
     real = EdgeIndexWriter.upsert
 
     def failing(self, batch):
         calls["n"] += 1
-        if calls["n"] == 2:
+        if calls["n"] == 1:
             raise VectorIndexError("injected: disk full")
         return real(self, batch)
 
@@ -186,8 +240,10 @@ def test_a_failed_build_leaves_the_published_index_and_no_debris(stage_outputs, 
     with pytest.raises(VectorIndexError, match="injected"):
         st.index_stage(cfg, "sample", load.chunks, dense, sparse, store)
     assert store.status("sample").build_id == first.build_id
+    assert store.status("sample").points_count == first.points_count == 45
     assert [p.name for p in (index_root(tmp_path, "sample") / SHARDS).iterdir()] == [first.build_id]
-    assert len(store.query("sample", HybridQuery(dense=read_dense_parquet(dense.vectors.path)[1][0], limit=50))) == 50
+    vec = read_dense_parquet(dense.vectors.path)[1][0]
+    assert len(store.query("sample", HybridQuery(dense=vec, limit=50))) == 45
 
 
 def test_cleanup_never_removes_a_shard_another_live_process_is_building(stage_outputs, tmp_path):
@@ -195,8 +251,12 @@ def test_cleanup_never_removes_a_shard_another_live_process_is_building(stage_ou
     cfg = _config_in(cfg, tmp_path)
     store = EdgeStore(tmp_path)
     in_progress = store.writer("sample", st.index_layout(dense, sparse))  # this live process "builds" it
-    for _ in range(3):
-        st.index_stage(cfg, "sample", load.chunks, dense, sparse, store)
+    published = set()
+    for tag in ("1", "2", "3"):
+        r = st.index_stage(cfg, "sample", *_subset(stage_outputs, lambda i, t=tag: not i.endswith(t), tmp_path, tag),
+                           store)
+        published.add(r.build_id)
+    assert len(published) == 3  # three publishes, each followed by a clean-up
     assert in_progress.path.is_dir() and in_progress.marker.is_file()
     in_progress.abort()
     assert not in_progress.path.exists() and not in_progress.marker.exists()
@@ -241,10 +301,12 @@ def test_threads_share_one_handle_while_a_writer_publishes(stage_outputs, tmp_pa
     name = sparse.outputs[0].vector_name
     stop = threading.Event()
 
+    variants = [_subset(stage_outputs, lambda i, k=k: not i.endswith(str(k)), tmp_path, f"v{k}") for k in range(5)]
+
     def republish() -> int:
         n = 0
         while not stop.is_set() and n < 5:
-            st.index_stage(cfg, "sample", load.chunks, dense, sparse, writer_store)
+            st.index_stage(cfg, "sample", *variants[n], writer_store)
             n += 1
         return n
 
@@ -257,7 +319,7 @@ def test_threads_share_one_handle_while_a_writer_publishes(stage_outputs, tmp_pa
         results = list(pool.map(one, range(400)))
         stop.set()
         assert publishes.result() >= 1
-    assert results == [10] * 400
+    assert all(n == 10 for n in results) and len(results) == 400
     # The reader follows the newest publish.
     reader.query("sample", HybridQuery(dense=queries[0][0], limit=1))
     assert reader._handles["sample"][0] == (index_root(tmp_path, "sample") / MANIFEST).read_bytes()

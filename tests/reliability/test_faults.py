@@ -10,8 +10,10 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from embedder.errors import EmbedderError
 from embedder.io.writers import read_jsonl_records
 from embedder.settings import CollectionInput
+from embedder.summary import load_summary
 from tests.conftest import SAMPLE_DIR
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
@@ -121,12 +123,15 @@ def test_qdrant_down_retries_then_fails_clearly_with_exports_written(sample_conf
     monkeypatch.setenv("QDRANT_URL", f"http://127.0.0.1:{free_port()}")
     monkeypatch.setenv("QDRANT_API_KEY", "sk-test-secret-123")
     monkeypatch.setenv("EMBEDDER_QDRANT_TIMEOUT_S", "2")
-    [s] = _run(sample_config)
-    assert s.index_run["status"] == "error" and s.status == "partial"
-    assert any(w.startswith("index stage failed: VectorIndexError") for w in s.warnings)
+    with pytest.raises(EmbedderError, match="index"):
+        _run(sample_config)
     out = Path(sample_config.output_dir) / "sample"
-    for name in ("dense.parquet", "sparse.jsonl", "qdrant.jsonl", "processing_summary.json"):
-        assert (out / name).is_file(), name
+    # The collection failed: nothing was published, and its summary says why, beside no exports.
+    assert not (out / "processing_summary.json").exists() and not (out / "dense.parquet").exists()
+    [path] = list((out / ".runs").glob("*/processing_summary.json"))
+    s = load_summary(path)
+    assert s.index_run["status"] == "error" and s.status == "failed"
+    assert any(w.startswith("index stage failed: VectorIndexError") for w in s.warnings)
     assert s.fusion_run.status == "executed"  # fusion does not depend on the index
     # the API key is nowhere: not in the outputs, the flow parameters, the artifacts or the logs
     for f in out.rglob("*"):
@@ -150,7 +155,8 @@ def test_index_task_retried_before_failing(sample_config, monkeypatch):
     from tests.conftest import free_port
 
     monkeypatch.setenv("QDRANT_URL", f"http://127.0.0.1:{free_port()}")
-    _run(sample_config)
+    with pytest.raises(EmbedderError):
+        _run(sample_config)
     with get_client(sync_client=True) as client:
         runs = client.read_task_runs(task_run_filter=TaskRunFilter(name=TaskRunFilterName(like_="qdrant-index")),
                                      limit=50)

@@ -1,0 +1,164 @@
+"""Re-runs as users run them: another output dir, deleted and edited chunks, another model, a failed index.
+
+Each test is a sequence of real flow runs (Prefect test harness, real models,
+Qdrant Edge) and asserts on what the runs leave behind.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from embedder.errors import EmbedderError, VectorIndexError
+from embedder.io.edge_store import EdgeStore
+from embedder.settings import CollectionInput, RunConfig
+from tests.conftest import SAMPLE_DIR, SAMPLE_QUERIES
+
+pytestmark = pytest.mark.usefixtures("prefect_harness")
+
+
+def _sample_records() -> list[dict]:
+    from embedder.io.readers import RecordValidator, read_collection
+    from embedder.schemas import Chunk
+
+    return [{"id": c.id, "text": c.text, "metadata": c.metadata}
+            for c in read_collection(SAMPLE_DIR, RecordValidator()) if isinstance(c, Chunk)]
+
+
+def _write_jsonl(path: Path, records: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    return path
+
+
+def _config(input_path: Path, out: Path, **updates) -> RunConfig:
+    return RunConfig(collections=[CollectionInput(name="docs", path=str(input_path))], queries_path=str(SAMPLE_QUERIES),
+                     output_dir=str(out), local_files_only=True, enable_rerank=False, **updates)
+
+
+def _run(cfg: RunConfig):
+    from flows.embed_collections import embed_collections
+
+    [summary] = embed_collections(cfg)
+    return summary
+
+
+def test_runs_into_a_b_b_then_rm_a_then_b_never_touch_a(tmp_path):
+    src = _write_jsonl(tmp_path / "docs.jsonl", _sample_records())
+    a, b = tmp_path / "A", tmp_path / "B"
+    for out in (a, b, b):
+        assert _run(_config(src, out)).status == "completed"
+    shutil.rmtree(a)
+    s = _run(_config(src, b))
+    assert s.status == "completed" and s.index_run["points_count"] == 50
+    assert s.telemetry.stages["dense"]["cached"]  # B's own cache, untouched by A's removal
+    for f in b.rglob("*"):
+        if f.is_file() and f.suffix in (".json", ".jsonl"):
+            assert str(a) not in f.read_text(errors="replace"), f
+    assert all(str(a) not in str(v) for v in s.exports.values())
+
+
+def test_deleted_edited_and_added_chunks_leave_exactly_the_current_points(tmp_path):
+    from embedder.service import SearchRequest, search_collection
+
+    records = _sample_records()
+    src = _write_jsonl(tmp_path / "docs.jsonl", records)
+    out = tmp_path / "out"
+    first = _run(_config(src, out))
+    assert (first.index_run["action"], first.index_run["points_count"]) == ("rebuilt", 50)
+
+    deleted = {r["id"] for r in records[5:15]}
+    edited = records[0] | {"text": records[0]["text"] + " Edited: the kettle whistles at dawn."}
+    added = [{"id": f"new-{i}", "text": f"A new note about lighthouse keepers number {i}.", "metadata": {}}
+             for i in range(5)]
+    kept = [edited] + [r for r in records[1:] if r["id"] not in deleted] + added
+    _write_jsonl(src, kept)
+    second = _run(_config(src, out))
+    ir = second.index_run
+    assert second.status == "completed" and second.chunk_count == 45
+    assert (ir["action"], ir["upserted"], ir["deleted"], ir["unchanged"], ir["points_count"]) == (
+        "incremental", 6, 10, 39, 45)
+    assert EdgeStore(out).status("docs").points_count == 45
+    hits = set()
+    for r in records[5:15]:
+        resp = search_collection(out, SearchRequest(collection="docs", query=r["text"][:200], top_k=10, rerank=False))
+        hits |= {h.id for h in resp.hits}
+    assert hits and not hits & deleted
+
+    third = _run(_config(src, out))
+    assert (third.index_run["action"], third.index_run["upserted"], third.index_run["deleted"]) == ("unchanged", 0, 0)
+
+
+@pytest.fixture(scope="module")
+def tiny_dense_model(tmp_path_factory, _tiny_ce_master: Path) -> Path:
+    """A 64-dim sentence-transformers model built from the tiny BERT: another model, another dimension."""
+    from sentence_transformers import SentenceTransformer, models
+
+    word = models.Transformer(str(_tiny_ce_master), max_seq_length=128)
+    dim = (getattr(word, "get_embedding_dimension", None) or word.get_word_embedding_dimension)()
+    model = SentenceTransformer(modules=[word, models.Pooling(dim, "mean")])
+    path = tmp_path_factory.mktemp("tiny-dense") / "model"
+    model.save(str(path))
+    return path
+
+
+def test_a_model_change_builds_a_new_index_and_a_failed_switch_leaves_the_old_set(tmp_path, tiny_dense_model,
+                                                                                   monkeypatch):
+    from embedder.io import edge_store
+    from embedder.service import SearchRequest, search_collection
+
+    src = _write_jsonl(tmp_path / "docs.jsonl", _sample_records())
+    out = tmp_path / "out"
+    first = _run(_config(src, out))
+    cdir = out / "docs"
+    published = {n: (cdir / n).read_bytes() for n in ("processing_summary.json", "dense.parquet", "qdrant.jsonl")}
+    build = EdgeStore(out).status("docs").build_id
+
+    def broken_publish(self):
+        raise VectorIndexError("injected: the disk filled up while publishing")
+
+    monkeypatch.setattr(edge_store.EdgeIndexWriter, "publish", broken_publish)
+    with pytest.raises(EmbedderError, match="index"):
+        _run(_config(src, out, dense_model=str(tiny_dense_model)))
+    assert {n: (cdir / n).read_bytes() for n in published} == published  # old exports and summary, whole
+    assert EdgeStore(out).status("docs").build_id == build
+    [failed_summary] = list((cdir / ".runs").glob("*/processing_summary.json"))
+    failed = json.loads(failed_summary.read_text())
+    assert failed["status"] == "failed" and any("index stage failed" in w for w in failed["warnings"])
+    old = search_collection(out, SearchRequest(collection="docs", query="sourdough", top_k=3, rerank=False))
+    assert old.hits and first.dense_run.model_name == "all-minilm-l6-v2"
+
+    monkeypatch.undo()
+    changed = _run(_config(src, out, dense_model=str(tiny_dense_model)))
+    assert changed.status == "completed" and changed.index_run["action"] == "rebuilt"
+    status = EdgeStore(out).status("docs")
+    assert status.layout.dense_dim == 64 and status.points_count == 50
+    resp = search_collection(out, SearchRequest(collection="docs", query="sourdough", top_k=3, rerank=False))
+    assert len(resp.hits) == 3
+    dense = np.asarray(__import__("pyarrow.parquet", fromlist=["x"]).read_table(cdir / "dense.parquet")["vector"]
+                       .to_pylist())
+    assert dense.shape == (50, 64)
+
+
+def test_a_deterministic_index_error_is_not_retried(tmp_path, monkeypatch):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterName
+
+    from embedder.errors import IndexLayoutError
+    from embedder.io import edge_store
+
+    def wrong_layout(self, *a, **k):
+        raise IndexLayoutError("injected: the collection holds another layout")
+
+    monkeypatch.setattr(edge_store.EdgeStore, "writer", wrong_layout)
+    src = _write_jsonl(tmp_path / "docs.jsonl", _sample_records())
+    with pytest.raises(EmbedderError):
+        _run(_config(src, tmp_path / "out"))
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(task_run_filter=TaskRunFilter(name=TaskRunFilterName(like_="qdrant-index")),
+                                     limit=50)
+    latest = max(runs, key=lambda r: r.expected_start_time)
+    assert latest.run_count == 1 and latest.state.is_failed()
