@@ -1,7 +1,7 @@
 """Scaling: wall time and peak RSS of the whole pipeline on 1k, 10k and 100k synthetic chunks.
 
-Each size runs the real CLI (`embed-collections run`: load, dense, sparse, Qdrant
-local-mode index, fusion for 5 real queries, exports, summary) in a fresh
+Each size runs the real CLI (`embed-collections run`: load, dense, sparse, the
+Qdrant Edge index, fusion for 5 real queries, exports, summary) in a fresh
 process; peak RSS is that process's ru_maxrss (os.wait4). Dense uses a small
 2-layer BERT sentence encoder built locally from the MiniLM tokenizer, so 100k
 chunks fit a CPU; sparse (fastembed BM25) and the index run in full.
@@ -86,6 +86,8 @@ def main() -> None:
             "peak_rss_gb": round(usage.ru_maxrss * 1024 / 1024**3, 3),
             "stage_ms": {k: round(v["latency_ms"], 1) for k, v in stages.items()},
             "points": summary["index_run"].get("points_count"), "status": summary["status"],
+            "index": {k: summary["index_run"].get(k) for k in ("backend", "action", "points_per_s", "search_mode",
+                                                               "hnsw_build_s", "upserted")},
         })
         print(json.dumps(rows[-1]), flush=True)
     base = rows[0]

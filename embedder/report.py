@@ -168,7 +168,8 @@ def build_summary(
         add_stage(t, "dense")
         warnings.extend(t.warnings)
         dense_run = DenseRun(model_name=dense.model_name, device=t.device, batch_size=t.batch_size or 0,
-                             total_embeddings_generated=t.items, latency_ms=t.latency_ms, gpu_peak_gb=t.gpu_peak_gb,
+                             total_embeddings_generated=dense.computed, reused=dense.reused,
+                             latency_ms=t.latency_ms, gpu_peak_gb=t.gpu_peak_gb,
                              status="executed", initial_batch_size=t.initial_batch_size, backoffs=t.backoffs,
                              items_per_s=t.items_per_s, cached="dense" in cached)
     elif "dense" in stage_errors:
@@ -194,6 +195,8 @@ def build_summary(
             payload=sparse.outputs[0].run if sparse.outputs else None,
             payloads=[o.run.model_dump(mode="json") for o in sparse.outputs[1:]],
             cached="sparse" in cached,
+            computed={o.model_name: o.computed for o in sparse.outputs},
+            reused={o.model_name: o.reused for o in sparse.outputs},
         )
     elif sparse is not None:
         sparse_run = SparseRun(enabled=config.enable_sparse, executed=False, status=sparse.status,

@@ -140,7 +140,8 @@ class StageTelemetry(BaseModel):
     batch_size: int | None = None
     initial_batch_size: int | None = None
     backoffs: list[int] = Field(default_factory=list, description="Batch sizes that hit OOM, in order.")
-    items: int = 0
+    items: int = Field(0, description="Items this stage computed.")
+    reused: int = Field(0, description="Items taken from the per-chunk store instead of computed.")
     latency_ms: float = 0.0
     items_per_s: float = 0.0
     gpu_peak_gb: float = 0.0

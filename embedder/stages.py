@@ -8,6 +8,7 @@ one-to-one; nothing here knows about Prefect.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -17,6 +18,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 from pydantic import BaseModel, Field
 
 import embedder
@@ -164,7 +166,15 @@ class DenseStageResult(BaseModel):
     model_name: str
     dim: int
     telemetry: StageTelemetry
-    lease_event: dict[str, Any] | None = Field(None, description="Set by the orchestrator that held the GPU lease.")
+    computed: int = Field(0, description="Chunk vectors computed by this run.")
+    reused: int = Field(0, description="Chunk vectors taken from the per-chunk store (same text, same model).")
+    lease_event: dict[str, Any] | None = Field(None, description="Set when the stage held the GPU lease.")
+
+
+def vector_space(config: RunConfig, kind: str, *parts: Any) -> str:
+    """The id of a per-chunk vector space: the model's fingerprint, the settings that shape it, the code version."""
+    payload = json.dumps([kind, code_version(), *parts], sort_keys=True, default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()[:20]
 
 
 def dense_stage(
@@ -174,32 +184,71 @@ def dense_stage(
     key: str,
     *,
     progress: Callable[[int, int], None] | None = None,
+    gpu: Callable[[], Any] | None = None,
 ) -> DenseStageResult:
-    """Embed every chunk (and every query) with the dense model under the memory ceiling.
+    """Embed the chunks (and queries) whose text has no vector yet, under the memory ceiling.
+
+    Vectors are reused per chunk from ``.stages/vectors/<space>/`` when the same
+    text was embedded before by the same model (by content fingerprint), backend
+    and device; only the rest are computed, and the model is not even loaded
+    when nothing is left.
+
+    Args:
+        gpu: A factory of the GPU lease context manager (yielding the lease event),
+            entered only around the embedding itself.
 
     Raises:
         ModelUnavailableError: When the dense model cannot load (the run cannot continue).
     """
+    from embedder.io.vector_cache import DenseVectorCache, text_digest
+
+    t0 = time.perf_counter()
     resolved = resolve_model(config.dense_model, "dense", local_files_only=config.local_files_only)
-    encoder = dense_encoder(config, resolved)
-    device = encoder.device
-    apply_memory_ceiling(device, config.gpu_memory_ceiling_gb)
-    max_len = int(getattr(encoder.load(), "max_seq_length", resolved.spec.max_length) or resolved.spec.max_length)
-    plan = default_dense_batch(device, config.gpu_memory_ceiling_gb, max_len)
+    device = "cpu" if config.dense_backend != "torch" else resolve_device(config.force_cpu)
+    space = vector_space(config, "dense", model_fingerprint(config.dense_model, "dense", config.local_files_only),
+                         config.dense_backend, device)
+    cache = DenseVectorCache(stages_dir(config, collection) / "vectors" / space)
     items = read_chunks(chunks.path)
-    result = embed_dense([c.text for c in items], encoder, batch=plan, progress=progress)
+    queries = read_queries(config.queries_path) if config.queries_path else []
+    texts = [c.text for c in items] + [q.text for q in queries]
+    digests = [text_digest(t) for t in texts]
+    known = cache.lookup(digests)
+    missing: dict[str, str] = {}
+    for d, t in zip(digests, texts):
+        if d not in known:
+            missing.setdefault(d, t)
+    lease_event = None
+    name = resolved.spec.name
+    telemetry = StageTelemetry(stage="dense", model=name, device=device)
+    if missing:
+        encoder = dense_encoder(config, resolved)
+        name = encoder.name
+        apply_memory_ceiling(encoder.device, config.gpu_memory_ceiling_gb)
+        max_len = int(getattr(encoder.load(), "max_seq_length", resolved.spec.max_length) or resolved.spec.max_length)
+        plan = default_dense_batch(encoder.device, config.gpu_memory_ceiling_gb, max_len)
+        with (gpu() if gpu is not None else contextlib.nullcontext()) as lease_event:
+            result = embed_dense(list(missing.values()), encoder, batch=plan, progress=progress)
+        cache.append(list(missing), result.vectors)
+        known.update(zip(missing, result.vectors))
+        telemetry = result.telemetry
+    chunk_digests = digests[: len(items)]
+    computed = len({d for d in chunk_digests if d in missing})
+    reused = len(items) - sum(1 for d in chunk_digests if d in missing)
+    dim = int(next(iter(known.values())).shape[0]) if known else 0
+    vectors = np.stack([known[d] for d in chunk_digests]) if items else np.zeros((0, dim), np.float32)
     sdir = stages_dir(config, collection)
-    ref = write_dense_parquet(sdir / f"dense-{key[:16]}.parquet", [c.id for c in items], result.vectors,
-                              encoder.name)
+    ref = write_dense_parquet(sdir / f"dense-{key[:16]}.parquet", [c.id for c in items], vectors, name)
     qref = None
     if config.queries_path:
-        queries = read_queries(config.queries_path)
-        qres = embed_dense([q.text for q in queries], encoder, batch=plan)
-        qref = write_dense_parquet(sdir / f"dense-queries-{key[:16]}.parquet", [q.id for q in queries],
-                                   qres.vectors, encoder.name)
-    # The dimension comes from the vectors: an ONNX encoder's `dim` costs a probe encode.
-    return DenseStageResult(vectors=ref, query_vectors=qref, model_name=encoder.name, dim=int(result.vectors.shape[1]),
-                            telemetry=result.telemetry)
+        qvecs = (np.stack([known[d] for d in digests[len(items):]]) if queries
+                 else np.zeros((0, dim), np.float32))
+        qref = write_dense_parquet(sdir / f"dense-queries-{key[:16]}.parquet", [q.id for q in queries], qvecs, name)
+    cache.compact(set(digests))
+    elapsed = time.perf_counter() - t0
+    telemetry = telemetry.model_copy(update={"items": computed, "reused": reused,
+                                             "latency_ms": telemetry.latency_ms if missing else elapsed * 1000})
+    return DenseStageResult(vectors=ref, query_vectors=qref, model_name=name, dim=dim, telemetry=telemetry,
+                            computed=computed, reused=reused, lease_event=lease_event)
 
 
 # --- sparse -----------------------------------------------------------------------------------
@@ -216,6 +265,8 @@ class SparseModelOutput(BaseModel):
     available: int
     telemetry: StageTelemetry
     warnings: list[str] = Field(default_factory=list)
+    computed: int = Field(0, description="Chunk vectors computed (live or fallback) by this run.")
+    reused: int = Field(0, description="Live chunk vectors reused from earlier runs.")
 
 
 class SparseStageResult(BaseModel):
@@ -229,8 +280,14 @@ class SparseStageResult(BaseModel):
 
 def sparse_stage(config: RunConfig, collection: str, chunks: StageRef, key: str,
                  run_id: uuid.UUID | None = None) -> SparseStageResult:
-    """Live sparse inference per model, CPU first, with the per-chunk metadata fallback."""
+    """Live sparse inference per model, CPU first, with the per-chunk metadata fallback.
+
+    Live vectors are reused per chunk from ``.stages/vectors/<space>/`` when the
+    same text and metadata met the same model (by content fingerprint) before; a
+    model is loaded only when some chunk or query needs it.
+    """
     from embedder.io.qdrant import sparse_vector_name
+    from embedder.io.vector_cache import SparseVectorCache, text_digest
     from embedder.models.registry import BUNDLED_DATA
 
     if not config.enable_sparse:
@@ -238,22 +295,34 @@ def sparse_stage(config: RunConfig, collection: str, chunks: StageRef, key: str,
     items = read_chunks(chunks.path)
     queries = read_queries(config.queries_path) if config.queries_path else []
     sdir = stages_dir(config, collection)
+    # The metadata decides the fallback vector, so it is part of a chunk's digest.
+    digests = [text_digest(c.text + "\0" + json.dumps(c.metadata.get("sparse_features"), sort_keys=True))
+               for c in items]
     outputs: list[SparseModelOutput] = []
     warnings: list[str] = []
     for name in config.sparse_models:
         spec = get_spec(name, "sparse")
+        space = vector_space(config, "sparse", name, model_fingerprint(name, "sparse", config.local_files_only))
+        cache = SparseVectorCache(sdir / "vectors" / space)
+        stored = cache.lookup(digests)
+        known = {i: stored[d] for i, d in enumerate(digests) if d in stored}
         model = None
         load_error = None
-        try:
-            resolved = resolve_model(name, "sparse", local_files_only=config.local_files_only)
-            model = load_sparse_model(resolved, "cpu", local_files_only=config.local_files_only)
-        except ModelUnavailableError as exc:
-            load_error = str(exc)
+        if len(known) < len(items) or queries:
+            try:
+                resolved = resolve_model(name, "sparse", local_files_only=config.local_files_only)
+                model = load_sparse_model(resolved, "cpu", local_files_only=config.local_files_only)
+            except ModelUnavailableError as exc:
+                load_error = str(exc)
         tag = f"{sparse_vector_name(name)}-{key[:16]}"
         result = infer_sparse(
             items, spec, model, queries=queries, load_error=load_error, bm25_dir=BUNDLED_DATA / "bm25",
-            run_id=run_id, export_path=str(collection_dir(config, collection) / "sparse.jsonl"),
+            run_id=run_id, export_path=str(collection_dir(config, collection) / "sparse.jsonl"), known=known,
         )
+        if model is not None:
+            cache.append({digests[i]: v for i, (v, fb) in enumerate(zip(result.vectors, result.fallback))
+                          if i not in known and v is not None and not fb})
+        cache.compact(set(digests))
         ref = write_jsonl(sdir / f"{tag}.jsonl", (
             {"id": c.id, "sparse_vector": (v or SparseVector()).model_dump(), "model": name, "fallback": fb,
              "available": v is not None}
@@ -268,7 +337,7 @@ def sparse_stage(config: RunConfig, collection: str, chunks: StageRef, key: str,
         outputs.append(SparseModelOutput(
             model_name=name, vector_name=sparse_vector_name(name), vectors=ref, query_vectors=qref, run=result.run,
             available=sum(v is not None for v in result.vectors), telemetry=result.telemetry,
-            warnings=result.warnings,
+            warnings=result.warnings, computed=len(items) - len(known), reused=len(known),
         ))
     return SparseStageResult(status="executed", outputs=outputs, warnings=warnings)
 

@@ -42,6 +42,7 @@ class DenseRun(_Section):
     latency_ms: float
     gpu_peak_gb: float
     status: StageStatus = "executed"
+    reused: int = Field(0, description="Chunk vectors reused from earlier runs (same text, same model).")
 
 
 class SparseVectorsStats(_Section):
@@ -59,6 +60,8 @@ class SparseRun(_Section):
     vectors: SparseVectorsStats = Field(default_factory=SparseVectorsStats)
     payload: SparseInferenceRun | None = None
     reason: str | None = None
+    computed: dict[str, int] = Field(default_factory=dict, description="Model -> chunk vectors computed.")
+    reused: dict[str, int] = Field(default_factory=dict, description="Model -> chunk vectors reused.")
 
 
 class RerankRun(_Section):
@@ -247,12 +250,15 @@ def render_summary_lines(summary: ProcessingSummary) -> list[str]:
     if s.dense_run:
         d = s.dense_run
         lines.append(
-            f"Dense: {d.model_name} on {d.device}, batch {d.batch_size}, {d.total_embeddings_generated} vectors, "
-            f"{d.latency_ms:.0f} ms, GPU peak {d.gpu_peak_gb:.2f} GB [{d.status}]"
+            f"Dense: {d.model_name} on {d.device}, batch {d.batch_size}, {d.total_embeddings_generated} vectors "
+            f"computed, {d.reused} reused, {d.latency_ms:.0f} ms, GPU peak {d.gpu_peak_gb:.2f} GB [{d.status}]"
         )
     if s.sparse_run:
         sp = s.sparse_run
         line = f"Sparse: {', '.join(sp.model_names) or '-'} [{sp.status}]"
+        if sp.computed or sp.reused:
+            line += ", " + ", ".join(f"{m}: {sp.computed.get(m, 0)} computed, {sp.reused.get(m, 0)} reused"
+                                     for m in sp.model_names)
         if sp.executed:
             line += (
                 f", fallback {'yes' if sp.fallback_used else 'no'}, "

@@ -62,14 +62,16 @@ def load_collection_task(config: RunConfig, collection: CollectionInput) -> Load
 @task(name="dense-embed", cache_key_fn=_keyed(lambda p: st.dense_key(p["config"], p["collection"], p["chunks"])),
       **_PERSIST)
 def dense_embed_task(config: RunConfig, collection: str, chunks: Any) -> st.DenseStageResult:
-    """Prefect wrapper for `embedder.stages.dense_stage`, inside the GPU lease."""
+    """Prefect wrapper for `embedder.stages.dense_stage`; the GPU lease is held only while it embeds."""
     key = st.dense_key(config, collection, chunks)
     progress = ProgressReporter(collection, "dense")
-    with gpu_lease(config.gpu_concurrency_limit_name, "dense", timeout_s=config.gpu_lease_timeout_s,
-                   lease_duration_s=config.gpu_lease_duration_s) as lease:
-        result = st.dense_stage(config, collection, chunks, key, progress=progress)
+    result = st.dense_stage(
+        config, collection, chunks, key, progress=progress,
+        gpu=lambda: gpu_lease(config.gpu_concurrency_limit_name, "dense", timeout_s=config.gpu_lease_timeout_s,
+                              lease_duration_s=config.gpu_lease_duration_s),
+    )
     publish_stage(collection, result.telemetry)
-    return result.model_copy(update={"lease_event": lease})
+    return result
 
 
 @task(name="sparse-infer",

@@ -321,6 +321,7 @@ def infer_sparse(
     batch_size: int = 256,
     inline_vectors_limit: int = 50,
     export_path: str | None = None,
+    known: dict[int, SparseVector] | None = None,
 ) -> SparseResult:
     """Live sparse vectors for every chunk, falling back per chunk to metadata term weights.
 
@@ -337,6 +338,8 @@ def infer_sparse(
         inline_vectors_limit: Above this many chunks, the payload summarises
             document vectors and points at ``export_path``.
         export_path: Where ``sparse.jsonl`` will be written.
+        known: Live vectors reused from an earlier run, by chunk position: these
+            chunks are not embedded again.
 
     Returns:
         Vectors (None where neither live inference nor the fallback could produce
@@ -346,14 +349,18 @@ def infer_sparse(
     t0 = time.perf_counter()
     n = len(chunks)
     vectors: list[SparseVector | None] = [None] * n
+    known = known or {}
+    for i, v in known.items():
+        vectors[i] = v
+    todo = [i for i in range(n) if i not in known]
     fallback = [False] * n
     warnings: list[str] = []
-    failed: list[int] = list(range(n)) if model is None else []
+    failed: list[int] = list(todo) if model is None else []
     if model is None:
         warnings.append(f"sparse model {spec.name!r} unavailable ({load_error}); using the metadata fallback")
     else:
-        for start in range(0, n, batch_size):
-            idx = list(range(start, min(n, start + batch_size)))
+        for start in range(0, len(todo), batch_size):
+            idx = todo[start:start + batch_size]
             try:
                 out = model.embed([chunks[i].text for i in idx])
                 for i, v in zip(idx, out, strict=True):
@@ -420,7 +427,8 @@ def infer_sparse(
         latency_ms=latency_ms, fallback_used=fb_count > 0, fallback_count=fb_count, coverage_ratio=coverage,
     )
     telemetry = StageTelemetry(
-        stage="sparse", model=spec.name, device="cpu", batch_size=batch_size, items=n, latency_ms=latency_ms,
-        items_per_s=n / (latency_ms / 1000) if latency_ms > 0 else 0.0, fallback=fb_count > 0, warnings=warnings,
+        stage="sparse", model=spec.name, device="cpu", batch_size=batch_size, items=len(todo), reused=len(known),
+        latency_ms=latency_ms, items_per_s=len(todo) / (latency_ms / 1000) if latency_ms > 0 else 0.0,
+        fallback=fb_count > 0, warnings=warnings,
     )
     return SparseResult(spec.name, vectors, fallback, query_vectors, run, telemetry, warnings)
