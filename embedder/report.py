@@ -69,13 +69,14 @@ def write_exports(
     dense: DenseStageResult | None,
     sparse: SparseStageResult | None,
     rerank: RerankStageResult | None,
+    run_path: str | Path,
 ) -> dict[str, str]:
-    """Write the per-collection exports atomically; return name -> path of each file written.
+    """Write the collection's exports into its run set; return name -> path of each file written.
 
     ``dense.parquet``, ``sparse.jsonl`` and ``qdrant.jsonl`` need the dense stage;
     ``rerank.jsonl`` needs an executed rerank; ``rejects.jsonl`` is always written.
     """
-    cdir = collection_dir(config, collection)
+    cdir = Path(run_path)
     out: dict[str, str] = {}
     _copy_atomic(load.rejects.path, cdir / "rejects.jsonl")
     out["rejects"] = str(cdir / "rejects.jsonl")
@@ -300,14 +301,29 @@ def _fingerprints(config: RunConfig) -> dict[str, str]:
     return {name: model_fingerprint(name, role, config.local_files_only) for name, role in roles}
 
 
-def write_collection_summary(summary: ProcessingSummary, config: RunConfig, *, publish: bool = True) -> Path:
-    """Write the collection's summary atomically.
+def write_collection_summary(summary: ProcessingSummary, run_path: str | Path) -> Path:
+    """Write the summary into its run set, beside the exports it describes."""
+    return write_summary(summary, Path(run_path) / "processing_summary.json")
 
-    Published runs write ``<output_dir>/<collection>/processing_summary.json``;
-    a run that must leave the published set alone (its index failed) writes
-    ``<output_dir>/<collection>/.runs/<run_id>/processing_summary.json``.
+
+def new_run_set(config: RunConfig, collection: str, run_id: uuid.UUID) -> str:
+    """A fresh run-set directory for one collection (one per attempt: a retry never writes into a published set)."""
+    from datetime import UTC, datetime
+
+    from embedder.io.runset import run_dir
+
+    name = f"{datetime.now(UTC):%Y%m%dT%H%M%S}-{str(run_id)[:8]}-{uuid.uuid4().hex[:6]}"
+    return str(run_dir(config.output_dir, collection, name))
+
+
+def publish_run_set(config: RunConfig, collection: str, run_path: str | Path) -> Path:
+    """Publish a run set (exports, summary, index manifest) with one switch; return the summary's stable path.
+
+    Run sets and Edge shards that nothing refers to any more are removed afterwards.
     """
-    cdir = collection_dir(config, summary.collection)
-    if not publish:
-        return write_summary(summary, cdir / ".runs" / str(summary.run_id) / "processing_summary.json")
-    return write_summary(summary, cdir / "processing_summary.json")
+    from embedder.io.edge_store import EdgeStore
+    from embedder.io.runset import publish_run
+
+    publish_run(config.output_dir, collection, Path(run_path))
+    EdgeStore(config.output_dir).collect_garbage(collection)
+    return collection_dir(config, collection) / "processing_summary.json"

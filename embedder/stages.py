@@ -413,7 +413,7 @@ def index_layout(dense: DenseStageResult, sparse: SparseStageResult) -> Any:
 
 
 def index_stage(config: RunConfig, collection: str, chunks: StageRef, dense: DenseStageResult,
-                sparse: SparseStageResult, store: Any) -> IndexResult:
+                sparse: SparseStageResult, store: Any, run_path: str | Path | None = None) -> IndexResult:
     """Bring the collection's published index in line with this run's points.
 
     Points are compared by digest with the published index: when nothing
@@ -426,6 +426,7 @@ def index_stage(config: RunConfig, collection: str, chunks: StageRef, dense: Den
 
     Args:
         store: A :class:`embedder.io.store.VectorStore`.
+        run_path: The run set the new index belongs to (published with it); None publishes the index alone.
 
     Raises:
         VectorIndexError: When the store cannot be reached or rejects the write.
@@ -448,12 +449,15 @@ def index_stage(config: RunConfig, collection: str, chunks: StageRef, dense: Den
     current = dict(zip(pids, digests))
     gone = [p for p in previous if p not in current]
     common = dict(batch_size=config.index_batch_size, collection=collection, warnings=warnings)
+    run_dir_ = Path(run_path) if run_path is not None else None
     if status.exists and status.layout == layout and previous == current:
+        if run_dir_ is not None:
+            store.keep_published(collection, run_dir_)
         elapsed = time.perf_counter() - t0
         return IndexResult(status="executed", action="unchanged", backend=store.backend, location=status.location,
                            points_count=status.points_count or 0, unchanged=len(pids), build_id=status.build_id,
                            search_mode=None, latency_ms=elapsed * 1000, **common)
-    writer = store.writer(collection, layout, incremental=True)
+    writer = store.writer(collection, layout, incremental=True, run_path=run_dir_)
     rows = [i for i, (p, d) in enumerate(current.items()) if not writer.incremental or previous.get(p) != d]
     upserted = deleted = 0
     try:

@@ -100,11 +100,11 @@ def open_run_store(config: RunConfig) -> Any:
 
 @task(name="qdrant-index", retries=3, retry_delay_seconds=[1, 4, 10], retry_condition_fn=_transient, **_PERSIST)
 def index_task(config: RunConfig, collection: str, chunks: Any, dense: st.DenseStageResult,
-               sparse: st.SparseStageResult) -> st.IndexResult:
+               sparse: st.SparseStageResult, run_path: str) -> st.IndexResult:
     """Prefect wrapper for `embedder.stages.index_stage`; I/O, so retried with backoff."""
     store = open_run_store(config)
     try:
-        result = st.index_stage(config, collection, chunks, dense, sparse, store)
+        result = st.index_stage(config, collection, chunks, dense, sparse, store, run_path)
     finally:
         store.close()
     publish_stage(collection, StageTelemetry(stage="index", items=result.upserted, latency_ms=result.latency_ms,
@@ -147,8 +147,17 @@ def rerank_task(config: RunConfig, collection: str, chunks: Any, fusion: st.Fusi
 
 @task(name="export", retries=2, retry_delay_seconds=[1, 4], retry_condition_fn=_transient)
 def export_task(config: RunConfig, collection: str, load: LoadResult, dense: st.DenseStageResult | None,
-                sparse: st.SparseStageResult | None, rerank: st.RerankStageResult | None) -> dict[str, str]:
-    """Prefect wrapper for `embedder.report.write_exports`."""
+                sparse: st.SparseStageResult | None, rerank: st.RerankStageResult | None,
+                run_path: str) -> dict[str, str]:
+    """Prefect wrapper for `embedder.report.write_exports` (into the run set)."""
     from embedder.report import write_exports
 
-    return write_exports(config, collection, load, dense, sparse, rerank)
+    return write_exports(config, collection, load, dense, sparse, rerank, run_path)
+
+
+@task(name="publish", retries=2, retry_delay_seconds=[1, 4], retry_condition_fn=_transient)
+def publish_task(config: RunConfig, collection: str, run_path: str) -> str:
+    """Prefect wrapper for `embedder.report.publish_run_set`: one switch publishes exports, summary and index."""
+    from embedder.report import publish_run_set
+
+    return str(publish_run_set(config, collection, run_path))

@@ -2,17 +2,21 @@
 
 Layout, per collection::
 
-    <output_dir>/<collection>/index/
-        CURRENT.json              the published shard's id, layout and counts (replaced atomically)
-        shards/<build-id>/        one Edge shard per build; never modified once published
-        shards/<build-id>.building  present while a process builds that shard (pid, host)
+    <output_dir>/<collection>/index/shards/<build-id>/         one Edge shard per build; never changed once published
+    <output_dir>/<collection>/index/shards/<build-id>.building present while a process builds that shard
+    <output_dir>/<collection>/current/index.json               the published shard's id, layout and counts
+
+``index.json`` belongs to the run set (:mod:`embedder.io.runset`): the shard is
+published together with the exports and the summary by one switch of the
+``current`` symlink.
 
 Shards are created with the write-ahead log off: a shard with a WAL cannot be
 opened by a second process (``Can't init WAL: WouldBlock``), while a flushed
 WAL-less shard is opened and queried by any number of processes at once. So a
-writer never touches a published shard; it builds a new one, flushes it and
-switches ``CURRENT.json``. Readers open the published shard once per process,
-share the handle across threads and notice a newer one on their next query.
+writer never touches a published shard; it builds a new one (from a copy of the
+published one when the layout is the same), flushes it and names it in the next
+run set. Readers open the published shard once per process, share the handle
+across threads and notice a newer one on their next query.
 
 This is the only module that imports ``qdrant_edge`` (pinned exactly: the API
 is beta and moved between 0.6 and 0.9).
@@ -35,10 +39,11 @@ from typing import Any
 from embedder.errors import IndexNotFoundError, VectorIndexError
 from embedder.io.atomic import atomic_write_text
 from embedder.io.qdrant import DENSE_VECTOR
+from embedder.io.runset import CURRENT, RUNS, publish_run, run_dir
 from embedder.io.store import HybridQuery, IndexLayout, IndexStatus, PointBatch, PublishedIndex
 from embedder.schemas import ScoredCandidate, SparseVector
 
-MANIFEST = "CURRENT.json"
+MANIFEST = "index.json"
 SHARDS = "shards"
 FORMAT = 1
 # Exact search stays near 15 ms per hybrid query at 100k points on 2 cores, while an HNSW
@@ -129,10 +134,12 @@ def to_edge_request(query: HybridQuery, payload_fields: Sequence[str] = ("chunk_
 class EdgeIndexWriter:
     """Builds one new shard; :meth:`publish` switches the collection's pointer to it."""
 
-    def __init__(self, store: EdgeStore, collection: str, layout: IndexLayout, *, incremental: bool = True) -> None:
+    def __init__(self, store: EdgeStore, collection: str, layout: IndexLayout, *, incremental: bool = True,
+                 run_path: Path | None = None) -> None:
         self.store = store
         self.collection = collection
         self.layout = layout
+        self.run_path = run_path
         self.root = index_root(store.root, collection)
         shards = self.root / SHARDS
         shards.mkdir(parents=True, exist_ok=True)
@@ -189,7 +196,7 @@ class EdgeIndexWriter:
         return len(point_ids)
 
     def publish(self) -> PublishedIndex:
-        """Flush, build HNSW when the shard is big enough, then switch ``CURRENT.json`` to this shard."""
+        """Flush, build HNSW when the shard is big enough, then name the shard in the run set's ``index.json``."""
         qe = _edge()
         self._shard.flush()
         count = int(self._shard.count(qe.CountRequest(exact=True)))
@@ -210,12 +217,11 @@ class EdgeIndexWriter:
             "format": FORMAT, "backend": "edge", "collection": self.collection, "shard": self.build_id,
             "previous": previous.get("shard") if previous else None, "layout": self.layout.to_json(),
             "points_count": count, "search_mode": mode, "hnsw_build_s": round(hnsw_s, 3),
-            "published_at": datetime.now(UTC).isoformat(),
+            "built_at": datetime.now(UTC).isoformat(),
         }
-        atomic_write_text(self.root / MANIFEST, json.dumps(manifest, indent=2))
+        self.store.write_manifest(self.collection, manifest, self.run_path)
         self.marker.unlink(missing_ok=True)
         self._done = True
-        self.store.collect_garbage(self.collection)
         return PublishedIndex(backend="edge", location=str(self.path), collection=self.collection,
                               points_count=count, search_mode=mode, hnsw_build_s=hnsw_s, build_id=self.build_id)
 
@@ -247,12 +253,36 @@ class EdgeStore:
         """The collection's index directory."""
         return str(index_root(self.root, collection))
 
+    def _manifest_path(self, collection: str) -> Path:
+        return self.root / collection / CURRENT / MANIFEST
+
     def manifest(self, collection: str) -> dict[str, Any] | None:
-        """The published manifest, or None when nothing was published."""
+        """The published manifest (``current/index.json``), or None when nothing was published."""
         try:
-            return json.loads((index_root(self.root, collection) / MANIFEST).read_bytes())
+            return json.loads(self._manifest_path(collection).read_bytes())
         except FileNotFoundError:
             return None
+
+    def write_manifest(self, collection: str, manifest: dict[str, Any], run_path: Path | None) -> None:
+        """Name a shard in a run set; with no run set, publish a set that holds only the index.
+
+        In a pipeline run the caller publishes the set (exports, summary and this
+        manifest) with one switch; a library caller that builds only an index gets
+        it published here.
+        """
+        if run_path is not None:
+            atomic_write_text(run_path / MANIFEST, json.dumps(manifest, indent=2))
+            return
+        path = run_dir(self.root, collection, f"index-{manifest['shard']}")
+        atomic_write_text(path / MANIFEST, json.dumps(manifest, indent=2))
+        publish_run(self.root, collection, path)
+        self.collect_garbage(collection)
+
+    def keep_published(self, collection: str, run_path: Path) -> None:
+        """Carry the published index into a new run set unchanged (nothing to re-index)."""
+        manifest = self.manifest(collection)
+        if manifest is not None:
+            atomic_write_text(run_path / MANIFEST, json.dumps(manifest, indent=2))
 
     def status(self, collection: str) -> IndexStatus:
         """The published index, or the reason there is none."""
@@ -266,13 +296,14 @@ class EdgeStore:
         return IndexStatus(exists=True, location=location, layout=IndexLayout.from_json(manifest["layout"]),
                            points_count=int(manifest["points_count"]), build_id=manifest["shard"])
 
-    def writer(self, collection: str, layout: IndexLayout, *, incremental: bool = True) -> EdgeIndexWriter:
+    def writer(self, collection: str, layout: IndexLayout, *, incremental: bool = True,
+               run_path: Path | None = None) -> EdgeIndexWriter:
         """A writer for a new shard: a copy of the published one when the layout matches, else empty.
 
         Any layout is fine: a new layout (another model, another dimension) builds
         a new shard and replaces the old one only when it is published.
         """
-        return EdgeIndexWriter(self, collection, layout, incremental=incremental)
+        return EdgeIndexWriter(self, collection, layout, incremental=incremental, run_path=run_path)
 
     def point_digests(self, collection: str) -> dict[str, str | None]:
         """Point id -> ``point_digest`` payload over the published shard."""
@@ -291,7 +322,7 @@ class EdgeStore:
                 return out
 
     def _shard(self, collection: str) -> Any:
-        path = index_root(self.root, collection) / MANIFEST
+        path = self._manifest_path(collection)
         last_error: Exception | None = None
         for _attempt in range(3):
             try:
@@ -302,7 +333,7 @@ class EdgeStore:
                 held = self._handles.get(collection)
                 if held is not None and held[0] == raw:
                     return held[1]
-                shard_dir = path.parent / SHARDS / json.loads(raw)["shard"]
+                shard_dir = index_root(self.root, collection) / SHARDS / json.loads(raw)["shard"]
                 try:
                     shard = _edge().EdgeShard.load(str(shard_dir))
                 except Exception as exc:
@@ -330,13 +361,20 @@ class EdgeStore:
         return {str(r.id): dict(r.payload or {}) for r in records}
 
     def collect_garbage(self, collection: str) -> list[str]:
-        """Delete shards that are neither published, the previous one, nor being built; return their ids.
+        """Delete shards that no run set names and that no live process is building; return their ids.
 
-        The previous shard is kept so a reader that loaded it just before the switch
-        finishes its query; readers move to the new shard on their next query.
+        Run sets keep the published set and the one before it (see
+        :func:`embedder.io.runset.collect_runs`), so a reader that loaded the
+        previous shard just before a switch finishes its query; readers move to the
+        new shard on their next query.
         """
-        manifest = self.manifest(collection) or {}
-        keep = {manifest.get("shard"), manifest.get("previous")}
+        runs = self.root / collection / RUNS
+        keep = set()
+        for manifest in runs.glob(f"*/{MANIFEST}") if runs.is_dir() else []:
+            try:
+                keep.add(json.loads(manifest.read_text(encoding="utf-8"))["shard"])
+            except (OSError, ValueError, KeyError):
+                continue
         shards = index_root(self.root, collection) / SHARDS
         removed = []
         host = socket.gethostname()

@@ -7,10 +7,13 @@ same, only the transport differs.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from embedder.errors import IndexLayoutError, IndexNotFoundError, VectorIndexError
+from embedder.io.atomic import atomic_write_text
 from embedder.io.qdrant import DENSE_VECTOR
 from embedder.io.store import HybridQuery, IndexLayout, IndexStatus, PointBatch, PublishedIndex
 from embedder.schemas import ScoredCandidate, SparseVector
@@ -30,7 +33,9 @@ def _layout_of(info: Any) -> IndexLayout | None:
 class ServerIndexWriter:
     """Upserts into the server collection (created when missing)."""
 
-    def __init__(self, store: ServerStore, collection: str, layout: IndexLayout, *, incremental: bool = True) -> None:
+    def __init__(self, store: ServerStore, collection: str, layout: IndexLayout, *, incremental: bool = True,
+                 run_path: Path | None = None) -> None:
+        self.run_path = run_path
         self.store = store
         self.collection = collection
         self.layout = layout
@@ -65,6 +70,8 @@ class ServerIndexWriter:
     def publish(self) -> PublishedIndex:
         """Read the point count back; the server indexes on its own."""
         count = self.store.count(self.collection)
+        if self.run_path is not None:
+            self.store.keep_published(self.collection, self.run_path)
         return PublishedIndex(backend="server", location=self.store.url, collection=self.collection,
                               points_count=count, search_mode="server", build_id=self.collection)
 
@@ -140,9 +147,16 @@ class ServerStore:
         """Exact point count."""
         return int(self.call(lambda c: c.count(collection_name=collection, exact=True)).count)
 
-    def writer(self, collection: str, layout: IndexLayout, *, incremental: bool = True) -> ServerIndexWriter:
-        """A writer into the server collection."""
-        return ServerIndexWriter(self, collection, layout, incremental=incremental)
+    def writer(self, collection: str, layout: IndexLayout, *, incremental: bool = True,
+               run_path: Path | None = None) -> ServerIndexWriter:
+        """A writer into the server collection (its writes are live as they land)."""
+        return ServerIndexWriter(self, collection, layout, incremental=incremental, run_path=run_path)
+
+    def keep_published(self, collection: str, run_path: Path) -> None:
+        """Record in the run set which server collection holds its points."""
+        manifest = {"backend": "server", "location": self.url, "collection": collection,
+                    "points_count": self.count(collection)}
+        atomic_write_text(run_path / "index.json", json.dumps(manifest, indent=2))
 
     def point_digests(self, collection: str) -> dict[str, str | None]:
         """Point id -> ``point_digest`` payload, scrolled from the server."""

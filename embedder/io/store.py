@@ -177,8 +177,13 @@ class VectorStore(Protocol):
         """The published index of a collection, or why there is none."""
         ...
 
-    def writer(self, collection: str, layout: IndexLayout, *, incremental: bool = True) -> IndexWriter:
+    def writer(self, collection: str, layout: IndexLayout, *, incremental: bool = True,
+               run_path: Path | None = None) -> IndexWriter:
         """Start building the collection's next index, from the published one when ``incremental`` allows.
+
+        With ``run_path``, :meth:`IndexWriter.publish` names the new index in that run
+        set's ``index.json`` and the caller publishes the set; without it, the index
+        is published on its own.
 
         Raises:
             VectorIndexError: The store cannot be reached.
@@ -188,6 +193,10 @@ class VectorStore(Protocol):
 
     def point_digests(self, collection: str) -> dict[str, str | None]:
         """Point id -> the ``point_digest`` payload of every point in the published index (empty if none)."""
+        ...
+
+    def keep_published(self, collection: str, run_path: Path) -> None:
+        """Name the published index, unchanged, in a new run set."""
         ...
 
     def query(self, collection: str, query: HybridQuery) -> list[ScoredCandidate]:

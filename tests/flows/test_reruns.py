@@ -154,7 +154,8 @@ def test_a_model_change_builds_a_new_index_and_a_failed_switch_leaves_the_old_se
         _run(_config(src, out, dense_model=str(tiny_dense_model)))
     assert {n: (cdir / n).read_bytes() for n in published} == published  # old exports and summary, whole
     assert EdgeStore(out).status("docs").build_id == build
-    [failed_summary] = list((cdir / ".runs").glob("*/processing_summary.json"))
+    current = (cdir / "current").resolve()
+    [failed_summary] = [p for p in (cdir / "runs").glob("*/processing_summary.json") if p.parent != current]
     failed = json.loads(failed_summary.read_text())
     assert failed["status"] == "failed" and any("index stage failed" in w for w in failed["warnings"])
     old = search_collection(out, SearchRequest(collection="docs", query="sourdough", top_k=3, rerank=False))
@@ -191,3 +192,29 @@ def test_a_deterministic_index_error_is_not_retried(tmp_path, monkeypatch):
                                      limit=50)
     latest = max(runs, key=lambda r: r.expected_start_time)
     assert latest.run_count == 1 and latest.state.is_failed()
+
+
+def test_each_run_publishes_one_whole_set_and_old_sets_are_pruned(tmp_path):
+    import os
+
+    records = _sample_records()
+    src = _write_jsonl(tmp_path / "docs.jsonl", records)
+    out = tmp_path / "out"
+    cdir = out / "docs"
+    sets = []
+    for i in range(3):
+        _write_jsonl(src, records[: 40 + i])  # each run changes the collection
+        s = _run(_config(src, out))
+        current = (cdir / "current").resolve()
+        sets.append(current.name)
+        # Every stable name resolves into the one published set, and the summary names exactly those files.
+        for name in ("processing_summary.json", "dense.parquet", "sparse.jsonl", "qdrant.jsonl", "index.json"):
+            assert (cdir / name).is_symlink() and (cdir / name).resolve().parent == current, name
+        assert all(Path(p).parent == current for k, p in s.exports.items() if k != "chunks")
+        index = json.loads((cdir / "index.json").read_text())
+        assert index["points_count"] == s.chunk_count == 40 + i
+        assert EdgeStore(out).status("docs").build_id == index["shard"]
+    assert len(set(sets)) == 3
+    left = sorted(os.listdir(cdir / "runs"))
+    assert left == sorted(sets[1:])  # the published set and the one before it
+    assert len(list((cdir / "index" / "shards").iterdir())) == 2

@@ -184,7 +184,7 @@ def test_reruns_write_only_what_changed_and_keep_current_and_previous_shards(sta
     back = st.index_stage(cfg, "sample", load.chunks, dense, sparse, store)
     assert (back.action, back.upserted, back.deleted, back.points_count) == ("incremental", 3, 0, 50)
 
-    manifest = json.loads((index_root(tmp_path, "sample") / MANIFEST).read_text())
+    manifest = json.loads((tmp_path / "sample" / "current" / MANIFEST).read_text())
     assert manifest["shard"] == back.build_id and manifest["previous"] == fewer.build_id
     left = sorted(p.name for p in (index_root(tmp_path, "sample") / SHARDS).iterdir())
     assert left == sorted([fewer.build_id, back.build_id])
@@ -322,7 +322,7 @@ def test_threads_share_one_handle_while_a_writer_publishes(stage_outputs, tmp_pa
     assert all(n == 10 for n in results) and len(results) == 400
     # The reader follows the newest publish.
     reader.query("sample", HybridQuery(dense=queries[0][0], limit=1))
-    assert reader._handles["sample"][0] == (index_root(tmp_path, "sample") / MANIFEST).read_bytes()
+    assert reader._handles["sample"][0] == (tmp_path / "sample" / "current" / MANIFEST).read_bytes()
     reader.close()
 
 

@@ -128,7 +128,8 @@ def test_qdrant_down_retries_then_fails_clearly_with_exports_written(sample_conf
     out = Path(sample_config.output_dir) / "sample"
     # The collection failed: nothing was published, and its summary says why, beside no exports.
     assert not (out / "processing_summary.json").exists() and not (out / "dense.parquet").exists()
-    [path] = list((out / ".runs").glob("*/processing_summary.json"))
+    assert not (out / "current").exists()
+    [path] = list((out / "runs").glob("*/processing_summary.json"))
     s = load_summary(path)
     assert s.index_run["status"] == "error" and s.status == "failed"
     assert any(w.startswith("index stage failed: VectorIndexError") for w in s.warnings)
