@@ -31,16 +31,34 @@ def _layout_of(info: Any) -> IndexLayout | None:
 
 
 class ServerIndexWriter:
-    """Upserts into the server collection (created when missing)."""
+    """Writes a collection's points on the server, blue/green when the layout changes.
+
+    The name users search is an alias of a physical collection
+    (``<collection>--<build>``). With the same layout the writer updates that
+    physical collection in place (incremental). With a new layout (another
+    model or dimension) it fills a new physical collection and, on publish,
+    moves the alias to it in one alias operation, then drops the old one: the
+    old index serves until the new one is complete.
+    """
 
     def __init__(self, store: ServerStore, collection: str, layout: IndexLayout, *, incremental: bool = True,
                  run_path: Path | None = None) -> None:
+        import uuid
+        from datetime import UTC, datetime
+
         self.run_path = run_path
         self.store = store
         self.collection = collection
         self.layout = layout
-        # A server collection is written in place: it is incremental whenever it already exists.
-        self.incremental = store.ensure_collection(collection, layout)
+        self.previous = store.physical(collection)
+        existing = _layout_of(store.call(lambda c: c.get_collection(self.previous))) if self.previous else None
+        self.incremental = bool(incremental and self.previous and existing == layout)
+        if self.incremental:
+            self.target = self.previous
+        else:
+            self.target = f"{collection}--{datetime.now(UTC):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}"
+            store.ensure_collection(self.target, layout)
+        self._done = False
 
     def upsert(self, batch: PointBatch) -> int:
         """Upsert one batch with ``wait=True``."""
@@ -54,7 +72,7 @@ class ServerIndexWriter:
                 if v is not None and v.nnz:
                     vector[name] = models.SparseVector(indices=list(v.indices), values=list(v.values))
             points.append(models.PointStruct(id=pid, vector=vector, payload=batch.payloads[i]))
-        self.store.call(lambda c: c.upsert(collection_name=self.collection, points=points, wait=True))
+        self.store.call(lambda c: c.upsert(collection_name=self.target, points=points, wait=True))
         return len(points)
 
     def delete(self, point_ids: Sequence[str]) -> int:
@@ -63,20 +81,42 @@ class ServerIndexWriter:
 
         if not point_ids:
             return 0
-        self.store.call(lambda c: c.delete(collection_name=self.collection, wait=True,
+        self.store.call(lambda c: c.delete(collection_name=self.target, wait=True,
                                            points_selector=models.PointIdsList(points=list(point_ids))))
         return len(point_ids)
 
     def publish(self) -> PublishedIndex:
-        """Read the point count back; the server indexes on its own."""
+        """Point the alias at the written collection (a no-op when updated in place); read the count back."""
+        from qdrant_client import models
+
+        if not self.incremental:
+            ops: list[Any] = []
+            if self.store.is_alias(self.collection):
+                ops.append(models.DeleteAliasOperation(delete_alias=models.DeleteAlias(alias_name=self.collection)))
+            elif self.previous == self.collection:
+                # A plain collection of that name (an earlier version's): it must go before the alias can exist.
+                self.store.call(lambda c: c.delete_collection(self.collection))
+            ops.append(models.CreateAliasOperation(create_alias=models.CreateAlias(
+                collection_name=self.target, alias_name=self.collection)))
+            self.store.call(lambda c: c.update_collection_aliases(change_aliases_operations=ops))
+            if self.previous and self.previous != self.collection:
+                self.store.call(lambda c: c.delete_collection(self.previous))
+        self._done = True
         count = self.store.count(self.collection)
         if self.run_path is not None:
             self.store.keep_published(self.collection, self.run_path)
         return PublishedIndex(backend="server", location=self.store.url, collection=self.collection,
-                              points_count=count, search_mode="server", build_id=self.collection)
+                              points_count=count, search_mode="server", build_id=self.target)
 
     def abort(self) -> None:
-        """Server writes are live as they land; nothing to drop."""
+        """Drop a new physical collection that was never published; in-place writes cannot be undone."""
+        if self._done or self.incremental:
+            return
+        self._done = True
+        try:
+            self.store.call(lambda c: c.delete_collection(self.target))
+        except Exception:  # the server is gone: nothing more to do here
+            pass
 
 
 class ServerStore:
@@ -105,6 +145,18 @@ class ServerStore:
     def location(self, collection: str) -> str:
         """The server URL."""
         return self.url
+
+    def is_alias(self, name: str) -> bool:
+        """Whether ``name`` is an alias on the server."""
+        aliases = self.call(lambda c: c.get_aliases()).aliases
+        return any(a.alias_name == name for a in aliases)
+
+    def physical(self, collection: str) -> str | None:
+        """The physical collection behind the name: the alias target, a plain collection of that name, or None."""
+        for a in self.call(lambda c: c.get_aliases()).aliases:
+            if a.alias_name == collection:
+                return a.collection_name
+        return collection if self.call(lambda c: c.collection_exists(collection)) else None
 
     def status(self, collection: str) -> IndexStatus:
         """Whether the collection exists on the server, with its layout and point count."""

@@ -352,3 +352,51 @@ def test_several_processes_open_the_published_shard_at_once(stage_outputs, tmp_p
     assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
     assert os.getpid()  # this process kept its handle throughout
     here.close()
+
+
+def test_the_server_backend_keeps_the_collection_in_sync_and_switches_models_blue_green(
+        stage_outputs, tmp_path, monkeypatch):
+    """The server path through qdrant-client (its local mode standing in for a server: same client API)."""
+    from qdrant_client import QdrantClient
+
+    from embedder.io import server_store
+    from embedder.io.writers import write_dense_parquet
+
+    cfg, load, dense, sparse = stage_outputs
+    cfg = _config_in(cfg, tmp_path)
+    client = QdrantClient(location=":memory:")
+    store = open_store(tmp_path, client=client)
+    assert store.backend == "server"
+    first = st.index_stage(cfg, "sample", load.chunks, dense, sparse, store)
+    assert (first.action, first.upserted, first.points_count, first.search_mode) == ("rebuilt", 50, 50, "server")
+    assert store.physical("sample") == first.build_id != "sample"  # "sample" is an alias
+    same = st.index_stage(cfg, "sample", load.chunks, dense, sparse, store)
+    assert (same.action, same.upserted) == ("unchanged", 0)
+    gone = {"coffee-0001", "bicycles-0002"}
+    fewer = st.index_stage(cfg, "sample", *_subset(stage_outputs, lambda i: i not in gone, tmp_path, "s"), store)
+    assert (fewer.action, fewer.upserted, fewer.deleted, fewer.points_count) == ("incremental", 0, 2, 48)
+    vec = read_dense_parquet(dense.vectors.path)[1][0]
+    assert not {c.id for c in store.query("sample", HybridQuery(dense=vec, limit=50))} & gone
+
+    # Another model of another dimension: built beside the old collection, switched only when complete.
+    ids, vecs = read_dense_parquet(dense.vectors.path)
+    small = np.ascontiguousarray(vecs[:, :64]) / np.linalg.norm(vecs[:, :64], axis=1, keepdims=True)
+    dense64 = dense.model_copy(update={"dim": 64, "vectors": write_dense_parquet(
+        tmp_path / "d64.parquet", ids, small.astype(np.float32), "other")})
+    real = server_store.ServerIndexWriter.upsert
+
+    def failing(self, batch):
+        raise VectorIndexError("injected: connection reset")
+
+    monkeypatch.setattr(server_store.ServerIndexWriter, "upsert", failing)
+    with pytest.raises(VectorIndexError, match="injected"):
+        st.index_stage(cfg, "sample", load.chunks, dense64, sparse, store)
+    assert store.physical("sample") == first.build_id and store.count("sample") == 48  # the old index serves
+    assert [c.name for c in client.get_collections().collections] == [first.build_id]  # the half-built one is gone
+    monkeypatch.setattr(server_store.ServerIndexWriter, "upsert", real)
+    switched = st.index_stage(cfg, "sample", load.chunks, dense64, sparse, store)
+    assert (switched.action, switched.points_count) == ("rebuilt", 50)
+    assert store.status("sample").layout.dense_dim == 64
+    assert [c.name for c in client.get_collections().collections] == [switched.build_id]
+    assert len(store.query("sample", HybridQuery(dense=small[0], limit=5))) == 5
+    store.close()

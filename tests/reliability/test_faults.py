@@ -201,6 +201,14 @@ def test_persisted_results_are_json_never_pickle(sample_config):
             assert "__exc_type__" in record, f
         # base64 of a pickle stream starts with "gAS"/"gAV" (protocol 4/5); never anywhere
         assert not re.search(r'"gA[SV]', f.read_text()), f
+    # Nor in the output dir: the index is Qdrant Edge, not qdrant-client's local mode (which pickles points
+    # into storage.sqlite); no file there is a pickle stream.
+    out_files = [f for f in Path(sample_config.output_dir).rglob("*") if f.is_file()]
+    assert any("shards" in f.parts for f in out_files)
+    for f in out_files:
+        assert f.name != "storage.sqlite", f
+        head = f.read_bytes()[:2]
+        assert not (len(head) == 2 and head[0] == 0x80 and 2 <= head[1] <= 5), f
 
 
 def test_unsafe_collection_name_refused_by_cli(tmp_path):
