@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import platform
 import shutil
 import uuid
+from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -15,7 +17,6 @@ from embedder.io.load import LoadResult
 from embedder.io.readers import read_qrels
 from embedder.io.writers import read_jsonl_records, write_jsonl
 from embedder.quality import evaluate
-from embedder.schemas import StageTelemetry
 from embedder.settings import RunConfig
 from embedder.stages import (
     DenseStageResult,
@@ -23,21 +24,23 @@ from embedder.stages import (
     IndexResult,
     RerankStageResult,
     SparseStageResult,
+    SummarySection,
     collection_dir,
+    dense_section,
+    fusion_section,
+    index_section,
     iter_collection_points,
+    load_section,
+    rerank_section,
+    sparse_section,
 )
 from embedder.summary import (
-    DenseRun,
     FeatureToggles,
-    FusionRun,
     GpuBaseline,
     LeaseEvent,
     PerformanceBaseline,
     ProcessingSummary,
     RejectsInfo,
-    RerankRun,
-    SparseRun,
-    SparseVectorsStats,
     SystemBaseline,
     Telemetry,
     write_summary,
@@ -57,9 +60,17 @@ def library_versions() -> dict[str, str]:
     return out
 
 
-def _copy_atomic(src: str, dst: Path) -> None:
+def _link_atomic(src: str, dst: Path) -> None:
+    """Publish a stage file into a run set: a hard link (stage files are never rewritten), else a copy.
+
+    A link costs nothing at any size, and the set keeps its file when the stage
+    store is pruned.
+    """
     with atomic_path(dst) as tmp:
-        shutil.copyfile(src, tmp)
+        try:
+            os.link(src, tmp)
+        except OSError:  # another file system, or links not supported
+            shutil.copyfile(src, tmp)
 
 
 def write_exports(
@@ -74,16 +85,18 @@ def write_exports(
     """Write the collection's exports into its run set; return name -> path of each file written.
 
     ``dense.parquet``, ``sparse.jsonl`` and ``qdrant.jsonl`` need the dense stage;
-    ``rerank.jsonl`` needs an executed rerank; ``rejects.jsonl`` is always written.
+    ``rerank.jsonl`` needs an executed rerank; ``chunks.parquet`` (the validated
+    chunk table) and ``rejects.jsonl`` are always written.
     """
     cdir = Path(run_path)
     out: dict[str, str] = {}
-    _copy_atomic(load.rejects.path, cdir / "rejects.jsonl")
+    _link_atomic(load.rejects.path, cdir / "rejects.jsonl")
     out["rejects"] = str(cdir / "rejects.jsonl")
     # The validated chunk table (full texts), for the search service's rerank pass.
-    out["chunks"] = load.chunks.path
+    _link_atomic(load.chunks.path, cdir / "chunks.parquet")
+    out["chunks"] = str(cdir / "chunks.parquet")
     if dense is not None:
-        _copy_atomic(dense.vectors.path, cdir / "dense.parquet")
+        _link_atomic(dense.vectors.path, cdir / "dense.parquet")
         out["dense"] = str(cdir / "dense.parquet")
     if sparse is not None and sparse.outputs:
         rows = (rec for o in sparse.outputs for rec in read_jsonl_records(o.vectors.path))
@@ -95,7 +108,7 @@ def write_exports(
         write_jsonl(cdir / "qdrant.jsonl", (p for batch in batches for p in batch))
         out["qdrant"] = str(cdir / "qdrant.jsonl")
     if rerank is not None and rerank.status == "executed" and rerank.results is not None:
-        _copy_atomic(rerank.results.path, cdir / "rerank.jsonl")
+        _link_atomic(rerank.results.path, cdir / "rerank.jsonl")
         out["rerank"] = str(cdir / "rerank.jsonl")
     return out
 
@@ -126,136 +139,72 @@ def compute_quality(config: RunConfig, fusion: FusionResult | None,
     return {name: evaluate(run, qrels) for name, run in runs.items()}
 
 
-def build_summary(
-    config: RunConfig,
-    collection: str,
-    run_id: uuid.UUID,
-    *,
-    latency_seconds: float,
-    load: LoadResult | None,
-    dense: DenseStageResult | None,
-    sparse: SparseStageResult | None,
-    index: IndexResult | None,
-    fusion: FusionResult | None,
-    rerank: RerankStageResult | None,
-    exports: dict[str, str],
-    lease_events: list[dict[str, Any]],
-    stage_errors: dict[str, str],
-    cached_stages: set[str] | None = None,
-    quality: dict[str, dict[str, float]] | None = None,
-) -> ProcessingSummary:
-    """Roll every stage's result up into a v4.1 summary whose warnings say what went wrong.
+@dataclass
+class CollectionOutcome:
+    """What the flow gathered for one collection: each stage's result (None when it produced none).
 
-    Args:
-        stage_errors: Stage name -> error message for stages that failed outright.
-        cached_stages: Stages whose result came from the cache.
+    Attributes:
+        errors: Stage name -> error message for stages that failed outright.
+        cached: Stages whose result came from the cache.
     """
-    cached = cached_stages or set()
-    warnings: list[str] = []
+
+    collection: str
+    run_id: uuid.UUID
+    latency_seconds: float = 0.0
+    load: LoadResult | None = None
+    dense: DenseStageResult | None = None
+    sparse: SparseStageResult | None = None
+    index: IndexResult | None = None
+    fusion: FusionResult | None = None
+    rerank: RerankStageResult | None = None
+    exports: dict[str, str] = field(default_factory=dict)
+    errors: dict[str, str] = field(default_factory=dict)
+    cached: set[str] = field(default_factory=set)
+
+    def lease_events(self) -> list[dict[str, Any]]:
+        """Lease events of the GPU stages that ran in this run (a cached stage took no lease)."""
+        return [r.lease_event for stage, r in (("dense", self.dense), ("rerank", self.rerank))
+                if r is not None and r.lease_event and stage not in self.cached]
+
+
+def _export_section(outcome: CollectionOutcome) -> SummarySection:
+    # Without its exports a collection has nothing to publish: the run failed.
+    return SummarySection(fields={"exports": outcome.exports,
+                                  "rejects": RejectsInfo(count=outcome.load.reject_count if outcome.load else 0,
+                                                         path=outcome.exports.get("rejects"))},
+                          failed="export" in outcome.errors)
+
+
+def build_summary(config: RunConfig, outcome: CollectionOutcome,
+                  quality: dict[str, dict[str, float]] | None = None) -> ProcessingSummary:
+    """Compose the v4.1 summary from each stage's section; its warnings say what went wrong.
+
+    The run is ``failed`` when a section says the collection has no usable result
+    (no dense vectors, no index, no exports), ``partial`` when a stage failed or
+    fell short, else ``completed``.
+    """
+    o = outcome
+    chunk_count = o.load.chunk_count if o.load else 0
+    sections = [
+        load_section(o.load),
+        SummarySection(warnings=[f"{stage} stage failed: {err}" for stage, err in o.errors.items()]),
+        dense_section(config, o.dense, o.errors.get("dense"), "dense" in o.cached),
+        sparse_section(config, o.sparse, o.errors.get("sparse"), "sparse" in o.cached),
+        fusion_section(config, o.fusion, o.errors.get("fuse"), "fuse" in o.cached),
+        rerank_section(config, o.rerank, o.errors.get("rerank"), "rerank" in o.cached),
+        index_section(o.index, o.errors.get("index"), chunk_count),
+        _export_section(o),
+    ]
+    fields: dict[str, Any] = {}
     stages: dict[str, dict[str, Any]] = {}
-
-    def add_stage(t: StageTelemetry | None, name: str) -> None:
-        if t is not None:
-            stages[name] = t.model_copy(update={"cached": name in cached}).model_dump()
-
-    if load is not None:
-        warnings.extend(load.warnings)
-    for stage, err in stage_errors.items():
-        warnings.append(f"{stage} stage failed: {err}")
-
-    dense_run = None
-    if dense is not None:
-        t = dense.telemetry
-        add_stage(t, "dense")
-        warnings.extend(t.warnings)
-        dense_run = DenseRun(model_name=dense.model_name, device=t.device, batch_size=t.batch_size or 0,
-                             total_embeddings_generated=dense.computed, reused=dense.reused,
-                             latency_ms=t.latency_ms, gpu_peak_gb=t.gpu_peak_gb,
-                             status="executed", initial_batch_size=t.initial_batch_size, backoffs=t.backoffs,
-                             items_per_s=t.items_per_s, cached="dense" in cached)
-    elif "dense" in stage_errors:
-        dense_run = DenseRun(model_name=config.dense_model, device="unknown", batch_size=0,
-                             total_embeddings_generated=0, latency_ms=0.0, gpu_peak_gb=0.0, status="error",
-                             reason=stage_errors["dense"])
-
-    if sparse is not None and sparse.status == "executed":
-        total = sum(o.vectors.items for o in sparse.outputs)
-        available = sum(o.available for o in sparse.outputs)
-        fallback_used = any(o.run.fallback_used for o in sparse.outputs)
-        for o in sparse.outputs:
-            add_stage(o.telemetry, "sparse" if len(sparse.outputs) == 1 else f"sparse:{o.model_name}")
-        warnings.extend(sparse.warnings)
-        if fallback_used:
-            fb = sum(o.run.fallback_count for o in sparse.outputs)
-            warnings.append(f"sparse metadata fallback used for {fb} chunk(s)")
-        sparse_run = SparseRun(
-            enabled=True, executed=True, status="executed", model_names=[o.model_name for o in sparse.outputs],
-            fallback_used=fallback_used,
-            vectors=SparseVectorsStats(total=total, available=available,
-                                       coverage_ratio=available / total if total else 1.0),
-            payload=sparse.outputs[0].run if sparse.outputs else None,
-            payloads=[o.run.model_dump(mode="json") for o in sparse.outputs[1:]],
-            cached="sparse" in cached,
-            computed={o.model_name: o.computed for o in sparse.outputs},
-            reused={o.model_name: o.reused for o in sparse.outputs},
-        )
-    elif sparse is not None:
-        sparse_run = SparseRun(enabled=config.enable_sparse, executed=False, status=sparse.status,
-                               model_names=config.sparse_models, reason=sparse.reason)
-    else:
-        status = "error" if "sparse" in stage_errors else "skipped"
-        sparse_run = SparseRun(enabled=config.enable_sparse, executed=False,
-                               status=status if config.enable_sparse else "disabled", model_names=config.sparse_models,
-                               reason=stage_errors.get("sparse", "an earlier stage failed"))
-    if sparse_run.enabled and sparse_run.payload is None:
-        warnings.append("sparse is enabled but the sparse_run payload is missing"
-                        + (f": {sparse_run.reason}" if sparse_run.reason else ""))
-
-    if fusion is not None:
-        fusion_run = FusionRun(method=fusion.method, k=fusion.k, queries=fusion.queries, latency_ms=fusion.latency_ms,
-                               status=fusion.status, reason=fusion.reason)
-        stages["fuse"] = StageTelemetry(stage="fuse", items=fusion.queries, latency_ms=fusion.latency_ms,
-                                        cached="fuse" in cached).model_dump()
-    else:
-        fusion_run = FusionRun(method=config.fusion, k=config.rrf_k, status="error" if "fuse" in stage_errors
-                               else "skipped", reason=stage_errors.get("fuse", "an earlier stage failed"))
-
-    if rerank is not None:
-        add_stage(rerank.telemetry, "rerank")
-        warnings.extend(rerank.warnings)
-        rerank_run = RerankRun(
-            enabled=config.enable_rerank, executed=rerank.status == "executed", status=rerank.status,
-            model_name=rerank.model_name, device=rerank.device, top_k_candidates=config.rerank_top_k_candidates,
-            rerank_top_k=config.rerank_top_k, payload=rerank.runs, reason=rerank.reason,
-            cached="rerank" in cached,
-        )
-    else:
-        status = "error" if "rerank" in stage_errors else "skipped"
-        rerank_run = RerankRun(enabled=config.enable_rerank, executed=False,
-                               status=status if config.enable_rerank else "disabled", model_name=config.rerank_model,
-                               top_k_candidates=config.rerank_top_k_candidates, rerank_top_k=config.rerank_top_k,
-                               reason=stage_errors.get("rerank", "an earlier stage failed"))
-    if rerank_run.enabled and not rerank_run.payload:
-        warnings.append("rerank is enabled but the rerank_run payload is missing"
-                        + (f": {rerank_run.reason}" if rerank_run.reason else ""))
-
-    index_run = index.model_dump() if index is not None else {
-        "status": "error" if "index" in stage_errors else "skipped",
-        "reason": stage_errors.get("index", "an earlier stage failed"),
-    }
-    if index is not None:
-        stages["index"] = StageTelemetry(stage="index", items=index.upserted, latency_ms=index.latency_ms,
-                                         items_per_s=index.points_per_s, batch_size=index.batch_size,
-                                         cached="index" in cached).model_dump()
-        warnings.extend(index.warnings)
-
+    warnings: list[str] = []
+    for section in sections:
+        fields.update(section.fields)
+        stages.update(section.stages)
+        warnings.extend(section.warnings)
+    failed = any(s.failed for s in sections)
+    degraded = bool(o.errors) or any(s.degraded for s in sections)
     gpu_peak = max([s.get("gpu_peak_gb", 0.0) for s in stages.values()] + [0.0])
-    # Dense, index and exports are what a collection is for; without them the run failed.
-    run_failed = dense is None or "index" in stage_errors or "export" in stage_errors
-    chunk_count = load.chunk_count if load else 0
-    out_of_sync = index is not None and index.points_count != chunk_count
-    degraded = (bool(stage_errors) or sparse_run.status == "error" or rerank_run.status == "error"
-                or out_of_sync)
     # A config built without resolve_run_config (a UI form, a test) has no recorded sources:
     # explicitly given values count as overrides, the rest as defaults.
     toggles_sources = {
@@ -263,32 +212,24 @@ def build_summary(
         for name in RunConfig.model_fields if name != "sources"
     }
     return ProcessingSummary(
-        collection=collection,
-        chunk_count=load.chunk_count if load else 0,
-        run_id=run_id,
-        status="failed" if run_failed else ("partial" if degraded else "completed"),
+        collection=o.collection,
+        run_id=o.run_id,
+        status="failed" if failed else ("partial" if degraded else "completed"),
         feature_toggles=FeatureToggles(enable_rerank=config.enable_rerank, enable_sparse=config.enable_sparse,
                                        sparse_models=config.sparse_models, sources=toggles_sources),
-        dense_run=dense_run,
-        sparse_run=sparse_run,
-        rerank_run=rerank_run,
-        fusion_run=fusion_run,
-        index_run=index_run,
-        telemetry=Telemetry(lease_events=[LeaseEvent(**e) for e in lease_events], stages=stages),
+        telemetry=Telemetry(lease_events=[LeaseEvent(**e) for e in o.lease_events()], stages=stages),
         performance_baseline=PerformanceBaseline(
-            latency_seconds=latency_seconds,
+            latency_seconds=o.latency_seconds,
             gpu=GpuBaseline(soft_limit_gb=config.gpu_memory_ceiling_gb, peak_memory_used_gb=gpu_peak,
                             soft_limit_exceeded=gpu_peak > config.gpu_memory_ceiling_gb),
             system=SystemBaseline(peak_memory_gb=process_peak_rss_gb()),
         ),
         quality=quality,
-        rejects=RejectsInfo(count=load.reject_count if load else 0,
-                            path=exports.get("rejects")),
-        exports=exports,
         versions=library_versions(),
         model_fingerprints=_fingerprints(config),
         config=config.model_dump(mode="json", exclude={"sources"}),
         warnings=list(dict.fromkeys(warnings)),
+        **fields,
     )
 
 
@@ -307,23 +248,36 @@ def write_collection_summary(summary: ProcessingSummary, run_path: str | Path) -
 
 
 def new_run_set(config: RunConfig, collection: str, run_id: uuid.UUID) -> str:
-    """A fresh run-set directory for one collection (one per attempt: a retry never writes into a published set)."""
+    """A fresh run-set directory for one collection, owned by this run until :func:`close_run_set`.
+
+    One per attempt: a retry never writes into a published set.
+    """
     from datetime import UTC, datetime
 
-    from embedder.io.runset import run_dir
+    from embedder.io.runset import open_run
 
     name = f"{datetime.now(UTC):%Y%m%dT%H%M%S}-{str(run_id)[:8]}-{uuid.uuid4().hex[:6]}"
-    return str(run_dir(config.output_dir, collection, name))
+    return str(open_run(config.output_dir, collection, name))
+
+
+def close_run_set(run_path: str | Path) -> None:
+    """The run has finished with its set, published or not (pruning may take it from now on)."""
+    from embedder.io.runset import close_run
+
+    close_run(run_path)
 
 
 def publish_run_set(config: RunConfig, collection: str, run_path: str | Path) -> Path:
     """Publish a run set (exports, summary, index manifest) with one switch; return the summary's stable path.
 
-    Run sets and Edge shards that nothing refers to any more are removed afterwards.
+    Afterwards, what nothing refers to any more is removed: replaced run sets,
+    unreferenced Edge shards, and stage results no retained run used.
     """
     from embedder.io.edge_store import EdgeStore
-    from embedder.io.runset import publish_run
+    from embedder.io.runset import publish_run, retention_cutoff
+    from embedder.stages import collect_stage_dirs
 
     publish_run(config.output_dir, collection, Path(run_path))
     EdgeStore(config.output_dir).collect_garbage(collection)
+    collect_stage_dirs(config, collection, retention_cutoff(config.output_dir, collection))
     return collection_dir(config, collection) / "processing_summary.json"

@@ -14,11 +14,19 @@ from prefect.states import State
 
 from embedder.errors import EmbedderError
 from embedder.models.registry import get_spec, resolve_model
-from embedder.report import build_summary, compute_quality, new_run_set, write_collection_summary
+from embedder.report import (
+    CollectionOutcome,
+    build_summary,
+    close_run_set,
+    compute_quality,
+    new_run_set,
+    write_collection_summary,
+)
 from embedder.settings import CollectionInput, RunConfig, resolve_run_config
 from embedder.summary import ProcessingSummary, render_summary_lines
 from tasks.lease import ensure_gpu_limit
 from tasks.stages import (
+    call,
     dense_embed_task,
     export_task,
     fuse_task,
@@ -70,57 +78,55 @@ def embed_collection(config: RunConfig, collection: CollectionInput, run_id: uui
     log = get_run_logger()
     t0 = time.perf_counter()
     name = collection.name
-    errors: dict[str, str] = {}
-    cached: set[str] = set()
+    out = CollectionOutcome(collection=name, run_id=run_id)
 
     def outcome(stage: str, state: State) -> Any:
         result, err, was_cached = _outcome(state)
         if err:
-            errors[stage] = err
+            out.errors[stage] = err
             log.error("%s stage failed: %s", stage, err)
         if was_cached:
-            cached.add(stage)
+            out.cached.add(stage)
         return result
 
-    load = load_collection_task(config, collection)  # a bad input path fails the run here, clearly
     # Everything this run publishes goes into one fresh run set, switched in at the end.
     run_path = new_run_set(config, name, run_id)
-    dense = outcome("dense", dense_embed_task(config, name, load.chunks, return_state=True))
-    sparse = index = fusion = rerank = None
-    if dense is not None:
-        sparse = outcome("sparse", sparse_infer_task(config, name, load.chunks, run_id, return_state=True))
-    if dense is not None and sparse is not None:
-        index = outcome("index", index_task(config, name, load.chunks, dense, sparse, run_path, return_state=True))
-        fusion = outcome("fuse", fuse_task(config, name, dense, sparse, return_state=True))
-    if fusion is not None:
-        rerank = outcome("rerank", rerank_task(config, name, load.chunks, fusion, run_id, return_state=True))
-    # The exports and the summary beside them describe the published index: when the index
-    # could not be brought in line, the previous set stays as it is, whole.
-    publishable = dense is not None and sparse is not None and index is not None
-    exports = (outcome("export", export_task(config, name, load, dense, sparse, rerank, run_path,
-                                             return_state=True)) or {}
-               if publishable else {})
-    lease_events = [r.lease_event for stage, r in (("dense", dense), ("rerank", rerank))
-                    if r is not None and r.lease_event and stage not in cached]
-    summary = build_summary(
-        config, name, run_id, latency_seconds=time.perf_counter() - t0, load=load, dense=dense, sparse=sparse,
-        index=index, fusion=fusion, rerank=rerank, exports=exports, lease_events=lease_events, stage_errors=errors,
-        cached_stages=cached, quality=compute_quality(config, fusion, rerank),
-    )
-    path = write_collection_summary(summary, run_path)
-    if summary.status != "failed":
-        path = Path(outcome("publish", publish_task(config, name, run_path, return_state=True)) or path)
+    try:
+        out.load = call(load_collection_task, config, collection)  # a bad input path fails the run here
+        out.dense = outcome("dense", call(dense_embed_task, config, name, out.load.chunks, return_state=True))
+        if out.dense is not None:
+            out.sparse = outcome("sparse", call(sparse_infer_task, config, name, out.load.chunks, run_id,
+                                                return_state=True))
+        if out.dense is not None and out.sparse is not None:
+            out.index = outcome("index", index_task(config, name, out.load.chunks, out.dense, out.sparse, run_path,
+                                                    return_state=True))
+            out.fusion = outcome("fuse", call(fuse_task, config, name, out.dense, out.sparse, return_state=True))
+        if out.fusion is not None:
+            out.rerank = outcome("rerank", call(rerank_task, config, name, out.load.chunks, out.fusion, run_id,
+                                                return_state=True))
+        # The exports and the summary beside them describe the published index: when the index
+        # could not be brought in line, the previous set stays as it is, whole.
+        if out.dense is not None and out.sparse is not None and out.index is not None:
+            out.exports = outcome("export", export_task(config, name, out.load, out.dense, out.sparse, out.rerank,
+                                                        run_path, return_state=True)) or {}
+        out.latency_seconds = time.perf_counter() - t0
+        summary = build_summary(config, out, quality=compute_quality(config, out.fusion, out.rerank))
+        path = write_collection_summary(summary, run_path)
+        if summary.status != "failed":
+            path = Path(outcome("publish", publish_task(config, name, run_path, return_state=True)) or path)
+    finally:
+        close_run_set(run_path)
     create_markdown_artifact(
         markdown="\n".join([f"# Collection `{name}`", "", "```", *render_summary_lines(summary), "```", "",
                             f"Summary: `{path}`"]),
         key=artifact_key("summary", name),
         description=f"processing summary of {name}",
     )
-    if "publish" in errors:
-        raise EmbedderError(f"collection {name!r}: its run set could not be published ({errors['publish']}); "
+    if "publish" in out.errors:
+        raise EmbedderError(f"collection {name!r}: its run set could not be published ({out.errors['publish']}); "
                             f"the previous one stays current; this run's summary is at {path}")
     if summary.status == "failed":
-        failed = ", ".join(f"{stage} ({err})" for stage, err in errors.items()) or "see warnings"
+        failed = ", ".join(f"{stage} ({err})" for stage, err in out.errors.items()) or "see warnings"
         raise EmbedderError(f"collection {name!r} failed: {failed}; summary at {path}")
     return summary
 

@@ -2,13 +2,16 @@
 
 Tasks take the run config and small file references and return small pydantic
 results (persisted as JSON, never pickle). Their cache keys come from
-``embedder.stages.*_key``: input digests, model ids, stage config and the code
-version, so a new flow run (or a retry) skips every stage whose inputs did not
-change. A key whose files have vanished from ``.stages/`` is treated as a miss.
+``embedder.stages.*_key``: input digests, the output dir's stage store, model
+fingerprints, stage settings and the code version, so a new flow run (or a
+retry) skips every stage whose inputs did not change. The key also names the
+stage's directory in the store; :func:`call` recomputes a stage (overwriting its
+cache record) when that directory was pruned, so a record never outlives its files.
 """
 
 from __future__ import annotations
 
+import inspect
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -44,22 +47,46 @@ def _transient(task_: Any, task_run: Any, state: Any) -> bool:
     return False
 
 
-def _keyed(key_fn: Callable[..., str]) -> Callable[[TaskRunContext, dict[str, Any]], str]:
+_KEYS: dict[str, tuple[st.common.StageName, Callable[[dict[str, Any]], str]]] = {}
+
+
+def _keyed(task_name: str, stage: st.common.StageName,
+           key_fn: Callable[[dict[str, Any]], str]) -> Callable[[TaskRunContext, dict[str, Any]], str]:
     # The key names the run's own stage store (see embedder.stages.store_id): a record can never
     # point into another output dir, and a deleted store comes back under new keys.
+    _KEYS[task_name] = (stage, key_fn)
+
     def cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
         return key_fn(parameters)
 
     return cache_key
 
 
-@task(name="load-validate", cache_key_fn=_keyed(lambda p: st.load_key(p["config"], p["collection"])), **_PERSIST)
+def call(task_: Any, *args: Any, **kwargs: Any) -> Any:
+    """Call a cached stage task; when its stage directory is gone, recompute and overwrite the record.
+
+    The store prunes stage directories no retained run used; a later run with
+    that input (a reverted file) must not be served a record whose files are gone.
+    """
+    stage, key_fn = _KEYS[task_.name]
+    params = inspect.signature(task_.fn).bind(*args).arguments
+    config, collection = params["config"], params["collection"]
+    name = collection if isinstance(collection, str) else collection.name
+    if not st.sealed(config, name, stage, key_fn(params)):
+        task_ = task_.with_options(refresh_cache=True)
+    return task_(*args, **kwargs)
+
+
+@task(name="load-validate",
+      cache_key_fn=_keyed("load-validate", "load", lambda p: st.load_key(p["config"], p["collection"])),
+      **_PERSIST)
 def load_collection_task(config: RunConfig, collection: CollectionInput) -> LoadResult:
     """Prefect wrapper for `embedder.stages.load_stage`."""
     return st.load_stage(config, collection, st.load_key(config, collection))
 
 
-@task(name="dense-embed", cache_key_fn=_keyed(lambda p: st.dense_key(p["config"], p["collection"], p["chunks"])),
+@task(name="dense-embed", cache_key_fn=_keyed("dense-embed", "dense",
+                                                     lambda p: st.dense_key(p["config"], p["collection"], p["chunks"])),
       **_PERSIST)
 def dense_embed_task(config: RunConfig, collection: str, chunks: Any) -> st.DenseStageResult:
     """Prefect wrapper for `embedder.stages.dense_stage`; the GPU lease is held only while it embeds."""
@@ -75,7 +102,8 @@ def dense_embed_task(config: RunConfig, collection: str, chunks: Any) -> st.Dens
 
 
 @task(name="sparse-infer",
-      cache_key_fn=_keyed(lambda p: st.sparse_key(p["config"], p["collection"], p["chunks"])), **_PERSIST)
+      cache_key_fn=_keyed("sparse-infer", "sparse", lambda p: st.sparse_key(p["config"], p["collection"], p["chunks"])),
+      **_PERSIST)
 def sparse_infer_task(config: RunConfig, collection: str, chunks: Any, run_id: uuid.UUID) -> st.SparseStageResult:
     """Prefect wrapper for `embedder.stages.sparse_stage` (CPU first: no GPU lease)."""
     result = st.sparse_stage(config, collection, chunks, st.sparse_key(config, collection, chunks), run_id=run_id)
@@ -114,7 +142,7 @@ def index_task(config: RunConfig, collection: str, chunks: Any, dense: st.DenseS
 
 
 @task(name="fuse",
-      cache_key_fn=_keyed(lambda p: st.fuse_key(p["config"], p["collection"], p["dense"], p["sparse"])),
+      cache_key_fn=_keyed("fuse", "fuse", lambda p: st.fuse_key(p["config"], p["collection"], p["dense"], p["sparse"])),
       **_PERSIST)
 def fuse_task(config: RunConfig, collection: str, dense: st.DenseStageResult,
               sparse: st.SparseStageResult) -> st.FusionResult:
@@ -123,7 +151,8 @@ def fuse_task(config: RunConfig, collection: str, dense: st.DenseStageResult,
 
 
 @task(name="rerank",
-      cache_key_fn=_keyed(lambda p: st.rerank_key(p["config"], p["collection"], p["chunks"], p["fusion"])),
+      cache_key_fn=_keyed("rerank", "rerank",
+                          lambda p: st.rerank_key(p["config"], p["collection"], p["chunks"], p["fusion"])),
       **_PERSIST)
 def rerank_task(config: RunConfig, collection: str, chunks: Any, fusion: st.FusionResult,
                 run_id: uuid.UUID) -> st.RerankStageResult:

@@ -25,9 +25,7 @@ is beta and moved between 0.6 and 0.9).
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import socket
 import threading
 import time
 import uuid
@@ -41,6 +39,7 @@ from embedder.io.atomic import atomic_write_text
 from embedder.io.qdrant import DENSE_VECTOR
 from embedder.io.runset import CURRENT, RUNS, publish_run, run_dir
 from embedder.io.store import HybridQuery, IndexLayout, IndexStatus, PointBatch, PublishedIndex
+from embedder.procs import owner, owner_dead
 from embedder.schemas import ScoredCandidate, SparseVector
 
 MANIFEST = "index.json"
@@ -73,16 +72,6 @@ def legacy_index_note(output_dir: str | Path, collection: str) -> str | None:
     return (f"{old} holds a Qdrant local-mode index written by an earlier version; it is no longer read. "
             f"The next run (or this one) re-indexes {collection!r} into Qdrant Edge at "
             f"{index_root(output_dir, collection)}; delete {old} to reclaim its space")
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _edge() -> Any:
@@ -148,8 +137,7 @@ class EdgeIndexWriter:
         # The marker exists before the shard does, so a concurrent publisher's clean-up never
         # mistakes this build for an abandoned one.
         self.marker = shards / f"{self.build_id}.building"
-        self.marker.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
-                                           "started_at": time.time()}), encoding="utf-8")
+        self.marker.write_text(json.dumps({**owner(), "started_at": time.time()}), encoding="utf-8")
         published = store.manifest(collection)
         base = self.root / SHARDS / published["shard"] if published else None
         # Same layout: start from a copy of the published shard and write only what changed.
@@ -343,6 +331,12 @@ class EdgeStore:
                 # The old handle closes when the last in-flight query using it drops it.
                 self._handles[collection] = (raw, shard)
                 return shard
+        if not shard_dir.is_dir():
+            # The manifest is stable across our attempts and its shard is gone: the
+            # output dir was edited by hand or copied without its index.
+            raise IndexNotFoundError(
+                f"the published index of collection {collection!r} names shard {shard_dir.name!r}, "
+                f"which is missing from {shard_dir.parent}; re-run `embed-collections run` for it")
         raise VectorIndexError(f"cannot open the published Qdrant Edge shard of {collection!r}: {last_error}")
 
     def query(self, collection: str, query: HybridQuery) -> list[ScoredCandidate]:
@@ -377,7 +371,6 @@ class EdgeStore:
                 continue
         shards = index_root(self.root, collection) / SHARDS
         removed = []
-        host = socket.gethostname()
         for path in sorted(shards.iterdir()) if shards.is_dir() else []:
             if not path.is_dir() or path.name in keep:
                 continue
@@ -387,8 +380,8 @@ class EdgeStore:
                     info = json.loads(marker.read_text(encoding="utf-8"))
                 except (OSError, ValueError):
                     continue
-                if info.get("host") != host or _pid_alive(int(info.get("pid", 0))):
-                    continue  # another live process is building it (or we cannot tell: another host)
+                if not owner_dead(info):
+                    continue  # a live process is building it (or we cannot tell: another host)
                 marker.unlink(missing_ok=True)
             shutil.rmtree(path, ignore_errors=True)
             removed.append(path.name)

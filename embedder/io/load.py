@@ -66,7 +66,7 @@ def load_collection(
     warnings: list[str] = []
     if rejects:
         detail = ", ".join(f"{k}: {v}" for k, v in sorted(reasons.items()))
-        warnings.append(f"{len(rejects)} record(s) rejected ({detail}); see {rejects_path}")
+        warnings.append(f"{len(rejects)} record(s) rejected ({detail}); each is in rejects.jsonl with its reason")
     if validator.truncated:
         warnings.append(
             f"{validator.truncated} chunk(s) longer than {max_chunk_chars} characters were truncated"

@@ -13,6 +13,7 @@ import os
 import uuid
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Generic, TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -23,6 +24,7 @@ from embedder.io.atomic import atomic_path
 from embedder.schemas import SparseVector
 
 _MAX_PARTS = 16
+V = TypeVar("V")
 
 
 def text_digest(text: str) -> str:
@@ -30,19 +32,25 @@ def text_digest(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-class DenseVectorCache:
-    """Dense vectors of one vector space under ``root``."""
+class _VectorParts(Generic[V]):
+    """Parquet parts of ``(digest, vector)`` rows under ``root``; subclasses map rows to and from columns."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
 
+    def _to_columns(self, digests: list[str], rows: dict[str, V]) -> dict[str, pa.Array]:
+        raise NotImplementedError
+
+    def _from_table(self, table: pa.Table) -> dict[str, V]:
+        raise NotImplementedError
+
     def _parts(self) -> list[Path]:
         return sorted(self.root.glob("part-*.parquet")) if self.root.is_dir() else []
 
-    def lookup(self, digests: Iterable[str]) -> dict[str, np.ndarray]:
+    def lookup(self, digests: Iterable[str]) -> dict[str, V]:
         """The stored vector of every digest that has one."""
         wanted = pa.array(sorted(set(digests)), type=pa.string())
-        found: dict[str, np.ndarray] = {}
+        found: dict[str, V] = {}
         if len(wanted) == 0:
             return found
         for _attempt in range(3):
@@ -50,102 +58,30 @@ class DenseVectorCache:
                 for part in self._parts():
                     table = pq.read_table(part)
                     table = table.filter(pc.is_in(table["digest"], value_set=wanted))
-                    if table.num_rows == 0:
-                        continue
-                    col = table["vector"].combine_chunks()
-                    vecs = col.values.to_numpy(zero_copy_only=False).astype(np.float32).reshape(-1, col.type.list_size)
-                    found.update(zip(table["digest"].to_pylist(), vecs))
+                    if table.num_rows:
+                        found.update(self._from_table(table))
                 return found
             except FileNotFoundError:  # a concurrent compaction replaced the parts: list them again
                 found.clear()
         raise FileNotFoundError(f"the vector cache at {self.root} kept changing while it was read")
 
-    def append(self, digests: list[str], vectors: np.ndarray) -> None:
+    def append(self, rows: dict[str, V]) -> None:
         """Add vectors (one part file, written atomically)."""
-        if not digests:
+        if not rows:
             return
         self.root.mkdir(parents=True, exist_ok=True)
-        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
-        table = pa.table({
-            "digest": pa.array(digests, type=pa.string()),
-            "vector": pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1), type=pa.float32()),
-                                                        int(vectors.shape[1])),
-        })
+        digests = list(rows)
+        table = pa.table({"digest": pa.array(digests, type=pa.string()), **self._to_columns(digests, rows)})
         with atomic_path(self.root / f"part-{uuid.uuid4().hex}.parquet") as tmp:
             pq.write_table(table, tmp)
 
     def compact(self, keep: set[str]) -> int:
         """Merge the parts into one holding only ``keep`` (the current chunks) once there are many.
 
-        Returns how many parts were merged (0 when no compaction was due).
+        Returns how many parts were merged (0 when no compaction was due). The merged
+        part is written before the old ones go, so a concurrent reader never misses
+        a vector it could have had (at worst it lists the parts again).
         """
-        parts = self._parts()
-        if len(parts) <= _MAX_PARTS:
-            return 0
-        kept = self.lookup(keep)
-        digests = sorted(kept)
-        merged = self.root / f"part-{uuid.uuid4().hex}.parquet"
-        if digests:
-            table = pa.table({
-                "digest": pa.array(digests, type=pa.string()),
-                "vector": pa.FixedSizeListArray.from_arrays(
-                    pa.array(np.stack([kept[d] for d in digests]).reshape(-1), type=pa.float32()),
-                    int(len(next(iter(kept.values()))))),
-            })
-            with atomic_path(merged) as tmp:
-                pq.write_table(table, tmp)
-        for part in parts:
-            try:
-                os.unlink(part)
-            except FileNotFoundError:
-                pass
-        return len(parts)
-
-
-class SparseVectorCache:
-    """Live sparse vectors of one vector space under ``root`` (fallback vectors are never stored: cheap to redo)."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-
-    def _parts(self) -> list[Path]:
-        return sorted(self.root.glob("part-*.parquet")) if self.root.is_dir() else []
-
-    def lookup(self, digests: Iterable[str]) -> dict[str, SparseVector]:
-        """The stored vector of every digest that has one."""
-        wanted = pa.array(sorted(set(digests)), type=pa.string())
-        found: dict[str, SparseVector] = {}
-        if len(wanted) == 0:
-            return found
-        for _attempt in range(3):
-            try:
-                for part in self._parts():
-                    table = pq.read_table(part)
-                    table = table.filter(pc.is_in(table["digest"], value_set=wanted))
-                    for d, idx, val in zip(table["digest"].to_pylist(), table["indices"].to_pylist(),
-                                           table["values"].to_pylist()):
-                        found[d] = SparseVector(indices=idx, values=val)
-                return found
-            except FileNotFoundError:
-                found.clear()
-        raise FileNotFoundError(f"the vector cache at {self.root} kept changing while it was read")
-
-    def append(self, rows: dict[str, SparseVector]) -> None:
-        """Add vectors (one part file, written atomically)."""
-        if not rows:
-            return
-        self.root.mkdir(parents=True, exist_ok=True)
-        digests = list(rows)
-        table = pa.table({
-            "digest": pa.array(digests, type=pa.string()),
-            "indices": pa.array([list(rows[d].indices) for d in digests], type=pa.list_(pa.int64())),
-            "values": pa.array([list(rows[d].values) for d in digests], type=pa.list_(pa.float32())),
-        })
-        with atomic_path(self.root / f"part-{uuid.uuid4().hex}.parquet") as tmp:
-            pq.write_table(table, tmp)
-
-    def compact(self, keep: set[str]) -> int:
-        """Merge the parts into one holding only ``keep`` once there are many; return how many were merged."""
         parts = self._parts()
         if len(parts) <= _MAX_PARTS:
             return 0
@@ -156,3 +92,29 @@ class SparseVectorCache:
             except FileNotFoundError:
                 pass
         return len(parts)
+
+
+class DenseVectorCache(_VectorParts[np.ndarray]):
+    """Dense vectors of one vector space (float32, fixed size per space)."""
+
+    def _to_columns(self, digests: list[str], rows: dict[str, np.ndarray]) -> dict[str, pa.Array]:
+        vectors = np.ascontiguousarray(np.stack([rows[d] for d in digests]), dtype=np.float32)
+        return {"vector": pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1), type=pa.float32()),
+                                                            int(vectors.shape[1]))}
+
+    def _from_table(self, table: pa.Table) -> dict[str, np.ndarray]:
+        col = table["vector"].combine_chunks()
+        vecs = col.values.to_numpy(zero_copy_only=False).astype(np.float32).reshape(-1, col.type.list_size)
+        return dict(zip(table["digest"].to_pylist(), vecs))
+
+
+class SparseVectorCache(_VectorParts[SparseVector]):
+    """Live sparse vectors of one vector space (fallback vectors are never stored: cheap to redo)."""
+
+    def _to_columns(self, digests: list[str], rows: dict[str, SparseVector]) -> dict[str, pa.Array]:
+        return {"indices": pa.array([list(rows[d].indices) for d in digests], type=pa.list_(pa.int64())),
+                "values": pa.array([list(rows[d].values) for d in digests], type=pa.list_(pa.float32()))}
+
+    def _from_table(self, table: pa.Table) -> dict[str, SparseVector]:
+        return {d: SparseVector(indices=idx, values=val) for d, idx, val in zip(
+            table["digest"].to_pylist(), table["indices"].to_pylist(), table["values"].to_pylist())}

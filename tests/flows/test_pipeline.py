@@ -89,21 +89,21 @@ def test_rerun_is_cached_idempotent_and_byte_identical(full_config):
 
 
 def test_failed_rerank_resumes_from_cache(full_config, monkeypatch):
-    import embedder.stages as stages
+    import embedder.stages.rerank as rerank_stage
 
-    real = stages.rerank
+    real = rerank_stage.rerank
 
     def broken(*args, **kwargs):
         raise RuntimeError("injected rerank failure")
 
-    monkeypatch.setattr(stages, "rerank", broken)
+    monkeypatch.setattr(rerank_stage, "rerank", broken)
     [first] = _run(full_config)
     assert first.status == "partial" and first.rerank_run.status == "error"
     assert any("rerank stage failed" in w and "injected rerank failure" in w for w in first.warnings)
     out = Path(full_config.output_dir) / "sample"
     assert (out / "dense.parquet").is_file() and not (out / "rerank.jsonl").exists()
 
-    monkeypatch.setattr(stages, "rerank", real)
+    monkeypatch.setattr(rerank_stage, "rerank", real)
     [second] = _run(full_config)
     states = _task_states("embed-collection-sample")
     assert states["dense-embed"] == "Cached" and states["sparse-infer"] == "Cached"

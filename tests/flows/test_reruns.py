@@ -218,3 +218,34 @@ def test_each_run_publishes_one_whole_set_and_old_sets_are_pruned(tmp_path):
     left = sorted(os.listdir(cdir / "runs"))
     assert left == sorted(sets[1:])  # the published set and the one before it
     assert len(list((cdir / "index" / "shards").iterdir())) == 2
+
+
+def test_the_stage_store_keeps_what_retained_runs_used_and_a_reverted_input_still_runs(tmp_path):
+    """Inputs A, B, C, then A again: stage results only C and B used are kept; A's were pruned, and the
+    Prefect cache records that named them are recomputed rather than served."""
+    records = _sample_records()
+    src = tmp_path / "docs.jsonl"
+    out = tmp_path / "out"
+    stages = out / "docs" / ".stages"
+    versions = {"A": records[:44], "B": records[:46], "C": records[:48]}
+    used: dict[str, set[str]] = {}
+    for name in ("A", "B", "C"):
+        before = {p.name for p in (stages / "dense").iterdir()} if (stages / "dense").is_dir() else set()
+        _write_jsonl(src, versions[name])
+        assert _run(_config(src, out)).status == "completed"
+        used[name] = {p.name for p in (stages / "dense").iterdir()} - before
+        assert len(used[name]) == 1
+    # After C: the published set (C) and the one before it (B) are retained, so A's results went.
+    assert {p.name for p in (stages / "dense").iterdir()} == used["B"] | used["C"]
+    assert all((stages / "dense" / k / "result.json").is_file() for k in used["B"] | used["C"])
+
+    _write_jsonl(src, versions["A"])
+    again = _run(_config(src, out))
+    assert again.status == "completed" and again.index_run["points_count"] == 44
+    assert not again.telemetry.stages["dense"]["cached"]  # its record named pruned files: recomputed
+    assert again.dense_run.total_embeddings_generated == 0 and again.dense_run.reused == 44  # per-chunk reuse
+    assert (stages / "dense" / next(iter(used["A"])) / "result.json").is_file()
+    # Every published file is a whole file of its own set: the store's pruning never reaches it.
+    current = (out / "docs" / "current").resolve()
+    assert json.loads((current / "processing_summary.json").read_text())["chunk_count"] == 44
+    assert all(Path(p).parent == current for p in again.exports.values())

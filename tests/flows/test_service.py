@@ -88,6 +88,9 @@ def test_no_published_index_is_503_with_the_reason(run_output, tmp_path):
     shutil.rmtree(copy / "sample" / "index")
     with TestClient(create_app(copy)) as c:
         r = c.post("/search", json={"collection": "sample", "query": "bees"})
+        assert r.status_code == 503 and "which is missing from" in r.json()["detail"]
+        (copy / "sample" / "current" / "index.json").unlink()
+        r = c.post("/search", json={"collection": "sample", "query": "bees"})
         assert r.status_code == 503 and "no index has been published" in r.json()["detail"]
         (copy / "sample" / "qdrant").mkdir()  # an output dir written by the local-mode version
         r = c.post("/search", json={"collection": "sample", "query": "bees"})
@@ -166,14 +169,24 @@ def test_fifty_concurrent_searches_on_two_processes_all_succeed(two_services):
 
 
 @pytest.mark.slow
-def test_searches_succeed_while_a_second_run_reindexes(two_services, run_output):
+def test_searches_succeed_while_a_second_run_reindexes(two_services, run_output, tmp_path):
+    import json
+
     from embedder.io.edge_store import EdgeStore
+    from embedder.settings import CollectionInput
     from flows.embed_collections import embed_collections
 
     cfg, _ = run_output
+    # The same collection with one chunk edited, so the re-run has something to index.
+    changed = tmp_path / "sample"
+    shutil.copytree(SAMPLE_DIR, changed)
+    chunks = json.loads((changed / "tides_chunks.json").read_text())
+    chunks[0]["text"] += " Spring tides follow the new and the full moon."
+    (changed / "tides_chunks.json").write_text(json.dumps(chunks))
+    rerun_cfg = cfg.model_copy(update={"collections": [CollectionInput(name="sample", path=str(changed))]})
     before = EdgeStore(cfg.output_dir).status("sample").build_id
     with ThreadPoolExecutor(9) as pool:
-        rerun = pool.submit(embed_collections, cfg)
+        rerun = pool.submit(embed_collections, rerun_cfg)
         codes: list[int] = []
         i = 0
         while not rerun.done() or i < 40:
@@ -181,7 +194,8 @@ def test_searches_succeed_while_a_second_run_reindexes(two_services, run_output)
             i += 8
         [summary] = rerun.result()
     after = EdgeStore(cfg.output_dir).status("sample").build_id
-    assert summary.index_run["status"] == "executed" and after != before  # a new shard was published
+    assert summary.index_run["action"] == "incremental" and summary.index_run["upserted"] == 1
+    assert after != before  # a new shard was published
     assert codes == [200] * len(codes) and len(codes) >= 40
     assert _search(two_services[0], 1) == 200 and _search(two_services[1], 1) == 200  # both follow the switch
 

@@ -21,11 +21,11 @@ EXPORTS = ("dense.parquet", "sparse.jsonl", "qdrant.jsonl", "rerank.jsonl", "rej
 # a hard crash in the middle of the rerank stage, with the GPU slot held.
 KILL_IN_RERANK = """
 import os, signal, sys
-import embedder.stages as stages
+import embedder.stages.rerank as rerank_stage
 def die(*a, **k):
     print("KILLING IN RERANK", flush=True)
     os.kill(os.getpid(), signal.SIGKILL)
-stages.rerank = die
+rerank_stage.rerank = die
 from flows.cli import main
 sys.argv = ["embed-collections", *sys.argv[1:]]
 main()

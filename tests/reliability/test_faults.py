@@ -72,13 +72,13 @@ def test_unavailable_dense_model_fails_before_gpu_work(sample_config):
 
 
 def test_unavailable_sparse_model_falls_back_to_metadata(sample_config, monkeypatch):
-    import embedder.stages as stages
+    import embedder.stages.sparse as sparse_stage
     from embedder.errors import ModelUnavailableError
 
     def unavailable(*args, **kwargs):
         raise ModelUnavailableError("sparse model 'qdrant-bm25' could not be loaded (injected)")
 
-    monkeypatch.setattr(stages, "load_sparse_model", unavailable)
+    monkeypatch.setattr(sparse_stage, "load_sparse_model", unavailable)
     [s] = _run(sample_config)
     assert s.sparse_run.fallback_used and s.sparse_run.payload.fallback_used
     assert s.sparse_run.payload.fallback_count == 50 and s.sparse_run.vectors.coverage_ratio == 1.0

@@ -1,0 +1,226 @@
+"""What every stage shares: the stage store, cache keys, model fingerprints and summary sections.
+
+The stage store of a collection is ``<output_dir>/<collection>/.stages/``. Each
+stage run writes its files into ``.stages/<stage>/<key>/``, a directory named by
+its full cache key, and seals it with ``result.json`` once every file is in
+place. A key covers everything that decides the stage's output (input digests,
+collection, the store's id, model fingerprints, stage settings, code version),
+so a sealed directory is valid for as long as it exists; run sets hard-link
+the files they publish, so pruning the store never touches a published set.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import shutil
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+from pydantic import BaseModel
+
+import embedder
+from embedder.io.atomic import atomic_write_text, file_digest
+from embedder.models.registry import resolve_model
+from embedder.settings import RunConfig
+
+Status = Literal["executed", "disabled", "skipped", "error"]
+StageName = Literal["load", "dense", "sparse", "fuse", "rerank"]
+R = TypeVar("R", bound=BaseModel)
+
+SEAL = "result.json"
+
+# Libraries whose releases can change a stage's output for the same input and model.
+_OUTPUT_LIBRARIES = ("torch", "transformers", "sentence-transformers", "fastembed", "qdrant-client",
+                     "qdrant-edge-py", "onnxruntime", "tokenizers", "numpy", "pyarrow")
+
+
+@functools.lru_cache(maxsize=1)
+def code_version() -> str:
+    """The package version, a digest of the library's source and package data, and the output-shaping libraries.
+
+    A change to any of them invalidates every cache key.
+    """
+    from importlib import metadata
+
+    h = hashlib.sha256(embedder.__version__.encode())
+    root = Path(embedder.__file__).parent
+    for path in sorted(root.rglob("*")):
+        rel = path.relative_to(root)
+        if path.is_file() and "__pycache__" not in rel.parts and path.suffix not in (".pyc", ".pyo"):
+            h.update(rel.as_posix().encode())
+            h.update(path.read_bytes())
+    for name in _OUTPUT_LIBRARIES:
+        try:
+            h.update(f"{name}=={metadata.version(name)}".encode())
+        except metadata.PackageNotFoundError:
+            h.update(f"{name}:absent".encode())
+    return f"{embedder.__version__}+{h.hexdigest()[:12]}"
+
+
+def stage_key(stage: str, *parts: Any) -> str:
+    """A stable cache key for a stage: its name, the code version and its inputs."""
+    payload = json.dumps([stage, code_version(), *parts], sort_keys=True, default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def collection_dir(config: RunConfig, collection: str) -> Path:
+    """``<output_dir>/<collection>``; the name was validated by CollectionInput."""
+    return Path(config.output_dir) / collection
+
+
+def stages_dir(config: RunConfig, collection: str) -> Path:
+    """The collection's stage store: ``<output_dir>/<collection>/.stages``."""
+    return collection_dir(config, collection) / ".stages"
+
+
+def store_id(config: RunConfig, collection: str) -> str:
+    """The identity of this collection's stage store, created on first use.
+
+    Every cache key includes it, so a Prefect cache record only ever names files
+    of this store: another output dir has another id, and a store that was
+    deleted comes back with a new one, so no record can point at vanished files.
+    """
+    path = stages_dir(config, collection) / "STORE_ID"
+    try:
+        return path.read_text(encoding="utf-8").strip()
+    except FileNotFoundError:
+        pass
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with open(path, "x", encoding="utf-8") as fh:  # exclusive: two racing runs agree on one id
+            fh.write(uuid.uuid4().hex)
+    except FileExistsError:
+        pass
+    return path.read_text(encoding="utf-8").strip()
+
+
+def owner_parts(config: RunConfig, collection: str) -> list[str]:
+    """What every key starts with: the output dir, the collection and its store's id."""
+    return [str(Path(config.output_dir).resolve()), collection, store_id(config, collection)]
+
+
+def input_digest(path: str | Path) -> str:
+    """Digest of an input file, or of a directory's chunk files (names and bytes)."""
+    p = Path(path)
+    if p.is_file():
+        return file_digest(p)
+    h = hashlib.sha256()
+    for f in sorted(p.glob("*chunks*.json")):
+        h.update(f.name.encode())
+        h.update(file_digest(f).encode())
+    return h.hexdigest()
+
+
+def queries_digest(config: RunConfig) -> str | None:
+    """Digest of the query set, or None when the run has none."""
+    return file_digest(config.queries_path) if config.queries_path else None
+
+
+def model_fingerprint(name: str, role: Literal["dense", "sparse", "rerank"], local_files_only: bool) -> str:
+    """What a model's outputs depend on: a digest of its files when they are here, else its hub id.
+
+    An unavailable model is part of a key too: a cached fallback result must not
+    outlive the day the model becomes available.
+    """
+    from embedder.models.fingerprint import model_fingerprint as content_digest
+
+    try:
+        resolved = resolve_model(name, role, local_files_only=local_files_only)
+    except Exception as exc:  # unknown or unavailable: the stage reports it
+        return f"unavailable:{type(exc).__name__}"
+    if resolved.is_local:
+        return f"sha256:{content_digest(resolved.location)}"
+    return f"hub:{resolved.location}"
+
+
+def vector_space(config: RunConfig, kind: str, *parts: Any) -> str:
+    """The id of a per-chunk vector space: the model's fingerprint, the settings that shape it, the code version."""
+    payload = json.dumps([kind, code_version(), *parts], sort_keys=True, default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()[:20]
+
+
+# --- the stage store ---------------------------------------------------------------------------
+
+
+def stage_dir(config: RunConfig, collection: str, stage: StageName, key: str) -> Path:
+    """``.stages/<stage>/<key>/``, created if missing: where one stage run writes its files."""
+    path = stages_dir(config, collection) / stage / key
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def seal(path: Path, result: R) -> R:
+    """Mark a stage directory complete by writing its result last; return the result."""
+    atomic_write_text(path / SEAL, result.model_dump_json())
+    return result
+
+
+def sealed(config: RunConfig, collection: str, stage: StageName, key: str) -> bool:
+    """Whether the stage's directory for ``key`` is complete; if so, record this use of it.
+
+    The use is the directory's mtime, which :func:`collect_stage_dirs` reads:
+    a directory used since the oldest retained run set started is kept.
+    """
+    path = stages_dir(config, collection) / stage / key
+    if not (path / SEAL).is_file():
+        return False
+    try:
+        os.utime(path)
+    except FileNotFoundError:  # pruned between the check and the touch
+        return False
+    return True
+
+
+def collect_stage_dirs(config: RunConfig, collection: str, cutoff: float) -> list[str]:
+    """Delete stage directories not used since ``cutoff`` (epoch seconds); return ``stage/key`` of each.
+
+    Args:
+        cutoff: The start of the oldest run whose stage results must stay
+            reusable: the previous published run set, or a run still in progress.
+    """
+    removed = []
+    root = stages_dir(config, collection)
+    for stage in ("load", "dense", "sparse", "fuse", "rerank"):
+        base = root / stage
+        for path in sorted(base.iterdir()) if base.is_dir() else []:
+            try:
+                used = path.stat().st_mtime
+            except FileNotFoundError:
+                continue
+            if path.is_dir() and used < cutoff:
+                shutil.rmtree(path, ignore_errors=True)
+                removed.append(f"{stage}/{path.name}")
+    return removed
+
+
+# --- summary sections --------------------------------------------------------------------------
+
+
+@dataclass
+class SummarySection:
+    """One stage's part of the v4.1 summary.
+
+    Attributes:
+        fields: ProcessingSummary fields this stage fills (``dense_run``, ...).
+        stages: ``telemetry.stages`` entries, by stage name.
+        warnings: Warnings the summary must carry.
+        degraded: The stage did not do all it should: the run is ``partial``.
+        failed: The collection has no usable result without this stage: the run is ``failed``.
+    """
+
+    fields: dict[str, Any] = field(default_factory=dict)
+    stages: dict[str, dict[str, Any]] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+    degraded: bool = False
+    failed: bool = False
+
+
+def elapsed_ms(t0: float) -> float:
+    """Milliseconds since ``t0`` (a ``time.perf_counter()`` reading)."""
+    return (time.perf_counter() - t0) * 1000

@@ -1,0 +1,90 @@
+"""The fusion stage: dense and sparse candidates per real query, fused with RRF and DBSF."""
+
+from __future__ import annotations
+
+import time
+
+from pydantic import BaseModel
+
+from embedder.fusion import DenseIndex, SparseIndex, fuse_dbsf, fuse_rrf, retrieve_candidates
+from embedder.io.writers import read_dense_parquet, read_jsonl_records, write_jsonl
+from embedder.models.registry import get_spec
+from embedder.schemas import SparseVector, StageRef, StageTelemetry
+from embedder.settings import RunConfig
+from embedder.stages.common import Status, SummarySection, owner_parts, seal, stage_dir, stage_key
+from embedder.stages.dense import DenseStageResult
+from embedder.stages.sparse import SparseStageResult, read_sparse
+from embedder.summary import FusionRun
+
+
+class FusionResult(BaseModel):
+    """Per-query candidate lists (dense, each sparse, RRF, DBSF), by reference."""
+
+    status: Status
+    method: str
+    k: int | None = None
+    queries: int = 0
+    latency_ms: float = 0.0
+    candidates: StageRef | None = None
+    reason: str | None = None
+
+
+def fuse_stage(config: RunConfig, collection: str, dense: DenseStageResult, sparse: SparseStageResult,
+               key: str) -> FusionResult:
+    """Retrieve dense and sparse candidates per real query and fuse them with RRF and DBSF."""
+    if not config.queries_path or dense.query_vectors is None:
+        return seal(stage_dir(config, collection, "fuse", key), FusionResult(
+            status="skipped", method=config.fusion, k=config.rrf_k,
+            reason="no query set was given (--queries); fusion never invents queries"))
+    t0 = time.perf_counter()
+    ids, vectors = read_dense_parquet(dense.vectors.path)
+    qids, qvecs = read_dense_parquet(dense.query_vectors.path)
+    dense_index = DenseIndex(ids, vectors)
+    sparse_indexes = []
+    sparse_queries: list[dict[str, SparseVector]] = []
+    for out in sparse.outputs:
+        sids, svecs = read_sparse(out.vectors)
+        sparse_indexes.append(SparseIndex(sids, svecs, use_idf=get_spec(out.model_name, "sparse").requires_idf))
+        sparse_queries.append({r["id"]: SparseVector(**r["sparse_vector"])
+                               for r in read_jsonl_records(out.query_vectors.path)} if out.query_vectors else {})
+    rows = []
+    n = config.retrieval_top_n
+    for qi, qid in enumerate(qids):
+        sq = [m.get(qid, SparseVector()) for m in sparse_queries]
+        lists = retrieve_candidates((qvecs[qi], sq), dense_index, sparse_indexes, n)
+        rrf = fuse_rrf([[c.id for c in lst] for lst in lists], k=config.rrf_k)[:n]
+        dbsf = fuse_dbsf(lists)[:n]
+        rows.append({
+            "query_id": qid,
+            "dense": [c.model_dump() for c in lists[0]],
+            "sparse": {o.model_name: [c.model_dump() for c in lst] for o, lst in zip(sparse.outputs, lists[1:])},
+            "rrf": [c.model_dump() for c in rrf],
+            "dbsf": [c.model_dump() for c in dbsf],
+        })
+    path = stage_dir(config, collection, "fuse", key)
+    ref = write_jsonl(path / "candidates.jsonl", rows)
+    return seal(path, FusionResult(status="executed", method=config.fusion,
+                                   k=config.rrf_k if config.fusion == "rrf" else None, queries=len(rows),
+                                   latency_ms=(time.perf_counter() - t0) * 1000, candidates=ref))
+
+
+def fuse_key(config: RunConfig, collection: str, dense: DenseStageResult, sparse: SparseStageResult) -> str:
+    """Cache key of the fusion stage."""
+    sparse_digests = [(o.model_name, o.vectors.digest, o.query_vectors.digest if o.query_vectors else None)
+                      for o in sparse.outputs]
+    return stage_key("fuse", *owner_parts(config, collection), dense.vectors.digest,
+                     dense.query_vectors.digest if dense.query_vectors else None, sparse_digests,
+                     config.retrieval_top_n, config.rrf_k, config.fusion)
+
+
+def fusion_section(config: RunConfig, fusion: FusionResult | None, error: str | None,
+                   cached: bool) -> SummarySection:
+    """``fusion_run``: the method, its k and how many real queries were fused."""
+    if fusion is None:
+        return SummarySection(fields={"fusion_run": FusionRun(
+            method=config.fusion, k=config.rrf_k, status="error" if error else "skipped",
+            reason=error or "an earlier stage failed")})
+    run = FusionRun(method=fusion.method, k=fusion.k, queries=fusion.queries, latency_ms=fusion.latency_ms,
+                    status=fusion.status, reason=fusion.reason)
+    telemetry = StageTelemetry(stage="fuse", items=fusion.queries, latency_ms=fusion.latency_ms, cached=cached)
+    return SummarySection(fields={"fusion_run": run}, stages={"fuse": telemetry.model_dump()})

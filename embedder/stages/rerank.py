@@ -1,0 +1,114 @@
+"""The rerank stage: a CrossEncoder pass over each real query's fused candidates."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+from embedder.errors import ModelUnavailableError
+from embedder.gpu import apply_memory_ceiling, resolve_device
+from embedder.io.readers import read_queries
+from embedder.io.writers import read_chunks, read_jsonl_records, write_jsonl
+from embedder.models.registry import resolve_model
+from embedder.models.rerank import RerankEncoder, default_rerank_batch, rerank
+from embedder.schemas import CrossEncoderRerankRun, ScoredCandidate, StageRef, StageTelemetry
+from embedder.settings import RunConfig
+from embedder.stages.common import Status, SummarySection, model_fingerprint, owner_parts, seal, stage_dir, stage_key
+from embedder.stages.fuse import FusionResult
+from embedder.summary import RerankRun
+
+
+class RerankStageResult(BaseModel):
+    """Reranked lists by reference, the per-query runs and telemetry."""
+
+    status: Status
+    model_name: str | None = None
+    device: str | None = None
+    results: StageRef | None = None
+    runs: list[CrossEncoderRerankRun] = Field(default_factory=list)
+    telemetry: StageTelemetry | None = None
+    warnings: list[str] = Field(default_factory=list)
+    reason: str | None = None
+    lease_event: dict[str, Any] | None = Field(None, description="Set by the orchestrator that held the GPU lease.")
+
+
+def rerank_stage(config: RunConfig, collection: str, chunks: StageRef, fusion: FusionResult, key: str,
+                 run_id: uuid.UUID | None = None) -> RerankStageResult:
+    """CrossEncoder rerank of each real query's fused candidates.
+
+    A rerank model that cannot load is not fatal: the result says ``error`` and why.
+    """
+    if not config.enable_rerank:
+        return seal(stage_dir(config, collection, "rerank", key), RerankStageResult(
+            status="disabled", model_name=config.rerank_model, reason="disabled by enable_rerank=false"))
+    if fusion.status != "executed" or fusion.candidates is None:
+        return seal(stage_dir(config, collection, "rerank", key), RerankStageResult(
+            status="skipped", model_name=config.rerank_model, reason=fusion.reason or "fusion produced no candidates"))
+    device = resolve_device(config.force_cpu)
+    try:
+        resolved = resolve_model(config.rerank_model, "rerank", local_files_only=config.local_files_only)
+        encoder = RerankEncoder(resolved, device, local_files_only=config.local_files_only)
+        encoder.load()
+    except ModelUnavailableError as exc:
+        return RerankStageResult(status="error", model_name=config.rerank_model, device=device, reason=str(exc),
+                                 warnings=[f"rerank failed, the run continued without it: {exc}"])
+    apply_memory_ceiling(device, config.gpu_memory_ceiling_gb)
+    queries = read_queries(config.queries_path) if config.queries_path else []
+    rows = read_jsonl_records(fusion.candidates.path)
+    fused_key = "rrf" if config.fusion == "rrf" else "dbsf"
+    candidates = {r["query_id"]: [ScoredCandidate(**c) for c in r[fused_key]] for r in rows}
+    wanted = {c.id for lst in candidates.values() for c in lst[: config.rerank_top_k_candidates]}
+    texts = {c.id: c.text for c in read_chunks(chunks.path) if c.id in wanted}
+    result = rerank(
+        queries, candidates, texts, encoder, top_k_candidates=config.rerank_top_k_candidates,
+        top_k=config.rerank_top_k, batch=default_rerank_batch(device, config.gpu_memory_ceiling_gb,
+                                                               encoder.max_length),
+        latency_budget_ms=config.rerank_latency_budget_ms, query_policy_mode=config.query_policy.mode,
+        query_max_chars=config.query_policy.max_chars, run_id=run_id,
+    )
+    path = stage_dir(config, collection, "rerank", key)
+    ref = write_jsonl(path / "rerank.jsonl", (
+        {"query_id": q.id, "model": encoder.name, "results": [c.model_dump() for c in result.results.get(q.id, [])]}
+        for q in queries
+    ))
+    return seal(path, RerankStageResult(status="executed", model_name=encoder.name, device=device, results=ref,
+                                        runs=result.runs, telemetry=result.telemetry, warnings=result.warnings))
+
+
+def rerank_key(config: RunConfig, collection: str, chunks: StageRef, fusion: FusionResult) -> str:
+    """Cache key of the rerank stage."""
+    return stage_key("rerank", *owner_parts(config, collection), chunks.digest,
+                     fusion.candidates.digest if fusion.candidates else fusion.reason,
+                     config.enable_rerank, config.rerank_model, config.fusion, config.rerank_top_k_candidates,
+                     config.rerank_top_k, config.rerank_latency_budget_ms, config.query_policy.model_dump(),
+                     config.force_cpu, config.gpu_memory_ceiling_gb,
+                     model_fingerprint(config.rerank_model, "rerank", config.local_files_only))
+
+
+def rerank_section(config: RunConfig, rerank_: RerankStageResult | None, error: str | None,
+                   cached: bool) -> SummarySection:
+    """``rerank_run``: per query what was reranked; a rerank that failed makes the run partial."""
+    section = SummarySection()
+    if rerank_ is not None:
+        if rerank_.telemetry is not None:
+            section.stages["rerank"] = rerank_.telemetry.model_copy(update={"cached": cached}).model_dump()
+        section.warnings.extend(rerank_.warnings)
+        run = RerankRun(
+            enabled=config.enable_rerank, executed=rerank_.status == "executed", status=rerank_.status,
+            model_name=rerank_.model_name, device=rerank_.device, top_k_candidates=config.rerank_top_k_candidates,
+            rerank_top_k=config.rerank_top_k, payload=rerank_.runs, reason=rerank_.reason, cached=cached,
+        )
+    else:
+        status = "error" if error else "skipped"
+        run = RerankRun(enabled=config.enable_rerank, executed=False,
+                        status=status if config.enable_rerank else "disabled", model_name=config.rerank_model,
+                        top_k_candidates=config.rerank_top_k_candidates, rerank_top_k=config.rerank_top_k,
+                        reason=error or "an earlier stage failed")
+    if run.enabled and not run.payload:
+        section.warnings.append("rerank is enabled but the rerank_run payload is missing"
+                                + (f": {run.reason}" if run.reason else ""))
+    section.fields["rerank_run"] = run
+    section.degraded = run.status == "error"
+    return section

@@ -1,0 +1,176 @@
+"""The sparse stage: live vectors per sparse model (CPU first), with the per-chunk metadata fallback."""
+
+from __future__ import annotations
+
+import json
+import uuid
+
+from pydantic import BaseModel, Field
+
+from embedder.errors import ModelUnavailableError
+from embedder.io.readers import read_queries
+from embedder.io.writers import read_chunks, read_jsonl_records, write_jsonl
+from embedder.models.registry import get_spec, resolve_model
+from embedder.models.sparse import infer_sparse, load_sparse_model
+from embedder.schemas import SparseInferenceRun, SparseVector, StageRef, StageTelemetry
+from embedder.settings import RunConfig
+from embedder.stages.common import (
+    Status,
+    SummarySection,
+    collection_dir,
+    model_fingerprint,
+    owner_parts,
+    queries_digest,
+    seal,
+    stage_dir,
+    stage_key,
+    stages_dir,
+    vector_space,
+)
+from embedder.summary import SparseRun, SparseVectorsStats
+
+
+class SparseModelOutput(BaseModel):
+    """One sparse model's vectors, by reference, and its inference run."""
+
+    model_name: str
+    vector_name: str
+    vectors: StageRef
+    query_vectors: StageRef | None = None
+    run: SparseInferenceRun
+    available: int
+    telemetry: StageTelemetry
+    warnings: list[str] = Field(default_factory=list)
+    computed: int = Field(0, description="Chunk vectors computed (live or fallback) by this run.")
+    reused: int = Field(0, description="Live chunk vectors reused from earlier runs.")
+
+
+class SparseStageResult(BaseModel):
+    """All sparse models' outputs."""
+
+    status: Status
+    outputs: list[SparseModelOutput] = Field(default_factory=list)
+    warnings: list[str] = Field(default_factory=list)
+    reason: str | None = None
+
+
+def sparse_key(config: RunConfig, collection: str, chunks: StageRef) -> str:
+    """Cache key of the sparse stage."""
+    models = [(m, model_fingerprint(m, "sparse", config.local_files_only)) for m in config.sparse_models]
+    return stage_key("sparse", *owner_parts(config, collection), chunks.digest, config.enable_sparse, models,
+                     queries_digest(config))
+
+
+def sparse_stage(config: RunConfig, collection: str, chunks: StageRef, key: str,
+                 run_id: uuid.UUID | None = None) -> SparseStageResult:
+    """Live sparse inference per model, CPU first, with the per-chunk metadata fallback.
+
+    Live vectors are reused per chunk from ``.stages/vectors/<space>/`` when the
+    same text and metadata met the same model (by content fingerprint) before; a
+    model is loaded only when some chunk or query needs it.
+    """
+    from embedder.io.qdrant import sparse_vector_name
+    from embedder.io.vector_cache import SparseVectorCache, text_digest
+    from embedder.models.registry import BUNDLED_DATA
+
+    path = stage_dir(config, collection, "sparse", key)
+    if not config.enable_sparse:
+        return seal(path, SparseStageResult(status="disabled", reason="disabled by enable_sparse=false"))
+    items = read_chunks(chunks.path)
+    queries = read_queries(config.queries_path) if config.queries_path else []
+    # The metadata decides the fallback vector, so it is part of a chunk's digest.
+    digests = [text_digest(c.text + "\0" + json.dumps(c.metadata.get("sparse_features"), sort_keys=True))
+               for c in items]
+    outputs: list[SparseModelOutput] = []
+    warnings: list[str] = []
+    for name in config.sparse_models:
+        spec = get_spec(name, "sparse")
+        space = vector_space(config, "sparse", name, model_fingerprint(name, "sparse", config.local_files_only))
+        cache = SparseVectorCache(stages_dir(config, collection) / "vectors" / space)
+        stored = cache.lookup(digests)
+        known = {i: stored[d] for i, d in enumerate(digests) if d in stored}
+        model = None
+        load_error = None
+        if len(known) < len(items) or queries:
+            try:
+                resolved = resolve_model(name, "sparse", local_files_only=config.local_files_only)
+                model = load_sparse_model(resolved, "cpu", local_files_only=config.local_files_only)
+            except ModelUnavailableError as exc:
+                load_error = str(exc)
+        result = infer_sparse(
+            items, spec, model, queries=queries, load_error=load_error, bm25_dir=BUNDLED_DATA / "bm25",
+            run_id=run_id, export_path=str(collection_dir(config, collection) / "sparse.jsonl"), known=known,
+        )
+        if model is not None:
+            cache.append({digests[i]: v for i, (v, fb) in enumerate(zip(result.vectors, result.fallback))
+                          if i not in known and v is not None and not fb})
+        cache.compact(set(digests))
+        tag = sparse_vector_name(name)
+        ref = write_jsonl(path / f"{tag}.jsonl", (
+            {"id": c.id, "sparse_vector": (v or SparseVector()).model_dump(), "model": name, "fallback": fb,
+             "available": v is not None}
+            for c, v, fb in zip(items, result.vectors, result.fallback)
+        ))
+        qref = None
+        if queries:
+            qref = write_jsonl(path / f"{tag}-queries.jsonl", (
+                {"id": qid, "sparse_vector": v.model_dump()} for qid, v in result.query_vectors.items()
+            ))
+        warnings.extend(result.warnings)
+        outputs.append(SparseModelOutput(
+            model_name=name, vector_name=sparse_vector_name(name), vectors=ref, query_vectors=qref, run=result.run,
+            available=sum(v is not None for v in result.vectors), telemetry=result.telemetry,
+            warnings=result.warnings, computed=len(items) - len(known), reused=len(known),
+        ))
+    return seal(path, SparseStageResult(status="executed", outputs=outputs, warnings=warnings))
+
+
+def read_sparse(ref: StageRef) -> tuple[list[str], list[SparseVector | None]]:
+    """Chunk ids and their sparse vectors (None where no vector was available) from a stage file."""
+    ids, vecs = [], []
+    for rec in read_jsonl_records(ref.path):
+        ids.append(rec["id"])
+        vecs.append(SparseVector(**rec["sparse_vector"]) if rec.get("available", True) else None)
+    return ids, vecs
+
+
+def sparse_section(config: RunConfig, sparse: SparseStageResult | None, error: str | None,
+                   cached: bool) -> SummarySection:
+    """``sparse_run``: per model what was computed, reused and how much fell back to metadata."""
+    section = SummarySection()
+    if sparse is not None and sparse.status == "executed":
+        total = sum(o.vectors.items for o in sparse.outputs)
+        available = sum(o.available for o in sparse.outputs)
+        fallback_used = any(o.run.fallback_used for o in sparse.outputs)
+        for o in sparse.outputs:
+            name = "sparse" if len(sparse.outputs) == 1 else f"sparse:{o.model_name}"
+            section.stages[name] = o.telemetry.model_copy(update={"cached": cached}).model_dump()
+        section.warnings.extend(sparse.warnings)
+        if fallback_used:
+            fb = sum(o.run.fallback_count for o in sparse.outputs)
+            section.warnings.append(f"sparse metadata fallback used for {fb} chunk(s)")
+        run = SparseRun(
+            enabled=True, executed=True, status="executed", model_names=[o.model_name for o in sparse.outputs],
+            fallback_used=fallback_used,
+            vectors=SparseVectorsStats(total=total, available=available,
+                                       coverage_ratio=available / total if total else 1.0),
+            payload=sparse.outputs[0].run if sparse.outputs else None,
+            payloads=[o.run.model_dump(mode="json") for o in sparse.outputs[1:]],
+            cached=cached,
+            computed={o.model_name: o.computed for o in sparse.outputs},
+            reused={o.model_name: o.reused for o in sparse.outputs},
+        )
+    elif sparse is not None:
+        run = SparseRun(enabled=config.enable_sparse, executed=False, status=sparse.status,
+                        model_names=config.sparse_models, reason=sparse.reason)
+    else:
+        status = "error" if error else "skipped"
+        run = SparseRun(enabled=config.enable_sparse, executed=False,
+                        status=status if config.enable_sparse else "disabled", model_names=config.sparse_models,
+                        reason=error or "an earlier stage failed")
+    if run.enabled and run.payload is None:
+        section.warnings.append("sparse is enabled but the sparse_run payload is missing"
+                                + (f": {run.reason}" if run.reason else ""))
+    section.fields["sparse_run"] = run
+    section.degraded = run.status == "error"
+    return section
