@@ -97,6 +97,10 @@ class LeaseEvent(_Section):
     acquired_at: str
     released_at: str
     wait_s: float
+    lease_id: str | None = None
+    recovery: Literal["prefect", "embedder"] | None = Field(
+        None, description="What frees the slot if the holder dies: prefect (a running server's lease "
+        "repossession) or embedder (its recovery on the ephemeral server, by lease id, once the pid is gone).")
 
 
 class Telemetry(_Section):

@@ -224,20 +224,28 @@ def eval_(
 @app.command(name="gpu-slots")
 def gpu_slots(
     limit_name: Annotated[str, typer.Option("--limit-name", help="The global concurrency limit.")] = "gpu",
-    recover: Annotated[bool, typer.Option("--recover", help="Free slots held by dead local holders.")] = False,
+    recover: Annotated[bool, typer.Option(
+        "--recover", help="On the ephemeral server: release the leases of holders whose process is gone.")] = False,
 ) -> None:
-    """Show the GPU lease's slots; with --recover, free slots whose holders died past their lease."""
+    """Show the GPU lease's slots and holders (lease id, pid, host, stage, expiry); --recover frees dead ones."""
     _prefect_defaults()
     from prefect.client.orchestration import get_client
 
-    from tasks.lease import ensure_gpu_limit, recover_stale_slots
+    from tasks.lease import ensure_gpu_limit, holder_state, list_holders, recover_dead_holders, recovery_mode
 
     ensure_gpu_limit(limit_name)
-    freed = recover_stale_slots(limit_name) if recover else 0
+    freed = recover_dead_holders(limit_name) if recover else []
     with get_client(sync_client=True) as client:
         limit = client.read_global_concurrency_limit_by_name(limit_name)
+    mode = recovery_mode()
     status = f"{limit.name}: {limit.active_slots}/{limit.limit} slot(s) in use"
-    typer.echo(status + (f"; freed {freed}" if recover else ""))
+    typer.echo(status + (f"; freed {len(freed)}" if recover else ""))
+    typer.echo("dead holders' slots are freed by " + (
+        "the server's lease repossession, once their lease expires" if mode == "prefect" else
+        "the next waiting run (or --recover), by lease id, once their process is gone"))
+    for h in list_holders(limit_name):
+        typer.echo(f"  lease {h.get('lease_id')}  stage {h.get('stage')}  pid {h.get('pid')}@{h.get('host')}  "
+                   f"acquired {h.get('acquired_at')}  expires {h.get('expires_at')}  [{holder_state(h)}]")
 
 
 def main() -> None:

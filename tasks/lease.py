@@ -4,94 +4,86 @@ Prefect does not create a global concurrency limit on first use, and with the
 default ``strict=False`` a missing limit is silently not enforced. So the limit
 is upserted before use and acquired with ``strict=True``.
 
-The embedded (ephemeral) server never reclaims the slot of a holder that died
-hard. Holders therefore register themselves in a small file beside the Prefect
-database (pid, host, lease expiry); before waiting, a run on the embedded
-server frees slots whose every registered holder is dead and past its lease.
+A slot is held through a Prefect lease, renewed in the background while the
+holder lives. What frees the slot of a holder that died hard (SIGKILL, OOM
+kill, power loss) depends on the server:
+
+- **A running server** (``PREFECT_API_URL`` set; loopback or remote): Prefect's
+  own lease repossession frees it once the lease expires. Nothing here touches
+  slots there: a second mechanism could free the same slot twice.
+- **The ephemeral server** (no ``PREFECT_API_URL``): Prefect runs no
+  repossession, so the slot would stay taken for ever. Leases are kept on disk
+  under ``PREFECT_HOME`` (Prefect's filesystem lease storage) so that every
+  process sharing the home, and so the database, can see them, and a waiting
+  run releases a dead holder's lease by its lease id: exactly that holder's
+  slot, once. A holder is dead only when its pid is gone from this host.
+
+Every holder registers itself as a Prefect variable ``embedder-lease-<lease id>``
+(lease id, limit, stage, pid, host, expiry refreshed with each renewal), so
+``embed-collections gpu-slots`` lists holders from every process and host that
+uses the server, whatever their ``PREFECT_HOME``.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
-import socket
+import threading
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
-from pathlib import Path
-from typing import Any
-from urllib.parse import urlparse
+from typing import Any, Literal
+from uuid import UUID
 
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.actions import GlobalConcurrencyLimitUpdate
+from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate, VariableCreate, VariableUpdate
 from prefect.concurrency._asyncio import AcquireConcurrencySlotTimeoutError
-from prefect.concurrency.sync import concurrency
-from prefect.exceptions import ObjectNotFound
-from prefect.logging import get_run_logger
-from prefect.settings import PREFECT_API_URL, PREFECT_HOME
+from prefect.concurrency._leases import maintain_concurrency_lease
+from prefect.concurrency._sync import acquire_concurrency_slots_with_lease, release_concurrency_slots_with_lease
+from prefect.exceptions import MissingContextError, ObjectAlreadyExists, ObjectNotFound
+from prefect.logging import get_logger, get_run_logger
+from prefect.settings import PREFECT_API_URL
 
 from embedder.errors import StageError
-from embedder.io.atomic import atomic_write_text
+from embedder.procs import owner, owner_dead
+
+LEASE_STORAGE_ENV = "PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE"
+FILESYSTEM_LEASES = "prefect.server.concurrency.lease_storage.filesystem"
+RECORD_PREFIX = "embedder-lease-"
+RECHECK_S = 5.0
+# Prefect renews a lease at 75% of its duration; the registry's expiry follows the same beat.
+RENEWAL_FRACTION = 0.75
+# Prefect's repossession runs every few seconds: a record this long past its expiry names a freed slot.
+STALE_RECORD_S = 60.0
+
+Recovery = Literal["prefect", "embedder"]
 
 
 def _now() -> str:
     return datetime.now(UTC).isoformat()
 
 
-def uses_embedded_server() -> bool:
-    """True for servers whose holders all live on this host: the embedded one, or one on loopback.
+def recovery_mode() -> Recovery:
+    """Who frees a dead holder's slot: ``prefect`` (a running server's lease repossession) or ``embedder``.
 
-    Those (the ephemeral server, a test harness, a `prefect server start` on
-    127.0.0.1) may lack the service that reclaims expired leases, and every
-    holder is a local process whose pid can be checked. A remote server reclaims
-    leases itself, and its holders may be on other hosts, so it is left alone.
+    ``embedder`` only on the ephemeral server of a process with no
+    ``PREFECT_API_URL``, where Prefect has no repossession.
     """
-    url = PREFECT_API_URL.value()
-    if not url:
-        return True
-    host = urlparse(url).hostname or ""
-    return host in ("localhost", "::1") or host.startswith("127.")
+    return "prefect" if PREFECT_API_URL.value() else "embedder"
 
 
-def _holders_file(limit_name: str) -> Path:
-    return Path(PREFECT_HOME.value()) / "embedder-leases" / f"{limit_name}.json"
+def use_shared_lease_storage() -> None:
+    """On the ephemeral server, keep leases on disk under ``PREFECT_HOME`` instead of in its memory.
+
+    Must run before the process's ephemeral server starts (it inherits the
+    environment). An explicit setting is left alone.
+    """
+    if recovery_mode() == "embedder":
+        os.environ.setdefault(LEASE_STORAGE_ENV, FILESYSTEM_LEASES)
 
 
-def _read_holders(limit_name: str) -> list[dict[str, Any]]:
-    try:
-        data = json.loads(_holders_file(limit_name).read_text())
-        return data if isinstance(data, list) else []
-    except (FileNotFoundError, json.JSONDecodeError):
-        return []
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _write_holders(limit_name: str, holders: list[dict[str, Any]]) -> None:
-    atomic_write_text(_holders_file(limit_name), json.dumps(holders))
-
-
-@contextlib.contextmanager
-def _holders_lock(limit_name: str) -> Iterator[None]:
-    import fcntl
-
-    path = _holders_file(limit_name).with_suffix(".lock")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+# Importing the lease (flows and the CLI do, before any run) is early enough.
+use_shared_lease_storage()
 
 
 def ensure_gpu_limit(limit_name: str, slots: int = 1) -> None:
@@ -100,91 +92,155 @@ def ensure_gpu_limit(limit_name: str, slots: int = 1) -> None:
         try:
             client.read_global_concurrency_limit_by_name(limit_name)
         except ObjectNotFound:
-            client.upsert_global_concurrency_limit_by_name(limit_name, slots)
+            # Two runs starting together both find it missing: the second create loses, harmlessly.
+            with contextlib.suppress(ObjectAlreadyExists):
+                client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=limit_name, limit=slots))
 
 
-def _recover_locked(limit_name: str) -> int:
-    if not uses_embedded_server():
-        return 0  # a remote server reclaims expired leases itself, and its holders may be elsewhere
-    holders = _read_holders(limit_name)
-    host = socket.gethostname()
-    now = time.time()
-    alive = [h for h in holders if h.get("host") != host or _pid_alive(int(h.get("pid", -1)))
-             or now < float(h.get("expires_at", 0))]
-    stale = 0
-    with get_client(sync_client=True) as client:
-        limit = client.read_global_concurrency_limit_by_name(limit_name)
-        stale = max(0, limit.active_slots - len(alive))
-        if stale:
-            client.update_global_concurrency_limit(
-                limit_name, GlobalConcurrencyLimitUpdate(active_slots=limit.active_slots - stale)
-            )
-    if len(alive) != len(holders):
-        _write_holders(limit_name, alive)
-    return stale
+# --- the holder registry ---------------------------------------------------------------------
 
 
-def recover_stale_slots(limit_name: str) -> int:
-    """Free slots held by dead holders on a local server; return how many were freed.
+def _record_name(lease_id: UUID | str) -> str:
+    return f"{RECORD_PREFIX}{lease_id}"
 
-    Every local holder is registered (under a file lock, in the same critical
-    section as its acquisition), so a slot is freed only when the server counts
-    more active slots than there are registered holders that are alive or still
-    inside their lease.
+
+def list_holders(limit_name: str | None = None) -> list[dict[str, Any]]:
+    """Registered holders (of one limit, or all), oldest first.
+
+    Each is a dict with ``lease_id``, ``limit_name``, ``stage``, ``pid``, ``host``,
+    ``acquired_at`` and ``expires_at`` (refreshed with every lease renewal).
     """
-    with _holders_lock(limit_name):
-        return _recover_locked(limit_name)
+    with get_client(sync_client=True) as client:
+        response = client.request("POST", "/variables/filter",
+                                  json={"variables": {"name": {"like_": f"{RECORD_PREFIX}%"}}, "limit": None})
+    holders = [v["value"] for v in response.json() if isinstance(v.get("value"), dict)]
+    holders = [h for h in holders if limit_name is None or h.get("limit_name") == limit_name]
+    return sorted(holders, key=lambda h: str(h.get("acquired_at", "")))
 
 
-RECHECK_S = 5.0
+def holder_state(record: dict[str, Any]) -> str:
+    """``alive``, ``dead`` (pid gone from this host), ``expired`` (no renewal for a whole lease) or ``remote``."""
+    if owner_dead(record):
+        return "dead"
+    try:
+        expired = datetime.fromisoformat(str(record["expires_at"])) < datetime.now(UTC)
+    except (KeyError, ValueError):
+        expired = False
+    if expired:
+        return "expired"
+    return "alive" if record.get("host") == owner()["host"] else "remote"
+
+
+def recover_dead_holders(limit_name: str) -> list[str]:
+    """On the ephemeral server, release the lease of each registered holder whose pid is gone; return their ids.
+
+    A holder's record is claimed by deleting it (only one process can), then its
+    lease is released by id, which frees exactly its slot. A live process's
+    slot, on this host or another, is never touched. Against a running server no
+    slot is touched (Prefect's lease repossession owns that): only records of
+    dead holders whose lease has long expired, and so was repossessed, are removed.
+    """
+    mode = recovery_mode()
+    freed = []
+    for record in list_holders(limit_name):
+        state = holder_state(record)
+        if mode == "embedder" and state == "dead":
+            with get_client(sync_client=True) as client:
+                try:
+                    client.delete_variable_by_name(_record_name(record["lease_id"]))
+                except ObjectNotFound:
+                    continue  # another waiting run claimed it first
+            release_concurrency_slots_with_lease(UUID(str(record["lease_id"])))
+            freed.append(str(record["lease_id"]))
+        elif mode == "prefect" and state in ("dead", "expired") and _expired_for(record) > STALE_RECORD_S:
+            _deregister(record["lease_id"])
+    return freed
+
+
+def _expired_for(record: dict[str, Any]) -> float:
+    try:
+        return (datetime.now(UTC) - datetime.fromisoformat(str(record["expires_at"]))).total_seconds()
+    except (KeyError, ValueError):
+        return 0.0
+
+
+@contextlib.contextmanager
+def _registered(record: dict[str, Any], lease_duration_s: float) -> Iterator[None]:
+    """Keep the holder's record on the server, its expiry refreshed on the lease's renewal beat."""
+    name = _record_name(record["lease_id"])
+    with get_client(sync_client=True) as client:
+        client.create_variable(VariableCreate(name=name, value=record))
+    stop = threading.Event()
+
+    def beat() -> None:
+        with get_client(sync_client=True) as client:
+            while not stop.wait(lease_duration_s * RENEWAL_FRACTION):
+                record["expires_at"] = datetime.fromtimestamp(time.time() + lease_duration_s, UTC).isoformat()
+                with contextlib.suppress(Exception):  # display only: the lease itself is Prefect's
+                    client.update_variable(VariableUpdate(name=name, value=record))
+
+    thread = threading.Thread(target=beat, name=f"{name}-beat", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout=2)
+
+
+def _deregister(lease_id: UUID | str) -> None:
+    with get_client(sync_client=True) as client, contextlib.suppress(ObjectNotFound):
+        client.delete_variable_by_name(_record_name(lease_id))
 
 
 @contextlib.contextmanager
 def gpu_lease(limit_name: str, stage: str, *, timeout_s: float, lease_duration_s: float) -> Iterator[dict[str, Any]]:
     """Hold the GPU slot for one stage and yield its lease event (filled in on release).
 
-    The wait is cut into slices of at most ``RECHECK_S`` seconds; between slices,
-    slots left by dead holders whose lease has run out are freed, so a crashed
-    run delays the next one by its lease duration, never for ever.
+    The wait is cut into slices of at most ``RECHECK_S`` seconds; on the
+    ephemeral server, dead holders' leases are released between slices, so a
+    crashed run delays the next one by a few seconds, never for ever.
 
     Raises:
         StageError: If the slot is not acquired within ``timeout_s``.
     """
     ensure_gpu_limit(limit_name)
-    log = get_run_logger()
-    event: dict[str, Any] = {"stage": stage, "limit_name": limit_name, "requested_at": _now()}
+    try:
+        log: Any = get_run_logger()
+    except MissingContextError:  # outside a flow run (the CLI's gpu-slots, a script)
+        log = get_logger("embedder.lease")
+    mode = recovery_mode()
+    event: dict[str, Any] = {"stage": stage, "limit_name": limit_name, "requested_at": _now(), "recovery": mode}
     t0 = time.monotonic()
-    me = {"pid": os.getpid(), "host": socket.gethostname(), "stage": stage}
-    with contextlib.ExitStack() as stack:
-        while True:
-            remaining = timeout_s - (time.monotonic() - t0)
-            if remaining <= 0:
-                raise StageError(
-                    f"the GPU slot {limit_name!r} was not free within {timeout_s:.0f} s; another run holds it "
-                    "(see the Prefect UI's concurrency page)"
-                )
-            # Recovery, acquisition and registration form one critical section: no other local
-            # process can count the slot before its holder is registered.
-            with _holders_lock(limit_name):
-                freed = _recover_locked(limit_name)
-                if freed:
-                    log.warning("freed %d GPU slot(s) of %r left by dead holders", freed, limit_name)
-                try:
-                    stack.enter_context(concurrency(limit_name, occupy=1, strict=True,
-                                                    timeout_seconds=min(remaining, RECHECK_S),
-                                                    lease_duration=lease_duration_s))
-                except AcquireConcurrencySlotTimeoutError:
-                    continue
-                me["expires_at"] = time.time() + lease_duration_s
-                _write_holders(limit_name, [*_read_holders(limit_name), me])
-                break
-        event["acquired_at"] = _now()
-        event["wait_s"] = round(time.monotonic() - t0, 3)
-        yield event
-    # Deregister only after the slot is released: until then the entry must count as a holder.
-    event["released_at"] = _now()
-    with _holders_lock(limit_name):
-        holders = _read_holders(limit_name)
-        if me in holders:
-            holders.remove(me)
-            _write_holders(limit_name, holders)
+    while True:
+        remaining = timeout_s - (time.monotonic() - t0)
+        if remaining <= 0:
+            raise StageError(
+                f"the GPU slot {limit_name!r} was not free within {timeout_s:.0f} s; another run holds it "
+                "(`embed-collections gpu-slots` lists the holders)"
+            )
+        for lease_id in recover_dead_holders(limit_name):
+            log.warning("released GPU lease %s of %r: its holder's process is gone", lease_id, limit_name)
+        try:
+            granted = acquire_concurrency_slots_with_lease([limit_name], 1, timeout_seconds=min(remaining, RECHECK_S),
+                                                           lease_duration=lease_duration_s, strict=True)
+        except AcquireConcurrencySlotTimeoutError:
+            continue
+        break
+    lease_id = granted.lease_id
+    record = {**owner(), "lease_id": str(lease_id), "limit_name": limit_name, "stage": stage,
+              "acquired_at": _now(), "lease_duration_s": lease_duration_s,
+              "expires_at": datetime.fromtimestamp(time.time() + lease_duration_s, UTC).isoformat()}
+    event.update(lease_id=str(lease_id), acquired_at=record["acquired_at"], wait_s=round(time.monotonic() - t0, 3))
+    try:
+        with (_registered(record, lease_duration_s),
+              maintain_concurrency_lease(lease_id, lease_duration_s, raise_on_lease_renewal_failure=True)):
+            yield event
+    finally:
+        # Release before deregistering: a record without a lease is harmless, a lease without
+        # a record could not be recovered.
+        try:
+            release_concurrency_slots_with_lease(lease_id)
+        finally:
+            event["released_at"] = _now()
+            _deregister(lease_id)

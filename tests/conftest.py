@@ -22,6 +22,8 @@ os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = "120"
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.pop("PREFECT_API_URL", None)
+# As tasks.lease sets it for every run on the ephemeral server: leases on disk, visible to every process.
+os.environ["PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE"] = "prefect.server.concurrency.lease_storage.filesystem"
 for _var in [v for v in os.environ if v.startswith("EMBEDDER_") or v in ("QDRANT_URL", "QDRANT_API_KEY")]:
     os.environ.pop(_var)
 
@@ -94,6 +96,7 @@ def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
            "PREFECT_UI_ENABLED": "false"}
     env.pop("PREFECT_API_URL", None)
+    env.pop("PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE", None)  # a server as users start it: Prefect's defaults
     log = open(home / "server.log", "w")
     proc = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port",
                              str(port), "--no-ui"], env=env, stdout=log, stderr=subprocess.STDOUT,

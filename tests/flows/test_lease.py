@@ -1,4 +1,9 @@
-"""The GPU lease: serialisation across processes on one server, and recovery from a dead holder."""
+"""The GPU lease with real servers and real processes: never two holders, and dead holders' slots come back.
+
+Holders are separate Python processes. On a running server (`prefect server start` on loopback) only
+Prefect's lease repossession frees a dead holder's slot; on the ephemeral server our recovery releases
+it by lease id once the holder's pid is gone.
+"""
 
 from __future__ import annotations
 
@@ -17,6 +22,8 @@ from tests.conftest import REPO, SAMPLE_QUERIES
 
 pytestmark = pytest.mark.slow
 
+LEASE_S = 60  # the shortest lease Prefect accepts; renewed every 45 s
+
 
 def _synthetic_collection(path: Path, n: int) -> Path:
     words = ("river stone cloud engine garden forest rocket planet ocean violin candle bridge tiger winter castle "
@@ -28,11 +35,18 @@ def _synthetic_collection(path: Path, n: int) -> Path:
     return path
 
 
-def test_three_concurrent_runs_never_overlap_on_the_gpu(prefect_server, tmp_path, tiny_cross_encoder):
+def _overlaps(intervals: list[tuple[str, float, float]]) -> list[tuple]:
+    ordered = sorted(intervals, key=lambda i: i[1])
+    return [(a, b) for a, b in zip(ordered, ordered[1:]) if a[2] > b[1]]
+
+
+def test_three_concurrent_runs_with_three_homes_never_overlap_on_the_gpu(prefect_server, tmp_path,
+                                                                         tiny_cross_encoder):
+    """The README's setup: one loopback server, runs from shells whose PREFECT_HOMEs differ."""
     data = _synthetic_collection(tmp_path / "synthetic.jsonl", 600)
-    env = {**os.environ, "PREFECT_API_URL": prefect_server, "PREFECT_HOME": str(tmp_path / "client-home")}
     procs = []
     for name in ("a", "b", "c"):
+        env = {**os.environ, "PREFECT_API_URL": prefect_server, "PREFECT_HOME": str(tmp_path / f"home-{name}")}
         cmd = [sys.executable, "-m", "flows.cli", "run", "--input", str(data), "--collection", f"run_{name}",
                "--output-dir", str(tmp_path / name), "--queries", str(SAMPLE_QUERIES), "--rerank-model",
                str(tiny_cross_encoder), "--local-files-only"]
@@ -40,90 +54,164 @@ def test_three_concurrent_runs_never_overlap_on_the_gpu(prefect_server, tmp_path
                                       text=True))
     outputs = [p.communicate(timeout=600)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0, 0], outputs
-    events = []
+    intervals, waits = [], []
     for name in ("a", "b", "c"):
         summary = json.loads((tmp_path / name / f"run_{name}" / "processing_summary.json").read_text())
         assert summary["status"] == "completed" and summary["rerank_run"]["status"] == "executed"
         assert summary["chunk_count"] == 600 and summary["index_run"]["points_count"] == 600
         for e in summary["telemetry"]["lease_events"]:
-            events.append((name, e["stage"], datetime.fromisoformat(e["acquired_at"]),
-                           datetime.fromisoformat(e["released_at"]), e["wait_s"]))
-    assert len(events) == 6  # dense and rerank in each run
-    events.sort(key=lambda e: e[2])
-    for prev, nxt in zip(events, events[1:]):
-        assert prev[3] <= nxt[2], f"GPU stages overlap: {prev} and {nxt}"
-    assert max(e[4] for e in events) > 0.5, f"no run waited for the slot: {events}"
+            assert e["recovery"] == "prefect" and e["lease_id"]  # a running server repossesses, not us
+            intervals.append((f"{name}:{e['stage']}", datetime.fromisoformat(e["acquired_at"]).timestamp(),
+                              datetime.fromisoformat(e["released_at"]).timestamp()))
+            waits.append(e["wait_s"])
+    assert len(intervals) == 6  # dense and rerank in each run
+    assert not _overlaps(intervals), f"GPU stages overlap: {_overlaps(intervals)}"
+    assert max(waits) > 0.5, f"no run waited for the slot: {intervals}"
+    assert "released GPU lease" not in "".join(outputs)
 
 
+# A lease holder on its own: holds the slot for HOLD seconds, or SIGKILLs itself while holding it.
 HOLDER = """
-import os, signal
-from prefect import flow
+import json, os, signal, sys, time
 from tasks.lease import gpu_lease
 
-@flow
-def hold():
-    with gpu_lease("gpu", "dense", timeout_s=30, lease_duration_s=60):
-        print("HELD", flush=True)
+mode, hold, limit = sys.argv[1], float(sys.argv[2]), sys.argv[3]
+with gpu_lease(limit, "dense", timeout_s=400, lease_duration_s=60) as ev:
+    t0 = time.time()
+    print("ACQUIRED " + json.dumps({"t0": t0, **ev}), flush=True)
+    if mode == "kill":
         os.kill(os.getpid(), signal.SIGKILL)
-
-hold()
-"""
-
-NEXT = """
-import json, time
-from prefect import flow
-from prefect.client.orchestration import get_client
-from tasks.lease import gpu_lease
-
-@flow
-def next_run():
-    with get_client(sync_client=True) as client:
-        stuck = client.read_global_concurrency_limit_by_name("gpu").active_slots
-    with gpu_lease("gpu", "dense", timeout_s=150, lease_duration_s=60) as ev:
-        pass
-    return {**ev, "stuck_slots": stuck, "acquired_epoch": time.time()}
-
-print("RESULT " + json.dumps(next_run()), flush=True)
+    time.sleep(hold)
+print("RELEASED " + json.dumps({"t0": t0, "t1": time.time(), **ev}), flush=True)
 """
 
 
-def _embedded_env(home: Path) -> dict[str, str]:
-    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120"}
+class Holder:
+    """One holder process; its output goes to a file (an orphaned ephemeral server would hold a pipe open)."""
+
+    def __init__(self, tmp: Path, name: str, mode: str, hold: float, env: dict[str, str], limit: str = "gpu"):
+        self.name, self.log = name, tmp / f"{name}.log"
+        with open(self.log, "w") as fh:
+            self.proc = subprocess.Popen([sys.executable, "-c", HOLDER, mode, str(hold), limit], env=env, cwd=REPO,
+                                         stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def line(self, tag: str) -> dict | None:
+        for ln in self.log.read_text().splitlines():
+            if ln.startswith(tag + " "):
+                return json.loads(ln[len(tag) + 1:])
+        return None
+
+    def wait_for(self, tag: str, timeout: float) -> dict:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if (found := self.line(tag)) is not None:
+                return found
+            if self.proc.poll() is not None and tag != "ACQUIRED":
+                break
+            time.sleep(0.2)
+        raise AssertionError(f"{self.name}: no {tag} line in {timeout} s:\n{self.log.read_text()[-3000:]}")
+
+    def reap(self) -> None:
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)  # with its ephemeral server child, if any
+        except ProcessLookupError:
+            pass
+        self.proc.wait(timeout=30)
+
+
+def _ephemeral_env(home: Path) -> dict[str, str]:
+    env = {**os.environ, "PREFECT_HOME": str(home)}
     env.pop("PREFECT_API_URL", None)
+    env.pop("PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE", None)  # as a user's shell has it: the code sets it
     return env
 
 
-def test_embedded_server_recovers_a_dead_holders_slot_after_its_lease(tmp_path):
-    """The embedded default never reclaims a SIGKILLed holder's slot by itself; our recovery does."""
-    env = _embedded_env(tmp_path / "home")
-    # start_new_session: the holder's temporary server child outlives a SIGKILL and must be reaped.
-    # Output goes to a file: the orphaned server child would keep a pipe open for ever.
-    log_path = tmp_path / "holder.log"
-    with open(log_path, "w") as log:
-        holder = subprocess.Popen([sys.executable, "-c", HOLDER], env=env, cwd=REPO, stdout=log,
-                                  stderr=subprocess.STDOUT, start_new_session=True)
+def _server_env(url: str, home: Path) -> dict[str, str]:
+    return {**os.environ, "PREFECT_API_URL": url, "PREFECT_HOME": str(home)}
+
+
+@pytest.mark.parametrize("homes", ["shared", "distinct"])
+def test_three_holders_on_a_loopback_server_take_turns(prefect_server, tmp_path, homes):
+    envs = [_server_env(prefect_server, tmp_path / ("home" if homes == "shared" else f"home-{i}")) for i in range(3)]
+    holders = [Holder(tmp_path, f"h{i}", "hold", 3, env, limit=f"gpu-{homes}") for i, env in enumerate(envs)]
     try:
-        holder.wait(timeout=180)
-        killed_at = time.time()
-        out = log_path.read_text()
-        assert holder.returncode == -signal.SIGKILL and "HELD" in out, out
-        nxt = subprocess.run([sys.executable, "-c", NEXT], env=env, cwd=REPO, capture_output=True, text=True,
-                             timeout=300)
+        done = [h.wait_for("RELEASED", 180) for h in holders]
     finally:
-        try:
-            os.killpg(holder.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    line = next((ln for ln in nxt.stdout.splitlines() if ln.startswith("RESULT ")), None)
-    assert line, nxt.stdout + nxt.stderr
-    ev = json.loads(line[len("RESULT "):])
-    assert ev["stuck_slots"] == 1  # the dead holder's slot really was stuck
-    waited = ev["acquired_epoch"] - killed_at
-    assert 55 <= waited < 150, waited  # freed after the 60 s lease, not never
+        for h in holders:
+            h.reap()
+    intervals = [(h.name, d["t0"], d["t1"]) for h, d in zip(holders, done)]
+    assert not _overlaps(intervals), intervals
+    assert sum(d["wait_s"] > 1 for d in done) >= 2  # two of them really waited for the slot
 
 
-def test_gpu_slots_command_creates_and_reports_the_limit(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "flows.cli", "gpu-slots", "--limit-name", "gpu-cli", "--recover"],
-                       env=_embedded_env(tmp_path / "home"), cwd=REPO, capture_output=True, text=True, timeout=180)
+def test_a_killed_holders_slot_comes_back_and_still_only_one_holds_it(prefect_server, tmp_path):
+    """K dies holding the slot; W1 and W2 wait. The slot comes back (by our recovery on the ephemeral
+    server, within seconds; by Prefect's repossession after the lease on a running server) and W1 and W2
+    still take turns. On the ephemeral server W1 meanwhile holds the slot longer than two lease renewals:
+    W2's recovery, running every few seconds, never takes a live holder for a dead one.
+
+    Both modes run side by side (they share nothing), so the test costs the longer of the two.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(2) as pool:
+        for done in [pool.submit(_killed_holder_scenario, prefect_server, tmp_path / mode, mode)
+                     for mode in ("ephemeral", "server")]:
+            done.result()
+
+
+def _killed_holder_scenario(prefect_server: str, tmp_path: Path, mode: str) -> None:
+    tmp_path.mkdir()
+    if mode == "ephemeral":
+        env = _ephemeral_env(tmp_path / "home")
+        envs, hold = [env, env, env], 2 * LEASE_S * 0.75 + 15  # outlives the renewals at 45 s and 90 s
+    else:
+        envs, hold = [_server_env(prefect_server, tmp_path / f"home-{i}") for i in range(3)], 3
+    k = Holder(tmp_path, "k", "kill", 0, envs[0], limit=f"gpu-{mode}")
+    holders = [k]
+    try:
+        killed_lease = k.wait_for("ACQUIRED", 180)["lease_id"]
+        k.proc.wait(timeout=30)
+        assert k.proc.returncode == -signal.SIGKILL
+        killed_at = time.time()
+        w1 = Holder(tmp_path, "w1", "hold", hold, envs[1], limit=f"gpu-{mode}")
+        holders.append(w1)
+        first = w1.wait_for("ACQUIRED", 240)
+        w2 = Holder(tmp_path, "w2", "hold", 1, envs[2], limit=f"gpu-{mode}")
+        holders.append(w2)
+        r1 = w1.wait_for("RELEASED", hold + 60)
+        r2 = w2.wait_for("RELEASED", 240)
+        came_back = first["t0"] - killed_at
+        if mode == "ephemeral":
+            assert came_back < 45, came_back  # our recovery: the pid is gone, no need to wait for the lease
+            assert f"released GPU lease {killed_lease}" in w1.log.read_text()
+        else:
+            assert LEASE_S - 10 <= came_back < 150, came_back  # Prefect's repossession, after the lease
+            assert "released GPU lease" not in w1.log.read_text() + w2.log.read_text()
+        assert r2["t0"] >= r1["t1"], (r1, r2)  # W2 got in only after W1 let go
+        if mode == "ephemeral":
+            # W2 was waiting (and running recovery) from before W1's first renewal until W1 let go.
+            assert datetime.fromisoformat(r2["requested_at"]).timestamp() < r1["t0"] + LEASE_S * 0.75
+            assert r1["t1"] - r1["t0"] >= hold
+    finally:
+        for h in holders:
+            h.reap()
+    r = subprocess.run([sys.executable, "-m", "flows.cli", "gpu-slots", "--limit-name", f"gpu-{mode}"],
+                       env=envs[2], cwd=REPO, capture_output=True, text=True, timeout=180)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert "gpu-cli: 0/1 slot(s) in use; freed 0" in r.stdout
+    assert f"gpu-{mode}: 0/1 slot(s) in use" in r.stdout, r.stdout
+
+
+def test_gpu_slots_lists_each_holder_with_its_lease(prefect_server, tmp_path):
+    holder = Holder(tmp_path, "h", "hold", 60, _server_env(prefect_server, tmp_path / "home-h"), limit="gpu-list")
+    try:
+        lease = holder.wait_for("ACQUIRED", 180)["lease_id"]
+        r = subprocess.run([sys.executable, "-m", "flows.cli", "gpu-slots", "--limit-name", "gpu-list"],
+                           env=_server_env(prefect_server, tmp_path / "home-other"), cwd=REPO, capture_output=True,
+                           text=True, timeout=180)
+    finally:
+        holder.reap()
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "gpu-list: 1/1 slot(s) in use" in r.stdout and "lease repossession" in r.stdout
+    [row] = [ln for ln in r.stdout.splitlines() if lease in ln]
+    assert f"pid {holder.proc.pid}@" in row and "stage dense" in row and "expires 20" in row and "[alive]" in row
