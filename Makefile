@@ -22,7 +22,7 @@ venv: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/embed-collections run --input examples/sample_collection --queries examples/queries.jsonl \
-		--qrels examples/qrels.tsv --output-dir output/demo --local-files-only
+		--qrels examples/qrels.tsv --output-dir output/demo
 
 test: $(STAMP)
 	$(BIN)/ruff check embedder tasks flows deployments tests bench

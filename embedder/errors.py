@@ -56,3 +56,11 @@ class IndexNotFoundError(VectorIndexError, LookupError):
 
 class IndexLayoutError(VectorIndexError, ValueError):
     """The store holds the collection with another layout (dense dimension, sparse vectors): deterministic."""
+
+
+class CollectionsFailedError(EmbedderError):
+    """One or more collections of a run failed; the others ran. Carries every collection's summary."""
+
+    def __init__(self, message: str, summaries: list | None = None) -> None:
+        super().__init__(message)
+        self.summaries = summaries or []

@@ -158,21 +158,37 @@ class CollectionOutcome:
     fusion: FusionResult | None = None
     rerank: RerankStageResult | None = None
     exports: dict[str, str] = field(default_factory=dict)
+    exports_run_id: str | None = None
+    carried: bool = False
     errors: dict[str, str] = field(default_factory=dict)
     cached: set[str] = field(default_factory=set)
+    warnings: list[str] = field(default_factory=list)
 
     def lease_events(self) -> list[dict[str, Any]]:
         """Lease events of the GPU stages that ran in this run (a cached stage took no lease)."""
-        return [r.lease_event for stage, r in (("dense", self.dense), ("rerank", self.rerank))
+        return [r.lease_event for stage, r in (("dense", self.dense), ("sparse", self.sparse), ("rerank", self.rerank))
                 if r is not None and r.lease_event and stage not in self.cached]
 
 
 def _export_section(outcome: CollectionOutcome) -> SummarySection:
     # Without its exports a collection has nothing to publish: the run failed.
-    return SummarySection(fields={"exports": outcome.exports,
-                                  "rejects": RejectsInfo(count=outcome.load.reject_count if outcome.load else 0,
-                                                         path=outcome.exports.get("rejects"))},
-                          failed="export" in outcome.errors)
+    o = outcome
+    section = SummarySection(fields={"exports": o.exports,
+                                     "rejects": RejectsInfo(count=o.load.reject_count if o.load else 0,
+                                                            path=o.exports.get("rejects"))},
+                             failed="export" in o.errors)
+    if o.carried:
+        section.fields["exports_run_id"] = o.exports_run_id
+        section.warnings.append(
+            f"this run failed: the exports and index beside this summary are those of run {o.exports_run_id}, "
+            "the last one published, and the index still serves them" if o.exports_run_id else
+            "this run failed and no earlier run was published: there are no exports or index for this collection")
+    return section
+
+
+def _failed_stage(outcome: CollectionOutcome) -> str | None:
+    order = ("preflight", "load", "dense", "index", "export")
+    return next((stage for stage in order if stage in outcome.errors), None)
 
 
 def build_summary(config: RunConfig, outcome: CollectionOutcome,
@@ -187,7 +203,9 @@ def build_summary(config: RunConfig, outcome: CollectionOutcome,
     chunk_count = o.load.chunk_count if o.load else 0
     sections = [
         load_section(o.load),
-        SummarySection(warnings=[f"{stage} stage failed: {err}" for stage, err in o.errors.items()]),
+        SummarySection(warnings=[f"{stage} stage failed: {err}" for stage, err in o.errors.items()],
+                       failed=any(stage in o.errors for stage in ("preflight", "load")),
+                       fields={"failed_stage": _failed_stage(o)}),
         dense_section(config, o.dense, o.errors.get("dense"), "dense" in o.cached),
         sparse_section(config, o.sparse, o.errors.get("sparse"), "sparse" in o.cached),
         fusion_section(config, o.fusion, o.errors.get("fuse"), "fuse" in o.cached),
@@ -202,7 +220,10 @@ def build_summary(config: RunConfig, outcome: CollectionOutcome,
         fields.update(section.fields)
         stages.update(section.stages)
         warnings.extend(section.warnings)
+    warnings.extend(o.warnings)
     failed = any(s.failed for s in sections)
+    if failed and fields.get("failed_stage") is None:
+        fields["failed_stage"] = "dense"  # the only stage without which nothing ran, and no error of its own
     degraded = bool(o.errors) or any(s.degraded for s in sections)
     gpu_peak = max([s.get("gpu_peak_gb", 0.0) for s in stages.values()] + [0.0])
     # A config built without resolve_run_config (a UI form, a test) has no recorded sources:
@@ -258,6 +279,51 @@ def new_run_set(config: RunConfig, collection: str, run_id: uuid.UUID) -> str:
 
     name = f"{datetime.now(UTC):%Y%m%dT%H%M%S}-{str(run_id)[:8]}-{uuid.uuid4().hex[:6]}"
     return str(open_run(config.output_dir, collection, name))
+
+
+_EXPORT_KEYS = {"chunks.parquet": "chunks", "dense.parquet": "dense", "sparse.jsonl": "sparse",
+                "qdrant.jsonl": "qdrant", "rerank.jsonl": "rerank"}
+
+
+def carry_forward(config: RunConfig, collection: str, run_path: str | Path,
+                  load: LoadResult | None) -> tuple[dict[str, str], str | None]:
+    """Fill a failed run's set with the last published set's exports and index manifest.
+
+    A failed run still publishes its summary (every run that starts leaves one),
+    but nothing it half-produced: beside that summary stay the exports and the
+    index of the last run that was published, and the summary says whose they
+    are. This run's own ``rejects.jsonl`` is kept: its summary counts them.
+
+    Returns:
+        The exports (name -> path in this set) and the run id they come from (None when there was none).
+    """
+    import json
+
+    from embedder.io.runset import SET_FILES, current_run
+
+    run = Path(run_path)
+    for name in SET_FILES:
+        if name != "processing_summary.json":
+            (run / name).unlink(missing_ok=True)
+    exports: dict[str, str] = {}
+    if load is not None and Path(load.rejects.path).is_file():
+        _link_atomic(load.rejects.path, run / "rejects.jsonl")
+        exports["rejects"] = str(run / "rejects.jsonl")
+    previous = current_run(config.output_dir, collection)
+    if previous is None:
+        return exports, None
+    for name in SET_FILES:
+        if name in ("processing_summary.json", "rejects.jsonl") or not (previous / name).is_file():
+            continue
+        _link_atomic(str(previous / name), run / name)
+        if name in _EXPORT_KEYS:
+            exports[_EXPORT_KEYS[name]] = str(run / name)
+    try:
+        prev = json.loads((previous / "processing_summary.json").read_text(encoding="utf-8"))
+        source = prev.get("exports_run_id") or prev.get("run_id")
+    except (OSError, ValueError):
+        source = None
+    return exports, str(source) if source else None
 
 
 def close_run_set(run_path: str | Path) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
@@ -18,12 +19,19 @@ from embedder.schemas import CrossEncoderRerankRun, SparseInferenceRun
 CURRENT_VERSION = "v4.1"
 LEGACY_VERSIONS = ("v4.0",)
 SUPPORTED_VERSIONS = (CURRENT_VERSION, *LEGACY_VERSIONS)
+_VERSION = re.compile(r"^v(\d+)\.(\d+)$")
+
+# The top-level keys every summary we write carries (DESIGN.md); `quality` only with qrels.
+CONTRACT_KEYS = ("schema_version", "generated_at", "collection", "chunk_count", "run_id", "feature_toggles",
+                 "dense_run", "sparse_run", "rerank_run", "fusion_run", "compatibility", "telemetry",
+                 "performance_baseline", "rejects", "warnings")
 
 StageStatus = Literal["executed", "disabled", "skipped", "error"]
 
 
 class _Section(BaseModel):
-    # Additive fields are part of the contract: older readers ignore them, so keep them.
+    # Read leniently: unknown keys (older or newer writers, other tools) are kept, never dropped.
+    # Our own writes are checked strictly by `validate_strict`, which rejects them.
     model_config = ConfigDict(extra="allow")
 
 
@@ -39,10 +47,15 @@ class DenseRun(_Section):
     device: str
     batch_size: int
     total_embeddings_generated: int
-    latency_ms: float
-    gpu_peak_gb: float
+    latency_ms: float | None = Field(None, description="None when the writer did not record it.")
+    gpu_peak_gb: float | None = None
     status: StageStatus = "executed"
     reused: int = Field(0, description="Chunk vectors reused from earlier runs (same text, same model).")
+    initial_batch_size: int | None = None
+    backoffs: list[int] = Field(default_factory=list, description="Batch sizes that hit OOM, in order.")
+    items_per_s: float | None = None
+    cached: bool = False
+    reason: str | None = None
 
 
 class SparseVectorsStats(_Section):
@@ -51,17 +64,46 @@ class SparseVectorsStats(_Section):
     coverage_ratio: float = 0.0
 
 
+class SparsePayload(_Section):
+    """A `SparseInferenceRun` as read (older writers recorded less; ours validate as the full record)."""
+
+    run_id: str | None = None
+    sparse_model: str | None = None
+    query_sparse_vector: dict[str, Any] | None = None
+    document_sparse_vectors: list[dict[str, Any]] | dict[str, Any] = Field(default_factory=list)
+    latency_ms: float | None = None
+    fallback_used: bool = False
+    fallback_count: int = 0
+    coverage_ratio: float | None = None
+
+
 class SparseRun(_Section):
     enabled: bool
-    executed: bool
-    status: StageStatus
+    executed: bool | None = None
+    status: StageStatus | None = None
     model_names: list[str] = Field(default_factory=list)
     fallback_used: bool = False
     vectors: SparseVectorsStats = Field(default_factory=SparseVectorsStats)
-    payload: SparseInferenceRun | None = None
+    payload: SparsePayload | None = None
+    payloads: list[SparsePayload] = Field(default_factory=list, description="Payloads of the further models.")
     reason: str | None = None
+    cached: bool = False
     computed: dict[str, int] = Field(default_factory=dict, description="Model -> chunk vectors computed.")
     reused: dict[str, int] = Field(default_factory=dict, description="Model -> chunk vectors reused.")
+
+
+class RerankPayload(_Section):
+    """A `CrossEncoderRerankRun` as read (older writers recorded less; ours validate as the full record)."""
+
+    run_id: str | None = None
+    query: str | None = None
+    query_id: str | None = None
+    candidate_ids: list[str] = Field(default_factory=list)
+    batch_size: int | None = None
+    scores: list[float] = Field(default_factory=list)
+    latency_ms: float | None = None
+    gpu_peak_gb: float | None = None
+    candidates_dropped: int = 0
 
 
 class RerankRun(_Section):
@@ -72,8 +114,9 @@ class RerankRun(_Section):
     device: str | None = None
     top_k_candidates: int | None = None
     rerank_top_k: int | None = None
-    payload: list[CrossEncoderRerankRun] = Field(default_factory=list)
+    payload: list[RerankPayload] = Field(default_factory=list)
     reason: str | None = None
+    cached: bool = False
 
 
 class FusionRun(_Section):
@@ -130,14 +173,18 @@ class RejectsInfo(_Section):
 
 
 class ProcessingSummary(_Section):
-    """The per-collection run summary. v4.0 files validate after :func:`normalize_processing_summary`."""
+    """The per-collection run summary, as written (v4.1) or as read from any v4.x writer after normalisation."""
 
-    schema_version: Literal["v4.0", "v4.1"] = CURRENT_VERSION
+    schema_version: str = CURRENT_VERSION
     generated_at: str = Field(default_factory=lambda: datetime.now(UTC).isoformat())
     collection: str
     chunk_count: int = Field(ge=0)
     run_id: uuid.UUID | None = None
     status: Literal["completed", "partial", "failed"] | None = None
+    failed_stage: str | None = Field(None, description="The stage that failed the collection, when it failed.")
+    exports_run_id: uuid.UUID | None = Field(
+        None, description="The run whose exports and index sit beside this summary, when not this run's own "
+        "(a failed run leaves the last good run's in place).")
     feature_toggles: FeatureToggles | None = None
     dense_run: DenseRun | None = None
     sparse_run: SparseRun | None = None
@@ -157,14 +204,68 @@ class ProcessingSummary(_Section):
     warnings: list[str] = Field(default_factory=list)
 
 
-_V41_REQUIRED = ("run_id", "feature_toggles", "dense_run")
+def parse_version(version: Any) -> tuple[int, int]:
+    """``"v4.1"`` -> ``(4, 1)``.
+
+    Raises:
+        SummaryValidationError: If it is not a ``vMAJOR.MINOR`` string.
+    """
+    m = _VERSION.match(version) if isinstance(version, str) else None
+    if m is None:
+        raise SummaryValidationError(
+            f"schema_version {version!r} is not a version this reader knows (expected v4.x; this reader writes "
+            f"{CURRENT_VERSION} and reads {', '.join(LEGACY_VERSIONS)})")
+    return int(m.group(1)), int(m.group(2))
+
+
+def _normalise_origin_shapes(out: dict[str, Any]) -> None:
+    """Map the earlier pipeline's shapes onto ours in place, keeping every original key.
+
+    See ``fixtures/origin-summaries/README.md`` in the shared project files.
+    """
+    dense = out.get("dense_run")
+    if isinstance(dense, dict):
+        models = dense.get("models_executed")
+        if "model_name" not in dense and isinstance(models, list) and models:
+            dense["model_name"] = ", ".join(str(m) for m in models)
+        latency = dense.get("latency_seconds")
+        if "latency_ms" not in dense and isinstance(latency, int | float):
+            dense["latency_ms"] = float(latency) * 1000
+    rerank = out.get("rerank_run")
+    if isinstance(rerank, dict):
+        payload = rerank.get("payload")
+        if isinstance(payload, dict):  # one object, not a list
+            rerank["payload"] = [payload]
+        for p in rerank.get("payload") or []:
+            if isinstance(p, dict) and p.get("run_id") is not None:
+                p["run_id"] = str(p["run_id"])
+            for key in ("top_k_candidates", "rerank_top_k"):
+                if isinstance(p, dict) and key in p and rerank.get(key) is None:
+                    rerank[key] = p[key]
+        state = rerank.get("device_state")
+        if rerank.get("device") is None and isinstance(state, dict) and state.get("resolved"):
+            rerank["device"] = str(state["resolved"])
+        if "executed" not in rerank and "status" in rerank:
+            rerank["executed"] = rerank["status"] == "executed"
+    sparse = out.get("sparse_run")
+    if isinstance(sparse, dict):
+        if "enabled" in sparse and not sparse["enabled"] and "status" not in sparse:
+            sparse["status"] = "disabled"
+        for p in [sparse.get("payload"), *(sparse.get("payloads") or [])]:
+            if isinstance(p, dict) and p.get("run_id") is not None:
+                p["run_id"] = str(p["run_id"])
+    toggles = out.get("feature_toggles")
+    if isinstance(toggles, dict) and "sources" not in toggles and isinstance(toggles.get("provenance"), dict):
+        toggles["sources"] = {k: str(v) for k, v in toggles["provenance"].items()}
 
 
 def normalize_processing_summary(data: dict[str, Any]) -> dict[str, Any]:
     """Return a defensive, normalised copy of a summary dict. The input is never mutated.
 
-    A v4.0 summary gets the default ``telemetry``, ``compatibility`` and
-    ``warnings`` sections so that v4.0 and v4.1 files validate alike.
+    Any v4.x summary is accepted: a v4.0 one gets the default ``telemetry``,
+    ``compatibility`` and ``warnings`` sections, and the shapes the earlier
+    pipeline wrote (``models_executed``, a single rerank payload object, no
+    ``run_id``, ``provenance``) are mapped onto ours. Unknown keys are kept.
 
     Args:
         data: A parsed processing_summary.json.
@@ -173,51 +274,117 @@ def normalize_processing_summary(data: dict[str, Any]) -> dict[str, Any]:
         A deep copy with the defaults filled in.
 
     Raises:
-        SummaryValidationError: If it is not a dict or names an unsupported version.
+        SummaryValidationError: If it is not a dict, or names a major version other than 4.
     """
     if not isinstance(data, dict):
         raise SummaryValidationError(f"a processing summary must be a JSON object, not {type(data).__name__}")
     out = copy.deepcopy(data)
-    version = out.get("schema_version")
-    if version not in SUPPORTED_VERSIONS:
+    major, _minor = parse_version(out.get("schema_version"))
+    if major != 4:
         raise SummaryValidationError(
-            f"schema_version {version!r} is not supported; supported versions: {', '.join(SUPPORTED_VERSIONS)}"
-        )
+            f"schema_version {out['schema_version']!r} is a major version this reader does not know; it reads v4.x")
     if not isinstance(out.get("telemetry"), dict):
         out["telemetry"] = Telemetry().model_dump()
     if not isinstance(out.get("compatibility"), dict):
         out["compatibility"] = {"current": CURRENT_VERSION, "legacy": list(LEGACY_VERSIONS)}
     if not isinstance(out.get("warnings"), list):
         out["warnings"] = []
+    _normalise_origin_shapes(out)
     return out
 
 
+def _first_error(exc: ValidationError, prefix: str = "") -> str:
+    first = exc.errors()[0]
+    loc = ".".join(str(part) for part in (*([prefix] if prefix else []), *first["loc"]))
+    return f"invalid summary field '{loc}': {first['msg']} ({exc.error_count()} error(s) in all)"
+
+
 def validate_summary(data: Any) -> ProcessingSummary:
-    """Validate a parsed summary (v4.0 or v4.1) and return the typed model.
+    """Validate a parsed summary of any v4.x writer, leniently, and return the typed model.
 
     Raises:
         SummaryValidationError: Naming the first failing field.
     """
     normalised = normalize_processing_summary(data)
-    if normalised["schema_version"] == CURRENT_VERSION:
-        missing = [key for key in _V41_REQUIRED if key not in normalised]
-        if missing:
-            raise SummaryValidationError(f"v4.1 summary is missing required field(s): {', '.join(missing)}")
     try:
         return ProcessingSummary.model_validate(normalised)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        loc = ".".join(str(part) for part in first["loc"])
-        raise SummaryValidationError(
-            f"invalid summary field '{loc}': {first['msg']} ({exc.error_count()} error(s) in all)"
-        ) from exc
+        raise SummaryValidationError(_first_error(exc)) from exc
 
 
-def load_summary(path: str | Path) -> ProcessingSummary:
-    """Read and validate a processing_summary.json (v4.0 or v4.1).
+def _unknown_keys(model: BaseModel, path: str) -> list[str]:
+    found = [f"{path}.{k}" if path else k for k in (model.model_extra or {})]
+    for name in type(model).model_fields:
+        value = getattr(model, name)
+        items = value if isinstance(value, list) else [value]
+        for i, item in enumerate(items):
+            if isinstance(item, _Section):
+                where = f"{path}.{name}" if path else name
+                found += _unknown_keys(item, f"{where}[{i}]" if isinstance(value, list) else where)
+    return found
+
+
+def validate_strict(data: Any) -> ProcessingSummary:
+    """Validate a summary as this version writes it: v4.1, every contract key, no unknown keys in typed sections.
+
+    Rerank and sparse payloads must be whole ``CrossEncoderRerankRun`` and
+    ``SparseInferenceRun`` records. Our own summaries pass this before they are written.
 
     Raises:
-        SummaryValidationError: If the file is missing, not JSON, or invalid.
+        SummaryValidationError: Naming the first problem.
+    """
+    if not isinstance(data, dict):
+        raise SummaryValidationError(f"a processing summary must be a JSON object, not {type(data).__name__}")
+    if data.get("schema_version") != CURRENT_VERSION:
+        raise SummaryValidationError(f"strict: schema_version must be {CURRENT_VERSION!r}, "
+                                     f"not {data.get('schema_version')!r}")
+    missing = [k for k in CONTRACT_KEYS if k not in data]
+    if missing:
+        raise SummaryValidationError(f"strict: missing contract key(s): {', '.join(missing)}")
+    try:
+        summary = ProcessingSummary.model_validate(data)
+    except ValidationError as exc:
+        raise SummaryValidationError(_first_error(exc)) from exc
+    unknown = _unknown_keys(summary, "")
+    if unknown:
+        raise SummaryValidationError(f"strict: unknown key(s) (misspelt?): {', '.join(unknown)}")
+    if summary.run_id is None:
+        raise SummaryValidationError("strict: run_id must be a UUID")
+    checks: list[tuple[str, type[BaseModel], Any]] = []
+    if summary.rerank_run:
+        checks += [(f"rerank_run.payload[{i}]", CrossEncoderRerankRun, p) for i, p in
+                   enumerate(data["rerank_run"].get("payload") or [])]
+    if summary.sparse_run and data["sparse_run"].get("payload") is not None:
+        checks.append(("sparse_run.payload", SparseInferenceRun, data["sparse_run"]["payload"]))
+    for where, record, value in checks:
+        try:
+            record.model_validate(value)
+        except ValidationError as exc:
+            raise SummaryValidationError("strict: " + _first_error(exc, where)) from exc
+    return summary
+
+
+def summary_notes(summary: ProcessingSummary) -> list[str]:
+    """Soft warnings for a reader: a newer minor version, a toggle on without its section."""
+    notes = []
+    major, minor = parse_version(summary.schema_version)
+    known = max(parse_version(v)[1] for v in SUPPORTED_VERSIONS)
+    if minor > known:
+        notes.append(f"schema {summary.schema_version} is newer than this reader ({CURRENT_VERSION}); "
+                     "fields it does not know are kept but not shown")
+    t = summary.feature_toggles
+    if t is not None and t.enable_rerank and summary.rerank_run is None:
+        notes.append("rerank is enabled (feature_toggles.enable_rerank) but the summary has no rerank_run section")
+    if t is not None and t.enable_sparse and summary.sparse_run is None:
+        notes.append("sparse is enabled (feature_toggles.enable_sparse) but the summary has no sparse_run section")
+    return notes
+
+
+def read_summary_json(path: str | Path) -> Any:
+    """Parse a summary file.
+
+    Raises:
+        SummaryValidationError: If the file is missing, unreadable or not JSON.
     """
     p = Path(path)
     try:
@@ -227,16 +394,37 @@ def load_summary(path: str | Path) -> ProcessingSummary:
     except (UnicodeDecodeError, IsADirectoryError) as exc:
         raise SummaryValidationError(f"{p}: not a readable UTF-8 JSON file ({exc})") from exc
     try:
-        data = json.loads(raw)
+        return json.loads(raw)
     except json.JSONDecodeError as exc:
         raise SummaryValidationError(f"{p}: not valid JSON ({exc})") from exc
-    return validate_summary(data)
+
+
+def load_summary(path: str | Path) -> ProcessingSummary:
+    """Read and validate (leniently) a processing_summary.json of any v4.x writer.
+
+    Raises:
+        SummaryValidationError: If the file is missing, not JSON, or invalid.
+    """
+    return validate_summary(read_summary_json(path))
 
 
 def write_summary(summary: ProcessingSummary, path: str | Path) -> Path:
-    """Write the summary atomically (temp file + rename): readers see the old file or the new one."""
+    """Check the summary strictly, then write it atomically (temp file + rename).
+
+    Raises:
+        SummaryValidationError: If the summary breaks the contract (a bug in the writer: nothing is written).
+    """
     text = summary.model_dump_json(indent=2, exclude_none=False) + "\n"
+    validate_strict(json.loads(text))
     return atomic_write_text(Path(path), text)
+
+
+def _ms(value: float | None) -> str:
+    return "latency not recorded" if value is None else f"{value:.0f} ms"
+
+
+def _gb(value: float | None) -> str:
+    return "not recorded" if value is None else f"{value:.2f} GB"
 
 
 def render_summary_lines(summary: ProcessingSummary) -> list[str]:
@@ -249,27 +437,28 @@ def render_summary_lines(summary: ProcessingSummary) -> list[str]:
         f"Collection: {s.collection}  (schema {s.schema_version}, {s.chunk_count} chunks)",
         f"Generated: {s.generated_at}",
     ]
-    if s.run_id:
-        lines.append(f"Run: {s.run_id}" + (f"  status={s.status}" if s.status else ""))
+    if s.run_id or s.status:
+        lines.append(f"Run: {s.run_id or '(no run id recorded)'}" + (f"  status={s.status}" if s.status else "")
+                     + (f"  failed in {s.failed_stage}" if s.failed_stage else ""))
     if s.dense_run:
         d = s.dense_run
         lines.append(
             f"Dense: {d.model_name} on {d.device}, batch {d.batch_size}, {d.total_embeddings_generated} vectors "
-            f"computed, {d.reused} reused, {d.latency_ms:.0f} ms, GPU peak {d.gpu_peak_gb:.2f} GB [{d.status}]"
+            f"computed, {d.reused} reused, {_ms(d.latency_ms)}, GPU peak {_gb(d.gpu_peak_gb)} [{d.status}]"
         )
     if s.sparse_run:
         sp = s.sparse_run
-        line = f"Sparse: {', '.join(sp.model_names) or '-'} [{sp.status}]"
+        line = f"Sparse: {', '.join(sp.model_names) or '-'} [{sp.status or 'status not recorded'}]"
         if sp.computed or sp.reused:
             line += ", " + ", ".join(f"{m}: {sp.computed.get(m, 0)} computed, {sp.reused.get(m, 0)} reused"
                                      for m in sp.model_names)
-        if sp.executed:
+        if sp.executed or (sp.executed is None and sp.vectors.total):
             line += (
                 f", fallback {'yes' if sp.fallback_used else 'no'}, "
                 f"coverage {sp.vectors.available}/{sp.vectors.total} ({sp.vectors.coverage_ratio:.2%})"
             )
-            if sp.payload:
-                line += f", {sp.payload.latency_ms:.0f} ms"
+            if sp.payload and sp.payload.latency_ms is not None:
+                line += f", {_ms(sp.payload.latency_ms)}"
         elif sp.reason:
             line += f": {sp.reason}"
         lines.append(line)
@@ -284,12 +473,13 @@ def render_summary_lines(summary: ProcessingSummary) -> list[str]:
         r = s.rerank_run
         line = f"Rerank: {r.model_name or '-'} [{r.status}]"
         if r.executed and r.payload:
-            batch = max(p.batch_size for p in r.payload)
-            latency = sum(p.latency_ms for p in r.payload)
-            peak = max(p.gpu_peak_gb for p in r.payload)
+            batches = [p.batch_size for p in r.payload if p.batch_size is not None]
+            latencies = [p.latency_ms for p in r.payload if p.latency_ms is not None]
+            peaks = [p.gpu_peak_gb for p in r.payload if p.gpu_peak_gb is not None]
             line += (
-                f" on {r.device}, batch {batch}, {len(r.payload)} queries, top {r.rerank_top_k} of "
-                f"{r.top_k_candidates}, {latency:.0f} ms, GPU peak {peak:.2f} GB"
+                f" on {r.device or '?'}, batch {max(batches) if batches else '?'}, {len(r.payload)} queries, "
+                f"top {r.rerank_top_k} of {r.top_k_candidates}, {_ms(sum(latencies) if latencies else None)}, "
+                f"GPU peak {_gb(max(peaks) if peaks else None)}"
             )
         elif r.reason:
             line += f": {r.reason}"

@@ -7,6 +7,7 @@ Prefect is imported only by the commands that run flows, so `validate` and
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 from pathlib import Path
@@ -15,7 +16,7 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
-from embedder.errors import EmbedderError
+from embedder.errors import CollectionsFailedError, EmbedderError
 from embedder.summary import load_summary, render_summary_lines
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -28,6 +29,23 @@ def _prefect_defaults() -> None:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    for name in ("prefect.flow_runs", "prefect.task_runs"):
+        logging.getLogger(name).addFilter(_expected_errors_without_traceback)
+
+
+def _expected_errors_without_traceback(record: logging.LogRecord) -> bool:
+    """Our own errors (a model that cannot load, a failed collection) are one clear line, not a traceback.
+
+    Their messages say what failed and why; anything else keeps its traceback.
+    """
+    if record.exc_info and isinstance(record.exc_info[1], EmbedderError):
+        message = record.getMessage()
+        if str(record.exc_info[1]) not in message:
+            message = f"{message} {type(record.exc_info[1]).__name__}: {record.exc_info[1]}"
+        record.msg, record.args = message, None
+        record.exc_info = None
+        record.exc_text = None
+    return True
 
 
 def _fail(message: str, code: int = 1) -> None:
@@ -36,24 +54,36 @@ def _fail(message: str, code: int = 1) -> None:
 
 
 @app.command()
-def validate(path: Annotated[Path, typer.Argument(help="A processing_summary.json (v4.0 or v4.1).")]) -> None:
+def validate(
+    path: Annotated[Path, typer.Argument(help="A processing_summary.json (any v4.x).")],
+    strict: Annotated[bool, typer.Option(
+        "--strict", help="As this version writes them: v4.1, every contract key, no unknown keys.")] = False,
+) -> None:
     """Exit 0 if the summary is valid, non-zero with the reason."""
+    from embedder.summary import read_summary_json, summary_notes, validate_strict
+
     try:
-        summary = load_summary(path)
+        s = validate_strict(read_summary_json(path)) if strict else load_summary(path)
     except EmbedderError as exc:
         _fail(str(exc))
-    typer.echo(f"valid: {path} (schema {summary.schema_version})")
+    typer.echo(f"valid{' (strict)' if strict else ''}: {path} (schema {s.schema_version})")
+    for note in summary_notes(s):
+        typer.echo(f"NOTE: {note}")
 
 
 @app.command()
-def summary(path: Annotated[Path, typer.Argument(help="A processing_summary.json (v4.0 or v4.1).")]) -> None:
-    """Print a processing summary as human-readable lines."""
+def summary(path: Annotated[Path, typer.Argument(help="A processing_summary.json (any v4.x).")]) -> None:
+    """Print a processing summary as human-readable lines, with soft warnings for what is missing."""
+    from embedder.summary import summary_notes
+
     try:
         s = load_summary(path)
     except EmbedderError as exc:
         _fail(str(exc))
     for line in render_summary_lines(s):
         typer.echo(line)
+    for note in summary_notes(s):
+        typer.echo(f"NOTE: {note}")
 
 
 def build_config(
@@ -113,18 +143,24 @@ def run(
         _fail(str(exc), 2)
     from flows.embed_collections import embed_collections
 
+    failure: str | None = None
     with console.status(f"running embed-collections on {len(cfg.collections)} collection(s)..."):
         try:
             summaries = embed_collections(cfg)
+        except CollectionsFailedError as exc:
+            summaries, failure = exc.summaries, str(exc)
         except EmbedderError as exc:
             _fail(str(exc))
     if json_output:
         typer.echo(json.dumps([s.model_dump(mode="json") for s in summaries], indent=2))
-        return
-    for s in summaries:
-        for line in render_summary_lines(s):
-            typer.echo(line)
-        typer.echo(f"Summary: {Path(cfg.output_dir) / s.collection / 'processing_summary.json'}")
+    else:
+        for s in summaries:
+            for line in render_summary_lines(s):
+                typer.echo(line)
+            typer.echo(f"Summary: {Path(cfg.output_dir) / s.collection / 'processing_summary.json'}")
+    if failure is not None:
+        # completed and partial exit 0; any failed collection makes the run exit 1 (DESIGN.md).
+        _fail(failure)
 
 
 @app.command()

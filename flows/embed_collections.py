@@ -12,27 +12,22 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 from prefect.states import State
 
-from embedder.errors import EmbedderError
-from embedder.models.registry import get_spec, resolve_model
-from embedder.report import (
-    CollectionOutcome,
-    build_summary,
-    close_run_set,
-    compute_quality,
-    new_run_set,
-    write_collection_summary,
-)
+from embedder.errors import CollectionsFailedError
+from embedder.report import CollectionOutcome, build_summary, close_run_set, new_run_set, write_collection_summary
 from embedder.settings import CollectionInput, RunConfig, resolve_run_config
 from embedder.summary import ProcessingSummary, render_summary_lines
 from tasks.lease import ensure_gpu_limit
 from tasks.stages import (
     call,
+    carry_forward_task,
     dense_embed_task,
     export_task,
     fuse_task,
     index_task,
     load_collection_task,
+    preflight_task,
     publish_task,
+    quality_task,
     rerank_task,
     sparse_infer_task,
 )
@@ -61,20 +56,21 @@ def _outcome(state: State) -> tuple[Any, str | None, bool]:
     return None, f"ended in state {state.name}", False
 
 
-def preflight(config: RunConfig) -> None:
-    """Fail before any GPU work on deterministic errors: unknown models, an unavailable dense model."""
-    get_spec(config.rerank_model, "rerank")
-    for name in config.sparse_models:
-        get_spec(name, "sparse")
-    resolve_model(config.dense_model, "dense", local_files_only=config.local_files_only)
-    if not config.collections:
-        raise EmbedderError("the run names no collections")
+def outcome_error(state: State) -> str | None:
+    """The error message of a finished task state, or None when it completed."""
+    return _outcome(state)[1]
 
 
 @flow(name="embed-collection", flow_run_name="embed-collection-{collection.name}", validate_parameters=True,
       persist_result=False, result_serializer="json")
-def embed_collection(config: RunConfig, collection: CollectionInput, run_id: uuid.UUID) -> ProcessingSummary:
-    """Load, embed, index, fuse, rerank and export one collection, then write its v4.1 summary."""
+def embed_collection(config: RunConfig, collection: CollectionInput, run_id: uuid.UUID,
+                     preflight_error: str | None = None) -> ProcessingSummary:
+    """Load, embed, index, fuse, rerank and export one collection, then write and publish its v4.1 summary.
+
+    Every run that starts publishes a summary. A failed one publishes it beside
+    the last good run's exports and index (see `embedder.report.carry_forward`),
+    then raises, so the subflow run ends Failed.
+    """
     log = get_run_logger()
     t0 = time.perf_counter()
     name = collection.name
@@ -92,8 +88,14 @@ def embed_collection(config: RunConfig, collection: CollectionInput, run_id: uui
     # Everything this run publishes goes into one fresh run set, switched in at the end.
     run_path = new_run_set(config, name, run_id)
     try:
-        out.load = call(load_collection_task, config, collection)  # a bad input path fails the run here
-        out.dense = outcome("dense", call(dense_embed_task, config, name, out.load.chunks, return_state=True))
+        if preflight_error:
+            out.errors["preflight"] = preflight_error
+        else:
+            out.load = outcome("load", call(load_collection_task, config, collection, return_state=True))
+        if out.load is not None and out.load.chunk_count == 0:
+            out.errors["load"] = "the collection holds no valid chunks (each record's reason is in rejects.jsonl)"
+        if out.load is not None and not out.errors:
+            out.dense = outcome("dense", call(dense_embed_task, config, name, out.load.chunks, return_state=True))
         if out.dense is not None:
             out.sparse = outcome("sparse", call(sparse_infer_task, config, name, out.load.chunks, run_id,
                                                 return_state=True))
@@ -105,15 +107,20 @@ def embed_collection(config: RunConfig, collection: CollectionInput, run_id: uui
             out.rerank = outcome("rerank", call(rerank_task, config, name, out.load.chunks, out.fusion, run_id,
                                                 return_state=True))
         # The exports and the summary beside them describe the published index: when the index
-        # could not be brought in line, the previous set stays as it is, whole.
+        # could not be brought in line, this run's exports are not written at all.
         if out.dense is not None and out.sparse is not None and out.index is not None:
             out.exports = outcome("export", export_task(config, name, out.load, out.dense, out.sparse, out.rerank,
                                                         run_path, return_state=True)) or {}
+        quality = outcome("quality", quality_task(config, out.fusion, out.rerank, return_state=True))
         out.latency_seconds = time.perf_counter() - t0
-        summary = build_summary(config, out, quality=compute_quality(config, out.fusion, out.rerank))
+        summary = build_summary(config, out, quality=quality)
+        if summary.status == "failed":
+            carried = outcome("carry", carry_forward_task(config, name, run_path, out.load, return_state=True))
+            out.exports, out.exports_run_id = carried if carried is not None else ({}, None)
+            out.carried = True
+            summary = build_summary(config, out, quality=quality)
         path = write_collection_summary(summary, run_path)
-        if summary.status != "failed":
-            path = Path(outcome("publish", publish_task(config, name, run_path, return_state=True)) or path)
+        path = Path(outcome("publish", publish_task(config, name, run_path, return_state=True)) or path)
     finally:
         close_run_set(run_path)
     create_markdown_artifact(
@@ -123,11 +130,13 @@ def embed_collection(config: RunConfig, collection: CollectionInput, run_id: uui
         description=f"processing summary of {name}",
     )
     if "publish" in out.errors:
-        raise EmbedderError(f"collection {name!r}: its run set could not be published ({out.errors['publish']}); "
-                            f"the previous one stays current; this run's summary is at {path}")
+        raise CollectionsFailedError(
+            f"collection {name!r}: its run set could not be published ({out.errors['publish']}); "
+            f"the previous one stays current; this run's summary is at {path}", [summary])
     if summary.status == "failed":
-        failed = ", ".join(f"{stage} ({err})" for stage, err in out.errors.items()) or "see warnings"
-        raise EmbedderError(f"collection {name!r} failed: {failed}; summary at {path}")
+        raise CollectionsFailedError(f"collection {name!r} failed in {summary.failed_stage}: "
+                                     f"{out.errors.get(summary.failed_stage or '', 'see warnings')}; "
+                                     f"summary at {path}", [summary])
     return summary
 
 
@@ -145,11 +154,30 @@ def embed_collections(
             collections there); values set explicitly in ``config`` win over it.
 
     Collections run one after another: they would only queue on the single GPU
-    slot if run side by side, and sequential runs keep memory bounded.
+    slot if run side by side, and sequential runs keep memory bounded. A failed
+    collection does not stop the others; the run ends Failed when any failed.
+
+    Raises:
+        CollectionsFailedError: When any collection failed (carrying every summary).
     """
     if config_file is not None:
         config = resolve_run_config(config_file, config.model_dump(exclude_unset=True))
-    preflight(config)
-    ensure_gpu_limit(config.gpu_concurrency_limit_name)
+    preflight_error = outcome_error(preflight_task(config, return_state=True))
+    if preflight_error is None:
+        ensure_gpu_limit(config.gpu_concurrency_limit_name)
     run_id = uuid.UUID(flow_run.get_id()) if flow_run.get_id() else uuid.uuid4()
-    return [embed_collection(config, collection, run_id) for collection in config.collections]
+    summaries: list[ProcessingSummary] = []
+    failures: list[str] = []
+    for collection in config.collections:
+        state = embed_collection(config, collection, run_id, preflight_error, return_state=True)
+        try:
+            summaries.append(state.result())
+        except CollectionsFailedError as exc:
+            summaries.extend(exc.summaries)
+            failures.append(str(exc))
+        except Exception as exc:  # a crash before the collection's summary: still report it, go on
+            failures.append(f"collection {collection.name!r}: {type(exc).__name__}: {exc}")
+    if failures or not config.collections:
+        raise CollectionsFailedError("; ".join(failures) or (preflight_error or "the run names no collections"),
+                                     summaries)
+    return summaries

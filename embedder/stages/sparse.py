@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import uuid
+from collections.abc import Callable
+from typing import Any
 
 from pydantic import BaseModel, Field
 
 from embedder.errors import ModelUnavailableError
+from embedder.gpu import resolve_device
 from embedder.io.readers import read_queries
 from embedder.io.writers import read_chunks, read_jsonl_records, write_jsonl
 from embedder.models.registry import get_spec, resolve_model
@@ -52,6 +56,7 @@ class SparseStageResult(BaseModel):
     outputs: list[SparseModelOutput] = Field(default_factory=list)
     warnings: list[str] = Field(default_factory=list)
     reason: str | None = None
+    lease_event: dict[str, Any] | None = Field(None, description="Set when a model ran on the GPU, under the lease.")
 
 
 def sparse_key(config: RunConfig, collection: str, chunks: StageRef) -> str:
@@ -62,12 +67,17 @@ def sparse_key(config: RunConfig, collection: str, chunks: StageRef) -> str:
 
 
 def sparse_stage(config: RunConfig, collection: str, chunks: StageRef, key: str,
-                 run_id: uuid.UUID | None = None) -> SparseStageResult:
-    """Live sparse inference per model, CPU first, with the per-chunk metadata fallback.
+                 run_id: uuid.UUID | None = None, *, gpu: Callable[[], Any] | None = None) -> SparseStageResult:
+    """Live sparse inference per model, with the per-chunk metadata fallback.
 
-    Live vectors are reused per chunk from ``.stages/vectors/<space>/`` when the
-    same text and metadata met the same model (by content fingerprint) before; a
+    Each model runs where its registry entry prefers: BM25 on the CPU, SPLADE on
+    the GPU when there is one (inside the GPU lease), else the CPU. Live
+    vectors are reused per chunk from ``.stages/vectors/<space>/`` when the same
+    text and metadata met the same model (by content fingerprint) before; a
     model is loaded only when some chunk or query needs it.
+
+    Args:
+        gpu: A factory of the GPU lease context manager, entered around inference on a GPU.
     """
     from embedder.io.qdrant import sparse_vector_name
     from embedder.io.vector_cache import SparseVectorCache, text_digest
@@ -83,6 +93,7 @@ def sparse_stage(config: RunConfig, collection: str, chunks: StageRef, key: str,
                for c in items]
     outputs: list[SparseModelOutput] = []
     warnings: list[str] = []
+    lease_event = None
     for name in config.sparse_models:
         spec = get_spec(name, "sparse")
         space = vector_space(config, "sparse", name, model_fingerprint(name, "sparse", config.local_files_only))
@@ -91,16 +102,20 @@ def sparse_stage(config: RunConfig, collection: str, chunks: StageRef, key: str,
         known = {i: stored[d] for i, d in enumerate(digests) if d in stored}
         model = None
         load_error = None
+        device = resolve_device(config.force_cpu) if spec.preferred_device == "cuda" else "cpu"
+        on_gpu = device.startswith("cuda") and gpu is not None
         if len(known) < len(items) or queries:
             try:
                 resolved = resolve_model(name, "sparse", local_files_only=config.local_files_only)
-                model = load_sparse_model(resolved, "cpu", local_files_only=config.local_files_only)
+                model = load_sparse_model(resolved, device, local_files_only=config.local_files_only)
             except ModelUnavailableError as exc:
                 load_error = str(exc)
-        result = infer_sparse(
-            items, spec, model, queries=queries, load_error=load_error, bm25_dir=BUNDLED_DATA / "bm25",
-            run_id=run_id, export_path=str(collection_dir(config, collection) / "sparse.jsonl"), known=known,
-        )
+        with (gpu() if on_gpu and model is not None else contextlib.nullcontext()) as event:
+            result = infer_sparse(
+                items, spec, model, queries=queries, load_error=load_error, bm25_dir=BUNDLED_DATA / "bm25",
+                run_id=run_id, export_path=str(collection_dir(config, collection) / "sparse.jsonl"), known=known,
+            )
+        lease_event = event or lease_event
         if model is not None:
             cache.append({digests[i]: v for i, (v, fb) in enumerate(zip(result.vectors, result.fallback))
                           if i not in known and v is not None and not fb})
@@ -122,7 +137,8 @@ def sparse_stage(config: RunConfig, collection: str, chunks: StageRef, key: str,
             available=sum(v is not None for v in result.vectors), telemetry=result.telemetry,
             warnings=result.warnings, computed=len(items) - len(known), reused=len(known),
         ))
-    return seal(path, SparseStageResult(status="executed", outputs=outputs, warnings=warnings))
+    return seal(path, SparseStageResult(status="executed", outputs=outputs, warnings=warnings,
+                                        lease_event=lease_event))
 
 
 def read_sparse(ref: StageRef) -> tuple[list[str], list[SparseVector | None]]:
@@ -154,7 +170,7 @@ def sparse_section(config: RunConfig, sparse: SparseStageResult | None, error: s
             fallback_used=fallback_used,
             vectors=SparseVectorsStats(total=total, available=available,
                                        coverage_ratio=available / total if total else 1.0),
-            payload=sparse.outputs[0].run if sparse.outputs else None,
+            payload=sparse.outputs[0].run.model_dump(mode="json") if sparse.outputs else None,
             payloads=[o.run.model_dump(mode="json") for o in sparse.outputs[1:]],
             cached=cached,
             computed={o.model_name: o.computed for o in sparse.outputs},
@@ -167,7 +183,8 @@ def sparse_section(config: RunConfig, sparse: SparseStageResult | None, error: s
         status = "error" if error else "skipped"
         run = SparseRun(enabled=config.enable_sparse, executed=False,
                         status=status if config.enable_sparse else "disabled", model_names=config.sparse_models,
-                        reason=error or "an earlier stage failed")
+                        reason=error or ("an earlier stage failed" if config.enable_sparse
+                                         else "disabled by enable_sparse=false"))
     if run.enabled and run.payload is None:
         section.warnings.append("sparse is enabled but the sparse_run payload is missing"
                                 + (f": {run.reason}" if run.reason else ""))

@@ -156,11 +156,13 @@ def test_no_queries_skips_fusion_and_rerank_without_inventing(sample_config):
 
 
 def test_unknown_model_fails_before_any_work(sample_config):
-    from embedder.errors import ModelNotRegisteredError
+    from embedder.errors import CollectionsFailedError
 
-    with pytest.raises(ModelNotRegisteredError, match="available:"):
+    with pytest.raises(CollectionsFailedError, match="available:") as failed:
         _run(sample_config.model_copy(update={"sparse_models": ["bm99"]}))
-    assert not (Path(sample_config.output_dir) / "sample").exists()
+    [s] = failed.value.summaries
+    assert s.failed_stage == "preflight" and "bm99" in s.warnings[0]
+    assert not (Path(sample_config.output_dir) / "sample" / ".stages" / "load").exists()  # no stage ran
 
 
 def test_artifacts_and_events_are_readable(full_config):

@@ -152,12 +152,15 @@ def test_a_model_change_builds_a_new_index_and_a_failed_switch_leaves_the_old_se
     monkeypatch.setattr(edge_store.EdgeIndexWriter, "publish", broken_publish)
     with pytest.raises(EmbedderError, match="index"):
         _run(_config(src, out, dense_model=str(tiny_dense_model)))
-    assert {n: (cdir / n).read_bytes() for n in published} == published  # old exports and summary, whole
+    # The failed run's summary is published, beside the old exports and the old index, and says so.
+    del published["processing_summary.json"]
+    assert {n: (cdir / n).read_bytes() for n in published} == published
     assert EdgeStore(out).status("docs").build_id == build
-    current = (cdir / "current").resolve()
-    [failed_summary] = [p for p in (cdir / "runs").glob("*/processing_summary.json") if p.parent != current]
-    failed = json.loads(failed_summary.read_text())
-    assert failed["status"] == "failed" and any("index stage failed" in w for w in failed["warnings"])
+    failed = json.loads((cdir / "processing_summary.json").read_text())
+    assert failed["status"] == "failed" and failed["failed_stage"] == "index"
+    assert any("index stage failed" in w for w in failed["warnings"])
+    assert failed["exports_run_id"] == str(first.run_id) and failed["run_id"] != str(first.run_id)
+    assert all(Path(p).parent == (cdir / "current").resolve() for p in failed["exports"].values())
     old = search_collection(out, SearchRequest(collection="docs", query="sourdough", top_k=3, rerank=False))
     assert old.hits and first.dense_run.model_name == "all-minilm-l6-v2"
 

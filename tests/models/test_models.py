@@ -248,3 +248,50 @@ def test_onnx_backend_agrees_with_torch(tmp_path, minilm):
     assert np.min(np.sum(res.vectors * ref, axis=1)) >= 0.999
     assert list(tmp_path.rglob("model.onnx"))  # exported once, cached
     OnnxDenseEncoder(resolve_model("all-minilm-l6-v2", "dense"), tmp_path, "onnx").load()  # reuses the cache
+
+
+def test_a_hub_model_offline_fails_in_seconds_with_the_reason(monkeypatch):
+    import time
+
+    from embedder.errors import ModelUnavailableError
+    from embedder.models import registry
+    from tests.conftest import free_port
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{free_port()}")  # nothing listens there
+    registry._probe.cache_clear()
+    t0 = time.perf_counter()
+    with pytest.raises(ModelUnavailableError, match="cannot be reached within 2 s"):
+        resolve_model("cross-encoder/ms-marco-MiniLM-L-6-v2", "rerank")
+    assert time.perf_counter() - t0 < 5
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelUnavailableError, match="HF_HUB_OFFLINE is set"):
+        resolve_model("cross-encoder/ms-marco-MiniLM-L-6-v2", "rerank")
+    registry._probe.cache_clear()
+
+
+def test_splade_runs_on_the_gpu_under_the_lease_when_there_is_one(tmp_path):
+    import contextlib
+
+    import torch
+
+    from embedder.settings import CollectionInput, RunConfig
+    from embedder.stages import load_key, load_stage, sparse_key, sparse_stage
+    from tests.conftest import SAMPLE_DIR
+
+    cfg = RunConfig(collections=[CollectionInput(name="s", path=str(SAMPLE_DIR))], output_dir=str(tmp_path),
+                    sparse_models=["qdrant-bm25", "splade-tiny"], local_files_only=True)
+    load = load_stage(cfg, cfg.collections[0], load_key(cfg, cfg.collections[0]))
+    entered = []
+
+    @contextlib.contextmanager
+    def lease():
+        entered.append(True)
+        yield {"stage": "sparse"}
+
+    result = sparse_stage(cfg, "s", load.chunks, sparse_key(cfg, "s", load.chunks), gpu=lease)
+    assert [o.model_name for o in result.outputs] == ["qdrant-bm25", "splade-tiny"]
+    assert all(o.available == 50 and not o.run.fallback_used for o in result.outputs)
+    # BM25 never takes the GPU; SPLADE takes it exactly when there is one (the registry's preferred device).
+    assert len(entered) == (1 if torch.cuda.is_available() else 0)
+    assert (result.lease_event is not None) == torch.cuda.is_available()

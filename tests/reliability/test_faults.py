@@ -64,11 +64,16 @@ def test_bad_input_every_good_chunk_exported_every_bad_one_explained(sample_conf
 
 
 def test_unavailable_dense_model_fails_before_gpu_work(sample_config):
-    from embedder.errors import ModelUnavailableError
+    from embedder.errors import CollectionsFailedError
 
-    with pytest.raises(ModelUnavailableError, match="not available offline"):
+    with pytest.raises(CollectionsFailedError, match="not available offline") as failed:
         _run(sample_config.model_copy(update={"dense_model": "BAAI/bge-small-en-v1.5"}))
-    assert not Path(sample_config.output_dir).exists()
+    [s] = failed.value.summaries
+    assert s.status == "failed" and s.failed_stage == "preflight" and s.dense_run is None
+    out = Path(sample_config.output_dir) / "sample"
+    # The run that started left its summary, and nothing else: no stage ran.
+    assert load_summary(out / "processing_summary.json").run_id == s.run_id
+    assert not (out / "dense.parquet").exists() and not (out / ".stages" / "dense").exists()
 
 
 def test_unavailable_sparse_model_falls_back_to_metadata(sample_config, monkeypatch):
@@ -126,12 +131,12 @@ def test_qdrant_down_retries_then_fails_clearly_with_exports_written(sample_conf
     with pytest.raises(EmbedderError, match="index"):
         _run(sample_config)
     out = Path(sample_config.output_dir) / "sample"
-    # The collection failed: nothing was published, and its summary says why, beside no exports.
-    assert not (out / "processing_summary.json").exists() and not (out / "dense.parquet").exists()
-    assert not (out / "current").exists()
-    [path] = list((out / "runs").glob("*/processing_summary.json"))
-    s = load_summary(path)
-    assert s.index_run["status"] == "error" and s.status == "failed"
+    # The collection failed: its summary says why, and nothing it half-produced sits beside it.
+    s = load_summary(out / "processing_summary.json")
+    assert not (out / "dense.parquet").exists() and not (out / "qdrant.jsonl").exists()
+    assert s.index_run["status"] == "error" and s.status == "failed" and s.failed_stage == "index"
+    assert s.exports_run_id is None and set(s.exports) == {"rejects"}
+    assert any("no earlier run was published" in w for w in s.warnings)
     assert any(w.startswith("index stage failed: VectorIndexError") for w in s.warnings)
     assert s.fusion_run.status == "executed"  # fusion does not depend on the index
     # the API key is nowhere: not in the outputs, the flow parameters, the artifacts or the logs
