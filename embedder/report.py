@@ -299,7 +299,7 @@ def carry_forward(config: RunConfig, collection: str, run_path: str | Path,
     """
     import json
 
-    from embedder.io.runset import SET_FILES, current_run
+    from embedder.io.runset import EXPORTS_SUMMARY, SET_FILES, current_run
 
     run = Path(run_path)
     for name in SET_FILES:
@@ -313,14 +313,19 @@ def carry_forward(config: RunConfig, collection: str, run_path: str | Path,
     if previous is None:
         return exports, None
     for name in SET_FILES:
-        if name in ("processing_summary.json", "rejects.jsonl") or not (previous / name).is_file():
+        if name in ("processing_summary.json", "rejects.jsonl", EXPORTS_SUMMARY) or not (previous / name).is_file():
             continue
         _link_atomic(str(previous / name), run / name)
         if name in _EXPORT_KEYS:
             exports[_EXPORT_KEYS[name]] = str(run / name)
+    # The summary that describes the carried exports (models, settings) travels with them, through
+    # any number of failed runs in a row: search embeds queries with the models that built the index.
+    served = previous / EXPORTS_SUMMARY
+    served = served if served.is_file() else previous / "processing_summary.json"
     try:
-        prev = json.loads((previous / "processing_summary.json").read_text(encoding="utf-8"))
-        source = prev.get("exports_run_id") or prev.get("run_id")
+        prev = json.loads(served.read_text(encoding="utf-8"))
+        source = prev.get("run_id")
+        _link_atomic(str(served), run / EXPORTS_SUMMARY)
     except (OSError, ValueError):
         source = None
     return exports, str(source) if source else None

@@ -82,7 +82,13 @@ def summary_for(output_dir: Path, collection: str) -> ProcessingSummary:
     path = output_dir / collection / "processing_summary.json"
     if not path.is_file():
         raise UnknownCollectionError(f"unknown collection {collection!r} under {output_dir}")
-    return load_summary(path)
+    summary = load_summary(path)
+    # After a failed run, the exports and index beside its summary are an earlier run's: search uses
+    # that run's summary (its models and settings built the index).
+    served = path.parent / "current" / "exports_summary.json"
+    if summary.exports_run_id is not None and served.is_file():
+        return load_summary(served)
+    return summary
 
 
 @functools.lru_cache(maxsize=8)
@@ -148,7 +154,10 @@ def search_collection(root: Path, req: SearchRequest, store: VectorStore | None 
         reranked = False
         rerank_model = cfg.get("rerank_model") if req.rerank else None
         if req.rerank and cands:
-            chunks_path = summary.exports.get("chunks")
+            # The published set's own chunk table (the stable link): a carried summary's paths may name a
+            # set that was pruned since.
+            stable = root / req.collection / "chunks.parquet"
+            chunks_path = str(stable) if stable.is_file() else summary.exports.get("chunks")
             try:
                 if not chunks_path or not Path(chunks_path).is_file():
                     raise ModelUnavailableError("the collection's chunk table is missing; re-run the pipeline")

@@ -358,7 +358,9 @@ def validate_strict(data: Any) -> ProcessingSummary:
         checks.append(("sparse_run.payload", SparseInferenceRun, data["sparse_run"]["payload"]))
     for where, record, value in checks:
         try:
-            record.model_validate(value)
+            # A null means "not recorded" in our lenient section models: the record's own default applies.
+            record.model_validate({k: v for k, v in value.items() if v is not None} if isinstance(value, dict)
+                                  else value)
         except ValidationError as exc:
             raise SummaryValidationError("strict: " + _first_error(exc, where)) from exc
     return summary

@@ -27,7 +27,9 @@ from embedder.procs import owner, owner_dead
 RUNS = "runs"
 CURRENT = "current"
 SET_FILES = ("chunks.parquet", "dense.parquet", "sparse.jsonl", "qdrant.jsonl", "rerank.jsonl", "rejects.jsonl",
-             "processing_summary.json", "index.json")
+             "processing_summary.json", "index.json", "exports_summary.json")
+# In a failed run's set: the summary of the run whose exports and index it carries (what search reads).
+EXPORTS_SUMMARY = "exports_summary.json"
 RUN_INFO = "run.json"  # who wrote the set and when it started
 ACTIVE = ".active"  # present while the run that owns the set is still writing it
 _KEEP = 2  # the published set and the one before it, for readers that opened it just before a switch
