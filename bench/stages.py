@@ -1,28 +1,50 @@
-"""Throughput of each stage inside the pipeline vs the raw library call on the same inputs.
+"""Each stage as it runs inside a real flow, against the raw library call on the same inputs.
 
-Runs dense (sentence-transformers), sparse (fastembed BM25) and rerank
-(CrossEncoder) on SciFact abstracts, interleaving raw and pipeline calls in one
-process, and prints one JSON object (also written to bench/results/stages.json).
+One process, rounds interleaved (raw first on even rounds, the flow first on odd
+ones). A flow round runs `embed_collections` on SciFact abstracts into a fresh
+output dir (nothing cached, per-process model caches cleared, so model loads are
+inside the measured span as they are in the raw calls) and reads every task
+run's own duration from the Prefect API. Raw rounds load each model and call
+its library directly: sentence-transformers encode (chunks and queries),
+fastembed BM25 embed (chunks and queries), CrossEncoder predict (each query
+with as many candidates as the flow reranks).
+
+The flow also runs with sparse after dense (``overlap_sparse=False``) to
+measure the overlap. Reported per stage: raw seconds, task-run seconds (and the GPU-lease wait inside
+them), and ``ratio`` = raw / in-flow (1.0: the flow costs nothing on top; 0.9:
+the stage runs at 90% of the raw speed). Orchestration overhead = the subflow
+run's duration minus the sum of its task runs. Nothing is carried over from an
+earlier run.
 
 The rerank model is a real-size CrossEncoder built from the packaged MiniLM
 weights with a fresh classification head: its scores are meaningless, its cost
 is that of ms-marco-MiniLM-L-6-v2.
 
-Usage: python bench/stages.py [--docs 2000] [--rounds 3] [--queries 10] [--candidates 50]
+Usage: python bench/stages.py [--docs 1000] [--queries 20] [--rounds 3]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import statistics
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="bench-stages-home-"))
+os.environ.pop("PREFECT_API_URL", None)
+
 import json  # noqa: E402
 
-from bench.common import RESULTS, interleaved, scifact_docs, scifact_queries, write_result  # noqa: E402
+from bench.common import scifact_docs, scifact_queries, write_result  # noqa: E402
+
+TASKS = {"dense": "dense-embed", "sparse": "sparse-infer", "rerank": "rerank", "index": "qdrant-index",
+         "fuse": "fuse", "load": "load-validate", "export": "export", "publish": "publish"}
 
 
 def build_minilm_cross_encoder(out: Path) -> Path:
@@ -37,95 +59,141 @@ def build_minilm_cross_encoder(out: Path) -> Path:
     return out
 
 
+def _clear_model_caches() -> None:
+    import embedder.models.dense as dense
+    import embedder.models.rerank as rerank
+    import embedder.models.sparse as sparse
+
+    dense._CACHE.clear()
+    rerank._CACHE.clear()
+    sparse._LOADED.clear()
+
+
+def raw_round(texts: list[str], queries: list[str], ce_dir: Path, candidates: int) -> dict[str, float]:
+    """Seconds of each raw library call, model load included."""
+    from fastembed import SparseTextEmbedding
+    from sentence_transformers import CrossEncoder, SentenceTransformer
+
+    from embedder.models.registry import resolve_model
+
+    out = {}
+    t0 = time.perf_counter()
+    st = SentenceTransformer(resolve_model("all-minilm-l6-v2", "dense").location, device="cpu")
+    st.encode(texts + queries, batch_size=64, normalize_embeddings=True, convert_to_numpy=True,
+              show_progress_bar=False)
+    out["dense"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    bm25 = SparseTextEmbedding("Qdrant/bm25", specific_model_path=resolve_model("qdrant-bm25", "sparse").location,
+                               local_files_only=True)
+    list(bm25.embed(texts, batch_size=256))
+    list(bm25.query_embed(queries))
+    out["sparse"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    ce = CrossEncoder(str(ce_dir), device="cpu", max_length=512)
+    pairs = [(q, texts[(i * 7 + j) % len(texts)]) for i, q in enumerate(queries) for j in range(candidates)]
+    ce.predict(pairs, batch_size=32, show_progress_bar=False)
+    out["rerank"] = time.perf_counter() - t0
+    return out
+
+
+def flow_round(cfg) -> dict[str, float]:
+    """Task-run seconds of each stage of one real flow run, the lease waits and the orchestration overhead."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, FlowRunFilterName
+    from prefect.client.schemas.sorting import FlowRunSort
+
+    from flows.embed_collections import embed_collections
+
+    _clear_model_caches()
+    t0 = time.perf_counter()
+    [summary] = embed_collections(cfg)
+    wall = time.perf_counter() - t0
+    with get_client(sync_client=True) as client:
+        def latest(name: str):
+            return client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=[name])),
+                                         sort=FlowRunSort.EXPECTED_START_TIME_DESC, limit=1)[0]
+
+        subflow, parent = latest("embed-collection-scifact"), latest("embed-scifact")
+        tasks = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[subflow.id])),
+                                      limit=200)
+    out: dict[str, float] = {"flow_wall": wall, "subflow_run": subflow.total_run_time.total_seconds(),
+                             "parent_run": parent.total_run_time.total_seconds()}
+    by_name = {t.name.rsplit("-", 1)[0]: t for t in tasks}
+    for stage, name in TASKS.items():
+        if name in by_name:
+            out[stage] = by_name[name].total_run_time.total_seconds()
+    out["tasks_total"] = sum(t.total_run_time.total_seconds() for t in tasks)
+    out["orchestration"] = out["subflow_run"] - out["tasks_total"]
+    for event in summary.telemetry.lease_events:
+        out[f"{event.stage}_lease_wait"] = event.wait_s
+    assert summary.status == "completed", summary.warnings
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--docs", type=int, default=2000)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--queries", type=int, default=10)
+    parser.add_argument("--docs", type=int, default=1000)
+    parser.add_argument("--queries", type=int, default=20)
     parser.add_argument("--candidates", type=int, default=50)
-    parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--stages", default="dense,sparse,rerank",
-                        help="comma-separated subset; stages not measured keep their last recorded figures")
+    parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
 
-    from embedder.schemas import Chunk
+    from embedder.settings import CollectionInput, RunConfig
 
+    tmp = Path(tempfile.mkdtemp(prefix="bench-stages-"))
     docs = scifact_docs(args.docs)
-    texts = [t for _, t in docs]
-    chunks = [Chunk(id=i, text=t) for i, t in docs]
-    wanted = set(args.stages.split(","))
-    previous = RESULTS / "stages.json"
-    results: dict[str, dict] = json.loads(previous.read_text())["stages"] if previous.is_file() else {}
+    queries = scifact_queries(args.queries)
+    src = tmp / "scifact.jsonl"
+    src.write_text("".join(json.dumps({"id": i, "text": t}) + "\n" for i, t in docs))
+    qpath = tmp / "queries.jsonl"
+    qpath.write_text("".join(json.dumps({"_id": i, "text": t}) + "\n" for i, t in queries))
+    ce_dir = build_minilm_cross_encoder(tmp / "minilm-ce")
+    texts, qtexts = [t for _, t in docs], [t for _, t in queries]
 
-    # Dense: the pipeline wraps the very same loaded model the raw call uses.
-    if "dense" in wanted:
-        measure_dense(texts, args, results)
-    if "sparse" in wanted:
-        measure_sparse(texts, chunks, args, results)
-    if "rerank" in wanted:
-        measure_rerank(docs, args, results)
-    write_result("stages", {"docs": len(texts), "stages": results})
+    raw: list[dict[str, float]] = []
+    flow: list[dict[str, float]] = []
+    sequential: list[dict[str, float]] = []  # the same flow with sparse after dense (overlap_sparse=False)
+    t_start = time.perf_counter()
+    for r in range(args.rounds + 1):  # round 0 warms the server's database and the OS file cache
+        cfg = RunConfig(collections=[CollectionInput(name="scifact", path=str(src))], queries_path=str(qpath),
+                        output_dir=str(tmp / f"out-{r}"), local_files_only=True, rerank_model=str(ce_dir),
+                        rerank_top_k_candidates=args.candidates)
+        serial = cfg.model_copy(update={"output_dir": str(tmp / f"out-serial-{r}"), "overlap_sparse": False})
+        steps = [lambda: raw.append(raw_round(texts, qtexts, ce_dir, args.candidates)),
+                 lambda cfg=cfg: flow.append(flow_round(cfg)),
+                 lambda serial=serial: sequential.append(flow_round(serial))]
+        for step in steps if r % 2 == 0 else steps[::-1]:
+            step()
+        if r == 0:
+            raw.clear()
+            flow.clear()
+            sequential.clear()
 
+    def med(rows: list[dict[str, float]], key: str) -> float | None:
+        values = [row[key] for row in rows if key in row]
+        return round(statistics.median(values), 3) if values else None
 
-def measure_dense(texts, args, results) -> None:
-    from embedder.batching import BatchPlan
-    from embedder.models.dense import DenseEncoder, embed_dense
-    from embedder.models.registry import resolve_model
-
-    encoder = DenseEncoder(resolve_model("all-minilm-l6-v2", "dense"), "cpu")
-    model = encoder.load()
-    results["dense"] = interleaved(
-        lambda: model.encode(texts, batch_size=args.batch, normalize_embeddings=True, convert_to_numpy=True,
-                             show_progress_bar=False),
-        lambda: embed_dense(texts, encoder, batch=BatchPlan(args.batch)),
-        len(texts), args.rounds,
-    )
-    results["dense"]["model"] = f"all-minilm-l6-v2 (max_seq_length {model.max_seq_length})"
-
-
-def measure_sparse(texts, chunks, args, results) -> None:
-    from fastembed import SparseTextEmbedding
-
-    from embedder.models.registry import get_spec, resolve_model
-    from embedder.models.sparse import infer_sparse, load_sparse_model
-
-    bm25_dir = resolve_model("qdrant-bm25", "sparse").location
-    raw_bm25 = SparseTextEmbedding("Qdrant/bm25", specific_model_path=bm25_dir, local_files_only=True)
-    live = load_sparse_model(resolve_model("qdrant-bm25", "sparse"))
-    spec = get_spec("qdrant-bm25", "sparse")
-    results["sparse"] = interleaved(
-        lambda: list(raw_bm25.embed(texts, batch_size=256)),
-        lambda: infer_sparse(chunks, spec, live, bm25_dir=bm25_dir),
-        len(texts), args.rounds,
-    )
-    results["sparse"]["model"] = "qdrant-bm25 (fastembed)"
-
-
-def measure_rerank(docs, args, results) -> None:
-    import numpy as np
-
-    from embedder.batching import BatchPlan
-    from embedder.models.registry import resolve_model
-    from embedder.models.rerank import RerankEncoder, rerank
-    from embedder.schemas import Query, ScoredCandidate
-
-    with tempfile.TemporaryDirectory() as tmp:
-        ce_dir = build_minilm_cross_encoder(Path(tmp) / "minilm-ce")
-        rr = RerankEncoder(resolve_model(str(ce_dir), "rerank"), "cpu", max_length=512)
-        ce = rr.load()
-        queries = [Query(id=i, text=t) for i, t in scifact_queries(args.queries)]
-        rng = np.random.default_rng(0)
-        cands = {q.id: [ScoredCandidate(id=docs[j][0], score=0.0)
-                        for j in rng.choice(len(docs), args.candidates, replace=False)] for q in queries}
-        lookup = dict(docs)
-        pairs = [(q.text, lookup[c.id]) for q in queries for c in cands[q.id]]
-        results["rerank"] = interleaved(
-            lambda: ce.predict(pairs, batch_size=32, show_progress_bar=False),
-            lambda: rerank(queries, cands, lookup, rr, top_k_candidates=args.candidates, top_k=20,
-                           batch=BatchPlan(32)),
-            len(pairs), args.rounds,
-        )
-        results["rerank"]["model"] = "MiniLM-L6 weights + fresh head (CrossEncoder, max_length 512)"
+    stages = {}
+    # Stage ratios from the sequential arrangement: each stage alone, as the raw call is.
+    for stage in ("dense", "sparse", "rerank"):
+        in_flow, raw_s = med(sequential, stage), med(raw, stage)
+        wait = med(sequential, f"{stage}_lease_wait") or 0.0
+        stages[stage] = {"raw_s": raw_s, "in_flow_s": in_flow, "lease_wait_s": wait,
+                         "ratio": round(raw_s / in_flow, 3) if raw_s and in_flow else None}
+    for stage in ("load", "index", "fuse", "export", "publish"):
+        stages[stage] = {"in_flow_s": med(sequential, stage)}
+    write_result("stages", {
+        "docs": len(docs), "queries": len(queries), "rerank_candidates": args.candidates, "rounds": args.rounds,
+        "command": f"python bench/stages.py --docs {args.docs} --queries {args.queries} --rounds {args.rounds}",
+        "stages": stages,
+        "orchestration_s": med(flow, "orchestration"), "subflow_run_s": med(flow, "subflow_run"),
+        "overlap": {"sparse_beside_dense_subflow_s": med(flow, "subflow_run"),
+                    "sparse_after_dense_subflow_s": med(sequential, "subflow_run"),
+                    "dense_s": {"beside": med(flow, "dense"), "after": med(sequential, "dense")},
+                    "sparse_s": {"beside": med(flow, "sparse"), "after": med(sequential, "sparse")}},
+        "flow_wall_s": med(flow, "flow_wall"), "bench_wall_s": round(time.perf_counter() - t_start, 1),
+        "raw_rounds": raw, "flow_rounds": flow, "sequential_rounds": sequential,
+    })
 
 
 if __name__ == "__main__":

@@ -113,6 +113,8 @@ class RunConfig(BaseModel):
         100_000, ge=1, description="Qdrant Edge builds an HNSW graph at or above this many points, else searches "
         "exactly (bench/index.py: exact hybrid queries stay near 15 ms at 100k points).",
     )
+    overlap_sparse: bool = Field(
+        True, description="Run sparse inference side by side with the dense stage (bench/stages.py measures it).")
     sources: dict[str, SettingSource] = Field(
         default_factory=dict, description="Where each setting came from (filled in by resolve_run_config)."
     )
@@ -160,6 +162,7 @@ class EmbedderSettings(BaseSettings):
     max_chunk_chars: int = 32_768
     index_batch_size: int = 512
     index_hnsw_min_points: int = 100_000
+    overlap_sparse: bool = True
 
 
 class ServiceSettings(BaseSettings):

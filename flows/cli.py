@@ -6,10 +6,12 @@ Prefect is imported only by the commands that run flows, so `validate` and
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -46,6 +48,34 @@ def _expected_errors_without_traceback(record: logging.LogRecord) -> bool:
         record.exc_info = None
         record.exc_text = None
     return True
+
+
+@contextlib.contextmanager
+def stage_progress(title: str) -> Iterator[None]:
+    """A progress bar per long stage (dense, sparse, index) on a terminal; elsewhere the stages log a line
+    every few seconds instead (see `tasks.telemetry.ProgressReporter`)."""
+    if not console.is_terminal:
+        yield
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from tasks.telemetry import add_progress_listener, remove_progress_listener
+
+    bars: dict[tuple[str, str], Any] = {}
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console, transient=True) as progress:
+        progress.add_task(title, total=None)
+
+        def listener(collection: str, stage: str, done: int, total: int) -> None:
+            if (collection, stage) not in bars:
+                bars[collection, stage] = progress.add_task(f"{collection} {stage}", total=total)
+            progress.update(bars[collection, stage], completed=done, total=total)
+
+        add_progress_listener(listener)
+        try:
+            yield
+        finally:
+            remove_progress_listener(listener)
 
 
 def _fail(message: str, code: int = 1) -> None:
@@ -144,7 +174,7 @@ def run(
     from flows.embed_collections import embed_collections
 
     failure: str | None = None
-    with console.status(f"running embed-collections on {len(cfg.collections)} collection(s)..."):
+    with stage_progress(f"running embed-collections on {len(cfg.collections)} collection(s)..."):
         try:
             summaries = embed_collections(cfg)
         except CollectionsFailedError as exc:
@@ -230,7 +260,7 @@ def eval_(
         _fail(str(exc), 2)
     from flows.embed_collections import embed_collections
 
-    with console.status(f"evaluating on {inputs.documents} documents and {inputs.queries} queries..."):
+    with stage_progress(f"evaluating on {inputs.documents} documents and {inputs.queries} queries..."):
         try:
             [summary] = embed_collections(cfg)
         except EmbedderError as exc:

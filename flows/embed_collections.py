@@ -95,10 +95,16 @@ def embed_collection(config: RunConfig, collection: CollectionInput, run_id: uui
         if out.load is not None and out.load.chunk_count == 0:
             out.errors["load"] = "the collection holds no valid chunks (each record's reason is in rejects.jsonl)"
         if out.load is not None and not out.errors:
+            # Sparse (CPU first) needs nothing from dense (GPU): they run side by side.
+            sparse_run = (call(sparse_infer_task, config, name, out.load.chunks, run_id, submit=True)
+                          if config.overlap_sparse else None)
             out.dense = outcome("dense", call(dense_embed_task, config, name, out.load.chunks, return_state=True))
-        if out.dense is not None:
-            out.sparse = outcome("sparse", call(sparse_infer_task, config, name, out.load.chunks, run_id,
-                                                return_state=True))
+            if sparse_run is not None:
+                sparse_run.wait()
+                out.sparse = outcome("sparse", sparse_run.state)
+            elif out.dense is not None:
+                out.sparse = outcome("sparse", call(sparse_infer_task, config, name, out.load.chunks, run_id,
+                                                    return_state=True))
         if out.dense is not None and out.sparse is not None:
             out.index = outcome("index", index_task(config, name, out.load.chunks, out.dense, out.sparse, run_path,
                                                     return_state=True))

@@ -62,11 +62,14 @@ def _keyed(task_name: str, stage: st.common.StageName,
     return cache_key
 
 
-def call(task_: Any, *args: Any, **kwargs: Any) -> Any:
+def call(task_: Any, *args: Any, submit: bool = False, **kwargs: Any) -> Any:
     """Call a cached stage task; when its stage directory is gone, recompute and overwrite the record.
 
     The store prunes stage directories no retained run used; a later run with
     that input (a reverted file) must not be served a record whose files are gone.
+
+    Args:
+        submit: Start the task concurrently and return its future (``.wait()``, ``.state``).
     """
     stage, key_fn = _KEYS[task_.name]
     params = inspect.signature(task_.fn).bind(*args).arguments
@@ -74,7 +77,7 @@ def call(task_: Any, *args: Any, **kwargs: Any) -> Any:
     name = collection if isinstance(collection, str) else collection.name
     if not st.sealed(config, name, stage, key_fn(params)):
         task_ = task_.with_options(refresh_cache=True)
-    return task_(*args, **kwargs)
+    return task_.submit(*args, **kwargs) if submit else task_(*args, **kwargs)
 
 
 @task(name="load-validate",
@@ -91,7 +94,7 @@ def load_collection_task(config: RunConfig, collection: CollectionInput) -> Load
 def dense_embed_task(config: RunConfig, collection: str, chunks: Any) -> st.DenseStageResult:
     """Prefect wrapper for `embedder.stages.dense_stage`; the GPU lease is held only while it embeds."""
     key = st.dense_key(config, collection, chunks)
-    progress = ProgressReporter(collection, "dense")
+    progress = _lazy_reporter(collection, "dense")
     result = st.dense_stage(
         config, collection, chunks, key, progress=progress,
         gpu=lambda: gpu_lease(config.gpu_concurrency_limit_name, "dense", timeout_s=config.gpu_lease_timeout_s,
@@ -106,14 +109,35 @@ def dense_embed_task(config: RunConfig, collection: str, chunks: Any) -> st.Dens
       **_PERSIST)
 def sparse_infer_task(config: RunConfig, collection: str, chunks: Any, run_id: uuid.UUID) -> st.SparseStageResult:
     """Prefect wrapper for `embedder.stages.sparse_stage`; a model on the GPU runs inside the GPU lease."""
+    reporters: dict[str, ProgressReporter] = {}
+
+    def progress(model: str, done: int, total: int) -> None:
+        stage = "sparse" if len(config.sparse_models) == 1 else f"sparse-{model}"
+        if model not in reporters:
+            reporters[model] = ProgressReporter(collection, stage)
+        reporters[model](done, total)
+
     result = st.sparse_stage(
         config, collection, chunks, st.sparse_key(config, collection, chunks), run_id=run_id,
         gpu=lambda: gpu_lease(config.gpu_concurrency_limit_name, "sparse", timeout_s=config.gpu_lease_timeout_s,
                               lease_duration_s=config.gpu_lease_duration_s),
+        progress=progress,
     )
     for out in result.outputs:
         publish_stage(collection, out.telemetry, {"coverage_ratio": out.run.coverage_ratio})
     return result
+
+
+def _lazy_reporter(collection: str, stage: str) -> Callable[[int, int], None]:
+    # The progress artifact is created on the first step: a stage with nothing to do makes none.
+    holder: list[ProgressReporter] = []
+
+    def report(done: int, total: int) -> None:
+        if not holder:
+            holder.append(ProgressReporter(collection, stage))
+        holder[0](done, total)
+
+    return report
 
 
 def open_run_store(config: RunConfig) -> Any:
@@ -136,7 +160,8 @@ def index_task(config: RunConfig, collection: str, chunks: Any, dense: st.DenseS
     """Prefect wrapper for `embedder.stages.index_stage`; I/O, so retried with backoff."""
     store = open_run_store(config)
     try:
-        result = st.index_stage(config, collection, chunks, dense, sparse, store, run_path)
+        result = st.index_stage(config, collection, chunks, dense, sparse, store, run_path,
+                                progress=_lazy_reporter(collection, "index"))
     finally:
         store.close()
     publish_stage(collection, StageTelemetry(stage="index", items=result.upserted, latency_ms=result.latency_ms,

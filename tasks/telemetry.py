@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from typing import Any
 
 from prefect.artifacts import create_progress_artifact, create_table_artifact, update_progress_artifact
 from prefect.events import emit_event
+from prefect.exceptions import MissingContextError
+from prefect.logging import get_logger, get_run_logger
 from prefect.runtime import flow_run
 
 from embedder.schemas import StageTelemetry
@@ -38,18 +42,52 @@ def publish_stage(collection: str, telemetry: StageTelemetry, extra: dict[str, A
     )
 
 
-class ProgressReporter:
-    """A Prefect progress artifact updated as a long stage advances (at most every 5%)."""
+ProgressListener = Callable[[str, str, int, int], None]
+_LISTENERS: list[ProgressListener] = []
 
-    def __init__(self, collection: str, stage: str) -> None:
+
+def add_progress_listener(listener: ProgressListener) -> None:
+    """Also send every progress step to ``listener(collection, stage, done, total)`` (the CLI's progress bar)."""
+    _LISTENERS.append(listener)
+
+
+def remove_progress_listener(listener: ProgressListener) -> None:
+    """Stop sending progress to ``listener``."""
+    if listener in _LISTENERS:
+        _LISTENERS.remove(listener)
+
+
+class ProgressReporter:
+    """Progress of a long stage: a Prefect progress artifact (every 5%), listeners, and a log line every few seconds.
+
+    The log line is what a terminal without a progress bar (a worker, a CI log,
+    the UI's log view) sees; it is skipped while a listener draws a bar.
+    """
+
+    def __init__(self, collection: str, stage: str, *, log_every_s: float = 5.0) -> None:
+        self.collection, self.stage, self.log_every_s = collection, stage, log_every_s
         self.artifact_id = create_progress_artifact(
             progress=0.0, key=artifact_key("progress", collection, stage),
             description=f"{stage} progress for {collection}",
         )
         self._last = 0.0
+        self._logged = time.monotonic()
 
     def __call__(self, done: int, total: int) -> None:
         pct = 100.0 * done / total if total else 100.0
         if pct - self._last >= 5.0 or done == total:
             update_progress_artifact(artifact_id=self.artifact_id, progress=pct)
             self._last = pct
+        for listener in list(_LISTENERS):
+            listener(self.collection, self.stage, done, total)
+        now = time.monotonic()
+        if not _LISTENERS and (now - self._logged >= self.log_every_s or done == total):
+            self._logged = now
+            _logger().info("%s %s: %d/%d (%.0f%%)", self.collection, self.stage, done, total, pct)
+
+
+def _logger() -> Any:
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        return get_logger("embedder.progress")

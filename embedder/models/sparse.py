@@ -17,7 +17,7 @@ import time
 import unicodedata
 import uuid
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -322,6 +322,7 @@ def infer_sparse(
     inline_vectors_limit: int = 50,
     export_path: str | None = None,
     known: dict[int, SparseVector] | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> SparseResult:
     """Live sparse vectors for every chunk, falling back per chunk to metadata term weights.
 
@@ -373,6 +374,8 @@ def infer_sparse(
                     except Exception as chunk_exc:
                         log.warning("sparse model failed on chunk %s: %s", chunks[i].id, chunk_exc)
                         failed.append(i)
+            if progress is not None:
+                progress(start + len(idx), len(todo))
     if failed:
         fb_hasher: Bm25Hasher | None = None
         vocab: dict[str, int] | None = None
@@ -427,7 +430,8 @@ def infer_sparse(
         latency_ms=latency_ms, fallback_used=fb_count > 0, fallback_count=fb_count, coverage_ratio=coverage,
     )
     telemetry = StageTelemetry(
-        stage="sparse", model=spec.name, device="cpu", batch_size=batch_size, items=len(todo), reused=len(known),
+        stage="sparse", model=spec.name, device=str(getattr(model, "device", "cpu")), batch_size=batch_size,
+        items=len(todo), reused=len(known),
         latency_ms=latency_ms, items_per_s=len(todo) / (latency_ms / 1000) if latency_ms > 0 else 0.0,
         fallback=fb_count > 0, warnings=warnings,
     )

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Literal
 
@@ -80,7 +80,8 @@ def index_layout(dense: DenseStageResult, sparse: SparseStageResult) -> Any:
 
 
 def index_stage(config: RunConfig, collection: str, chunks: StageRef, dense: DenseStageResult,
-                sparse: SparseStageResult, store: Any, run_path: str | Path | None = None) -> IndexResult:
+                sparse: SparseStageResult, store: Any, run_path: str | Path | None = None, *,
+                progress: Callable[[int, int], None] | None = None) -> IndexResult:
     """Bring the collection's published index in line with this run's points.
 
     Points are compared by digest with the published index: when nothing
@@ -94,6 +95,7 @@ def index_stage(config: RunConfig, collection: str, chunks: StageRef, dense: Den
     Args:
         store: A :class:`embedder.io.store.VectorStore`.
         run_path: The run set the new index belongs to (published with it); None publishes the index alone.
+        progress: Called with ``(points written, points to write)`` after each batch.
 
     Raises:
         VectorIndexError: When the store cannot be reached or rejects the write.
@@ -131,6 +133,8 @@ def index_stage(config: RunConfig, collection: str, chunks: StageRef, dense: Den
         for start in range(0, len(rows), config.index_batch_size):
             part = rows[start:start + config.index_batch_size]
             upserted += writer.upsert(point_batch(collection, items, vectors, sparse_map, part, digests))
+            if progress is not None:
+                progress(start + len(part), len(rows))
         if writer.incremental:  # a fresh index never held the gone points
             for start in range(0, len(gone), config.index_batch_size):
                 deleted += writer.delete(gone[start:start + config.index_batch_size])

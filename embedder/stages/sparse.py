@@ -67,7 +67,8 @@ def sparse_key(config: RunConfig, collection: str, chunks: StageRef) -> str:
 
 
 def sparse_stage(config: RunConfig, collection: str, chunks: StageRef, key: str,
-                 run_id: uuid.UUID | None = None, *, gpu: Callable[[], Any] | None = None) -> SparseStageResult:
+                 run_id: uuid.UUID | None = None, *, gpu: Callable[[], Any] | None = None,
+                 progress: Callable[[str, int, int], None] | None = None) -> SparseStageResult:
     """Live sparse inference per model, with the per-chunk metadata fallback.
 
     Each model runs where its registry entry prefers: BM25 on the CPU, SPLADE on
@@ -78,6 +79,7 @@ def sparse_stage(config: RunConfig, collection: str, chunks: StageRef, key: str,
 
     Args:
         gpu: A factory of the GPU lease context manager, entered around inference on a GPU.
+        progress: Called with ``(model, done, total)`` as each model's chunks are embedded.
     """
     from embedder.io.qdrant import sparse_vector_name
     from embedder.io.vector_cache import SparseVectorCache, text_digest
@@ -114,6 +116,7 @@ def sparse_stage(config: RunConfig, collection: str, chunks: StageRef, key: str,
             result = infer_sparse(
                 items, spec, model, queries=queries, load_error=load_error, bm25_dir=BUNDLED_DATA / "bm25",
                 run_id=run_id, export_path=str(collection_dir(config, collection) / "sparse.jsonl"), known=known,
+                progress=(lambda done, total, name=name: progress(name, done, total)) if progress else None,
             )
         lease_event = event or lease_event
         if model is not None:

@@ -79,6 +79,8 @@ def test_a_collection_without_valid_chunks_fails_alone_and_the_run_exits_non_zer
                        text=True, timeout=600)
     assert r.returncode == 1, r.stdout[-3000:] + r.stderr[-3000:]
     assert "collection 'gamma' failed in load" in r.stderr and "Traceback" not in r.stderr
+    # Not a terminal: each long stage logs its progress as a line (a terminal gets a bar instead).
+    assert all(f"alpha {stage}: 10/10 (100%)" in r.stderr for stage in ("dense", "sparse", "index")), r.stderr
     statuses = {c: load_summary(out / c / "processing_summary.json") for c in ("alpha", "beta", "gamma")}
     assert statuses["alpha"].status == statuses["beta"].status == "completed"
     assert statuses["alpha"].chunk_count == 10 and statuses["beta"].chunk_count == 5
