@@ -192,5 +192,6 @@ def sparse_section(config: RunConfig, sparse: SparseStageResult | None, error: s
         section.warnings.append("sparse is enabled but the sparse_run payload is missing"
                                 + (f": {run.reason}" if run.reason else ""))
     section.fields["sparse_run"] = run
-    section.degraded = run.status == "error"
+    # A metadata fallback is a designed degradation (DESIGN.md): the run is partial, with its warning.
+    section.degraded = run.status == "error" or run.fallback_used
     return section

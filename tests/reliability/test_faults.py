@@ -86,6 +86,7 @@ def test_unavailable_sparse_model_falls_back_to_metadata(sample_config, monkeypa
     monkeypatch.setattr(sparse_stage, "load_sparse_model", unavailable)
     [s] = _run(sample_config)
     assert s.sparse_run.fallback_used and s.sparse_run.payload.fallback_used
+    assert s.status == "partial"
     assert s.sparse_run.payload.fallback_count == 50 and s.sparse_run.vectors.coverage_ratio == 1.0
     assert any("metadata fallback" in w for w in s.warnings)
     # fallback vectors live in the live model's index space: BM25 retrieval still finds the answers
