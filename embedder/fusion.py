@@ -12,7 +12,7 @@ The formulas match Qdrant's Query API so that in-memory fusion and Qdrant's
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -160,3 +160,137 @@ def retrieve_candidates(
     for index, sq in zip(indexes, sparse_qs):
         lists.append(index.search(sq, top_n))
     return lists
+
+
+# --- streaming retrieval: the same lists as DenseIndex / SparseIndex, a window of documents at a time ---------
+
+
+class _TopN:
+    """The best ``top_n`` documents per query across windows, ties broken by document position as the indexes do."""
+
+    def __init__(self, n_queries: int, top_n: int) -> None:
+        self.top_n = top_n
+        self.scores = np.zeros((n_queries, 0), dtype=np.float64)
+        self.positions = np.zeros((n_queries, 0), dtype=np.int64)
+        self.ids = np.zeros((n_queries, 0), dtype=object)
+
+    def add(self, ids: Sequence[str], offset: int, scores: np.ndarray, candidate: np.ndarray | None = None) -> None:
+        """Merge a window's ``scores`` (documents x queries); ``candidate`` masks documents a query can return."""
+        n_q = self.scores.shape[0]
+        if n_q == 0 or not len(ids):
+            return
+        window_scores = scores.T.astype(np.float64)
+        if candidate is not None:
+            window_scores = np.where(candidate.T, window_scores, -np.inf)
+        window_pos = np.broadcast_to(np.arange(offset, offset + len(ids), dtype=np.int64), window_scores.shape)
+        window_ids = np.broadcast_to(np.asarray(list(ids), dtype=object), window_scores.shape)
+        all_scores = np.concatenate([self.scores, window_scores], axis=1)
+        all_pos = np.concatenate([self.positions, window_pos], axis=1)
+        all_ids = np.concatenate([self.ids, window_ids], axis=1)
+        # Columns are in position order, so a stable sort on -score breaks ties by position.
+        order = np.argsort(-all_scores, axis=1, kind="stable")[:, :self.top_n]
+        keep_scores = np.take_along_axis(all_scores, order, axis=1)
+        keep_pos = np.take_along_axis(all_pos, order, axis=1)
+        keep_ids = np.take_along_axis(all_ids, order, axis=1)
+        back = np.argsort(keep_pos, axis=1, kind="stable")  # back to position order for the next merge
+        self.scores = np.take_along_axis(keep_scores, back, axis=1)
+        self.positions = np.take_along_axis(keep_pos, back, axis=1)
+        self.ids = np.take_along_axis(keep_ids, back, axis=1)
+
+    def lists(self) -> list[list[ScoredCandidate]]:
+        """Per query, its candidates best first."""
+        out = []
+        for q in range(self.scores.shape[0]):
+            order = np.argsort(-self.scores[q], kind="stable")
+            out.append([ScoredCandidate(id=self.ids[q, i], score=float(self.scores[q, i]))
+                        for i in order if np.isfinite(self.scores[q, i])])
+        return out
+
+
+def stream_dense_candidates(windows: Iterable[tuple[Sequence[str], np.ndarray]], queries: np.ndarray,
+                            top_n: int) -> list[list[ScoredCandidate]]:
+    """Top ``top_n`` documents per query by cosine similarity, reading the documents a window at a time.
+
+    Args:
+        windows: ``(ids, normalised vectors)`` per window, in collection order.
+        queries: One normalised query vector per row.
+        top_n: Candidates per query.
+
+    Returns:
+        Per query, what :meth:`DenseIndex.search` returns over the whole collection.
+    """
+    q = np.asarray(queries, dtype=np.float32)
+    best = _TopN(len(q), top_n)
+    offset = 0
+    for ids, vectors in windows:
+        if len(ids):
+            best.add(ids, offset, np.asarray(vectors, dtype=np.float32) @ q.T)
+        offset += len(ids)
+    return best.lists()
+
+
+def stream_sparse_candidates(windows: Callable[[], Iterable[tuple[Sequence[str], Sequence[SparseVector | None]]]],
+                             queries: Sequence[SparseVector], top_n: int, *,
+                             use_idf: bool = True) -> list[list[ScoredCandidate]]:
+    """Top ``top_n`` documents per query as :class:`SparseIndex` scores them, a window of documents at a time.
+
+    Only the queries' terms matter, so the state is a column per query term:
+    one pass counts their document frequencies (for IDF), a second scores each
+    window as a sparse product.
+
+    Args:
+        windows: Returns a fresh iterator of ``(ids, vectors)`` windows in collection order (read twice with IDF).
+        queries: The query vectors.
+        top_n: Candidates per query.
+        use_idf: Weight terms by ``ln(1 + (N - n_t + 0.5) / (n_t + 0.5))``, as Qdrant's ``Modifier.IDF``.
+    """
+    from scipy.sparse import csr_matrix
+
+    terms = np.unique(np.asarray([t for v in queries for t in v.indices], dtype=np.int64))
+    best = _TopN(len(queries), top_n)
+    if not len(terms) or not len(queries):
+        return best.lists()
+
+    def matched(vectors: Sequence[SparseVector | None]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        rows, cols, vals = [], [], []
+        for r, v in enumerate(vectors):
+            if v is None or not v.nnz:
+                continue
+            idx = np.asarray(v.indices, dtype=np.int64)
+            pos = np.searchsorted(terms, idx)
+            pos[pos >= len(terms)] = 0
+            hit = terms[pos] == idx
+            if hit.any():
+                rows.append(np.full(int(hit.sum()), r, dtype=np.int64))
+                cols.append(pos[hit])
+                vals.append(np.asarray(v.values, dtype=np.float64)[hit])
+        if not rows:
+            empty = np.zeros(0, dtype=np.int64)
+            return empty, empty, np.zeros(0)
+        return np.concatenate(rows), np.concatenate(cols), np.concatenate(vals)
+
+    idf = np.ones(len(terms))
+    if use_idf:
+        df = np.zeros(len(terms), dtype=np.int64)
+        n_docs = 0
+        for _ids, vectors in windows():
+            n_docs += sum(v is not None for v in vectors)
+            _rows, cols, _vals = matched(vectors)
+            df += np.bincount(cols, minlength=len(terms))
+        idf = np.log(1 + (n_docs - df + 0.5) / (df + 0.5))
+    weights = np.zeros((len(terms), len(queries)))
+    present = np.zeros((len(terms), len(queries)))
+    for qi, v in enumerate(queries):
+        cols = np.searchsorted(terms, np.asarray(v.indices, dtype=np.int64))
+        np.add.at(weights[:, qi], cols, np.asarray(v.values, dtype=np.float64) * idf[cols])
+        present[cols, qi] = 1.0
+    offset = 0
+    for ids, vectors in windows():
+        rows, cols, vals = matched(vectors)
+        if len(rows):
+            shape = (len(ids), len(terms))
+            scores = csr_matrix((vals, (rows, cols)), shape=shape) @ weights
+            shared = csr_matrix((np.ones(len(rows)), (rows, cols)), shape=shape) @ present
+            best.add(ids, offset, np.asarray(scores), np.asarray(shared) > 0)
+        offset += len(ids)
+    return best.lists()

@@ -15,7 +15,7 @@ from embedder.gpu import process_peak_rss_gb
 from embedder.io.atomic import atomic_path
 from embedder.io.load import LoadResult
 from embedder.io.readers import read_qrels
-from embedder.io.writers import read_jsonl_records, write_jsonl
+from embedder.io.writers import iter_jsonl_records, read_jsonl_records, write_jsonl
 from embedder.quality import evaluate
 from embedder.settings import RunConfig
 from embedder.stages import (
@@ -99,7 +99,7 @@ def write_exports(
         _link_atomic(dense.vectors.path, cdir / "dense.parquet")
         out["dense"] = str(cdir / "dense.parquet")
     if sparse is not None and sparse.outputs:
-        rows = (rec for o in sparse.outputs for rec in read_jsonl_records(o.vectors.path))
+        rows = (rec for o in sparse.outputs for rec in iter_jsonl_records(o.vectors.path))
         write_jsonl(cdir / "sparse.jsonl", ({k: r[k] for k in ("id", "sparse_vector", "model", "fallback")}
                                             for r in rows))
         out["sparse"] = str(cdir / "sparse.jsonl")

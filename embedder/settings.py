@@ -115,6 +115,9 @@ class RunConfig(BaseModel):
     )
     overlap_sparse: bool = Field(
         True, description="Run sparse inference side by side with the dense stage (bench/stages.py measures it).")
+    stream_window: int = Field(
+        4096, ge=1, le=1_000_000, description="Chunks a streaming stage holds at once: dense, sparse, index, "
+        "fusion and exports read the chunk table and write vectors window by window, so memory stays flat in N.")
     sources: dict[str, SettingSource] = Field(
         default_factory=dict, description="Where each setting came from (filled in by resolve_run_config)."
     )
@@ -163,6 +166,7 @@ class EmbedderSettings(BaseSettings):
     index_batch_size: int = 512
     index_hnsw_min_points: int = 100_000
     overlap_sparse: bool = True
+    stream_window: int = 4096
 
 
 class ServiceSettings(BaseSettings):

@@ -2,8 +2,14 @@
 
 One directory per *vector space* (a model fingerprint plus the settings and code
 that decide its output); inside, Parquet parts of ``(digest, vector)`` rows,
-appended by each run and compacted when they pile up. A re-run embeds only
-texts whose digest is not there yet. Never a file per chunk, never pickle.
+appended by each run (one part per run, a row group per window) and compacted
+when they pile up. A re-run embeds only texts whose digest is not there yet.
+Never a file per chunk, never pickle.
+
+Streaming stages look vectors up window by window through a :class:`CacheIndex`:
+the digests of every part, sorted once in a numpy array (64 bytes per stored
+vector), and the parts' row groups read on demand, so a window costs its own
+rows and never a scan of the whole store.
 """
 
 from __future__ import annotations
@@ -11,19 +17,20 @@ from __future__ import annotations
 import hashlib
 import os
 import uuid
-from collections.abc import Iterable
+from collections import OrderedDict
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Generic, TypeVar
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from embedder.io.atomic import atomic_path
 from embedder.schemas import SparseVector
 
 _MAX_PARTS = 16
+_DIGEST_BYTES = 64  # hex sha256
 V = TypeVar("V")
 
 
@@ -32,60 +39,105 @@ def text_digest(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
+def digest_array(digests: Sequence[str] | pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """Hex digests as a fixed-width numpy array (``S64``), for sorting and ``searchsorted``."""
+    if isinstance(digests, pa.ChunkedArray):
+        digests = digests.combine_chunks()
+    arr = digests if isinstance(digests, pa.Array) else pa.array(list(digests), type=pa.string())
+    if len(arr) == 0:
+        return np.zeros(0, dtype=f"S{_DIGEST_BYTES}")
+    try:
+        fixed = arr.cast(pa.binary()).cast(pa.binary(_DIGEST_BYTES))
+    except pa.ArrowInvalid as exc:
+        raise ValueError("vector store keys are hex sha256 digests (64 characters; see text_digest)") from exc
+    return np.frombuffer(fixed.buffers()[1], dtype=f"S{_DIGEST_BYTES}", count=len(fixed),
+                         offset=fixed.offset * _DIGEST_BYTES).copy()
+
+
+def sorted_member(sorted_keys: np.ndarray, keys: np.ndarray) -> np.ndarray:
+    """Which ``keys`` occur in ``sorted_keys`` (sorted, unique), as a boolean mask."""
+    if len(sorted_keys) == 0:
+        return np.zeros(len(keys), dtype=bool)
+    pos = np.searchsorted(sorted_keys, keys)
+    pos[pos >= len(sorted_keys)] = 0
+    return sorted_keys[pos] == keys
+
+
 class _VectorParts(Generic[V]):
     """Parquet parts of ``(digest, vector)`` rows under ``root``; subclasses map rows to and from columns."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
 
-    def _to_columns(self, digests: list[str], rows: dict[str, V]) -> dict[str, pa.Array]:
+    def _to_columns(self, values: Sequence[V]) -> dict[str, pa.Array]:
         raise NotImplementedError
 
-    def _from_table(self, table: pa.Table) -> dict[str, V]:
+    def _from_table(self, table: pa.Table) -> list[V]:
         raise NotImplementedError
 
     def _parts(self) -> list[Path]:
         return sorted(self.root.glob("part-*.parquet")) if self.root.is_dir() else []
 
     def lookup(self, digests: Iterable[str]) -> dict[str, V]:
-        """The stored vector of every digest that has one."""
-        wanted = pa.array(sorted(set(digests)), type=pa.string())
-        found: dict[str, V] = {}
-        if len(wanted) == 0:
-            return found
+        """The stored vector of every digest that has one (for small sets: queries, tests)."""
+        wanted = sorted(set(digests))
+        if not wanted:
+            return {}
+        index = self.open_index()
+        gids = index.find(digest_array(wanted))
+        hits = gids >= 0
+        return dict(zip((d for d, h in zip(wanted, hits) if h), index.fetch(gids[hits])))
+
+    def open_index(self) -> CacheIndex[V]:
+        """The digests of every part, sorted, with the parts held open for reading.
+
+        Parts stay open, so a concurrent compaction that unlinks them cannot pull
+        rows from under a reader (POSIX keeps an unlinked open file readable).
+        """
         for _attempt in range(3):
             try:
-                for part in self._parts():
-                    table = pq.read_table(part)
-                    table = table.filter(pc.is_in(table["digest"], value_set=wanted))
-                    if table.num_rows:
-                        found.update(self._from_table(table))
-                return found
+                return CacheIndex(self, [pq.ParquetFile(p) for p in self._parts()])
             except FileNotFoundError:  # a concurrent compaction replaced the parts: list them again
-                found.clear()
-        raise FileNotFoundError(f"the vector cache at {self.root} kept changing while it was read")
+                continue
+        raise FileNotFoundError(f"the vector cache at {self.root} kept changing while it was opened")
+
+    def writer(self) -> PartWriter[V]:
+        """A new part, written a row group at a time; it appears atomically on close."""
+        return PartWriter(self)
 
     def append(self, rows: dict[str, V]) -> None:
         """Add vectors (one part file, written atomically)."""
         if not rows:
             return
-        self.root.mkdir(parents=True, exist_ok=True)
-        digests = list(rows)
-        table = pa.table({"digest": pa.array(digests, type=pa.string()), **self._to_columns(digests, rows)})
-        with atomic_path(self.root / f"part-{uuid.uuid4().hex}.parquet") as tmp:
-            pq.write_table(table, tmp)
+        with self.writer() as w:
+            w.add(list(rows), list(rows.values()))
 
-    def compact(self, keep: set[str]) -> int:
-        """Merge the parts into one holding only ``keep`` (the current chunks) once there are many.
+    def compact(self, keep: np.ndarray) -> int:
+        """Merge the parts into one holding only ``keep`` (sorted unique ``S64`` digests) once there are many.
 
-        Returns how many parts were merged (0 when no compaction was due). The merged
-        part is written before the old ones go, so a concurrent reader never misses
-        a vector it could have had (at worst it lists the parts again).
+        Streams row group by row group; each digest is kept once. Returns how many
+        parts were merged (0 when no compaction was due). The merged part is
+        written before the old ones go, so a concurrent reader never misses a
+        vector it could have had.
         """
         parts = self._parts()
         if len(parts) <= _MAX_PARTS:
             return 0
-        self.append(self.lookup(keep))
+        index = self.open_index()
+        with self.writer() as out:
+            for p, pf in enumerate(index.files):
+                base = index.offsets[p]
+                row = 0
+                for rg in range(pf.num_row_groups):
+                    table = pf.read_row_group(rg)
+                    keys = digest_array(table["digest"])
+                    gids = base + row + np.arange(len(keys))
+                    row += len(keys)
+                    # Keep a row when its digest is current and this row is the one the index chose.
+                    take = sorted_member(keep, keys) & (index.find(keys) == gids)
+                    if take.any():
+                        kept = table.filter(pa.array(take))
+                        out.add(kept["digest"].to_pylist(), self._from_table(kept))
         for part in parts:
             try:
                 os.unlink(part)
@@ -94,27 +146,152 @@ class _VectorParts(Generic[V]):
         return len(parts)
 
 
+class CacheIndex(Generic[V]):
+    """Sorted digests of a vector store's parts, and row-group reads of the vectors they key.
+
+    A global id (gid) is a row's offset across the parts in order.
+    """
+
+    def __init__(self, store: _VectorParts[V], files: list[pq.ParquetFile]) -> None:
+        self.store = store
+        self.files = files
+        self.offsets: list[int] = []
+        self._groups: list[np.ndarray] = []  # per part: first row of each row group, plus the row count
+        keys, gids = [], []
+        total = 0
+        for pf in files:
+            self.offsets.append(total)
+            sizes = [pf.metadata.row_group(g).num_rows for g in range(pf.num_row_groups)]
+            self._groups.append(np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64))
+            part_keys = digest_array(pf.read(columns=["digest"])["digest"])
+            keys.append(part_keys)
+            gids.append(np.arange(total, total + len(part_keys), dtype=np.int64))
+            total += len(part_keys)
+        all_keys = np.concatenate(keys) if keys else np.zeros(0, dtype=f"S{_DIGEST_BYTES}")
+        all_gids = np.concatenate(gids) if gids else np.zeros(0, dtype=np.int64)
+        # Stable sort, then the first of equal keys: the oldest copy of a vector wins, deterministically.
+        order = np.argsort(all_keys, kind="stable")
+        sorted_keys = all_keys[order]
+        first = np.ones(len(sorted_keys), dtype=bool)
+        first[1:] = sorted_keys[1:] != sorted_keys[:-1]
+        self.keys = sorted_keys[first]
+        self.gids = all_gids[order][first]
+        self._cache: OrderedDict[tuple[int, int], list[V]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def find(self, keys: np.ndarray) -> np.ndarray:
+        """The gid of each digest (``S64``), or -1 where the store has no vector for it."""
+        out = np.full(len(keys), -1, dtype=np.int64)
+        if len(self.keys) == 0 or len(keys) == 0:
+            return out
+        pos = np.searchsorted(self.keys, keys)
+        pos[pos >= len(self.keys)] = 0
+        hit = self.keys[pos] == keys
+        out[hit] = self.gids[pos[hit]]
+        return out
+
+    def fetch(self, gids: np.ndarray) -> list[V]:
+        """The vectors of ``gids`` (all >= 0), in the given order.
+
+        Reads only the row groups they fall in; the last few row groups read are
+        kept, since consecutive windows of a re-run mostly hit the same ones.
+        """
+        out: list[V | None] = [None] * len(gids)
+        if len(gids) == 0:
+            return []
+        part_of = np.searchsorted(np.asarray(self.offsets[1:] + [np.iinfo(np.int64).max]), gids, side="right")
+        for p in np.unique(part_of):
+            sel = np.nonzero(part_of == p)[0]
+            rows = gids[sel] - self.offsets[p]
+            group_of = np.searchsorted(self._groups[p], rows, side="right") - 1
+            for g in np.unique(group_of):
+                in_group = group_of == g
+                values = self._row_group(int(p), int(g))
+                for i, r in zip(sel[in_group], rows[in_group] - self._groups[p][g]):
+                    out[i] = values[r]
+        return out  # type: ignore[return-value]
+
+    def _row_group(self, part: int, group: int) -> list[V]:
+        key = (part, group)
+        if key in self._cache:
+            self._cache.move_to_end(key)
+            return self._cache[key]
+        values = self.store._from_table(self.files[part].read_row_group(group))
+        self._cache[key] = values
+        if len(self._cache) > 4:
+            self._cache.popitem(last=False)
+        return values
+
+
+class PartWriter(Generic[V]):
+    """One new part of a vector store, a row group per :meth:`add`; atomic, and absent when empty."""
+
+    def __init__(self, store: _VectorParts[V]) -> None:
+        self.store = store
+        self.count = 0
+        self._ctx: object | None = None
+        self._tmp: Path | None = None
+        self._writer: pq.ParquetWriter | None = None
+
+    def add(self, digests: list[str], values: Sequence[V]) -> None:
+        """Append vectors with their digests."""
+        if not digests:
+            return
+        table = pa.table({"digest": pa.array(digests, type=pa.string()), **self.store._to_columns(values)})
+        if self._writer is None:
+            self.store.root.mkdir(parents=True, exist_ok=True)
+            self._ctx = atomic_path(self.store.root / f"part-{uuid.uuid4().hex}.parquet")
+            self._tmp = self._ctx.__enter__()  # type: ignore[attr-defined]
+            self._writer = pq.ParquetWriter(self._tmp, table.schema)
+        self._writer.write_table(table)
+        self.count += len(digests)
+
+    def close(self) -> None:
+        """Publish the part (nothing when no row was added)."""
+        if self._writer is not None:
+            self._writer.close()
+            self._ctx.__exit__(None, None, None)  # type: ignore[attr-defined]
+            self._writer = None
+
+    def abort(self) -> None:
+        """Drop the part."""
+        if self._writer is not None:
+            self._writer.close()
+            self._ctx.__exit__(RuntimeError, RuntimeError("aborted"), None)  # type: ignore[attr-defined]
+            self._writer = None
+
+    def __enter__(self) -> PartWriter[V]:
+        return self
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
 class DenseVectorCache(_VectorParts[np.ndarray]):
     """Dense vectors of one vector space (float32, fixed size per space)."""
 
-    def _to_columns(self, digests: list[str], rows: dict[str, np.ndarray]) -> dict[str, pa.Array]:
-        vectors = np.ascontiguousarray(np.stack([rows[d] for d in digests]), dtype=np.float32)
+    def _to_columns(self, values: Sequence[np.ndarray]) -> dict[str, pa.Array]:
+        vectors = np.ascontiguousarray(np.stack(list(values)), dtype=np.float32)
         return {"vector": pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1), type=pa.float32()),
                                                             int(vectors.shape[1]))}
 
-    def _from_table(self, table: pa.Table) -> dict[str, np.ndarray]:
+    def _from_table(self, table: pa.Table) -> list[np.ndarray]:
         col = table["vector"].combine_chunks()
-        vecs = col.values.to_numpy(zero_copy_only=False).astype(np.float32).reshape(-1, col.type.list_size)
-        return dict(zip(table["digest"].to_pylist(), vecs))
+        return list(col.values.to_numpy(zero_copy_only=False).astype(np.float32).reshape(-1, col.type.list_size))
 
 
 class SparseVectorCache(_VectorParts[SparseVector]):
     """Live sparse vectors of one vector space (fallback vectors are never stored: cheap to redo)."""
 
-    def _to_columns(self, digests: list[str], rows: dict[str, SparseVector]) -> dict[str, pa.Array]:
-        return {"indices": pa.array([list(rows[d].indices) for d in digests], type=pa.list_(pa.int64())),
-                "values": pa.array([list(rows[d].values) for d in digests], type=pa.list_(pa.float32()))}
+    def _to_columns(self, values: Sequence[SparseVector]) -> dict[str, pa.Array]:
+        return {"indices": pa.array([list(v.indices) for v in values], type=pa.list_(pa.int64())),
+                "values": pa.array([list(v.values) for v in values], type=pa.list_(pa.float32()))}
 
-    def _from_table(self, table: pa.Table) -> dict[str, SparseVector]:
-        return {d: SparseVector(indices=idx, values=val) for d, idx, val in zip(
-            table["digest"].to_pylist(), table["indices"].to_pylist(), table["values"].to_pylist())}
+    def _from_table(self, table: pa.Table) -> list[SparseVector]:
+        return [SparseVector.model_construct(indices=idx, values=val) for idx, val in zip(
+            table["indices"].to_pylist(), table["values"].to_pylist())]

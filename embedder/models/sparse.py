@@ -309,6 +309,163 @@ class SparseResult:
     warnings: list[str] = field(default_factory=list)
 
 
+class SparseInference:
+    """Live sparse inference for one model over a collection streamed in windows, with the metadata fallback.
+
+    Call :meth:`window` for each window of chunks, :meth:`queries` once, then
+    :meth:`finish` for the run's payload, telemetry and warnings: only counters
+    outlive a window, so memory stays flat in the number of chunks.
+
+    Args:
+        spec: The sparse model's registry entry.
+        model: The loaded model, or None when it could not load (then every chunk
+            takes the fallback and ``load_error`` says why).
+        load_error: Why ``model`` is None.
+        bm25_dir: Directory of the BM25 stopword list (for the BM25 fallback).
+        batch_size: Chunks per live call; a failing batch is retried chunk by chunk.
+        total: Chunks in the collection (for progress and the inline payload).
+        todo: Chunks that will be embedded live (for progress).
+        inline_vectors_limit: Up to this many chunks, the payload carries every document vector.
+        progress: Called with ``(embedded, todo)`` after each live batch.
+    """
+
+    def __init__(self, spec: ModelSpec, model: SparseModel | None, *, load_error: str | None = None,
+                 bm25_dir: str | Path | None = None, batch_size: int = 256, total: int = 0, todo: int = 0,
+                 inline_vectors_limit: int = 50, progress: Callable[[int, int], None] | None = None) -> None:
+        self.spec = spec
+        self.model = model
+        self.bm25_dir = bm25_dir
+        self.batch_size = batch_size
+        self.total = total
+        self.todo_total = todo
+        self.inline = total <= inline_vectors_limit
+        self.progress = progress
+        self.t0 = time.perf_counter()
+        self.n = self.todo = self.known = self.failed = self.fallback_count = self.available = self.nnz = 0
+        self.docs: list[SparseVector] = []
+        self.warnings: list[str] = []
+        self.query_vectors: dict[str, SparseVector] = {}
+        self._hasher: Bm25Hasher | None = None
+        self._vocab: dict[str, int] | None = None
+        self._fallback_ready = False
+        if model is None:
+            self.warnings.append(f"sparse model {spec.name!r} unavailable ({load_error}); using the metadata fallback")
+
+    def _fallback(self, chunk: Chunk) -> SparseVector | None:
+        if not self._fallback_ready:
+            self._fallback_ready = True
+            if self.spec.kind == "sparse-bm25" and self.bm25_dir is not None:
+                self._hasher = Bm25Hasher(self.bm25_dir)
+            elif isinstance(self.model, SpladeModel):
+                self._vocab = self.model.vocab()
+        if self._hasher is not None:
+            tw = _term_weights(chunk)
+            return self._hasher.from_term_weights(*tw) if tw else None
+        if self._vocab is not None:
+            return splade_fallback_vector(chunk, self._vocab)
+        return None
+
+    def window(self, chunks: Sequence[Chunk],
+               known: dict[int, SparseVector] | None = None) -> tuple[list[SparseVector | None], list[bool]]:
+        """Vectors for a window (None where neither the model nor the fallback gives one) and fallback flags.
+
+        Args:
+            chunks: The window.
+            known: Live vectors reused from an earlier run, by position in the window.
+        """
+        known = known or {}
+        n = len(chunks)
+        vectors: list[SparseVector | None] = [None] * n
+        for i, v in known.items():
+            vectors[i] = v
+        todo = [i for i in range(n) if i not in known]
+        failed: list[int] = list(todo) if self.model is None else []
+        if self.model is not None:
+            for start in range(0, len(todo), self.batch_size):
+                idx = todo[start:start + self.batch_size]
+                try:
+                    out = self.model.embed([chunks[i].text for i in idx])
+                    for i, v in zip(idx, out, strict=True):
+                        vectors[i] = v
+                except Exception as exc:
+                    log.warning("sparse batch %d-%d failed (%s); retrying chunk by chunk", idx[0], idx[-1], exc)
+                    for i in idx:
+                        try:
+                            vectors[i] = self.model.embed([chunks[i].text])[0]
+                        except Exception as chunk_exc:
+                            log.warning("sparse model failed on chunk %s: %s", chunks[i].id, chunk_exc)
+                            failed.append(i)
+                self.todo += len(idx)
+                if self.progress is not None:
+                    self.progress(self.todo, self.todo_total)
+        else:
+            self.todo += len(todo)
+        fallback = [False] * n
+        for i in failed:
+            vectors[i] = self._fallback(chunks[i])
+            fallback[i] = vectors[i] is not None
+        self.n += n
+        self.known += len(known)
+        self.failed += len(failed)
+        self.fallback_count += sum(fallback)
+        for v in vectors:
+            if v is not None:
+                self.available += 1
+                self.nnz += v.nnz
+            if self.inline:
+                self.docs.append(v if v is not None else SparseVector())
+        return vectors, fallback
+
+    def queries(self, queries: Sequence[Query]) -> dict[str, SparseVector]:
+        """Query vectors from ``query_embed`` (BM25's own hasher when the model is unavailable)."""
+        if not queries:
+            return {}
+        if self.model is not None:
+            qv = self.model.query_embed([q.text for q in queries])
+        elif self.spec.kind == "sparse-bm25" and self.bm25_dir is not None:
+            hasher = Bm25Hasher(self.bm25_dir)
+            qv = [hasher.query_vector(q.text) for q in queries]
+        else:
+            qv = []
+            self.warnings.append(f"no query vectors for {self.spec.name!r}: the model is unavailable")
+        self.query_vectors = {q.id: v for q, v in zip(queries, qv)}
+        return self.query_vectors
+
+    def finish(self, run_id: uuid.UUID | None = None,
+               export_path: str | None = None) -> tuple[SparseInferenceRun, StageTelemetry, list[str]]:
+        """The run's payload, telemetry and warnings, from the counters of every window."""
+        warnings = list(self.warnings)
+        if self.failed:
+            if self.model is not None:
+                warnings.append(f"sparse model {self.spec.name!r} failed on {self.failed} chunk(s); "
+                                f"{self.fallback_count} recovered from metadata term weights")
+            elif self.fallback_count < self.failed and self._hasher is None and self._vocab is None:
+                warnings.append(f"no metadata fallback exists in the index space of {self.spec.name!r}")
+            if self.fallback_count < self.failed:
+                warnings.append(f"{self.failed - self.fallback_count} chunk(s) have no sparse vector (no usable "
+                                "metadata.sparse_features.term_weights)")
+        latency_ms = (time.perf_counter() - self.t0) * 1000
+        docs: list[SparseVector] | dict[str, Any]
+        if self.inline:
+            docs = self.docs
+        else:
+            docs = {"count": self.n, "available": self.available,
+                    "mean_nnz": self.nnz / self.available if self.available else 0.0, "path": export_path}
+        run = SparseInferenceRun(
+            run_id=run_id or uuid.uuid4(), sparse_model=self.spec.name,
+            query_sparse_vector=next(iter(self.query_vectors.values()), None), document_sparse_vectors=docs,
+            latency_ms=latency_ms, fallback_used=self.fallback_count > 0, fallback_count=self.fallback_count,
+            coverage_ratio=self.available / self.n if self.n else 1.0,
+        )
+        telemetry = StageTelemetry(
+            stage="sparse", model=self.spec.name, device=str(getattr(self.model, "device", "cpu")),
+            batch_size=self.batch_size, items=self.todo, reused=self.known, latency_ms=latency_ms,
+            items_per_s=self.todo / (latency_ms / 1000) if latency_ms > 0 else 0.0,
+            fallback=self.fallback_count > 0, warnings=warnings,
+        )
+        return run, telemetry, warnings
+
+
 def infer_sparse(
     chunks: Sequence[Chunk],
     spec: ModelSpec,
@@ -324,115 +481,29 @@ def infer_sparse(
     known: dict[int, SparseVector] | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> SparseResult:
-    """Live sparse vectors for every chunk, falling back per chunk to metadata term weights.
+    """Live sparse vectors for every chunk of an in-memory list (one window of :class:`SparseInference`).
 
     Args:
         chunks: The collection.
         spec: The sparse model's registry entry.
-        model: The loaded model, or None when it could not load (then every chunk
-            takes the fallback and ``load_error`` says why).
+        model: The loaded model, or None when it could not load.
         queries: Real queries; their vectors come from ``query_embed``.
         load_error: Why ``model`` is None.
         bm25_dir: Directory of the BM25 stopword list (for the BM25 fallback).
         run_id: The run's id.
-        batch_size: Chunks per live call; a failing batch is retried chunk by chunk.
+        batch_size: Chunks per live call.
         inline_vectors_limit: Above this many chunks, the payload summarises
             document vectors and points at ``export_path``.
         export_path: Where ``sparse.jsonl`` will be written.
-        known: Live vectors reused from an earlier run, by chunk position: these
-            chunks are not embedded again.
+        known: Live vectors reused from an earlier run, by chunk position.
 
     Returns:
-        Vectors (None where neither live inference nor the fallback could produce
-        one), per-chunk fallback flags, query vectors, the SparseInferenceRun and
-        telemetry.
+        Vectors, per-chunk fallback flags, query vectors, the SparseInferenceRun and telemetry.
     """
-    t0 = time.perf_counter()
-    n = len(chunks)
-    vectors: list[SparseVector | None] = [None] * n
-    known = known or {}
-    for i, v in known.items():
-        vectors[i] = v
-    todo = [i for i in range(n) if i not in known]
-    fallback = [False] * n
-    warnings: list[str] = []
-    failed: list[int] = list(todo) if model is None else []
-    if model is None:
-        warnings.append(f"sparse model {spec.name!r} unavailable ({load_error}); using the metadata fallback")
-    else:
-        for start in range(0, len(todo), batch_size):
-            idx = todo[start:start + batch_size]
-            try:
-                out = model.embed([chunks[i].text for i in idx])
-                for i, v in zip(idx, out, strict=True):
-                    vectors[i] = v
-            except Exception as exc:
-                log.warning("sparse batch %d-%d failed (%s); retrying chunk by chunk", idx[0], idx[-1], exc)
-                for i in idx:
-                    try:
-                        vectors[i] = model.embed([chunks[i].text])[0]
-                    except Exception as chunk_exc:
-                        log.warning("sparse model failed on chunk %s: %s", chunks[i].id, chunk_exc)
-                        failed.append(i)
-            if progress is not None:
-                progress(start + len(idx), len(todo))
-    if failed:
-        fb_hasher: Bm25Hasher | None = None
-        vocab: dict[str, int] | None = None
-        if spec.kind == "sparse-bm25" and bm25_dir is not None:
-            fb_hasher = Bm25Hasher(bm25_dir)
-        elif isinstance(model, SpladeModel):
-            vocab = model.vocab()
-        for i in failed:
-            vec: SparseVector | None = None
-            if fb_hasher is not None:
-                tw = _term_weights(chunks[i])
-                vec = fb_hasher.from_term_weights(*tw) if tw else None
-            elif vocab is not None:
-                vec = splade_fallback_vector(chunks[i], vocab)
-            vectors[i] = vec
-            fallback[i] = vec is not None
-        fb_count = sum(fallback)
-        if model is not None:
-            warnings.append(f"sparse model {spec.name!r} failed on {len(failed)} chunk(s); "
-                            f"{fb_count} recovered from metadata term weights")
-        elif fb_count < len(failed):
-            if fb_hasher is None and vocab is None:
-                warnings.append(f"no metadata fallback exists in the index space of {spec.name!r}")
-        if fb_count < len(failed):
-            warnings.append(f"{len(failed) - fb_count} chunk(s) have no sparse vector (no usable "
-                            "metadata.sparse_features.term_weights)")
-    query_vectors: dict[str, SparseVector] = {}
-    if queries:
-        if model is not None:
-            qv = model.query_embed([q.text for q in queries])
-        elif spec.kind == "sparse-bm25" and bm25_dir is not None:
-            hasher = Bm25Hasher(bm25_dir)
-            qv = [hasher.query_vector(q.text) for q in queries]
-        else:
-            qv = []
-            warnings.append(f"no query vectors for {spec.name!r}: the model is unavailable")
-        query_vectors = {q.id: v for q, v in zip(queries, qv)}
-    latency_ms = (time.perf_counter() - t0) * 1000
-    available = sum(v is not None for v in vectors)
-    coverage = available / n if n else 1.0
-    fb_count = sum(fallback)
-    docs: list[SparseVector] | dict[str, Any]
-    if n <= inline_vectors_limit:
-        docs = [v if v is not None else SparseVector() for v in vectors]
-    else:
-        nnz = [v.nnz for v in vectors if v is not None]
-        docs = {"count": n, "available": available, "mean_nnz": sum(nnz) / len(nnz) if nnz else 0.0,
-                "path": export_path}
-    run = SparseInferenceRun(
-        run_id=run_id or uuid.uuid4(), sparse_model=spec.name,
-        query_sparse_vector=next(iter(query_vectors.values()), None), document_sparse_vectors=docs,
-        latency_ms=latency_ms, fallback_used=fb_count > 0, fallback_count=fb_count, coverage_ratio=coverage,
-    )
-    telemetry = StageTelemetry(
-        stage="sparse", model=spec.name, device=str(getattr(model, "device", "cpu")), batch_size=batch_size,
-        items=len(todo), reused=len(known),
-        latency_ms=latency_ms, items_per_s=len(todo) / (latency_ms / 1000) if latency_ms > 0 else 0.0,
-        fallback=fb_count > 0, warnings=warnings,
-    )
+    inference = SparseInference(spec, model, load_error=load_error, bm25_dir=bm25_dir, batch_size=batch_size,
+                                total=len(chunks), todo=len(chunks) - len(known or {}),
+                                inline_vectors_limit=inline_vectors_limit, progress=progress)
+    vectors, fallback = inference.window(chunks, known)
+    query_vectors = inference.queries(queries)
+    run, telemetry, warnings = inference.finish(run_id, export_path)
     return SparseResult(spec.name, vectors, fallback, query_vectors, run, telemetry, warnings)

@@ -36,7 +36,7 @@ from embedder.stages.index import (
     index_section,
     index_stage,
     iter_collection_points,
-    load_point_inputs,
+    iter_point_windows,
 )
 from embedder.stages.load import load_key, load_section, load_stage
 from embedder.stages.rerank import RerankStageResult, rerank_key, rerank_section, rerank_stage
@@ -54,7 +54,7 @@ __all__ = [
     "SparseModelOutput", "SparseStageResult", "Status", "SummarySection", "code_version", "collect_stage_dirs",
     "collection_dir", "dense_encoder", "dense_key", "dense_section", "dense_stage", "fuse_key", "fuse_stage",
     "fusion_section", "index_layout", "index_section", "index_stage", "input_digest", "iter_collection_points",
-    "load_key", "load_point_inputs", "load_section", "load_stage", "model_fingerprint", "queries_digest",
+    "load_key", "iter_point_windows", "load_section", "load_stage", "model_fingerprint", "queries_digest",
     "read_sparse", "rerank_key", "rerank_section", "rerank_stage", "seal", "sealed", "sparse_key",
     "sparse_section", "sparse_stage", "stage_dir", "stage_key", "stages_dir", "store_id", "vector_space",
 ]

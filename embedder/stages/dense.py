@@ -11,9 +11,11 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, Field
 
+from embedder.batching import BatchPlan
+from embedder.errors import StageError
 from embedder.gpu import apply_memory_ceiling, resolve_device
 from embedder.io.readers import read_queries
-from embedder.io.writers import read_chunks, write_dense_parquet
+from embedder.io.writers import DenseParquetWriter, iter_chunk_texts, iter_table_windows, write_dense_parquet
 from embedder.models.dense import DenseEncoder, default_dense_batch, embed_dense
 from embedder.models.registry import resolve_model
 from embedder.schemas import StageRef, StageTelemetry
@@ -61,6 +63,21 @@ def dense_encoder(config: RunConfig, resolved: Any) -> Any:
     return OnnxDenseEncoder(resolved, Path(config.output_dir) / ".onnx-cache", config.dense_backend)
 
 
+def _merge_telemetry(parts: list[StageTelemetry], initial: int) -> StageTelemetry:
+    """One dense telemetry row from the windows' rows: summed work, the last batch size, every back-off."""
+    last = parts[-1]
+    items = sum(t.items for t in parts)
+    latency_ms = sum(t.latency_ms for t in parts)
+    backoffs = [b for t in parts for b in t.backoffs]
+    return last.model_copy(update={
+        "items": items, "latency_ms": latency_ms, "initial_batch_size": initial, "backoffs": backoffs,
+        "items_per_s": items / (latency_ms / 1000) if latency_ms > 0 else 0.0,
+        "gpu_peak_gb": max(t.gpu_peak_gb for t in parts),
+        "warnings": [f"dense batch backed off after OOM: {' -> '.join(map(str, backoffs + [last.batch_size]))}"]
+        if backoffs else [],
+    })
+
+
 def dense_stage(
     config: RunConfig,
     collection: str,
@@ -72,65 +89,137 @@ def dense_stage(
 ) -> DenseStageResult:
     """Embed the chunks (and queries) whose text has no vector yet, under the memory ceiling.
 
-    Vectors are reused per chunk from ``.stages/vectors/<space>/`` when the same
-    text was embedded before by the same model (by content fingerprint), backend
-    and device; only the rest are computed, and the model is not even loaded
-    when nothing is left.
+    The chunk table is streamed in windows of ``config.stream_window`` chunks:
+    a first pass hashes the texts and finds which vectors the per-chunk store
+    (``.stages/vectors/<space>/``) already holds (same text, same model by
+    content fingerprint, backend and device); a second pass embeds the rest
+    window by window and writes ``dense.parquet`` as it goes, so memory stays
+    flat in the number of chunks. The model is not even loaded when nothing is
+    left to embed.
 
     Args:
         gpu: A factory of the GPU lease context manager (yielding the lease event),
-            entered only around the embedding itself.
+            entered only around the embedding pass.
 
     Raises:
         ModelUnavailableError: When the dense model cannot load (the run cannot continue).
     """
-    from embedder.io.vector_cache import DenseVectorCache, text_digest
+    from embedder.io.vector_cache import DenseVectorCache, digest_array, sorted_member, text_digest
 
     t0 = time.perf_counter()
+    window = config.stream_window
     resolved = resolve_model(config.dense_model, "dense", local_files_only=config.local_files_only)
     device = "cpu" if config.dense_backend != "torch" else resolve_device(config.force_cpu)
     space = vector_space(config, "dense", model_fingerprint(config.dense_model, "dense", config.local_files_only),
                          config.dense_backend, device)
     cache = DenseVectorCache(stages_dir(config, collection) / "vectors" / space)
-    items = read_chunks(chunks.path)
+    index = cache.open_index()
+    # Pass 1: a digest per chunk (64 bytes each, the only per-chunk state held) and what the store has.
+    keys = np.concatenate([digest_array([text_digest(t) for t in texts])
+                           for texts in iter_chunk_texts(chunks.path, window)] or [digest_array([])])
+    n = len(keys)
+    gids = index.find(keys)
+    missing = gids < 0
+    # Each missing text is embedded once (its first occurrence) and stored once. A text that recurs
+    # in a later window keeps its first vector in memory until then: recomputing it in another batch
+    # would give other float bits, and the index would see a changed point on the next run.
+    first = np.zeros(n, dtype=bool)
+    recurring = np.zeros(0, dtype=keys.dtype)
+    if missing.any():
+        pos = np.nonzero(missing)[0]
+        uniq, first_at, counts = np.unique(keys[pos], return_index=True, return_counts=True)
+        first[pos[first_at]] = True
+        recurring = uniq[counts > 1]
+    todo = int(first.sum())
+    carried: dict[bytes, np.ndarray] = {}
     queries = read_queries(config.queries_path) if config.queries_path else []
-    texts = [c.text for c in items] + [q.text for q in queries]
-    digests = [text_digest(t) for t in texts]
-    known = cache.lookup(digests)
-    missing: dict[str, str] = {}
-    for d, t in zip(digests, texts):
-        if d not in known:
-            missing.setdefault(d, t)
-    lease_event = None
+    qtexts = [q.text for q in queries]
+    qkeys = digest_array([text_digest(t) for t in qtexts])
+    qgids = index.find(qkeys)
     name = resolved.spec.name
-    telemetry = StageTelemetry(stage="dense", model=name, device=device)
-    if missing:
+    encoder = None
+    plan = None
+    dim = 0
+    if todo or (qgids < 0).any():
         encoder = dense_encoder(config, resolved)
         name = encoder.name
         apply_memory_ceiling(encoder.device, config.gpu_memory_ceiling_gb)
         max_len = int(getattr(encoder.load(), "max_seq_length", resolved.spec.max_length) or resolved.spec.max_length)
         plan = default_dense_batch(encoder.device, config.gpu_memory_ceiling_gb, max_len)
-        with (gpu() if gpu is not None else contextlib.nullcontext()) as lease_event:
-            result = embed_dense(list(missing.values()), encoder, batch=plan, progress=progress)
-        cache.append(dict(zip(missing, result.vectors)))
-        known.update(zip(missing, result.vectors))
-        telemetry = result.telemetry
-    chunk_digests = digests[: len(items)]
-    computed = len({d for d in chunk_digests if d in missing})
-    reused = len(items) - sum(1 for d in chunk_digests if d in missing)
-    dim = int(next(iter(known.values())).shape[0]) if known else 0
-    vectors = np.stack([known[d] for d in chunk_digests]) if items else np.zeros((0, dim), np.float32)
+        dim = encoder.dim
+    initial = plan.size if plan else 0
+    parts: list[StageTelemetry] = []
     path = stage_dir(config, collection, "dense", key)
-    ref = write_dense_parquet(path / "dense.parquet", [c.id for c in items], vectors, name)
+    writer = DenseParquetWriter(path / "dense.parquet", name)
+    done = 0
+
+    def embed(texts: list[str]) -> np.ndarray:
+        nonlocal plan, done
+        base = done
+        result = embed_dense(texts, encoder, batch=plan,
+                             progress=(lambda d, _t: progress(base + d, todo)) if progress else None)
+        done += len(texts)
+        parts.append(result.telemetry)
+        # The next window starts where OOM back-off left this one.
+        plan = BatchPlan(result.telemetry.batch_size or plan.size, plan.floor)
+        return result.vectors
+
+    lease = gpu() if gpu is not None and encoder is not None else contextlib.nullcontext()
+    try:
+        with lease as lease_event, cache.writer() as new_part:
+            start = 0
+            for table in iter_table_windows(chunks.path, window, columns=["id", "text"]):
+                ids, texts = table["id"].to_pylist(), table["text"].to_pylist()
+                stop = start + len(ids)
+                wkeys, wgids = keys[start:stop], gids[start:stop]
+                rows: list[np.ndarray | None] = [None] * len(ids)
+                hit = np.nonzero(wgids >= 0)[0]
+                for i, v in zip(hit, index.fetch(wgids[hit])):
+                    rows[i] = v
+                for i in np.nonzero(wgids < 0)[0]:
+                    if wkeys[i] in carried:
+                        rows[i] = carried[wkeys[i]]
+                miss = np.nonzero(first[start:stop])[0]
+                if len(miss):
+                    vecs = embed([texts[i] for i in miss])
+                    fresh = dict(zip(wkeys[miss].tolist(), vecs))
+                    new_part.add([k.decode() for k in fresh], list(fresh.values()))
+                    carried.update((k, v) for k, v in fresh.items() if sorted_member(recurring, np.array([k]))[0])
+                    for i in np.nonzero(wgids < 0)[0]:
+                        if rows[i] is None:
+                            rows[i] = fresh.get(wkeys[i], carried.get(wkeys[i]))
+                matrix = np.stack(rows)
+                if dim and matrix.shape[1] != dim:
+                    raise StageError(f"the vector store holds {matrix.shape[1]}-dim vectors for a {dim}-dim model; "
+                                     "delete .stages/vectors and re-run")
+                dim = int(matrix.shape[1])
+                writer.write(ids, matrix)
+                start = stop
+            qrows: list[np.ndarray | None] = [None] * len(queries)
+            qhit = np.nonzero(qgids >= 0)[0]
+            for i, v in zip(qhit, index.fetch(qgids[qhit])):
+                qrows[i] = v
+            qmiss = np.nonzero(qgids < 0)[0]
+            if len(qmiss):
+                qvecs = embed([qtexts[i] for i in qmiss])
+                for i, v in zip(qmiss, qvecs):
+                    qrows[i] = v
+                new_part.add([qkeys[i].decode() for i in qmiss], list(qvecs))
+        ref = writer.close(dim)
+    except BaseException:
+        writer.abort()
+        raise
     qref = None
     if config.queries_path:
-        qvecs = (np.stack([known[d] for d in digests[len(items):]]) if queries
-                 else np.zeros((0, dim), np.float32))
-        qref = write_dense_parquet(path / "queries.parquet", [q.id for q in queries], qvecs, name)
-    cache.compact(set(digests))
+        qvec = np.stack(qrows) if queries else np.zeros((0, max(dim, 1)), np.float32)
+        qref = write_dense_parquet(path / "queries.parquet", [q.id for q in queries], qvec, name)
+    cache.compact(np.unique(np.concatenate([keys, qkeys])))
+    computed = int(first.sum())
+    reused = int(n - missing.sum())
     elapsed = time.perf_counter() - t0
-    telemetry = telemetry.model_copy(update={"items": computed, "reused": reused,
-                                             "latency_ms": telemetry.latency_ms if missing else elapsed * 1000})
+    telemetry = (_merge_telemetry(parts, initial) if parts
+                 else StageTelemetry(stage="dense", model=name, device=device, latency_ms=elapsed * 1000))
+    telemetry = telemetry.model_copy(update={"items": computed, "reused": reused})
     return seal(path, DenseStageResult(vectors=ref, query_vectors=qref, model_name=name, dim=dim,
                                        telemetry=telemetry, computed=computed, reused=reused,
                                        lease_event=lease_event))

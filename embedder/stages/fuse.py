@@ -6,14 +6,14 @@ import time
 
 from pydantic import BaseModel
 
-from embedder.fusion import DenseIndex, SparseIndex, fuse_dbsf, fuse_rrf, retrieve_candidates
-from embedder.io.writers import read_dense_parquet, read_jsonl_records, write_jsonl
+from embedder.fusion import fuse_dbsf, fuse_rrf, stream_dense_candidates, stream_sparse_candidates
+from embedder.io.writers import iter_dense_windows, read_dense_parquet, read_jsonl_records, write_jsonl
 from embedder.models.registry import get_spec
 from embedder.schemas import SparseVector, StageRef, StageTelemetry
 from embedder.settings import RunConfig
 from embedder.stages.common import Status, SummarySection, owner_parts, seal, stage_dir, stage_key
 from embedder.stages.dense import DenseStageResult
-from embedder.stages.sparse import SparseStageResult, read_sparse
+from embedder.stages.sparse import SparseStageResult, iter_sparse_windows
 from embedder.summary import FusionRun
 
 
@@ -37,21 +37,20 @@ def fuse_stage(config: RunConfig, collection: str, dense: DenseStageResult, spar
             status="skipped", method=config.fusion, k=config.rrf_k,
             reason="no query set was given (--queries); fusion never invents queries"))
     t0 = time.perf_counter()
-    ids, vectors = read_dense_parquet(dense.vectors.path)
-    qids, qvecs = read_dense_parquet(dense.query_vectors.path)
-    dense_index = DenseIndex(ids, vectors)
-    sparse_indexes = []
-    sparse_queries: list[dict[str, SparseVector]] = []
-    for out in sparse.outputs:
-        sids, svecs = read_sparse(out.vectors)
-        sparse_indexes.append(SparseIndex(sids, svecs, use_idf=get_spec(out.model_name, "sparse").requires_idf))
-        sparse_queries.append({r["id"]: SparseVector(**r["sparse_vector"])
-                               for r in read_jsonl_records(out.query_vectors.path)} if out.query_vectors else {})
-    rows = []
+    window = config.stream_window
     n = config.retrieval_top_n
+    qids, qvecs = read_dense_parquet(dense.query_vectors.path)
+    # Each list streams the collection a window at a time: only the queries' best candidates are held.
+    lists_per_model = [stream_dense_candidates(iter_dense_windows(dense.vectors.path, window), qvecs, n)]
+    for out in sparse.outputs:
+        queries = ({r["id"]: SparseVector(**r["sparse_vector"]) for r in read_jsonl_records(out.query_vectors.path)}
+                   if out.query_vectors else {})
+        lists_per_model.append(stream_sparse_candidates(
+            lambda out=out: iter_sparse_windows(out.vectors, window), [queries.get(q, SparseVector()) for q in qids],
+            n, use_idf=get_spec(out.model_name, "sparse").requires_idf))
+    rows = []
     for qi, qid in enumerate(qids):
-        sq = [m.get(qid, SparseVector()) for m in sparse_queries]
-        lists = retrieve_candidates((qvecs[qi], sq), dense_index, sparse_indexes, n)
+        lists = [per_model[qi] for per_model in lists_per_model]
         rrf = fuse_rrf([[c.id for c in lst] for lst in lists], k=config.rrf_k)[:n]
         dbsf = fuse_dbsf(lists)[:n]
         rows.append({

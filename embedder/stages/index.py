@@ -7,16 +7,17 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 from pydantic import BaseModel, Field
 
 from embedder.errors import StageError
-from embedder.io.writers import read_chunks, read_dense_parquet
+from embedder.io.writers import iter_chunk_windows, iter_dense_windows
 from embedder.models.registry import get_spec
 from embedder.schemas import SparseVector, StageRef, StageTelemetry
 from embedder.settings import RunConfig
 from embedder.stages.common import Status, SummarySection
 from embedder.stages.dense import DenseStageResult
-from embedder.stages.sparse import SparseStageResult, read_sparse
+from embedder.stages.sparse import SparseStageResult
 
 
 class IndexResult(BaseModel):
@@ -46,15 +47,27 @@ class IndexResult(BaseModel):
 POINT_BATCH = 256
 
 
-def load_point_inputs(chunks: StageRef, dense: DenseStageResult,
-                      sparse: SparseStageResult) -> tuple[list[Any], Any, dict[str, list[SparseVector | None]]]:
-    """The chunks, their dense vectors and each sparse model's vectors, checked to line up."""
-    items = read_chunks(chunks.path)
-    ids, vectors = read_dense_parquet(dense.vectors.path)
-    if ids != [c.id for c in items]:
-        raise StageError("dense vectors do not line up with the chunk table; re-run the dense stage")
-    sparse_map = {o.vector_name: read_sparse(o.vectors)[1] for o in sparse.outputs}
-    return items, vectors, sparse_map
+def iter_point_windows(chunks: StageRef, dense: DenseStageResult, sparse: SparseStageResult,
+                       size: int) -> Iterator[tuple[list[Any], np.ndarray, dict[str, list[SparseVector | None]]]]:
+    """The chunks, their dense vectors and each sparse model's vectors, a window at a time, checked to line up."""
+    from embedder.stages.sparse import iter_sparse_windows
+
+    dense_it = iter_dense_windows(dense.vectors.path, size)
+    sparse_its = {o.vector_name: iter_sparse_windows(o.vectors, size) for o in sparse.outputs}
+    for items in iter_chunk_windows(chunks.path, size):
+        ids, vectors = next(dense_it, ([], None))
+        if ids != [c.id for c in items]:
+            raise StageError("dense vectors do not line up with the chunk table; re-run the dense stage")
+        sparse_map = {}
+        for name, it in sparse_its.items():
+            sids, svecs = next(it, ([], []))
+            if sids != ids:
+                raise StageError(f"sparse vectors {name!r} do not line up with the chunk table; "
+                                 "re-run the sparse stage")
+            sparse_map[name] = svecs
+        yield items, vectors, sparse_map
+    if next(dense_it, None) is not None or any(next(it, None) is not None for it in sparse_its.values()):
+        raise StageError("the vector files hold more rows than the chunk table; re-run the dense and sparse stages")
 
 
 def iter_collection_points(config: RunConfig, collection: str, chunks: StageRef, dense: DenseStageResult,
@@ -66,9 +79,9 @@ def iter_collection_points(config: RunConfig, collection: str, chunks: StageRef,
     """
     from embedder.io.qdrant import build_points
 
-    items, vectors, sparse_map = load_point_inputs(chunks, dense, sparse)
-    for start in range(0, len(items), batch):
-        yield build_points(collection, items, vectors, sparse_map, start=start, stop=start + batch)
+    for items, vectors, sparse_map in iter_point_windows(chunks, dense, sparse, config.stream_window):
+        for start in range(0, len(items), batch):
+            yield build_points(collection, items, vectors, sparse_map, start=start, stop=start + batch)
 
 
 def index_layout(dense: DenseStageResult, sparse: SparseStageResult) -> Any:
@@ -108,49 +121,67 @@ def index_stage(config: RunConfig, collection: str, chunks: StageRef, dense: Den
     warnings = []
     if store.backend == "edge" and (note := legacy_index_note(config.output_dir, collection)):
         warnings.append(note)
-    items, vectors, sparse_map = load_point_inputs(chunks, dense, sparse)
     layout = index_layout(dense, sparse)
-    pids = [point_id(collection, c.id) for c in items]
-    digests = [point_digest(vectors[i], {n: v[i] for n, v in sparse_map.items()}, payload_for(c))
-               for i, c in enumerate(items)]
     status = store.status(collection)
     previous = store.point_digests(collection) if status.exists else {}
-    current = dict(zip(pids, digests))
-    gone = [p for p in previous if p not in current]
+    window = config.stream_window
+
+    def digest_of(i: int, items: list[Any], vectors: np.ndarray, sparse_map: dict[str, Any]) -> str:
+        return point_digest(vectors[i], {n: v[i] for n, v in sparse_map.items()}, payload_for(items[i]))
+
+    # Pass 1: which points are new or changed, and which published points belong to chunks that are gone.
+    left = dict(previous)
+    changed: list[int] = []
+    n = 0
+    for items, vectors, sparse_map in iter_point_windows(chunks, dense, sparse, window):
+        for i, c in enumerate(items):
+            if left.pop(point_id(collection, c.id), None) != digest_of(i, items, vectors, sparse_map):
+                changed.append(n + i)
+        n += len(items)
+    gone = list(left)
+    del left, previous
     common = dict(batch_size=config.index_batch_size, collection=collection, warnings=warnings)
     run_dir_ = Path(run_path) if run_path is not None else None
-    if status.exists and status.layout == layout and previous == current:
+    if status.exists and status.layout == layout and not changed and not gone:
         if run_dir_ is not None:
             store.keep_published(collection, run_dir_)
         elapsed = time.perf_counter() - t0
         return IndexResult(status="executed", action="unchanged", backend=store.backend, location=status.location,
-                           points_count=status.points_count or 0, unchanged=len(pids), build_id=status.build_id,
+                           points_count=status.points_count or 0, unchanged=n, build_id=status.build_id,
                            search_mode=None, latency_ms=elapsed * 1000, **common)
     writer = store.writer(collection, layout, incremental=True, run_path=run_dir_)
-    rows = [i for i, (p, d) in enumerate(current.items()) if not writer.incremental or previous.get(p) != d]
+    todo = np.asarray(changed if writer.incremental else range(n), dtype=np.int64)
     upserted = deleted = 0
     try:
-        for start in range(0, len(rows), config.index_batch_size):
-            part = rows[start:start + config.index_batch_size]
-            upserted += writer.upsert(point_batch(collection, items, vectors, sparse_map, part, digests))
-            if progress is not None:
-                progress(start + len(part), len(rows))
+        # Pass 2: write the points pass 1 picked, window by window.
+        start = 0
+        for items, vectors, sparse_map in iter_point_windows(chunks, dense, sparse, window):
+            stop = start + len(items)
+            rows = (todo[np.searchsorted(todo, start):np.searchsorted(todo, stop)] - start).tolist()
+            for b in range(0, len(rows), config.index_batch_size):
+                part = rows[b:b + config.index_batch_size]
+                digests = {r: digest_of(r, items, vectors, sparse_map) for r in part}
+                upserted += writer.upsert(point_batch(collection, items, vectors, sparse_map, part, digests))
+                if progress is not None:
+                    progress(upserted, len(todo))
+            start = stop
         if writer.incremental:  # a fresh index never held the gone points
-            for start in range(0, len(gone), config.index_batch_size):
-                deleted += writer.delete(gone[start:start + config.index_batch_size])
+            for b in range(0, len(gone), config.index_batch_size):
+                deleted += writer.delete(gone[b:b + config.index_batch_size])
         published = writer.publish()
     except BaseException:
         writer.abort()
         raise
+    rows_written = len(todo)
     elapsed = time.perf_counter() - t0
-    if published.points_count != len(items):
-        warnings.append(f"the index holds {published.points_count} points but the collection has {len(items)} "
+    if published.points_count != n:
+        warnings.append(f"the index holds {published.points_count} points but the collection has {n} "
                         "chunks; re-run to resynchronise")
     return IndexResult(
         status="executed", action="incremental" if writer.incremental else "rebuilt", backend=published.backend,
         location=published.location, points_count=published.points_count, upserted=upserted,
-        deleted=deleted if writer.incremental else len(gone), unchanged=len(items) - len(rows),
-        latency_ms=elapsed * 1000, points_per_s=len(rows) / elapsed if elapsed > 0 else 0.0,
+        deleted=deleted if writer.incremental else len(gone), unchanged=n - rows_written,
+        latency_ms=elapsed * 1000, points_per_s=rows_written / elapsed if elapsed > 0 else 0.0,
         search_mode=published.search_mode, hnsw_build_s=published.hnsw_build_s, build_id=published.build_id,
         **common)
 

@@ -10,7 +10,7 @@ from pydantic import BaseModel, Field
 from embedder.errors import ModelUnavailableError
 from embedder.gpu import apply_memory_ceiling, resolve_device
 from embedder.io.readers import read_queries
-from embedder.io.writers import read_chunks, read_jsonl_records, write_jsonl
+from embedder.io.writers import iter_table_windows, read_jsonl_records, write_jsonl
 from embedder.models.registry import resolve_model
 from embedder.models.rerank import RerankEncoder, default_rerank_batch, rerank
 from embedder.schemas import CrossEncoderRerankRun, ScoredCandidate, StageRef, StageTelemetry
@@ -60,7 +60,8 @@ def rerank_stage(config: RunConfig, collection: str, chunks: StageRef, fusion: F
     fused_key = "rrf" if config.fusion == "rrf" else "dbsf"
     candidates = {r["query_id"]: [ScoredCandidate(**c) for c in r[fused_key]] for r in rows}
     wanted = {c.id for lst in candidates.values() for c in lst[: config.rerank_top_k_candidates]}
-    texts = {c.id: c.text for c in read_chunks(chunks.path) if c.id in wanted}
+    texts = {i: t for table in iter_table_windows(chunks.path, config.stream_window, columns=["id", "text"])
+             for i, t in zip(table["id"].to_pylist(), table["text"].to_pylist()) if i in wanted}
     result = rerank(
         queries, candidates, texts, encoder, top_k_candidates=config.rerank_top_k_candidates,
         top_k=config.rerank_top_k, batch=default_rerank_batch(device, config.gpu_memory_ceiling_gb,

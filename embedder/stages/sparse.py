@@ -5,17 +5,18 @@ from __future__ import annotations
 import contextlib
 import json
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
+import numpy as np
 from pydantic import BaseModel, Field
 
 from embedder.errors import ModelUnavailableError
 from embedder.gpu import resolve_device
 from embedder.io.readers import read_queries
-from embedder.io.writers import read_chunks, read_jsonl_records, write_jsonl
+from embedder.io.writers import iter_chunk_windows, iter_jsonl_windows, read_jsonl_records, write_jsonl
 from embedder.models.registry import get_spec, resolve_model
-from embedder.models.sparse import infer_sparse, load_sparse_model
+from embedder.models.sparse import SparseInference, load_sparse_model
 from embedder.schemas import SparseInferenceRun, SparseVector, StageRef, StageTelemetry
 from embedder.settings import RunConfig
 from embedder.stages.common import (
@@ -82,17 +83,21 @@ def sparse_stage(config: RunConfig, collection: str, chunks: StageRef, key: str,
         progress: Called with ``(model, done, total)`` as each model's chunks are embedded.
     """
     from embedder.io.qdrant import sparse_vector_name
-    from embedder.io.vector_cache import SparseVectorCache, text_digest
+    from embedder.io.vector_cache import SparseVectorCache, digest_array, text_digest
     from embedder.models.registry import BUNDLED_DATA
 
     path = stage_dir(config, collection, "sparse", key)
     if not config.enable_sparse:
         return seal(path, SparseStageResult(status="disabled", reason="disabled by enable_sparse=false"))
-    items = read_chunks(chunks.path)
+    window = config.stream_window
     queries = read_queries(config.queries_path) if config.queries_path else []
-    # The metadata decides the fallback vector, so it is part of a chunk's digest.
-    digests = [text_digest(c.text + "\0" + json.dumps(c.metadata.get("sparse_features"), sort_keys=True))
-               for c in items]
+
+    def chunk_digest(c: Any) -> str:
+        # The metadata decides the fallback vector, so it is part of a chunk's digest.
+        return text_digest(c.text + "\0" + json.dumps(c.metadata.get("sparse_features"), sort_keys=True))
+
+    keys = np.concatenate([digest_array([chunk_digest(c) for c in w]) for w in iter_chunk_windows(chunks.path, window)]
+                          or [digest_array([])])
     outputs: list[SparseModelOutput] = []
     warnings: list[str] = []
     lease_event = None
@@ -100,48 +105,75 @@ def sparse_stage(config: RunConfig, collection: str, chunks: StageRef, key: str,
         spec = get_spec(name, "sparse")
         space = vector_space(config, "sparse", name, model_fingerprint(name, "sparse", config.local_files_only))
         cache = SparseVectorCache(stages_dir(config, collection) / "vectors" / space)
-        stored = cache.lookup(digests)
-        known = {i: stored[d] for i, d in enumerate(digests) if d in stored}
+        index = cache.open_index()
+        gids = index.find(keys)
+        reused = int((gids >= 0).sum())
         model = None
         load_error = None
         device = resolve_device(config.force_cpu) if spec.preferred_device == "cuda" else "cpu"
         on_gpu = device.startswith("cuda") and gpu is not None
-        if len(known) < len(items) or queries:
+        if reused < len(keys) or queries:
             try:
                 resolved = resolve_model(name, "sparse", local_files_only=config.local_files_only)
                 model = load_sparse_model(resolved, device, local_files_only=config.local_files_only)
             except ModelUnavailableError as exc:
                 load_error = str(exc)
-        with (gpu() if on_gpu and model is not None else contextlib.nullcontext()) as event:
-            result = infer_sparse(
-                items, spec, model, queries=queries, load_error=load_error, bm25_dir=BUNDLED_DATA / "bm25",
-                run_id=run_id, export_path=str(collection_dir(config, collection) / "sparse.jsonl"), known=known,
-                progress=(lambda done, total, name=name: progress(name, done, total)) if progress else None,
-            )
-        lease_event = event or lease_event
-        if model is not None:
-            cache.append({digests[i]: v for i, (v, fb) in enumerate(zip(result.vectors, result.fallback))
-                          if i not in known and v is not None and not fb})
-        cache.compact(set(digests))
+        inference = SparseInference(
+            spec, model, load_error=load_error, bm25_dir=BUNDLED_DATA / "bm25", total=len(keys),
+            todo=len(keys) - reused,
+            progress=(lambda done, total, name=name: progress(name, done, total)) if progress else None)
         tag = sparse_vector_name(name)
-        ref = write_jsonl(path / f"{tag}.jsonl", (
-            {"id": c.id, "sparse_vector": (v or SparseVector()).model_dump(), "model": name, "fallback": fb,
-             "available": v is not None}
-            for c, v, fb in zip(items, result.vectors, result.fallback)
-        ))
+
+        with (gpu() if on_gpu and model is not None else contextlib.nullcontext()) as event, \
+                cache.writer() as new_part:
+            ref = write_jsonl(path / f"{tag}.jsonl", _records(chunks, window, keys, gids, index, inference,
+                                                              new_part if model is not None else None, name))
+            query_vectors = inference.queries(queries)
+        lease_event = event or lease_event
+        run, telemetry, model_warnings = inference.finish(
+            run_id, str(collection_dir(config, collection) / "sparse.jsonl"))
+        cache.compact(np.unique(keys))
         qref = None
         if queries:
             qref = write_jsonl(path / f"{tag}-queries.jsonl", (
-                {"id": qid, "sparse_vector": v.model_dump()} for qid, v in result.query_vectors.items()
+                {"id": qid, "sparse_vector": v.model_dump()} for qid, v in query_vectors.items()
             ))
-        warnings.extend(result.warnings)
+        warnings.extend(model_warnings)
         outputs.append(SparseModelOutput(
-            model_name=name, vector_name=sparse_vector_name(name), vectors=ref, query_vectors=qref, run=result.run,
-            available=sum(v is not None for v in result.vectors), telemetry=result.telemetry,
-            warnings=result.warnings, computed=len(items) - len(known), reused=len(known),
+            model_name=name, vector_name=tag, vectors=ref, query_vectors=qref, run=run,
+            available=inference.available, telemetry=telemetry, warnings=model_warnings,
+            computed=len(keys) - reused, reused=reused,
         ))
     return seal(path, SparseStageResult(status="executed", outputs=outputs, warnings=warnings,
                                         lease_event=lease_event))
+
+
+def _records(chunks: StageRef, window: int, keys: np.ndarray, gids: np.ndarray, index: Any,
+             inference: SparseInference, new_part: Any, name: str) -> Iterator[dict[str, Any]]:
+    """The stage file's rows, a window at a time; live vectors computed here go into ``new_part``."""
+    start = 0
+    for chunk_window in iter_chunk_windows(chunks.path, window):
+        stop = start + len(chunk_window)
+        wgids = gids[start:stop]
+        hit = np.nonzero(wgids >= 0)[0]
+        known = dict(zip(hit.tolist(), index.fetch(wgids[hit])))
+        vectors, fallback = inference.window(chunk_window, known)
+        if new_part is not None:
+            fresh = [i for i, (v, fb) in enumerate(zip(vectors, fallback))
+                     if i not in known and v is not None and not fb]
+            new_part.add([keys[start + i].decode() for i in fresh], [vectors[i] for i in fresh])
+        for c, v, fb in zip(chunk_window, vectors, fallback):
+            yield {"id": c.id, "sparse_vector": (v or SparseVector()).model_dump(), "model": name,
+                   "fallback": fb, "available": v is not None}
+        start = stop
+
+
+def iter_sparse_windows(ref: StageRef, size: int) -> Iterator[tuple[list[str], list[SparseVector | None]]]:
+    """A sparse stage file in windows of ``size``: chunk ids and their vectors (None where none was available)."""
+    for records in iter_jsonl_windows(ref.path, size):
+        yield ([r["id"] for r in records],
+               [SparseVector.model_construct(**r["sparse_vector"]) if r.get("available", True) else None
+                for r in records])
 
 
 def read_sparse(ref: StageRef) -> tuple[list[str], list[SparseVector | None]]:

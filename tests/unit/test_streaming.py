@@ -1,0 +1,121 @@
+"""Streaming building blocks: fixed windows over Parquet, the windowed vector store, streaming retrieval."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from embedder.fusion import DenseIndex, SparseIndex, stream_dense_candidates, stream_sparse_candidates
+from embedder.io.vector_cache import DenseVectorCache, SparseVectorCache, digest_array, text_digest
+from embedder.io.writers import DenseParquetWriter, iter_dense_windows, iter_table_windows, read_dense_parquet
+from embedder.schemas import SparseVector
+
+
+def test_table_windows_are_exact_across_row_groups(tmp_path: Path) -> None:
+    path = tmp_path / "t.parquet"
+    pq.write_table(pa.table({"x": list(range(23))}), path, row_group_size=7)
+    windows = [t["x"].to_pylist() for t in iter_table_windows(path, 5)]
+    assert [len(w) for w in windows] == [5, 5, 5, 5, 3]
+    assert [x for w in windows for x in w] == list(range(23))
+
+
+def test_dense_writer_streams_windows_into_one_file(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    vecs = rng.normal(size=(30, 4)).astype(np.float32)
+    writer = DenseParquetWriter(tmp_path / "dense.parquet", "m")
+    for s in range(0, 30, 8):
+        writer.write([f"c{i}" for i in range(s, min(30, s + 8))], vecs[s:s + 8])
+    assert not (tmp_path / "dense.parquet").exists()  # nothing is visible before close
+    ref = writer.close()
+    ids, back = read_dense_parquet(ref.path)
+    assert ref.items == 30 and ids == [f"c{i}" for i in range(30)] and np.array_equal(back, vecs)
+    assert [len(i) for i, _ in iter_dense_windows(ref.path, 12)] == [12, 12, 6]
+
+
+def _digests(n: int, tag: str = "") -> list[str]:
+    return [text_digest(f"{tag}{i}") for i in range(n)]
+
+
+def test_cache_index_finds_and_fetches_across_parts_and_row_groups(tmp_path: Path) -> None:
+    cache = DenseVectorCache(tmp_path / "space")
+    rng = np.random.default_rng(1)
+    first = {d: rng.normal(size=3).astype(np.float32) for d in _digests(10, "a")}
+    second = {d: rng.normal(size=3).astype(np.float32) for d in _digests(10, "b")}
+    with cache.writer() as w:  # one part, row groups of 4, 4 and 2
+        keys = list(first)
+        for s in range(0, 10, 4):
+            w.add(keys[s:s + 4], [first[k] for k in keys[s:s + 4]])
+    cache.append(second)
+    # A later part holding an older digest again: the first copy wins.
+    cache.append({keys[0]: np.ones(3, np.float32)})
+    index = cache.open_index()
+    wanted = keys[::-1] + list(second) + [text_digest("absent")]
+    gids = index.find(digest_array(wanted))
+    assert (gids[:-1] >= 0).all() and gids[-1] == -1
+    got = index.fetch(gids[:-1])
+    expected = [first[k] for k in keys[::-1]] + list(second.values())
+    assert all(np.array_equal(a, b) for a, b in zip(got, expected))
+    assert cache.lookup([keys[0], text_digest("nope")]).keys() == {keys[0]}
+
+
+def test_compaction_streams_and_keeps_only_current_vectors_once(tmp_path: Path) -> None:
+    cache = SparseVectorCache(tmp_path / "space")
+    digests = _digests(40)
+    for s in range(0, 40, 2):  # 20 parts: over the compaction threshold
+        cache.append({d: SparseVector(indices=[i], values=[float(i)]) for i, d in enumerate(digests[s:s + 2], s)})
+    cache.append({digests[0]: SparseVector(indices=[999], values=[1.0])})  # a duplicate in a later part
+    keep = np.unique(digest_array(digests[:25]))
+    assert cache.compact(keep) == 21
+    parts = list((tmp_path / "space").glob("part-*.parquet"))
+    assert len(parts) == 1
+    table = pq.read_table(parts[0])
+    assert sorted(table["digest"].to_pylist()) == sorted(digests[:25])
+    assert cache.lookup([digests[0]])[digests[0]].indices == [0]  # the first copy survived
+
+
+@pytest.mark.parametrize("window", [1, 7, 1000])
+def test_streaming_dense_retrieval_equals_the_in_memory_index(window: int) -> None:
+    rng = np.random.default_rng(2)
+    vecs = rng.normal(size=(101, 8)).astype(np.float32)
+    vecs[50] = vecs[3]  # exact ties: the earlier position ranks first in both
+    vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
+    ids = [f"d{i}" for i in range(101)]
+    queries = np.vstack([vecs[3], rng.normal(size=(4, 8)).astype(np.float32)])
+    windows = ((ids[s:s + window], vecs[s:s + window]) for s in range(0, 101, window))
+    streamed = stream_dense_candidates(windows, queries, 10)
+    index = DenseIndex(ids, vecs)
+    for q, got in zip(queries, streamed):
+        want = index.search(q, 10)
+        assert [c.id for c in got] == [c.id for c in want]
+        assert np.allclose([c.score for c in got], [c.score for c in want], atol=1e-6)
+    assert streamed[0][0].id == "d3" and streamed[0][1].id == "d50"
+
+
+@pytest.mark.parametrize("use_idf", [True, False])
+def test_streaming_sparse_retrieval_equals_the_in_memory_index(use_idf: bool) -> None:
+    rng = np.random.default_rng(3)
+    docs: list[SparseVector | None] = []
+    for i in range(200):
+        if i % 17 == 0:
+            docs.append(None)  # no vector available: never a candidate, not counted in N
+            continue
+        idx = np.unique(rng.integers(0, 60, size=rng.integers(1, 12)))
+        docs.append(SparseVector(indices=idx.tolist(), values=rng.uniform(0.1, 2.0, len(idx)).round(2).tolist()))
+    ids = [f"d{i}" for i in range(200)]
+    queries = [SparseVector(indices=[1, 5, 40], values=[1.0, 1.0, 1.0]), SparseVector(indices=[7], values=[0.5]),
+               SparseVector(), SparseVector(indices=[10_000], values=[1.0])]
+
+    def windows():  # noqa: ANN202
+        return ((ids[s:s + 9], docs[s:s + 9]) for s in range(0, 200, 9))
+
+    streamed = stream_sparse_candidates(windows, queries, 15, use_idf=use_idf)
+    index = SparseIndex(ids, docs, use_idf=use_idf)
+    for q, got in zip(queries, streamed):
+        want = index.search(q, 15)
+        assert [c.id for c in got] == [c.id for c in want]
+        assert np.allclose([c.score for c in got], [c.score for c in want])
+    assert streamed[2] == [] and streamed[3] == []
