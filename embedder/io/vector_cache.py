@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
@@ -242,7 +243,8 @@ class PartWriter(Generic[V]):
         table = pa.table({"digest": pa.array(digests, type=pa.string()), **self.store._to_columns(values)})
         if self._writer is None:
             self.store.root.mkdir(parents=True, exist_ok=True)
-            self._ctx = atomic_path(self.store.root / f"part-{uuid.uuid4().hex}.parquet")
+            # Time-ordered names: parts list oldest first, so the oldest copy of a vector wins, on every host.
+            self._ctx = atomic_path(self.store.root / f"part-{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.parquet")
             self._tmp = self._ctx.__enter__()  # type: ignore[attr-defined]
             self._writer = pq.ParquetWriter(self._tmp, table.schema)
         self._writer.write_table(table)
