@@ -151,17 +151,29 @@ def sparse_stage(config: RunConfig, collection: str, chunks: StageRef, key: str,
 def _records(chunks: StageRef, window: int, keys: np.ndarray, gids: np.ndarray, index: Any,
              inference: SparseInference, new_part: Any, name: str) -> Iterator[dict[str, Any]]:
     """The stage file's rows, a window at a time; live vectors computed here go into ``new_part``."""
+    from embedder.io.vector_cache import sorted_member
+
+    missing = gids < 0
+    uniq, counts = np.unique(keys[missing], return_counts=True)
+    recurring = uniq[counts > 1]
+    # A live vector whose text recurs in a later window is carried there rather than recomputed
+    # in another batch (other float bits would look like a changed point to the next run's index).
+    carried: dict[bytes, SparseVector] = {}
     start = 0
     for chunk_window in iter_chunk_windows(chunks.path, window):
         stop = start + len(chunk_window)
-        wgids = gids[start:stop]
+        wgids, wkeys = gids[start:stop], keys[start:stop]
         hit = np.nonzero(wgids >= 0)[0]
         known = dict(zip(hit.tolist(), index.fetch(wgids[hit])))
+        if carried:
+            known.update((i, carried[k]) for i, k in enumerate(wkeys.tolist()) if k in carried)
         vectors, fallback = inference.window(chunk_window, known)
+        fresh = [i for i, (v, fb) in enumerate(zip(vectors, fallback)) if i not in known and v is not None and not fb]
+        if len(recurring):
+            again = sorted_member(recurring, wkeys[fresh]) if fresh else np.zeros(0, dtype=bool)
+            carried.update((wkeys[i].tobytes(), vectors[i]) for i, r in zip(fresh, again) if r)
         if new_part is not None:
-            fresh = [i for i, (v, fb) in enumerate(zip(vectors, fallback))
-                     if i not in known and v is not None and not fb]
-            new_part.add([keys[start + i].decode() for i in fresh], [vectors[i] for i in fresh])
+            new_part.add([wkeys[i].decode() for i in fresh], [vectors[i] for i in fresh])
         for c, v, fb in zip(chunk_window, vectors, fallback):
             yield {"id": c.id, "sparse_vector": (v or SparseVector()).model_dump(), "model": name,
                    "fallback": fb, "available": v is not None}
