@@ -55,13 +55,18 @@ def digest_array(digests: Sequence[str] | pa.Array | pa.ChunkedArray) -> np.ndar
                          offset=fixed.offset * _DIGEST_BYTES).copy()
 
 
-def sorted_member(sorted_keys: np.ndarray, keys: np.ndarray) -> np.ndarray:
-    """Which ``keys`` occur in ``sorted_keys`` (sorted, unique), as a boolean mask."""
+def _locate(sorted_keys: np.ndarray, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Where each of ``keys`` sits in ``sorted_keys`` (sorted, unique), and whether it is there."""
     if len(sorted_keys) == 0:
-        return np.zeros(len(keys), dtype=bool)
+        return np.zeros(len(keys), dtype=np.int64), np.zeros(len(keys), dtype=bool)
     pos = np.searchsorted(sorted_keys, keys)
     pos[pos >= len(sorted_keys)] = 0
-    return sorted_keys[pos] == keys
+    return pos, sorted_keys[pos] == keys
+
+
+def sorted_member(sorted_keys: np.ndarray, keys: np.ndarray) -> np.ndarray:
+    """Which ``keys`` occur in ``sorted_keys`` (sorted, unique), as a boolean mask."""
+    return _locate(sorted_keys, keys)[1]
 
 
 class _VectorParts(Generic[V]):
@@ -85,9 +90,8 @@ class _VectorParts(Generic[V]):
         if not wanted:
             return {}
         index = self.open_index()
-        gids = index.find(digest_array(wanted))
-        hits = gids >= 0
-        return dict(zip((d for d, h in zip(wanted, hits) if h), index.fetch(gids[hits])))
+        found = index.fetch_known(index.find(digest_array(wanted)))
+        return {d: v for d, v in zip(wanted, found) if v is not None}
 
     def open_index(self) -> CacheIndex[V]:
         """The digests of every part, sorted, with the parts held open for reading.
@@ -185,12 +189,16 @@ class CacheIndex(Generic[V]):
     def find(self, keys: np.ndarray) -> np.ndarray:
         """The gid of each digest (``S64``), or -1 where the store has no vector for it."""
         out = np.full(len(keys), -1, dtype=np.int64)
-        if len(self.keys) == 0 or len(keys) == 0:
-            return out
-        pos = np.searchsorted(self.keys, keys)
-        pos[pos >= len(self.keys)] = 0
-        hit = self.keys[pos] == keys
+        pos, hit = _locate(self.keys, keys)
         out[hit] = self.gids[pos[hit]]
+        return out
+
+    def fetch_known(self, gids: np.ndarray) -> list[V | None]:
+        """The vector of each gid, None where the gid is -1 (not in the store)."""
+        out: list[V | None] = [None] * len(gids)
+        hit = np.nonzero(gids >= 0)[0]
+        for i, v in zip(hit, self.fetch(gids[hit])):
+            out[i] = v
         return out
 
     def fetch(self, gids: np.ndarray) -> list[V]:

@@ -43,7 +43,6 @@ from embedder.stages.rerank import RerankStageResult, rerank_key, rerank_section
 from embedder.stages.sparse import (
     SparseModelOutput,
     SparseStageResult,
-    read_sparse,
     sparse_key,
     sparse_section,
     sparse_stage,
@@ -55,6 +54,6 @@ __all__ = [
     "collection_dir", "dense_encoder", "dense_key", "dense_section", "dense_stage", "fuse_key", "fuse_stage",
     "fusion_section", "index_layout", "index_section", "index_stage", "input_digest", "iter_collection_points",
     "load_key", "iter_point_windows", "load_section", "load_stage", "model_fingerprint", "queries_digest",
-    "read_sparse", "rerank_key", "rerank_section", "rerank_stage", "seal", "sealed", "sparse_key",
+    "rerank_key", "rerank_section", "rerank_stage", "seal", "sealed", "sparse_key",
     "sparse_section", "sparse_stage", "stage_dir", "stage_key", "stages_dir", "store_id", "vector_space",
 ]

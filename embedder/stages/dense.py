@@ -172,22 +172,18 @@ def dense_stage(
                 ids, texts = table["id"].to_pylist(), table["text"].to_pylist()
                 stop = start + len(ids)
                 wkeys, wgids = keys[start:stop], gids[start:stop]
-                rows: list[np.ndarray | None] = [None] * len(ids)
-                hit = np.nonzero(wgids >= 0)[0]
-                for i, v in zip(hit, index.fetch(wgids[hit])):
-                    rows[i] = v
-                for i in np.nonzero(wgids < 0)[0]:
-                    if wkeys[i] in carried:
-                        rows[i] = carried[wkeys[i]]
+                rows = index.fetch_known(wgids)
                 miss = np.nonzero(first[start:stop])[0]
+                fresh: dict[bytes, np.ndarray] = {}
                 if len(miss):
                     vecs = embed([texts[i] for i in miss])
                     fresh = dict(zip(wkeys[miss].tolist(), vecs))
                     new_part.add([k.decode() for k in fresh], list(fresh.values()))
-                    carried.update((k, v) for k, v in fresh.items() if sorted_member(recurring, np.array([k]))[0])
-                    for i in np.nonzero(wgids < 0)[0]:
-                        if rows[i] is None:
-                            rows[i] = fresh.get(wkeys[i], carried.get(wkeys[i]))
+                    again = sorted_member(recurring, wkeys[miss])
+                    carried.update((k, v) for (k, v), r in zip(fresh.items(), again) if r)
+                # Every other missing text is a repeat: of a text embedded in this window, or carried.
+                for i in np.nonzero(wgids < 0)[0]:
+                    rows[i] = fresh[wkeys[i]] if wkeys[i] in fresh else carried[wkeys[i]]
                 matrix = np.stack(rows)
                 if dim and matrix.shape[1] != dim:
                     raise StageError(f"the vector store holds {matrix.shape[1]}-dim vectors for a {dim}-dim model; "
@@ -195,10 +191,7 @@ def dense_stage(
                 dim = int(matrix.shape[1])
                 writer.write(ids, matrix)
                 start = stop
-            qrows: list[np.ndarray | None] = [None] * len(queries)
-            qhit = np.nonzero(qgids >= 0)[0]
-            for i, v in zip(qhit, index.fetch(qgids[qhit])):
-                qrows[i] = v
+            qrows = index.fetch_known(qgids)
             qmiss = np.nonzero(qgids < 0)[0]
             if len(qmiss):
                 qvecs = embed([qtexts[i] for i in qmiss])

@@ -14,7 +14,7 @@ from pydantic import BaseModel, Field
 from embedder.errors import ModelUnavailableError
 from embedder.gpu import resolve_device
 from embedder.io.readers import read_queries
-from embedder.io.writers import iter_chunk_windows, iter_jsonl_windows, read_jsonl_records, write_jsonl
+from embedder.io.writers import iter_chunk_windows, iter_jsonl_windows, write_jsonl
 from embedder.models.registry import get_spec, resolve_model
 from embedder.models.sparse import SparseInference, load_sparse_model
 from embedder.schemas import SparseInferenceRun, SparseVector, StageRef, StageTelemetry
@@ -163,8 +163,7 @@ def _records(chunks: StageRef, window: int, keys: np.ndarray, gids: np.ndarray, 
     for chunk_window in iter_chunk_windows(chunks.path, window):
         stop = start + len(chunk_window)
         wgids, wkeys = gids[start:stop], keys[start:stop]
-        hit = np.nonzero(wgids >= 0)[0]
-        known = dict(zip(hit.tolist(), index.fetch(wgids[hit])))
+        known = {i: v for i, v in enumerate(index.fetch_known(wgids)) if v is not None}
         if carried:
             known.update((i, carried[k]) for i, k in enumerate(wkeys.tolist()) if k in carried)
         vectors, fallback = inference.window(chunk_window, known)
@@ -186,15 +185,6 @@ def iter_sparse_windows(ref: StageRef, size: int) -> Iterator[tuple[list[str], l
         yield ([r["id"] for r in records],
                [SparseVector.model_construct(**r["sparse_vector"]) if r.get("available", True) else None
                 for r in records])
-
-
-def read_sparse(ref: StageRef) -> tuple[list[str], list[SparseVector | None]]:
-    """Chunk ids and their sparse vectors (None where no vector was available) from a stage file."""
-    ids, vecs = [], []
-    for rec in read_jsonl_records(ref.path):
-        ids.append(rec["id"])
-        vecs.append(SparseVector(**rec["sparse_vector"]) if rec.get("available", True) else None)
-    return ids, vecs
 
 
 def sparse_section(config: RunConfig, sparse: SparseStageResult | None, error: str | None,
