@@ -9,8 +9,10 @@ from __future__ import annotations
 import contextlib
 import gc
 import logging
+import os
 import resource
 import sys
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,31 +32,64 @@ def resolve_device(force_cpu: bool = False) -> str:
 
 
 def apply_memory_ceiling(device: str, ceiling_gb: float) -> float | None:
-    """Cap this process's CUDA allocations at ``ceiling_gb``.
+    """Cap this process's device memory at ``ceiling_gb``, the CUDA context included.
+
+    torch's allocator cap covers only its own allocations; the CUDA context
+    (cuBLAS workspaces, kernels) lives outside it. So the cap is the ceiling
+    minus the context this process measured (:func:`cuda_context_gb`), and the
+    process as a whole stays under the ceiling as ``nvidia-smi`` sees it.
 
     Returns:
-        The fraction applied, or None on the CPU.
+        The fraction of the device applied to torch's allocator, or None on the CPU.
     """
     if not device.startswith("cuda"):
         return None
     index = torch.device(device).index or 0
     total = torch.cuda.get_device_properties(index).total_memory / _GB
-    fraction = min(1.0, ceiling_gb / total)
+    fraction = max(0.01, min(1.0, (ceiling_gb - cuda_context_gb(device)) / total))
     torch.cuda.set_per_process_memory_fraction(fraction, index)
     return fraction
 
 
-def _nvml_used_gb(index: int) -> float | None:
+_CONTEXT_GB: dict[int, float] = {}
+
+
+def cuda_context_gb(device: str) -> float:
+    """Device memory this process holds outside torch's allocator (the CUDA context), measured once per device.
+
+    Initialises CUDA on ``device`` (safe outside the GPU lease: the context is a
+    few hundred MB and no model is on the device yet). 0.0 on the CPU or where
+    NVML cannot see this process.
+    """
+    if not device.startswith("cuda"):
+        return 0.0
+    index = torch.device(device).index or 0
+    if index not in _CONTEXT_GB:
+        torch.cuda.init()
+        with torch.cuda.device(index):
+            torch.empty(1, device=device)  # the context exists from the first allocation
+            torch.cuda.synchronize()
+            used = _nvml_process_gb(index)
+            _CONTEXT_GB[index] = max(0.0, used - torch.cuda.memory_reserved(index) / _GB) if used is not None else 0.0
+    return _CONTEXT_GB[index]
+
+
+def _nvml_process_gb(index: int) -> float | None:
+    """This process's device memory on GPU ``index`` per NVML, or None when NVML cannot tell."""
     try:
         import pynvml  # provided by nvidia-ml-py
 
         pynvml.nvmlInit()
         try:
             handle = pynvml.nvmlDeviceGetHandleByIndex(index)
-            return float(pynvml.nvmlDeviceGetMemoryInfo(handle).used) / _GB
+            procs = list(pynvml.nvmlDeviceGetComputeRunningProcesses(handle))
+            pid = os.getpid()
+            mine = [p.usedGpuMemory for p in procs if p.pid == pid and p.usedGpuMemory is not None]
+            # In a container NVML may list host pids only: then this process is not found.
+            return float(sum(mine)) / _GB if mine else None
         finally:
             pynvml.nvmlShutdown()
-    except Exception:  # no driver, no NVML library, or no permission: torch's counters still work
+    except Exception:  # no driver, no NVML library, or no permission
         return None
 
 
@@ -67,30 +102,77 @@ def process_peak_rss_gb() -> float:
 
 @dataclass
 class PeakMeter:
-    """Measures the peak GPU memory of one stage."""
+    """This process's device-memory peak through one stage, sampled on a thread.
+
+    ``peak_gb`` is the device-level truth: NVML's figure for this process (CUDA
+    context included), sampled every ``interval_s``; where NVML cannot see the
+    process, torch's reserved peak plus the measured context. ``torch_peak_gb``
+    is torch's allocated peak, a separate and smaller figure. Both are 0.0 on the CPU.
+    """
 
     device: str
+    interval_s: float = 0.05
     nvml_peak_gb: float = 0.0
-    _started: bool = field(default=False, repr=False)
+    source: str = "none"
+    _stop: threading.Event = field(default_factory=threading.Event, repr=False)
+    _thread: threading.Thread | None = field(default=None, repr=False)
+
+    @property
+    def _cuda(self) -> bool:
+        return self.device.startswith("cuda")
 
     def start(self) -> None:
-        """Reset torch's peak counter for this stage."""
-        if self.device.startswith("cuda"):
-            torch.cuda.reset_peak_memory_stats(torch.device(self.device))
-        self._started = True
+        """Reset torch's peak counter and start sampling NVML."""
+        if not self._cuda:
+            return
+        torch.cuda.reset_peak_memory_stats(torch.device(self.device))
+        self.sample()
+        if self.source == "nvml" and self._thread is None:
+            self._stop.clear()
+            self._thread = threading.Thread(target=self._loop, name="device-memory", daemon=True)
+            self._thread.start()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.sample()
 
     def sample(self) -> None:
-        """Take an NVML reading (device-wide usage, other processes included)."""
-        if self.device.startswith("cuda"):
-            used = _nvml_used_gb(torch.device(self.device).index or 0)
-            if used is not None:
-                self.nvml_peak_gb = max(self.nvml_peak_gb, used)
+        """Take one NVML reading of this process's device memory."""
+        if not self._cuda:
+            return
+        used = _nvml_process_gb(torch.device(self.device).index or 0)
+        if used is not None:
+            self.source = "nvml"
+            self.nvml_peak_gb = max(self.nvml_peak_gb, used)
 
-    def peak_gb(self) -> float:
+    def stop(self) -> None:
+        """Stop sampling (after a last reading)."""
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join(timeout=2)
+            self._thread = None
+        self.sample()
+
+    def torch_peak_gb(self) -> float:
         """Peak bytes allocated by torch since :meth:`start`, in GB (0.0 on the CPU)."""
-        if not self.device.startswith("cuda"):
+        if not self._cuda:
             return 0.0
         return float(torch.cuda.max_memory_allocated(torch.device(self.device))) / _GB
+
+    def peak_gb(self) -> float:
+        """This process's device-memory peak since :meth:`start`, in GB (0.0 on the CPU)."""
+        if not self._cuda:
+            return 0.0
+        if self.source == "nvml":
+            return self.nvml_peak_gb
+        reserved = float(torch.cuda.max_memory_reserved(torch.device(self.device))) / _GB
+        return reserved + cuda_context_gb(self.device)
+
+    def memory_source(self) -> str:
+        """Where :meth:`peak_gb` comes from: ``nvml``, ``torch-reserved+context`` or ``none`` (the CPU)."""
+        if not self._cuda:
+            return "none"
+        return "nvml" if self.source == "nvml" else "torch-reserved+context"
 
 
 def free_device_cache(device: str) -> None:

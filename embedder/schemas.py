@@ -144,7 +144,19 @@ class StageTelemetry(BaseModel):
     reused: int = Field(0, description="Items taken from the per-chunk store instead of computed.")
     latency_ms: float = 0.0
     items_per_s: float = 0.0
-    gpu_peak_gb: float = 0.0
+    gpu_peak_gb: float = Field(0.0, description="This process's device memory at its peak (NVML, CUDA context "
+                               "included); 0.0 on the CPU.")
+    torch_peak_gb: float = Field(0.0, description="torch's allocated peak (a part of gpu_peak_gb).")
+    memory_source: str | None = Field(None, description="Where gpu_peak_gb comes from: nvml, or "
+                                      "torch-reserved+context where NVML cannot see the process.")
+    precision: str | None = Field(None, description="fp32, fp16 or bf16: what the model ran in.")
+    batch_policy: str | None = Field(None, description="tokens (padded-token budget) or items (row count).")
+    token_budget: int | None = Field(None, description="Padded tokens per batch at the end (after any back-off).")
+    initial_token_budget: int | None = None
+    batches: int | None = None
+    padding_ratio: float | None = Field(None, description="Padded tokens per real token.")
+    gpu_work_s: float | None = Field(None, description="Time the device spent on this stage's batches.")
+    tokenise_s: float | None = Field(None, description="Tokenisation time, overlapped with the device's work.")
     fallback: bool = False
     cached: bool = False
     warnings: list[str] = Field(default_factory=list)

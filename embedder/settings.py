@@ -19,6 +19,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from embedder.errors import ConfigError, UnsafeNameError
 
 SettingSource = Literal["default", "file", "env", "cli"]
+Precision = Literal["auto", "fp32", "fp16", "bf16"]
 
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
@@ -118,6 +119,15 @@ class RunConfig(BaseModel):
     stream_window: int = Field(
         4096, ge=1, le=1_000_000, description="Chunks a streaming stage holds at once: dense, sparse, index, "
         "fusion and exports read the chunk table and write vectors window by window, so memory stays flat in N.")
+    dense_precision: Precision = Field(
+        "auto", description="auto: bf16 on a GPU that supports it, else fp16; fp32 on the CPU. Or fp32, fp16, bf16.")
+    sparse_precision: Precision = Field("auto", description="SPLADE's precision on a device (as dense_precision).")
+    rerank_precision: Precision = Field("auto", description="The cross-encoder's precision (as dense_precision).")
+    batch_policy: Literal["auto", "tokens", "items"] = Field(
+        "auto", description="How GPU stages cut batches: by padded-token budget (tokens), by row count (items), "
+        "or auto: tokens on a GPU, items on the CPU (bench/batching.py measures both).")
+    cpu_batch_items: int = Field(
+        64, ge=1, le=4096, description="Rows per batch on the CPU (dense and SPLADE; rerank takes half).")
     sources: dict[str, SettingSource] = Field(
         default_factory=dict, description="Where each setting came from (filled in by resolve_run_config)."
     )
@@ -167,6 +177,11 @@ class EmbedderSettings(BaseSettings):
     index_hnsw_min_points: int = 100_000
     overlap_sparse: bool = True
     stream_window: int = 4096
+    dense_precision: Precision = "auto"
+    sparse_precision: Precision = "auto"
+    rerank_precision: Precision = "auto"
+    batch_policy: Literal["auto", "tokens", "items"] = "auto"
+    cpu_batch_items: int = 64
 
 
 class ServiceSettings(BaseSettings):

@@ -52,10 +52,13 @@ class DenseRun(_Section):
     status: StageStatus = "executed"
     reused: int = Field(0, description="Chunk vectors reused from earlier runs (same text, same model).")
     initial_batch_size: int | None = None
-    backoffs: list[int] = Field(default_factory=list, description="Batch sizes that hit OOM, in order.")
+    backoffs: list[int] = Field(default_factory=list, description="Batch budgets that hit OOM, in order: padded "
+                                "tokens under the tokens policy, rows under the items policy.")
     items_per_s: float | None = None
     cached: bool = False
     reason: str | None = None
+    precision: str | None = Field(None, description="fp32, fp16 or bf16.")
+    torch_peak_gb: float | None = Field(None, description="torch's allocated peak; gpu_peak_gb is the device figure.")
 
 
 class SparseVectorsStats(_Section):
@@ -141,6 +144,9 @@ class LeaseEvent(_Section):
     released_at: str
     wait_s: float
     lease_id: str | None = None
+    held_s: float | None = Field(None, description="How long the slot was held (acquired to released).")
+    gpu_work_s: float | None = Field(None, description="How much of that the stage spent on GPU work.")
+    gpu_work_s: float | None = Field(None, description="How much of that the stage spent on GPU work.")
     recovery: Literal["prefect", "embedder"] | None = Field(
         None, description="What frees the slot if the holder dies: prefect (a running server's lease "
         "repossession) or embedder (its recovery on the ephemeral server, by lease id, once the pid is gone).")

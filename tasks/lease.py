@@ -232,6 +232,7 @@ def gpu_lease(limit_name: str, stage: str, *, timeout_s: float, lease_duration_s
               "acquired_at": _now(), "lease_duration_s": lease_duration_s,
               "expires_at": datetime.fromtimestamp(time.time() + lease_duration_s, UTC).isoformat()}
     event.update(lease_id=str(lease_id), acquired_at=record["acquired_at"], wait_s=round(time.monotonic() - t0, 3))
+    held_from = time.monotonic()
     try:
         with (_registered(record, lease_duration_s),
               maintain_concurrency_lease(lease_id, lease_duration_s, raise_on_lease_renewal_failure=True)):
@@ -243,4 +244,5 @@ def gpu_lease(limit_name: str, stage: str, *, timeout_s: float, lease_duration_s
             release_concurrency_slots_with_lease(lease_id)
         finally:
             event["released_at"] = _now()
+            event["held_s"] = round(time.monotonic() - held_from, 3)
             _deregister(lease_id)

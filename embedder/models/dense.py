@@ -13,10 +13,11 @@ import numpy as np
 from embedder.batching import BatchPlan, run_batched
 from embedder.errors import ModelUnavailableError, StageError
 from embedder.gpu import PeakMeter, exclusive_device, plan_batch_size
+from embedder.models.engine import Engine, ModelShape, TokenBudget, cast_model, dense_forward
 from embedder.models.registry import ResolvedModel
 from embedder.schemas import StageTelemetry
 
-_CACHE: dict[tuple[str, str, str], Any] = {}
+_CACHE: dict[tuple[str, str, str, str], Any] = {}
 _CACHE_LOCK = threading.Lock()
 
 
@@ -24,10 +25,11 @@ class DenseEncoder:
     """A lazily loaded sentence-transformers model. Constructing it loads nothing."""
 
     def __init__(self, resolved: ResolvedModel, device: str = "cpu", *, backend: str = "torch",
-                 local_files_only: bool = False) -> None:
+                 local_files_only: bool = False, precision: str = "fp32") -> None:
         self.resolved = resolved
         self.device = device
         self.backend = backend
+        self.precision = precision
         self.local_files_only = local_files_only
         self._model: Any = None
 
@@ -37,20 +39,24 @@ class DenseEncoder:
         return self.resolved.spec.name
 
     def load(self) -> Any:
-        """Load the model once per process (later calls and other encoders reuse it)."""
+        """Load the model once per process and precision (later calls and other encoders reuse it).
+
+        The weights are cast to the encoder's precision here, on the CPU, before
+        any GPU lease is asked for; an fp32 caller never gets a half-precision copy.
+        """
         if self._model is not None:
             return self._model
-        key = (self.resolved.location, self.backend, "dense")
+        key = (self.resolved.location, self.backend, "dense", self.precision)
         with _CACHE_LOCK:
             if key not in _CACHE:
                 from sentence_transformers import SentenceTransformer
 
                 try:
                     # Load on the CPU: exclusive_device moves it to the GPU only inside the lease.
-                    _CACHE[key] = SentenceTransformer(
+                    _CACHE[key] = cast_model(SentenceTransformer(
                         self.resolved.location, device="cpu", backend=self.backend,
                         local_files_only=self.local_files_only or self.resolved.is_local,
-                    )
+                    ), self.precision)
                 except Exception as exc:
                     raise ModelUnavailableError(
                         f"dense model {self.name!r} could not be loaded from {self.resolved.location}: {exc}"
@@ -64,6 +70,17 @@ class DenseEncoder:
         model = self.load()
         get_dim = getattr(model, "get_embedding_dimension", None) or model.get_sentence_embedding_dimension
         return int(get_dim())
+
+    def shape(self) -> ModelShape:
+        """The loaded model's shape (for its token budget)."""
+        model = self.load()
+        longest = int(getattr(model, "max_seq_length", 0) or self.resolved.spec.max_length)
+        return ModelShape.of(model, max_length=longest)
+
+    def engine(self, budget: TokenBudget, on_batch: Callable[[int], None] | None = None) -> Engine[str]:
+        """A token-budget engine over this model (which must already sit on ``self.device``)."""
+        model = self.load()
+        return Engine(model, self.device, budget, forward=dense_forward(model), on_batch=on_batch)
 
     def encode_batch(self, texts: Sequence[str]) -> np.ndarray:
         """Encode one batch into L2-normalised float32 rows."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -13,10 +13,11 @@ from pydantic import BaseModel, Field
 
 from embedder.batching import BatchPlan
 from embedder.errors import StageError
-from embedder.gpu import apply_memory_ceiling, resolve_device
+from embedder.gpu import PeakMeter, apply_memory_ceiling, cuda_context_gb, exclusive_device, resolve_device
 from embedder.io.readers import read_queries
 from embedder.io.writers import DenseParquetWriter, iter_chunk_texts, iter_table_windows, write_dense_parquet
-from embedder.models.dense import DenseEncoder, default_dense_batch, embed_dense
+from embedder.models.dense import DenseEncoder, embed_dense
+from embedder.models.engine import Drain, plan_token_budget, resolve_precision
 from embedder.models.registry import resolve_model
 from embedder.schemas import StageRef, StageTelemetry
 from embedder.settings import RunConfig
@@ -51,31 +52,47 @@ def dense_key(config: RunConfig, collection: str, chunks: StageRef) -> str:
     """Cache key of the dense stage."""
     return stage_key("dense", *owner_parts(config, collection), chunks.digest, config.dense_model,
                      config.dense_backend, queries_digest(config), config.force_cpu, config.gpu_memory_ceiling_gb,
-                     model_fingerprint(config.dense_model, "dense", config.local_files_only))
+                     config.dense_precision, model_fingerprint(config.dense_model, "dense", config.local_files_only))
 
 
 def dense_encoder(config: RunConfig, resolved: Any) -> Any:
     """The dense encoder for the configured backend (torch on the best device, or ONNX on the CPU)."""
     if config.dense_backend == "torch":
-        return DenseEncoder(resolved, resolve_device(config.force_cpu), local_files_only=config.local_files_only)
+        device = resolve_device(config.force_cpu)
+        return DenseEncoder(resolved, device, local_files_only=config.local_files_only,
+                            precision=resolve_precision(config.dense_precision, device))
     from embedder.models.onnx_dense import OnnxDenseEncoder
 
     return OnnxDenseEncoder(resolved, Path(config.output_dir) / ".onnx-cache", config.dense_backend)
 
 
-def _merge_telemetry(parts: list[StageTelemetry], initial: int) -> StageTelemetry:
-    """One dense telemetry row from the windows' rows: summed work, the last batch size, every back-off."""
-    last = parts[-1]
-    items = sum(t.items for t in parts)
-    latency_ms = sum(t.latency_ms for t in parts)
-    backoffs = [b for t in parts for b in t.backoffs]
-    return last.model_copy(update={
-        "items": items, "latency_ms": latency_ms, "initial_batch_size": initial, "backoffs": backoffs,
-        "items_per_s": items / (latency_ms / 1000) if latency_ms > 0 else 0.0,
-        "gpu_peak_gb": max(t.gpu_peak_gb for t in parts),
-        "warnings": [f"dense batch backed off after OOM: {' -> '.join(map(str, backoffs + [last.batch_size]))}"]
-        if backoffs else [],
-    })
+class _Todo:
+    """Texts still to embed, gathered from the chunk table (and the queries) into windows.
+
+    The GPU pass needs only these, so it never reads a window that has none;
+    when they fit one window they are read before the lease is asked for.
+    """
+
+    def __init__(self, chunks: StageRef, window: int, first: np.ndarray, keys: np.ndarray,
+                 queries: list[tuple[bytes, str]]) -> None:
+        self.chunks, self.window, self.first, self.keys, self.queries = chunks, window, first, keys, queries
+        self.count = int(first.sum()) + len(queries)
+
+    def __iter__(self) -> Iterator[tuple[list[bytes], list[str]]]:
+        keys: list[bytes] = [k for k, _ in self.queries]
+        texts: list[str] = [t for _, t in self.queries]
+        start = 0
+        for table_texts in iter_chunk_texts(self.chunks.path, self.window):
+            stop = start + len(table_texts)
+            for i in np.nonzero(self.first[start:stop])[0]:
+                keys.append(self.keys[start + i])
+                texts.append(table_texts[i])
+            start = stop
+            while len(texts) >= self.window:
+                yield keys[:self.window], texts[:self.window]
+                keys, texts = keys[self.window:], texts[self.window:]
+        if texts:
+            yield keys, texts
 
 
 def dense_stage(
@@ -89,13 +106,19 @@ def dense_stage(
 ) -> DenseStageResult:
     """Embed the chunks (and queries) whose text has no vector yet, under the memory ceiling.
 
-    The chunk table is streamed in windows of ``config.stream_window`` chunks:
-    a first pass hashes the texts and finds which vectors the per-chunk store
-    (``.stages/vectors/<space>/``) already holds (same text, same model by
-    content fingerprint, backend and device); a second pass embeds the rest
-    window by window and writes ``dense.parquet`` as it goes, so memory stays
-    flat in the number of chunks. The model is not even loaded when nothing is
-    left to embed.
+    Three passes over the chunk table, each in windows of ``config.stream_window``
+    chunks, so memory stays flat in the number of chunks:
+
+    1. hash the texts and find which vectors the per-chunk store
+       (``.stages/vectors/<space>/``) already holds (same text, same model by
+       content fingerprint, backend, device and precision);
+    2. under the GPU lease, embed each missing text once (token-budget batches,
+       the next window tokenised while the device runs this one) and append the
+       vectors to a new part of the store on a writer thread;
+    3. after the lease is released, write ``dense.parquet`` from the store.
+
+    The model is loaded (and cast, and CUDA initialised) before the lease is
+    asked for, and not at all when nothing is missing.
 
     Args:
         gpu: A factory of the GPU lease context manager (yielding the lease event),
@@ -110,112 +133,175 @@ def dense_stage(
     window = config.stream_window
     resolved = resolve_model(config.dense_model, "dense", local_files_only=config.local_files_only)
     device = "cpu" if config.dense_backend != "torch" else resolve_device(config.force_cpu)
+    precision = resolve_precision(config.dense_precision, device) if config.dense_backend == "torch" else "fp32"
     space = vector_space(config, "dense", model_fingerprint(config.dense_model, "dense", config.local_files_only),
-                         config.dense_backend, device)
+                         config.dense_backend, device, precision)
     cache = DenseVectorCache(stages_dir(config, collection) / "vectors" / space)
     index = cache.open_index()
     # Pass 1: a digest per chunk (64 bytes each, the only per-chunk state held) and what the store has.
     keys = np.concatenate([digest_array([text_digest(t) for t in texts])
                            for texts in iter_chunk_texts(chunks.path, window)] or [digest_array([])])
     n = len(keys)
-    gids = index.find(keys)
-    missing = gids < 0
-    # Each missing text is embedded once (its first occurrence) and stored once. A text that recurs
-    # in a later window keeps its first vector in memory until then: recomputing it in another batch
-    # would give other float bits, and the index would see a changed point on the next run.
+    missing = index.find(keys) < 0
+    # Each missing text is embedded once, at its first occurrence; its repeats read it from the store.
     first = np.zeros(n, dtype=bool)
-    recurring = np.zeros(0, dtype=keys.dtype)
     if missing.any():
         pos = np.nonzero(missing)[0]
-        uniq, first_at, counts = np.unique(keys[pos], return_index=True, return_counts=True)
+        _uniq, first_at = np.unique(keys[pos], return_index=True)
         first[pos[first_at]] = True
-        recurring = uniq[counts > 1]
-    todo = int(first.sum())
-    carried: dict[bytes, np.ndarray] = {}
+    computed = int(first.sum())
     queries = read_queries(config.queries_path) if config.queries_path else []
     qtexts = [q.text for q in queries]
     qkeys = digest_array([text_digest(t) for t in qtexts])
-    qgids = index.find(qkeys)
+    todo_keys = np.sort(keys[first])
+    qtodo: dict[bytes, str] = {}
+    for k, t, known in zip(qkeys.tolist(), qtexts, index.find(qkeys) >= 0):
+        if not known and k not in qtodo:
+            qtodo[k] = t
+    if qtodo:
+        shared = sorted_member(todo_keys, np.array(list(qtodo), dtype=keys.dtype))
+        qtodo = {k: t for (k, t), s in zip(qtodo.items(), shared) if not s}
+    todo = _Todo(chunks, window, first, keys, list(qtodo.items()))
     name = resolved.spec.name
-    encoder = None
-    plan = None
-    dim = 0
-    if todo or (qgids < 0).any():
+    telemetry = StageTelemetry(stage="dense", model=name, device=device, precision=precision)
+    lease_event = None
+    if todo.count:
         encoder = dense_encoder(config, resolved)
         name = encoder.name
-        apply_memory_ceiling(encoder.device, config.gpu_memory_ceiling_gb)
-        max_len = int(getattr(encoder.load(), "max_seq_length", resolved.spec.max_length) or resolved.spec.max_length)
-        plan = default_dense_batch(encoder.device, config.gpu_memory_ceiling_gb, max_len)
-        dim = encoder.dim
-    initial = plan.size if plan else 0
-    parts: list[StageTelemetry] = []
+        encoder.load()
+        cuda_context_gb(encoder.device)  # CUDA starts before the lease: the slot is for GPU work
+        # Few texts to embed: read them now, so the lease covers only the GPU's work.
+        work: Any = list(todo) if todo.count <= window else todo
+        telemetry, lease_event = _embed_missing(config, encoder, work, cache, todo.count, progress, gpu)
+    index = cache.open_index()
     path = stage_dir(config, collection, "dense", key)
     writer = DenseParquetWriter(path / "dense.parquet", name)
-    done = 0
-
-    def embed(texts: list[str]) -> np.ndarray:
-        nonlocal plan, done
-        base = done
-        result = embed_dense(texts, encoder, batch=plan,
-                             progress=(lambda d, _t: progress(base + d, todo)) if progress else None)
-        done += len(texts)
-        parts.append(result.telemetry)
-        # The next window starts where OOM back-off left this one.
-        plan = BatchPlan(result.telemetry.batch_size or plan.size, plan.floor)
-        return result.vectors
-
-    lease = gpu() if gpu is not None and encoder is not None else contextlib.nullcontext()
+    dim = 0
     try:
-        with lease as lease_event, cache.writer() as new_part:
-            start = 0
-            for table in iter_table_windows(chunks.path, window, columns=["id", "text"]):
-                ids, texts = table["id"].to_pylist(), table["text"].to_pylist()
-                stop = start + len(ids)
-                wkeys, wgids = keys[start:stop], gids[start:stop]
-                rows = index.fetch_known(wgids)
-                miss = np.nonzero(first[start:stop])[0]
-                fresh: dict[bytes, np.ndarray] = {}
-                if len(miss):
-                    vecs = embed([texts[i] for i in miss])
-                    fresh = dict(zip(wkeys[miss].tolist(), vecs))
-                    new_part.add([k.decode() for k in fresh], list(fresh.values()))
-                    again = sorted_member(recurring, wkeys[miss])
-                    carried.update((k, v) for (k, v), r in zip(fresh.items(), again) if r)
-                # Every other missing text is a repeat: of a text embedded in this window, or carried.
-                for i in np.nonzero(wgids < 0)[0]:
-                    rows[i] = fresh[wkeys[i]] if wkeys[i] in fresh else carried[wkeys[i]]
-                matrix = np.stack(rows)
-                if dim and matrix.shape[1] != dim:
-                    raise StageError(f"the vector store holds {matrix.shape[1]}-dim vectors for a {dim}-dim model; "
-                                     "delete .stages/vectors and re-run")
-                dim = int(matrix.shape[1])
-                writer.write(ids, matrix)
-                start = stop
-            qrows = index.fetch_known(qgids)
-            qmiss = np.nonzero(qgids < 0)[0]
-            if len(qmiss):
-                qvecs = embed([qtexts[i] for i in qmiss])
-                for i, v in zip(qmiss, qvecs):
-                    qrows[i] = v
-                new_part.add([qkeys[i].decode() for i in qmiss], list(qvecs))
+        # Pass 3: every chunk's vector now sits in the store.
+        start = 0
+        for table in iter_table_windows(chunks.path, window, columns=["id", "text"]):
+            ids = table["id"].to_pylist()
+            matrix = np.stack(_fetch_all(index, keys[start:start + len(ids)]))
+            if dim and matrix.shape[1] != dim:
+                raise StageError(f"the vector store holds {matrix.shape[1]}-dim vectors for a {dim}-dim model; "
+                                 "delete .stages/vectors and re-run")
+            dim = int(matrix.shape[1])
+            writer.write(ids, matrix)
+            start += len(ids)
         ref = writer.close(dim)
     except BaseException:
         writer.abort()
         raise
     qref = None
     if config.queries_path:
-        qvec = np.stack(qrows) if queries else np.zeros((0, max(dim, 1)), np.float32)
+        qvec = np.stack(_fetch_all(index, qkeys)) if queries else np.zeros((0, max(dim, 1)), np.float32)
         qref = write_dense_parquet(path / "queries.parquet", [q.id for q in queries], qvec, name)
     cache.compact(np.unique(np.concatenate([keys, qkeys])))
-    computed = int(first.sum())
     reused = int(n - missing.sum())
     elapsed = time.perf_counter() - t0
-    telemetry = (_merge_telemetry(parts, initial) if parts
-                 else StageTelemetry(stage="dense", model=name, device=device, latency_ms=elapsed * 1000))
-    telemetry = telemetry.model_copy(update={"items": computed, "reused": reused})
+    telemetry = telemetry.model_copy(update={
+        "model": name, "items": computed, "reused": reused,
+        "latency_ms": telemetry.latency_ms if todo.count else elapsed * 1000,
+    })
     return seal(path, DenseStageResult(vectors=ref, query_vectors=qref, model_name=name, dim=dim,
                                        telemetry=telemetry, computed=computed, reused=reused,
                                        lease_event=lease_event))
+
+
+def _fetch_all(index: Any, keys: np.ndarray) -> list[np.ndarray]:
+    rows = index.fetch_known(index.find(keys))
+    if any(r is None for r in rows):
+        # Only a concurrent hand edit of .stages/vectors gets here: the vectors were written this run.
+        raise StageError("a dense vector written by this run is missing from the vector store; re-run")
+    return rows
+
+
+def _embed_missing(config: RunConfig, encoder: Any, work: Iterable[tuple[list[bytes], list[str]]], cache: Any,
+                   total: int, progress: Callable[[int, int], None] | None,
+                   gpu: Callable[[], Any] | None) -> tuple[StageTelemetry, dict[str, Any] | None]:
+    """Embed the missing texts under the lease; the store's writer thread outlives the lease by its last window."""
+    done = 0
+
+    def on_batch(rows: int) -> None:
+        nonlocal done
+        done += rows
+        if progress is not None:
+            progress(done, total)
+
+    t0 = time.perf_counter()
+    meter = PeakMeter(encoder.device)
+    lease_event: dict[str, Any] | None = None
+    with cache.writer() as part:
+        store = Drain(lambda item: part.add([k.decode() for k in item[0]], list(item[1])), name="dense-store")
+        try:
+            with (gpu() if gpu is not None else contextlib.nullcontext()) as lease_event:
+                t_gpu = time.perf_counter()
+                if encoder.backend == "torch":
+                    with exclusive_device(encoder.load(), encoder.device):
+                        ceiling = config.gpu_memory_ceiling_gb
+                        apply_memory_ceiling(encoder.device, ceiling)
+                        budget = plan_token_budget(
+                            encoder.shape(), encoder.device, encoder.precision, ceiling,
+                            context_gb=cuda_context_gb(encoder.device), cpu_items=config.cpu_batch_items,
+                            policy=config.batch_policy)
+                        engine = encoder.engine(budget, on_batch)
+                        meter.start()
+                        for (keys, _texts), out in engine.map(work, lambda w: w[1]):
+                            store.put((keys, out.numpy()))
+                        meter.stop()
+                    stats = engine.stats
+                    telemetry = StageTelemetry(
+                        stage="dense", model=encoder.name, device=encoder.device, precision=encoder.precision,
+                        batch_policy=budget.policy, token_budget=engine.budget.tokens,
+                        initial_token_budget=budget.tokens, batches=stats.batches,
+                        batch_size=max(1, round(stats.items / stats.batches)) if stats.batches else 0,
+                        initial_batch_size=budget.max_items, backoffs=stats.backoffs,
+                        padding_ratio=round(stats.padding_ratio, 4), gpu_work_s=round(stats.device_s, 3),
+                        tokenise_s=round(stats.tokenise_s, 3), gpu_peak_gb=meter.peak_gb(),
+                        torch_peak_gb=meter.torch_peak_gb(), memory_source=meter.memory_source(),
+                        warnings=[f"dense batch budget backed off after OOM: "
+                                  f"{' -> '.join(map(str, stats.backoffs + [engine.budget.tokens]))} tokens"]
+                        if stats.backoffs else [],
+                    )
+                else:
+                    telemetry = _embed_onnx(config, encoder, work, store, on_batch)
+                if lease_event is not None:
+                    lease_event["gpu_work_s"] = round(time.perf_counter() - t_gpu, 3)
+        finally:
+            store.close()
+    latency_s = time.perf_counter() - t0
+    return telemetry.model_copy(update={
+        "latency_ms": latency_s * 1000, "items_per_s": total / latency_s if latency_s > 0 else 0.0}), lease_event
+
+
+def _merge_telemetry(parts: list[StageTelemetry], initial: int) -> StageTelemetry:
+    """One dense telemetry row from the windows' rows: summed work, the last batch size, every back-off."""
+    last = parts[-1]
+    items = sum(t.items for t in parts)
+    latency_ms = sum(t.latency_ms for t in parts)
+    backoffs = [b for t in parts for b in t.backoffs]
+    return last.model_copy(update={
+        "items": items, "latency_ms": latency_ms, "initial_batch_size": initial, "backoffs": backoffs,
+        "items_per_s": items / (latency_ms / 1000) if latency_ms > 0 else 0.0, "batch_policy": "items",
+        "precision": "fp32", "gpu_work_s": round(latency_ms / 1000, 3),
+        "warnings": [f"dense batch backed off after OOM: {' -> '.join(map(str, backoffs + [last.batch_size]))}"]
+        if backoffs else [],
+    })
+
+
+def _embed_onnx(config: RunConfig, encoder: Any, work: Iterable[tuple[list[bytes], list[str]]], store: Drain[Any],
+                on_batch: Callable[[int], None]) -> StageTelemetry:
+    """The ONNX Runtime backend (CPU): item batches, as its session takes them."""
+    plan = BatchPlan(size=config.cpu_batch_items)
+    parts: list[StageTelemetry] = []
+    for keys, texts in work:
+        result = embed_dense(texts, encoder, batch=plan, progress=None)
+        on_batch(len(texts))
+        parts.append(result.telemetry)
+        plan = BatchPlan(result.telemetry.batch_size or plan.size, plan.floor)
+        store.put((keys, result.vectors))
+    return _merge_telemetry(parts, config.cpu_batch_items)
 
 
 def dense_section(config: RunConfig, dense: DenseStageResult | None, error: str | None,
@@ -230,7 +316,8 @@ def dense_section(config: RunConfig, dense: DenseStageResult | None, error: str 
     run = DenseRun(model_name=dense.model_name, device=t.device, batch_size=t.batch_size or 0,
                    total_embeddings_generated=dense.computed, reused=dense.reused, latency_ms=t.latency_ms,
                    gpu_peak_gb=t.gpu_peak_gb, status="executed", initial_batch_size=t.initial_batch_size,
-                   backoffs=t.backoffs, items_per_s=t.items_per_s, cached=cached)
+                   backoffs=t.backoffs, items_per_s=t.items_per_s, cached=cached, precision=t.precision,
+                   torch_peak_gb=t.torch_peak_gb)
     return SummarySection(fields={"dense_run": run},
                           stages={"dense": t.model_copy(update={"cached": cached}).model_dump()},
                           warnings=list(t.warnings))
