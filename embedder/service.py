@@ -111,9 +111,9 @@ def search_collection(root: Path, req: SearchRequest, store: VectorStore | None 
         StageError: The collection's run produced no dense vectors.
         IndexNotFoundError: No published index exists for it.
     """
-    from embedder.batching import BatchPlan
     from embedder.io.qdrant import point_id, sparse_vector_name
     from embedder.io.store import HybridQuery
+    from embedder.models.engine import plan_token_budget
     from embedder.models.registry import resolve_model
     from embedder.models.rerank import RerankEncoder, rerank
     from embedder.models.sparse import load_sparse_model
@@ -165,7 +165,8 @@ def search_collection(root: Path, req: SearchRequest, store: VectorStore | None 
                 enc = RerankEncoder(resolve_model(cfg["rerank_model"], "rerank", local_files_only=local_only), "cpu",
                                     local_files_only=local_only)
                 res = rerank([Query(id="q", text=req.query)], {"q": cands}, texts, enc,
-                             top_k_candidates=len(cands), top_k=req.top_k, batch=BatchPlan(32))
+                             top_k_candidates=len(cands), top_k=req.top_k,
+                             budget=lambda: plan_token_budget(enc.shape(), "cpu", "fp32", 0.0, cpu_items=32))
                 cands = res.results["q"]
                 reranked = True
             except ModelUnavailableError as exc:

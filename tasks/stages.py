@@ -185,7 +185,7 @@ def fuse_task(config: RunConfig, collection: str, dense: st.DenseStageResult,
       **_PERSIST)
 def rerank_task(config: RunConfig, collection: str, chunks: Any, fusion: st.FusionResult,
                 run_id: uuid.UUID) -> st.RerankStageResult:
-    """Prefect wrapper for `embedder.stages.rerank_stage`, inside the GPU lease.
+    """Prefect wrapper for `embedder.stages.rerank_stage`; the GPU lease is held only while it scores.
 
     An unavailable rerank model raises (so the failure is never cached); the flow
     records it as ``rerank_run.status: "error"`` and carries on.
@@ -193,14 +193,15 @@ def rerank_task(config: RunConfig, collection: str, chunks: Any, fusion: st.Fusi
     key = st.rerank_key(config, collection, chunks, fusion)
     if not config.enable_rerank or fusion.status != "executed":
         return st.rerank_stage(config, collection, chunks, fusion, key, run_id=run_id)
-    with gpu_lease(config.gpu_concurrency_limit_name, "rerank", timeout_s=config.gpu_lease_timeout_s,
-                   lease_duration_s=config.gpu_lease_duration_s) as lease:
-        result = st.rerank_stage(config, collection, chunks, fusion, key, run_id=run_id)
+    result = st.rerank_stage(
+        config, collection, chunks, fusion, key, run_id=run_id,
+        gpu=lambda: gpu_lease(config.gpu_concurrency_limit_name, "rerank", timeout_s=config.gpu_lease_timeout_s,
+                              lease_duration_s=config.gpu_lease_duration_s))
     if result.status == "error":
         raise ModelUnavailableError(result.reason or "rerank model unavailable")
     if result.telemetry is not None:
         publish_stage(collection, result.telemetry)
-    return result.model_copy(update={"lease_event": lease})
+    return result
 
 
 @task(name="export", retries=2, retry_delay_seconds=[1, 4], retry_condition_fn=_transient)

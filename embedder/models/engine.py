@@ -161,6 +161,16 @@ class TokenBudget:
         if self.tokens < 1 or self.max_items < 1 or self.floor_tokens < 1:
             raise ValueError(f"invalid token budget: {self}")
 
+    @property
+    def size(self) -> int:
+        """The figure the policy cuts by: padded tokens, or rows."""
+        return self.tokens if self.policy == "tokens" else self.max_items
+
+    @property
+    def unit(self) -> str:
+        """``tokens`` or ``rows``: what :attr:`size` counts."""
+        return "tokens" if self.policy == "tokens" else "rows"
+
     def halved(self) -> TokenBudget:
         """The budget after an out-of-memory error."""
         return TokenBudget(tokens=max(self.floor_tokens, self.tokens // 2), max_items=max(1, self.max_items // 2),
@@ -434,7 +444,7 @@ class Engine(Generic[X]):
                 except Exception as exc:
                     if not is_oom(exc):
                         raise
-                    self.stats.backoffs.append(self.budget.tokens)
+                    self.stats.backoffs.append(self.budget.size)
                     free_device_cache(self.device)
                     if self.budget.tokens <= self.budget.floor_tokens and end - start <= 1:
                         raise StageError(

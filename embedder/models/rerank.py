@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -13,11 +14,12 @@ import numpy as np
 
 from embedder.batching import BatchPlan, run_batched
 from embedder.errors import ModelUnavailableError
-from embedder.gpu import PeakMeter, exclusive_device, plan_batch_size
+from embedder.gpu import PeakMeter, exclusive_device
+from embedder.models.engine import Engine, ModelShape, TokenBudget, cast_model, rerank_forward
 from embedder.models.registry import ResolvedModel
 from embedder.schemas import CrossEncoderRerankRun, Query, ScoredCandidate, StageTelemetry, apply_query_policy
 
-_CACHE: dict[tuple[str, int], Any] = {}
+_CACHE: dict[tuple[str, int, str], Any] = {}
 _LOCK = threading.Lock()
 
 
@@ -25,9 +27,10 @@ class RerankEncoder:
     """A lazily loaded sentence-transformers CrossEncoder (HF id or local dir)."""
 
     def __init__(self, resolved: ResolvedModel, device: str = "cpu", *, max_length: int | None = None,
-                 local_files_only: bool = False) -> None:
+                 local_files_only: bool = False, precision: str = "fp32") -> None:
         self.resolved = resolved
         self.device = device
+        self.precision = precision
         self.max_length = max_length or resolved.spec.max_length
         self.local_files_only = local_files_only or resolved.is_local
         self._model: Any = None
@@ -38,10 +41,10 @@ class RerankEncoder:
         return self.resolved.spec.name
 
     def load(self) -> Any:
-        """Load once per process; a second call is a no-op."""
+        """Load once per process and precision (cast on the CPU); a second call is a no-op."""
         if self._model is not None:
             return self._model
-        key = (self.resolved.location, self.max_length)
+        key = (self.resolved.location, self.max_length, self.precision)
         with _LOCK:
             if key not in _CACHE:
                 from sentence_transformers import CrossEncoder
@@ -55,9 +58,19 @@ class RerankEncoder:
                         f"rerank model {self.name!r} could not be loaded ({type(exc).__name__}: {exc}); {hint}"
                     ) from exc
                 model.max_seq_length = effective_max_length(model, self.max_length)
-                _CACHE[key] = model
+                _CACHE[key] = cast_model(model, self.precision)
             self._model = _CACHE[key]
         return self._model
+
+    def shape(self) -> ModelShape:
+        """The loaded model's shape (for its token budget)."""
+        model = self.load()
+        return ModelShape.of(model, max_length=int(model.max_seq_length or self.max_length))
+
+    def engine(self, budget: TokenBudget) -> Engine[tuple[str, str]]:
+        """A token-budget engine over this model (which must already sit on ``self.device``)."""
+        model = self.load()
+        return Engine(model, self.device, budget, forward=rerank_forward(model))
 
     def score_pairs(self, pairs: Sequence[tuple[str, str]]) -> list[float]:
         """Relevance scores for ``(query, document)`` pairs, one batch."""
@@ -81,13 +94,6 @@ def effective_max_length(model: Any, requested: int) -> int:
     return min(limits)
 
 
-def default_rerank_batch(device: str, ceiling_gb: float, max_length: int) -> BatchPlan:
-    """A batch plan for a BERT-base sized cross-encoder under ``ceiling_gb``."""
-    size = plan_batch_size(device, ceiling_gb, per_item_mb=0.03 * max(max_length, 16), model_gb=1.5,
-                           cpu_default=32, cap=512)
-    return BatchPlan(size=size, floor=1)
-
-
 @dataclass
 class RerankResult:
     """Reranked lists per query id, the per-query runs, telemetry and warnings."""
@@ -96,44 +102,40 @@ class RerankResult:
     runs: list[CrossEncoderRerankRun]
     telemetry: StageTelemetry
     warnings: list[str] = field(default_factory=list)
+    lease_event: dict[str, Any] | None = None
 
 
 Work = list[tuple[Query, list[ScoredCandidate]]]
 Passes = list[tuple[list[float], float]]
 
 
-def _score_pooled(work: Work, texts: Mapping[str, str], encoder: RerankEncoder, batch: BatchPlan,
-                  meter: PeakMeter) -> tuple[Passes, int, list[int]]:
-    """Score every query's pairs in one length-sorted stream (as CrossEncoder.predict does),
-    so batches pad to similar lengths; each query's latency is the measured time of its pairs."""
-    pairs = [(qi, ci) for qi, (_, cands) in enumerate(work) for ci in range(len(cands))]
+def _score_pooled(work: Work, texts: Mapping[str, str], encoder: RerankEncoder, budget: TokenBudget,
+                  meter: PeakMeter, window: int) -> tuple[Passes, Engine[tuple[str, str]]]:
+    """Score every query's pairs pooled across queries, in windows cut into token-budget batches.
 
-    def text_pair(p: tuple[int, int]) -> tuple[str, str]:
-        query, cands = work[p[0]]
-        return query.text, texts[cands[p[1]].id]
-
-    order = sorted(range(len(pairs)), key=lambda i: -sum(len(t) for t in text_pair(pairs[i])))
-    pair_ms = [0.0] * len(pairs)
-
-    def score(start: int, end: int) -> list[float]:
-        t0 = time.perf_counter()
-        out = encoder.score_pairs([text_pair(pairs[i]) for i in order[start:end]])
-        per_pair = (time.perf_counter() - t0) * 1000 / max(1, end - start)
-        for i in order[start:end]:
-            pair_ms[i] = per_pair
-        return out
-
-    run = run_batched(len(pairs), score, batch, device=encoder.device, on_progress=lambda *_: meter.sample())
-    scores = [0.0] * len(pairs)
-    for rank, i in enumerate(order):
-        scores[i] = run.outputs[rank]
+    Pooling fills every batch whatever the number of candidates per query; each
+    query's latency is its share of the measured time of the windows its pairs fell in.
+    """
+    pairs = [(query.text, texts[c.id]) for query, cands in work for c in cands]
+    engine = encoder.engine(budget)
+    spans = [(s, min(len(pairs), s + window)) for s in range(0, len(pairs), window)]
+    scores = np.zeros(len(pairs), dtype=np.float32)
+    pair_ms = np.zeros(len(pairs))
+    t_prev = time.perf_counter()
+    meter.start()
+    for (s, e), out in engine.map(spans, lambda span: pairs[span[0]:span[1]]):
+        scores[s:e] = out.numpy()
+        now = time.perf_counter()
+        pair_ms[s:e] = (now - t_prev) * 1000 / max(1, e - s)
+        t_prev = now
+    meter.stop()
     passes: Passes = []
     offset = 0
     for _, cands in work:
-        span = range(offset, offset + len(cands))
-        passes.append(([scores[i] for i in span], sum(pair_ms[i] for i in span)))
+        span = slice(offset, offset + len(cands))
+        passes.append((scores[span].tolist(), float(pair_ms[span].sum())))
         offset += len(cands)
-    return passes, run.final_batch_size, run.backoffs
+    return passes, engine
 
 
 def _score_per_query(work: Work, texts: Mapping[str, str], encoder: RerankEncoder, batch: BatchPlan,
@@ -165,13 +167,15 @@ def rerank(
     texts: Mapping[str, str],
     encoder: RerankEncoder,
     *,
+    budget: Callable[[], TokenBudget],
     top_k_candidates: int = 100,
     top_k: int = 20,
-    batch: BatchPlan,
     latency_budget_ms: float | None = None,
     query_policy_mode: str = "truncate",
     query_max_chars: int = 200,
     run_id: uuid.UUID | None = None,
+    window: int = 4096,
+    gpu: Callable[[], Any] | None = None,
 ) -> RerankResult:
     """Rescore each real query's top fused candidates with the CrossEncoder.
 
@@ -179,21 +183,23 @@ def rerank(
         queries: The run's real queries (never invented).
         candidates: Fused candidates per query id, best first.
         texts: Chunk text per id.
-        encoder: The cross-encoder.
+        encoder: The cross-encoder (loaded here, before any lease).
+        budget: Plans the batch budget; called on the device, inside the lease.
         top_k_candidates: How many fused candidates to rescore per query.
         top_k: How many reranked results to keep per query.
-        batch: Starting batch size and OOM floor.
         latency_budget_ms: Per-query budget. Queries are then scored one by one in
-            fused order; after each batch the measured per-pair latency predicts
-            the rest, and candidates that would overrun are cut with a warning
-            saying how many. Without a budget, all pairs are scored in one
-            length-sorted stream for throughput.
+            fused order in row batches; after each batch the measured per-pair
+            latency predicts the rest, and candidates that would overrun are cut
+            with a warning saying how many. Without a budget, every query's pairs
+            are pooled into token-budget batches for throughput.
         query_policy_mode: ``truncate`` or ``hash`` for the stored query.
         query_max_chars: Characters kept by ``truncate``.
         run_id: The run's id.
+        window: Pairs tokenised at once (the next window is tokenised while the device scores this one).
+        gpu: A factory of the GPU lease context manager (yielding its event), entered only around scoring.
 
     Returns:
-        The reranked lists, one CrossEncoderRerankRun per query, telemetry and warnings.
+        The reranked lists, one CrossEncoderRerankRun per query, telemetry, warnings and the lease event.
     """
     model = encoder.load()
     rid = run_id or uuid.uuid4()
@@ -210,13 +216,24 @@ def rerank(
             results[query.id] = []
         else:
             work.append((query, cands))
-    with exclusive_device(model, encoder.device):
-        meter.start()
-        if latency_budget_ms is None:
-            passes, final_batch, backoffs = _score_pooled(work, texts, encoder, batch, meter)
-        else:
-            passes, final_batch, backoffs = _score_per_query(work, texts, encoder, batch, meter, latency_budget_ms)
-    for (query, cands), (scores, latency_ms) in zip(work, passes):
+    engine = None
+    planned = None
+    with (gpu() if gpu is not None and work else contextlib.nullcontext()) as lease_event:
+        t_gpu = time.perf_counter()
+        with exclusive_device(model, encoder.device):
+            planned = budget()
+            if latency_budget_ms is None:
+                passes, engine = _score_pooled(work, texts, encoder, planned, meter, window)
+                final_batch = max(1, round(engine.stats.items / engine.stats.batches)) if engine.stats.batches else 0
+                backoffs = engine.stats.backoffs
+            else:
+                meter.start()
+                passes, final_batch, backoffs = _score_per_query(
+                    work, texts, encoder, BatchPlan(planned.max_items), meter, latency_budget_ms)
+                meter.stop()
+        if lease_event is not None:
+            lease_event["gpu_work_s"] = round(time.perf_counter() - t_gpu, 3)
+    for (query, cands), (scores, latency_ms) in zip(work, passes if work else []):
         scored_ids = [c.id for c in cands[: len(scores)]]
         dropped = len(cands) - len(scored_ids)
         if dropped:
@@ -233,12 +250,22 @@ def rerank(
             latency_ms=latency_ms, gpu_peak_gb=meter.peak_gb(), candidates_dropped=dropped,
         ))
     elapsed = time.perf_counter() - t_stage
+    unit = engine.budget.unit if engine is not None else "rows"
+    final = engine.budget.size if engine is not None else final_batch
     if backoffs:
-        warnings.append(f"rerank batch backed off after OOM: {' -> '.join(map(str, backoffs + [final_batch]))}")
+        warnings.append(f"rerank batch backed off after OOM: {' -> '.join(map(str, backoffs + [final]))} {unit}")
+    stats = engine.stats if engine is not None else None
     telemetry = StageTelemetry(
         stage="rerank", model=encoder.name, device=encoder.device, batch_size=final_batch,
-        initial_batch_size=batch.size, backoffs=backoffs, items=total_pairs, latency_ms=elapsed * 1000,
-        items_per_s=total_pairs / elapsed if elapsed > 0 else 0.0,
-        gpu_peak_gb=max((r.gpu_peak_gb for r in runs), default=0.0), warnings=warnings,
+        initial_batch_size=planned.max_items if planned else None, backoffs=list(backoffs), items=total_pairs,
+        latency_ms=elapsed * 1000, items_per_s=total_pairs / elapsed if elapsed > 0 else 0.0,
+        gpu_peak_gb=meter.peak_gb(), torch_peak_gb=meter.torch_peak_gb(), memory_source=meter.memory_source(),
+        precision=encoder.precision, batch_policy=planned.policy if engine is not None and planned else "items",
+        token_budget=engine.budget.tokens if engine is not None else None,
+        initial_token_budget=planned.tokens if engine is not None and planned else None,
+        batches=stats.batches if stats else None,
+        padding_ratio=round(stats.padding_ratio, 4) if stats else None,
+        gpu_work_s=round(stats.device_s, 3) if stats else None,
+        tokenise_s=round(stats.tokenise_s, 3) if stats else None, warnings=warnings,
     )
-    return RerankResult(results=results, runs=runs, telemetry=telemetry, warnings=warnings)
+    return RerankResult(results=results, runs=runs, telemetry=telemetry, warnings=warnings, lease_event=lease_event)

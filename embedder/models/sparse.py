@@ -109,57 +109,113 @@ class Bm25Model:
 
 
 class SpladeModel:
-    """A SPLADE model through sentence-transformers ``SparseEncoder`` (local dir or cached hub id)."""
+    """A SPLADE model through sentence-transformers ``SparseEncoder`` (local dir or cached hub id).
 
-    def __init__(self, resolved: ResolvedModel, device: str = "cpu", *, local_files_only: bool = False) -> None:
+    It loads on the CPU in its precision; :meth:`placed` puts it on its device
+    for the length of a lease. Documents run through the token-budget engine
+    (:mod:`embedder.models.engine`): batches sized from the model's shape, its
+    MLM head's vocabulary logits included, and only the non-zero weights copied
+    back to the host.
+    """
+
+    def __init__(self, resolved: ResolvedModel, device: str = "cpu", *, local_files_only: bool = False,
+                 precision: str = "fp32", ceiling_gb: float = 12.0, cpu_items: int = 32,
+                 policy: str = "auto") -> None:
         self.name = resolved.spec.name
         self.location = resolved.location
         self.device = device
+        self.precision = precision
+        self.ceiling_gb = ceiling_gb
+        self.cpu_items = cpu_items
+        self.policy = policy
         self.local_files_only = local_files_only or resolved.is_local
         self._model: Any = None
+        self._engine: Any = None
 
     def load(self) -> Any:
-        """Load once; later calls are no-ops."""
+        """Load once, on the CPU, cast to the model's precision; later calls are no-ops."""
         if self._model is None:
             from sentence_transformers import SparseEncoder
 
-            self._model = SparseEncoder(self.location, device=self.device, local_files_only=self.local_files_only)
+            from embedder.models.engine import cast_model
+
+            self._model = cast_model(SparseEncoder(self.location, device="cpu", local_files_only=self.local_files_only),
+                                     self.precision)
         return self._model
 
-    def _encode(self, texts: Sequence[str], *, query: bool) -> list[SparseVector]:
-        model = self.load()
-        fn = model.encode_query if query else model.encode_document
-        out = fn(list(texts), convert_to_sparse_tensor=True, batch_size=32, show_progress_bar=False)
-        vectors = []
-        for row in out:
-            row = row.coalesce()
-            vectors.append(_to_sparse(row.indices()[0].tolist(), row.values().tolist()))
-        return vectors
+    def placed(self) -> Any:
+        """A context manager holding the model on its device (call it inside the GPU lease).
+
+        Each placement plans its batch budget afresh: free memory and the
+        ceiling may differ from the last stage's, and its figures start at zero.
+        """
+        from embedder.gpu import exclusive_device
+
+        self._engine = None
+        return exclusive_device(self.load(), self.device)
+
+    def engine(self) -> Any:
+        """The token-budget engine, planned on first use (on the device, inside the lease)."""
+        if self._engine is None:
+            from embedder.gpu import apply_memory_ceiling, cuda_context_gb
+            from embedder.models.engine import (
+                Engine,
+                ModelShape,
+                plan_token_budget,
+                splade_forward,
+                splade_preprocess,
+            )
+
+            model = self.load()
+            apply_memory_ceiling(self.device, self.ceiling_gb)
+            shape = ModelShape.of(model, max_length=int(model.max_seq_length or 512), mlm_head=True)
+            budget = plan_token_budget(shape, self.device, self.precision, self.ceiling_gb,
+                                       context_gb=cuda_context_gb(self.device), cpu_items=self.cpu_items,
+                                       policy=self.policy)  # type: ignore[arg-type]
+            self._engine = Engine(model, self.device, budget, forward=splade_forward(model),
+                                  preprocess=splade_preprocess(model))
+        return self._engine
 
     def embed(self, texts: Sequence[str]) -> list[SparseVector]:
         """Document vectors over the tokenizer vocabulary."""
-        return self._encode(texts, query=False)
+        if not texts:
+            return []
+        engine = self.engine()
+        out = engine.run_window(engine.tokenise(list(texts))).coalesce()
+        idx = out.indices().numpy()
+        vals = out.values().float().numpy().astype(np.float64)
+        bounds = np.searchsorted(idx[0], np.arange(len(texts) + 1))
+        return [_to_sparse(idx[1, a:b], vals[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
 
     def query_embed(self, texts: Sequence[str]) -> list[SparseVector]:
-        """Query vectors over the tokenizer vocabulary."""
-        return self._encode(texts, query=True)
+        """Query vectors over the tokenizer vocabulary (the library's own query path: queries are few)."""
+        model = self.load()
+        out = model.encode_query(list(texts), convert_to_sparse_tensor=True, batch_size=32, show_progress_bar=False,
+                                 device=str(next(model.parameters()).device))
+        vectors = []
+        for row in out:
+            row = row.coalesce()
+            vectors.append(_to_sparse(row.indices()[0].numpy(), row.values().float().numpy().astype(np.float64)))
+        return vectors
 
     def vocab(self) -> dict[str, int]:
         """The tokenizer vocabulary (for the metadata fallback)."""
         return dict(self.load().tokenizer.get_vocab())
 
 
-_LOADED: dict[tuple[str, str], SparseModel] = {}
+_LOADED: dict[tuple[str, str, str, str], SparseModel] = {}
 _LOCK = threading.Lock()
 
 
-def load_sparse_model(resolved: ResolvedModel, device: str = "cpu", *, local_files_only: bool = False) -> SparseModel:
-    """Construct and load a sparse model once per process.
+def load_sparse_model(resolved: ResolvedModel, device: str = "cpu", *, local_files_only: bool = False,
+                      precision: str = "fp32", ceiling_gb: float = 12.0, cpu_items: int = 32,
+                      policy: str = "auto") -> SparseModel:
+    """Construct and load a sparse model once per process, device and precision.
 
     Raises:
         ModelUnavailableError: With the reason, when it cannot load.
     """
-    key = (resolved.location, resolved.spec.kind, device)
+    key = (resolved.location, resolved.spec.kind, device, precision)
     with _LOCK:
         if key in _LOADED:
             return _LOADED[key]
@@ -167,7 +223,8 @@ def load_sparse_model(resolved: ResolvedModel, device: str = "cpu", *, local_fil
         if resolved.spec.kind == "sparse-bm25":
             model = Bm25Model(resolved)
         else:
-            model = SpladeModel(resolved, device, local_files_only=local_files_only)
+            model = SpladeModel(resolved, device, local_files_only=local_files_only, precision=precision,
+                                ceiling_gb=ceiling_gb, cpu_items=cpu_items, policy=policy)
         try:
             model.load()
         except ModelUnavailableError:
@@ -457,11 +514,23 @@ class SparseInference:
             latency_ms=latency_ms, fallback_used=self.fallback_count > 0, fallback_count=self.fallback_count,
             coverage_ratio=self.available / self.n if self.n else 1.0,
         )
+        engine = getattr(self.model, "_engine", None)
+        extra: dict[str, Any] = {}
+        if engine is not None and engine.stats.batches:
+            stats = engine.stats
+            extra = {"precision": getattr(self.model, "precision", None), "batch_policy": engine.budget.policy,
+                     "token_budget": engine.budget.tokens, "batches": stats.batches,
+                     "padding_ratio": round(stats.padding_ratio, 4), "gpu_work_s": round(stats.device_s, 3),
+                     "tokenise_s": round(stats.tokenise_s, 3), "backoffs": list(stats.backoffs)}
+            if stats.backoffs:
+                warnings.append(f"sparse batch backed off after OOM: "
+                                f"{' -> '.join(map(str, stats.backoffs + [engine.budget.size]))} {engine.budget.unit}")
         telemetry = StageTelemetry(
             stage="sparse", model=self.spec.name, device=str(getattr(self.model, "device", "cpu")),
-            batch_size=self.batch_size, items=self.todo, reused=self.known, latency_ms=latency_ms,
+            batch_size=max(1, round(engine.stats.items / engine.stats.batches)) if extra else self.batch_size,
+            items=self.todo, reused=self.known, latency_ms=latency_ms,
             items_per_s=self.todo / (latency_ms / 1000) if latency_ms > 0 else 0.0,
-            fallback=self.fallback_count > 0, warnings=warnings,
+            fallback=self.fallback_count > 0, warnings=warnings, **extra,
         )
         return run, telemetry, warnings
 

@@ -260,8 +260,8 @@ def _embed_missing(config: RunConfig, encoder: Any, work: Iterable[tuple[list[by
                         padding_ratio=round(stats.padding_ratio, 4), gpu_work_s=round(stats.device_s, 3),
                         tokenise_s=round(stats.tokenise_s, 3), gpu_peak_gb=meter.peak_gb(),
                         torch_peak_gb=meter.torch_peak_gb(), memory_source=meter.memory_source(),
-                        warnings=[f"dense batch budget backed off after OOM: "
-                                  f"{' -> '.join(map(str, stats.backoffs + [engine.budget.tokens]))} tokens"]
+                        warnings=[f"dense batch backed off after OOM: "
+                                  f"{' -> '.join(map(str, stats.backoffs + [engine.budget.size]))} {budget.unit}"]
                         if stats.backoffs else [],
                     )
                 else:

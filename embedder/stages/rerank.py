@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 from pydantic import BaseModel, Field
 
 from embedder.errors import ModelUnavailableError
-from embedder.gpu import apply_memory_ceiling, resolve_device
+from embedder.gpu import apply_memory_ceiling, cuda_context_gb, resolve_device
 from embedder.io.readers import read_queries
 from embedder.io.writers import iter_table_windows, read_jsonl_records, write_jsonl
+from embedder.models.engine import TokenBudget, plan_token_budget, resolve_precision
 from embedder.models.registry import resolve_model
-from embedder.models.rerank import RerankEncoder, default_rerank_batch, rerank
+from embedder.models.rerank import RerankEncoder, rerank
 from embedder.schemas import CrossEncoderRerankRun, ScoredCandidate, StageRef, StageTelemetry
 from embedder.settings import RunConfig
 from embedder.stages.common import Status, SummarySection, model_fingerprint, owner_parts, seal, stage_dir, stage_key
@@ -31,14 +33,20 @@ class RerankStageResult(BaseModel):
     telemetry: StageTelemetry | None = None
     warnings: list[str] = Field(default_factory=list)
     reason: str | None = None
-    lease_event: dict[str, Any] | None = Field(None, description="Set by the orchestrator that held the GPU lease.")
+    lease_event: dict[str, Any] | None = Field(None, description="Set when scoring held the GPU lease.")
 
 
 def rerank_stage(config: RunConfig, collection: str, chunks: StageRef, fusion: FusionResult, key: str,
-                 run_id: uuid.UUID | None = None) -> RerankStageResult:
+                 run_id: uuid.UUID | None = None, *, gpu: Callable[[], Any] | None = None) -> RerankStageResult:
     """CrossEncoder rerank of each real query's fused candidates.
 
-    A rerank model that cannot load is not fatal: the result says ``error`` and why.
+    The model is loaded (and cast, and CUDA initialised) and the candidate texts
+    read before the GPU lease is asked for; ``rerank.jsonl`` is written after it
+    is released. A rerank model that cannot load is not fatal: the result says
+    ``error`` and why.
+
+    Args:
+        gpu: A factory of the GPU lease context manager, entered only around scoring.
     """
     if not config.enable_rerank:
         return seal(stage_dir(config, collection, "rerank", key), RerankStageResult(
@@ -49,12 +57,13 @@ def rerank_stage(config: RunConfig, collection: str, chunks: StageRef, fusion: F
     device = resolve_device(config.force_cpu)
     try:
         resolved = resolve_model(config.rerank_model, "rerank", local_files_only=config.local_files_only)
-        encoder = RerankEncoder(resolved, device, local_files_only=config.local_files_only)
+        encoder = RerankEncoder(resolved, device, local_files_only=config.local_files_only,
+                                precision=resolve_precision(config.rerank_precision, device))
         encoder.load()
     except ModelUnavailableError as exc:
         return RerankStageResult(status="error", model_name=config.rerank_model, device=device, reason=str(exc),
                                  warnings=[f"rerank failed, the run continued without it: {exc}"])
-    apply_memory_ceiling(device, config.gpu_memory_ceiling_gb)
+    context_gb = cuda_context_gb(device)
     queries = read_queries(config.queries_path) if config.queries_path else []
     rows = read_jsonl_records(fusion.candidates.path)
     fused_key = "rrf" if config.fusion == "rrf" else "dbsf"
@@ -62,12 +71,18 @@ def rerank_stage(config: RunConfig, collection: str, chunks: StageRef, fusion: F
     wanted = {c.id for lst in candidates.values() for c in lst[: config.rerank_top_k_candidates]}
     texts = {i: t for table in iter_table_windows(chunks.path, config.stream_window, columns=["id", "text"])
              for i, t in zip(table["id"].to_pylist(), table["text"].to_pylist()) if i in wanted}
+
+    def plan() -> TokenBudget:
+        apply_memory_ceiling(device, config.gpu_memory_ceiling_gb)
+        return plan_token_budget(encoder.shape(), device, encoder.precision, config.gpu_memory_ceiling_gb,
+                                 context_gb=context_gb, cpu_items=max(1, config.cpu_batch_items // 2),
+                                 policy=config.batch_policy)
+
     result = rerank(
-        queries, candidates, texts, encoder, top_k_candidates=config.rerank_top_k_candidates,
-        top_k=config.rerank_top_k, batch=default_rerank_batch(device, config.gpu_memory_ceiling_gb,
-                                                               encoder.max_length),
-        latency_budget_ms=config.rerank_latency_budget_ms, query_policy_mode=config.query_policy.mode,
-        query_max_chars=config.query_policy.max_chars, run_id=run_id,
+        queries, candidates, texts, encoder, budget=plan, top_k_candidates=config.rerank_top_k_candidates,
+        top_k=config.rerank_top_k, latency_budget_ms=config.rerank_latency_budget_ms,
+        query_policy_mode=config.query_policy.mode, query_max_chars=config.query_policy.max_chars, run_id=run_id,
+        window=config.stream_window, gpu=gpu,
     )
     path = stage_dir(config, collection, "rerank", key)
     ref = write_jsonl(path / "rerank.jsonl", (
@@ -75,7 +90,8 @@ def rerank_stage(config: RunConfig, collection: str, chunks: StageRef, fusion: F
         for q in queries
     ))
     return seal(path, RerankStageResult(status="executed", model_name=encoder.name, device=device, results=ref,
-                                        runs=result.runs, telemetry=result.telemetry, warnings=result.warnings))
+                                        runs=result.runs, telemetry=result.telemetry, warnings=result.warnings,
+                                        lease_event=result.lease_event))
 
 
 def rerank_key(config: RunConfig, collection: str, chunks: StageRef, fusion: FusionResult) -> str:
@@ -84,7 +100,7 @@ def rerank_key(config: RunConfig, collection: str, chunks: StageRef, fusion: Fus
                      fusion.candidates.digest if fusion.candidates else fusion.reason,
                      config.enable_rerank, config.rerank_model, config.fusion, config.rerank_top_k_candidates,
                      config.rerank_top_k, config.rerank_latency_budget_ms, config.query_policy.model_dump(),
-                     config.force_cpu, config.gpu_memory_ceiling_gb,
+                     config.force_cpu, config.gpu_memory_ceiling_gb, config.rerank_precision,
                      model_fingerprint(config.rerank_model, "rerank", config.local_files_only))
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -12,9 +13,10 @@ import numpy as np
 from pydantic import BaseModel, Field
 
 from embedder.errors import ModelUnavailableError
-from embedder.gpu import resolve_device
+from embedder.gpu import cuda_context_gb, resolve_device
 from embedder.io.readers import read_queries
 from embedder.io.writers import iter_chunk_windows, iter_jsonl_windows, write_jsonl
+from embedder.models.engine import resolve_precision
 from embedder.models.registry import get_spec, resolve_model
 from embedder.models.sparse import SparseInference, load_sparse_model
 from embedder.schemas import SparseInferenceRun, SparseVector, StageRef, StageTelemetry
@@ -64,7 +66,7 @@ def sparse_key(config: RunConfig, collection: str, chunks: StageRef) -> str:
     """Cache key of the sparse stage."""
     models = [(m, model_fingerprint(m, "sparse", config.local_files_only)) for m in config.sparse_models]
     return stage_key("sparse", *owner_parts(config, collection), chunks.digest, config.enable_sparse, models,
-                     queries_digest(config))
+                     queries_digest(config), config.sparse_precision, config.force_cpu)
 
 
 def sparse_stage(config: RunConfig, collection: str, chunks: StageRef, key: str,
@@ -101,34 +103,52 @@ def sparse_stage(config: RunConfig, collection: str, chunks: StageRef, key: str,
     outputs: list[SparseModelOutput] = []
     warnings: list[str] = []
     lease_event = None
+
+    def device_of(name: str) -> str:
+        # The registry's preference decides: BM25 stays on the CPU, SPLADE goes to the GPU when there is one.
+        return resolve_device(config.force_cpu) if get_spec(name, "sparse").preferred_device == "cuda" else "cpu"
+
+    def precision_of(name: str) -> str:
+        return resolve_precision(config.sparse_precision, device_of(name))
+
     for name in config.sparse_models:
         spec = get_spec(name, "sparse")
-        space = vector_space(config, "sparse", name, model_fingerprint(name, "sparse", config.local_files_only))
+        space = vector_space(config, "sparse", name, model_fingerprint(name, "sparse", config.local_files_only),
+                             *((device_of(name), precision_of(name)) if spec.kind == "sparse-splade" else ()))
         cache = SparseVectorCache(stages_dir(config, collection) / "vectors" / space)
         index = cache.open_index()
         gids = index.find(keys)
         reused = int((gids >= 0).sum())
         model = None
         load_error = None
-        device = resolve_device(config.force_cpu) if spec.preferred_device == "cuda" else "cpu"
-        on_gpu = device.startswith("cuda") and gpu is not None
         if reused < len(keys) or queries:
             try:
                 resolved = resolve_model(name, "sparse", local_files_only=config.local_files_only)
-                model = load_sparse_model(resolved, device, local_files_only=config.local_files_only)
+                model = load_sparse_model(resolved, device_of(name), local_files_only=config.local_files_only,
+                                          precision=precision_of(name), ceiling_gb=config.gpu_memory_ceiling_gb,
+                                          cpu_items=max(1, config.cpu_batch_items // 2), policy=config.batch_policy)
             except ModelUnavailableError as exc:
                 load_error = str(exc)
+        on_gpu = device_of(name).startswith("cuda") and gpu is not None and model is not None
+        if on_gpu:
+            cuda_context_gb(device_of(name))  # CUDA starts before the lease: the slot is for GPU work
         inference = SparseInference(
             spec, model, load_error=load_error, bm25_dir=BUNDLED_DATA / "bm25", total=len(keys),
-            todo=len(keys) - reused,
+            todo=len(keys) - reused, batch_size=window if spec.kind == "sparse-splade" else 256,
             progress=(lambda done, total, name=name: progress(name, done, total)) if progress else None)
         tag = sparse_vector_name(name)
 
-        with (gpu() if on_gpu and model is not None else contextlib.nullcontext()) as event, \
-                cache.writer() as new_part:
+        placed = getattr(model, "placed", None)
+        with (gpu() if on_gpu else contextlib.nullcontext()) as event, \
+                (placed() if placed is not None else contextlib.nullcontext()), cache.writer() as new_part:
+            t_gpu = time.perf_counter()
             ref = write_jsonl(path / f"{tag}.jsonl", _records(chunks, window, keys, gids, index, inference,
                                                               new_part if model is not None else None, name))
             query_vectors = inference.queries(queries)
+            if event is not None:
+                engine = getattr(model, "_engine", None)
+                event["gpu_work_s"] = round(engine.stats.device_s if engine is not None
+                                            else time.perf_counter() - t_gpu, 3)
         lease_event = event or lease_event
         run, telemetry, model_warnings = inference.finish(
             run_id, str(collection_dir(config, collection) / "sparse.jsonl"))

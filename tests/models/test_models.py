@@ -13,6 +13,7 @@ from embedder.errors import ModelNotRegisteredError, ModelUnavailableError
 from embedder.io.readers import read_collection
 from embedder.models import dense as dense_mod
 from embedder.models.dense import DenseEncoder, embed_dense
+from embedder.models.engine import TokenBudget
 from embedder.models.registry import BUNDLED_DATA, get_spec, resolve_model
 from embedder.models.rerank import RerankEncoder, rerank
 from embedder.models.sparse import Bm25Hasher, Bm25Model, check_stopwords, infer_sparse, load_sparse_model
@@ -174,10 +175,17 @@ def test_tiny_cross_encoder_ranks_relevant_first(tiny_cross_encoder):
     for i, (_, rel, irr) in enumerate(triples):
         texts[f"irr{i}"], texts[f"rel{i}"] = irr, rel
         cands[f"q{i}"] = [ScoredCandidate(id=f"irr{i}", score=1.0), ScoredCandidate(id=f"rel{i}", score=0.5)]
-    res = rerank(queries, cands, texts, encoder, top_k=2, batch=BatchPlan(8), query_policy_mode="hash")
+    res = rerank(queries, cands, texts, encoder, top_k=2, budget=lambda: TokenBudget(8 * 128, 8),
+                 query_policy_mode="hash")
     assert all(res.results[q.id][0].id == f"rel{q.id[1:]}" for q in queries)
     run = res.runs[0]
+    # 40 pairs pooled across the 20 queries: full batches of 8, whatever each query contributes.
     assert run.query.startswith("sha256:") and run.batch_size == 8 and len(run.scores) == 2
+    assert res.telemetry.batches == 5 and res.telemetry.items == 40
+    # The pooled engine gives the scores CrossEncoder.predict gives, pair by pair.
+    model = encoder.load()
+    direct = model.predict([(queries[0].text, texts["irr0"]), (queries[0].text, texts["rel0"])])
+    assert np.allclose(sorted(direct, reverse=True), [c.score for c in res.results["q0"]], atol=1e-5)
 
 
 @pytest.mark.parametrize("max_length", [None, 64, 100_000])
@@ -186,7 +194,7 @@ def test_rerank_truncates_over_length_pairs(tiny_cross_encoder, max_length):
     encoder = RerankEncoder(resolve_model(str(tiny_cross_encoder), "rerank"), "cpu", max_length=max_length)
     long_doc = " ".join(["apple river stone"] * 5000)
     res = rerank([Query(id="q", text="apple river")], {"q": [ScoredCandidate(id="d", score=1)]}, {"d": long_doc},
-                 encoder, batch=BatchPlan(4))
+                 encoder, budget=lambda: TokenBudget(4 * 128, 4))
     assert len(res.runs[0].scores) == 1 and np.isfinite(res.runs[0].scores[0])
     assert encoder.load().max_seq_length == min(max_length or 512, 128)
 
@@ -204,29 +212,42 @@ def test_rerank_latency_budget_cuts_candidates(tiny_cross_encoder, monkeypatch):
     monkeypatch.setattr(encoder, "score_pairs", slow)
     cands = {"q": [ScoredCandidate(id=f"d{i}", score=1.0) for i in range(40)]}
     texts = {f"d{i}": f"apple stone {i}" for i in range(40)}
-    res = rerank([Query(id="q", text="apple")], cands, texts, encoder, top_k=40, batch=BatchPlan(4),
-                 latency_budget_ms=120)
+    res = rerank([Query(id="q", text="apple")], cands, texts, encoder, top_k=40,
+                 budget=lambda: TokenBudget(4 * 128, 4), latency_budget_ms=120)
     run = res.runs[0]
     assert 4 <= len(run.candidate_ids) < 40
     assert run.candidates_dropped == 40 - len(run.candidate_ids)
     assert any(f"dropped {run.candidates_dropped} of 40 candidates" in w for w in res.warnings)
 
 
-def test_rerank_injected_oom_backs_off(tiny_cross_encoder, monkeypatch):
+@pytest.mark.parametrize("policy", ["items", "tokens"])
+def test_rerank_injected_oom_backs_off(tiny_cross_encoder, monkeypatch, policy):
+    from embedder.models import rerank as rerank_mod
+
     encoder = RerankEncoder(resolve_model(str(tiny_cross_encoder), "rerank"), "cpu")
-    real = encoder.score_pairs
+    real = rerank_mod.rerank_forward
 
-    def flaky(pairs):
-        if len(pairs) > 2:
-            raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected)")
-        return real(pairs)
+    def flaky(model):
+        forward = real(model)
 
-    monkeypatch.setattr(encoder, "score_pairs", flaky)
+        def run(features):
+            if features["input_ids"].shape[0] > 2:
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected)")
+            return forward(features)
+
+        return run
+
+    monkeypatch.setattr(rerank_mod, "rerank_forward", flaky)
     cands = {"q": [ScoredCandidate(id=f"d{i}", score=1.0) for i in range(6)]}
-    res = rerank([Query(id="q", text="apple")], cands, {f"d{i}": "apple" for i in range(6)}, encoder,
-                 batch=BatchPlan(8))
-    assert res.runs[0].batch_size == 2 and res.telemetry.backoffs == [8, 4]
-    assert len(res.runs[0].scores) == 6
+    texts = {f"d{i}": "apple" for i in range(6)}
+    width = encoder.load().preprocess([("apple", "apple")])["input_ids"].shape[1]
+    budget = TokenBudget(8 * width, 8, policy=policy, floor_tokens=width)
+    res = rerank([Query(id="q", text="apple")], cands, texts, encoder, budget=lambda: budget)
+    assert res.runs[0].batch_size == 2 and len(res.runs[0].scores) == 6
+    assert res.telemetry.backoffs == [budget.size, budget.size // 2]
+    assert any("rerank batch backed off after OOM" in w for w in res.warnings)
+    reference = rerank([Query(id="q", text="apple")], cands, texts, encoder, budget=lambda: budget)
+    assert np.allclose(res.runs[0].scores, reference.runs[0].scores, atol=1e-6)
 
 
 def test_unloadable_rerank_model_is_a_clear_error(tmp_path):

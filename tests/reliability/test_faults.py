@@ -93,31 +93,60 @@ def test_unavailable_sparse_model_falls_back_to_metadata(sample_config, monkeypa
     assert s.quality["sparse"]["ndcg@10"] > 0.5
 
 
-def test_oom_in_dense_and_rerank_backs_off_and_completes(sample_config, tiny_cross_encoder, monkeypatch):
-    from embedder.models.dense import DenseEncoder
-    from embedder.models.rerank import RerankEncoder
+def _oom_above(real, rows_limit):
+    """A forward factory that raises a CUDA OOM for any batch of more than ``rows_limit`` rows."""
 
-    real_dense, real_rerank = DenseEncoder.encode_batch, RerankEncoder.score_pairs
+    def factory(model):
+        forward = real(model)
 
-    def dense_oom(self, texts):
-        if len(texts) > 16:
-            raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected)")
-        return real_dense(self, texts)
+        def run(features):
+            if features["input_ids"].shape[0] > rows_limit:
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected)")
+            return forward(features)
 
-    def rerank_oom(self, pairs):
-        if len(pairs) > 8:
-            raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected)")
-        return real_rerank(self, pairs)
+        return run
 
-    monkeypatch.setattr(DenseEncoder, "encode_batch", dense_oom)
-    monkeypatch.setattr(RerankEncoder, "score_pairs", rerank_oom)
-    [s] = _run(sample_config.model_copy(update={"rerank_model": str(tiny_cross_encoder)}))
+    return factory
+
+
+def _halvings(stage):
+    """The budget sizes a stage tried, in order, and the unit the plan cut by (from its own telemetry)."""
+    unit = "tokens" if stage["batch_policy"] == "tokens" else "rows"
+    first = stage["initial_token_budget"] if unit == "tokens" else stage["initial_batch_size"]
+    return first, unit
+
+
+def test_oom_in_dense_and_rerank_backs_off_and_completes(sample_config, tiny_cross_encoder, monkeypatch, tmp_path):
+    from embedder.models import dense as dense_mod
+    from embedder.models import rerank as rerank_mod
+
+    config = sample_config.model_copy(update={"rerank_model": str(tiny_cross_encoder)})
+    [clean] = _run(config.model_copy(update={"output_dir": str(tmp_path / "clean")}))
+    monkeypatch.setattr(dense_mod, "dense_forward", _oom_above(dense_mod.dense_forward, 16))
+    monkeypatch.setattr(rerank_mod, "rerank_forward", _oom_above(rerank_mod.rerank_forward, 8))
+    [s] = _run(config)
     assert s.status == "completed"
-    assert s.dense_run.batch_size == 16 and s.dense_run.backoffs == [64, 32]
-    assert s.rerank_run.status == "executed" and all(p.batch_size == 8 for p in s.rerank_run.payload)
-    assert s.telemetry.stages["rerank"]["backoffs"] == [32, 16]
-    assert any("dense batch backed off after OOM: 64 -> 32 -> 16" in w for w in s.warnings)
-    assert any("rerank batch backed off after OOM" in w for w in s.warnings)
+    # Whatever the host planned (rows on the CPU, padded tokens on a GPU), each OOM halved it,
+    # starting from the plan, until a batch fit.
+    for name, limit in (("dense", 16), ("rerank", 8)):
+        stage = s.telemetry.stages[name]
+        first, unit = _halvings(stage)
+        backoffs = stage["backoffs"]
+        assert backoffs and backoffs[0] == first, (name, stage)
+        assert all(b == a // 2 for a, b in zip(backoffs, backoffs[1:]))
+        assert stage["batch_size"] <= limit
+        assert any(w.startswith(f"{name} batch backed off after OOM: {backoffs[0]} -> ") and w.endswith(unit)
+                   for w in s.warnings), s.warnings
+    assert s.dense_run.backoffs == s.telemetry.stages["dense"]["backoffs"]
+    assert s.rerank_run.status == "executed" and all(p.batch_size <= 8 for p in s.rerank_run.payload)
+    # Backing off changes batches, never results.
+    out, ref = Path(config.output_dir) / "sample", tmp_path / "clean" / "sample"
+    a, b = pq.read_table(out / "dense.parquet"), pq.read_table(ref / "dense.parquet")
+    assert a["id"].to_pylist() == b["id"].to_pylist()
+    assert torch.allclose(torch.tensor(a["vector"].to_pylist()), torch.tensor(b["vector"].to_pylist()), atol=1e-5)
+    for p, q in zip(s.rerank_run.payload, clean.rerank_run.payload):
+        assert p.candidate_ids == q.candidate_ids and torch.allclose(torch.tensor(p.scores), torch.tensor(q.scores),
+                                                                     atol=1e-5)
 
 
 def test_qdrant_down_retries_then_fails_clearly_with_exports_written(sample_config, monkeypatch, capfd, caplog):
