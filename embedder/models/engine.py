@@ -216,7 +216,9 @@ def plan_token_budget(shape: ModelShape, device: str, precision: str, ceiling_gb
     on_gpu = device.startswith("cuda")
     chosen: Literal["tokens", "items"] = ("tokens" if on_gpu else "items") if policy == "auto" else policy
     if not on_gpu:
-        return TokenBudget(tokens=cpu_items * longest, max_items=cpu_items, policy=chosen, floor_tokens=longest)
+        tokens = cpu_items * longest
+        return TokenBudget(tokens=tokens, max_items=cpu_items if chosen == "items" else max(1, tokens // 4),
+                           policy=chosen, floor_tokens=longest)
     dtype_bytes = torch_dtype(precision).itemsize
     index = torch.device(device).index or 0
     free_b, _total = torch.cuda.mem_get_info(index)
