@@ -105,8 +105,7 @@ class ModelShape:
     @classmethod
     def of(cls, model: Any, *, max_length: int, mlm_head: bool = False) -> ModelShape:
         """Read the shape of a sentence-transformers model (or a bare ``transformers`` model)."""
-        inner = getattr(model, "transformers_model", None) or getattr(model, "model", None) or model
-        config = getattr(inner, "config", None) or getattr(model, "config", None)
+        config = getattr(_hf_model(model), "config", None) or getattr(model, "config", None)
 
         def read(*names: str, default: int) -> int:
             for name in names:
@@ -139,6 +138,18 @@ class ModelShape:
     def weights_gb(self, dtype_bytes: int) -> float:
         """Weight memory in GB at ``dtype_bytes`` per parameter."""
         return self.parameters * dtype_bytes / _GB
+
+
+def _hf_model(model: Any) -> Any:
+    """The ``transformers`` model inside a sentence-transformers model, across library versions 5 and 6."""
+    for get in (lambda m: m.transformers_model, lambda m: m[0].auto_model, lambda m: m.model):
+        try:
+            inner = get(model)
+        except (AttributeError, TypeError, IndexError, KeyError):
+            continue
+        if inner is not None:
+            return inner
+    return model
 
 
 @dataclass(frozen=True)
@@ -385,7 +396,7 @@ class Engine(Generic[X]):
         self.device = device
         self.budget = budget
         self.forward = forward
-        self.preprocess = preprocess or model.preprocess
+        self.preprocess = preprocess or default_preprocess(model)
         self.stats = EngineStats()
         self._cuda = device.startswith("cuda")
         tokenizer = getattr(model, "tokenizer", None)
@@ -514,12 +525,35 @@ def dense_forward(model: Any) -> Callable[[dict[str, Any]], torch.Tensor]:
     return forward
 
 
+def default_preprocess(model: Any) -> Callable[[Sequence[Any]], dict[str, Any]]:
+    """The model's own tokenisation: ``preprocess`` (sentence-transformers 6) or ``tokenize`` (5)."""
+    fn = getattr(model, "preprocess", None) or model.tokenize
+    return lambda items: fn(list(items))
+
+
+def rerank_preprocess(model: Any) -> Callable[[Sequence[tuple[str, str]]], dict[str, Any]]:
+    """Pair tokenisation as ``CrossEncoder.predict`` does it (its ``preprocess`` in version 6, its tokenizer in 5)."""
+    if hasattr(model, "preprocess"):
+        return lambda pairs: model.preprocess(list(pairs))
+    longest = getattr(model, "max_length", None)
+
+    def preprocess(pairs: Sequence[tuple[str, str]]) -> dict[str, Any]:
+        return dict(model.tokenizer([p[0] for p in pairs], [p[1] for p in pairs], padding=True,
+                                    truncation="longest_first", return_tensors="pt", max_length=longest))
+
+    return preprocess
+
+
 def rerank_forward(model: Any) -> Callable[[dict[str, Any]], torch.Tensor]:
     """One score per pair, through the CrossEncoder's own activation, in fp32 (as ``predict`` computes it)."""
     activation = getattr(model, "activation_fn", None)
+    modular = hasattr(model, "preprocess")
 
     def forward(features: dict[str, Any]) -> torch.Tensor:
-        scores = model(features)["scores"].float()
+        if modular:
+            scores = model(features)["scores"].float()
+        else:  # sentence-transformers 5: a transformers sequence classifier inside
+            scores = model.model(**features, return_dict=True).logits.float()
         if activation is not None:
             scores = activation(scores)
         return scores.reshape(scores.shape[0], -1)[:, 0]

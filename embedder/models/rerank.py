@@ -15,7 +15,7 @@ import numpy as np
 from embedder.batching import BatchPlan, run_batched
 from embedder.errors import ModelUnavailableError
 from embedder.gpu import PeakMeter, exclusive_device
-from embedder.models.engine import Engine, ModelShape, TokenBudget, cast_model, rerank_forward
+from embedder.models.engine import Engine, ModelShape, TokenBudget, cast_model, rerank_forward, rerank_preprocess
 from embedder.models.registry import ResolvedModel
 from embedder.schemas import CrossEncoderRerankRun, Query, ScoredCandidate, StageTelemetry, apply_query_policy
 
@@ -70,7 +70,7 @@ class RerankEncoder:
     def engine(self, budget: TokenBudget) -> Engine[tuple[str, str]]:
         """A token-budget engine over this model (which must already sit on ``self.device``)."""
         model = self.load()
-        return Engine(model, self.device, budget, forward=rerank_forward(model))
+        return Engine(model, self.device, budget, forward=rerank_forward(model), preprocess=rerank_preprocess(model))
 
     def score_pairs(self, pairs: Sequence[tuple[str, str]]) -> list[float]:
         """Relevance scores for ``(query, document)`` pairs, one batch."""
