@@ -83,13 +83,16 @@ class DenseEncoder:
         return Engine(model, self.device, budget, forward=dense_forward(model), on_batch=on_batch)
 
     def encode_batch(self, texts: Sequence[str]) -> np.ndarray:
-        """Encode one batch into L2-normalised float32 rows."""
+        """Encode one batch into L2-normalised float32 rows (whatever the model's precision)."""
         model = self.load()
         out = model.encode(
-            list(texts), batch_size=max(1, len(texts)), normalize_embeddings=True,
-            convert_to_numpy=True, show_progress_bar=False, device=self.device,
+            list(texts), batch_size=max(1, len(texts)), normalize_embeddings=False,
+            convert_to_tensor=True, show_progress_bar=False, device=self.device,
         )
-        return np.asarray(out, dtype=np.float32)
+        # numpy has no bf16: cast, then normalise in fp32 as the engine does.
+        vectors = out.float().cpu().numpy().reshape(len(texts), -1)
+        norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+        return (vectors / np.clip(norms, 1e-12, None)).astype(np.float32)
 
 
 @dataclass
