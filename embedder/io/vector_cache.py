@@ -106,6 +106,12 @@ class _VectorParts(Generic[V]):
                 continue
         raise FileNotFoundError(f"the vector cache at {self.root} kept changing while it was opened")
 
+    def index_with(self, index: CacheIndex[V], part: PartWriter[V] | None) -> CacheIndex[V]:
+        """``index`` (parts held open since it was made) plus a part this process just wrote, newest last."""
+        if part is None or part.opened is None:
+            return index
+        return CacheIndex(self, [*index.files, part.opened])
+
     def writer(self) -> PartWriter[V]:
         """A new part, written a row group at a time; it appears atomically on close."""
         return PartWriter(self)
@@ -240,6 +246,7 @@ class PartWriter(Generic[V]):
     def __init__(self, store: _VectorParts[V]) -> None:
         self.store = store
         self.count = 0
+        self.opened: pq.ParquetFile | None = None
         self._ctx: object | None = None
         self._tmp: Path | None = None
         self._writer: pq.ParquetWriter | None = None
@@ -259,9 +266,15 @@ class PartWriter(Generic[V]):
         self.count += len(digests)
 
     def close(self) -> None:
-        """Publish the part (nothing when no row was added)."""
+        """Publish the part (nothing when no row was added), keeping it open for reading as :attr:`opened`.
+
+        The handle is taken before the part is published: a concurrent run's
+        compaction may merge and unlink it at once, and the run that wrote it
+        still reads its vectors through the handle.
+        """
         if self._writer is not None:
             self._writer.close()
+            self.opened = pq.ParquetFile(self._tmp)
             self._ctx.__exit__(None, None, None)  # type: ignore[attr-defined]
             self._writer = None
 

@@ -172,15 +172,17 @@ def dense_stage(
         cuda_context_gb(encoder.device)  # CUDA starts before the lease: the slot is for GPU work
         # Few texts to embed: read them now, so the lease covers only the GPU's work.
         work: Any = list(todo) if todo.count <= window else todo
-        telemetry, lease_event = _embed_missing(config, encoder, work, cache, todo.count, progress, gpu)
-    index = cache.open_index()
+        telemetry, lease_event, part = _embed_missing(config, encoder, work, cache, todo.count, progress, gpu)
+        # The store as pass 1 saw it plus this run's part, both held open: a concurrent run's compaction
+        # cannot take a vector from under pass 3.
+        index = cache.index_with(index, part)
     path = stage_dir(config, collection, "dense", key)
     writer = DenseParquetWriter(path / "dense.parquet", name)
     dim = 0
     try:
         # Pass 3: every chunk's vector now sits in the store.
         start = 0
-        for table in iter_table_windows(chunks.path, window, columns=["id", "text"]):
+        for table in iter_table_windows(chunks.path, window, columns=["id"]):
             ids = table["id"].to_pylist()
             matrix = np.stack(_fetch_all(index, keys[start:start + len(ids)]))
             if dim and matrix.shape[1] != dim:
@@ -219,8 +221,12 @@ def _fetch_all(index: Any, keys: np.ndarray) -> list[np.ndarray]:
 
 def _embed_missing(config: RunConfig, encoder: Any, work: Iterable[tuple[list[bytes], list[str]]], cache: Any,
                    total: int, progress: Callable[[int, int], None] | None,
-                   gpu: Callable[[], Any] | None) -> tuple[StageTelemetry, dict[str, Any] | None]:
-    """Embed the missing texts under the lease; the store's writer thread outlives the lease by its last window."""
+                   gpu: Callable[[], Any] | None) -> tuple[StageTelemetry, dict[str, Any] | None, Any]:
+    """Embed the missing texts under the lease; the store's writer thread outlives the lease by its last window.
+
+    Returns:
+        The telemetry, the lease event and the new part of the store (open for reading).
+    """
     done = 0
 
     def on_batch(rows: int) -> None:
@@ -272,7 +278,7 @@ def _embed_missing(config: RunConfig, encoder: Any, work: Iterable[tuple[list[by
             store.close()
     latency_s = time.perf_counter() - t0
     return telemetry.model_copy(update={
-        "latency_ms": latency_s * 1000, "items_per_s": total / latency_s if latency_s > 0 else 0.0}), lease_event
+        "latency_ms": latency_s * 1000, "items_per_s": total / latency_s if latency_s > 0 else 0.0}), lease_event, part
 
 
 def _merge_telemetry(parts: list[StageTelemetry], initial: int) -> StageTelemetry:

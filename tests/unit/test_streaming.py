@@ -119,3 +119,38 @@ def test_streaming_sparse_retrieval_equals_the_in_memory_index(use_idf: bool) ->
         assert [c.id for c in got] == [c.id for c in want]
         assert np.allclose([c.score for c in got], [c.score for c in want])
     assert streamed[2] == [] and streamed[3] == []
+
+
+def test_dense_stage_survives_a_concurrent_compaction_of_its_own_part(tmp_path: Path, monkeypatch) -> None:
+    """Another run's compaction may merge and unlink every part (this run's new one included) between
+    the embedding pass and the write of dense.parquet: the run still writes every vector it computed."""
+    import pyarrow.parquet as pq
+
+    from embedder import stages as st
+    from embedder.io.vector_cache import DenseVectorCache
+    from embedder.settings import CollectionInput, RunConfig
+    from tests.conftest import SAMPLE_DIR
+
+    real = DenseVectorCache.index_with
+    unlinked: list[Path] = []
+
+    def compacted_meanwhile(self, index, part):
+        for p in self.root.glob("part-*.parquet"):
+            p.unlink()
+            unlinked.append(p)
+        return real(self, index, part)
+
+    monkeypatch.setattr(DenseVectorCache, "index_with", compacted_meanwhile)
+    results = {}
+    for tag in ("raced", "calm"):
+        if tag == "calm":
+            monkeypatch.setattr(DenseVectorCache, "index_with", real)
+        cfg = RunConfig(collections=[CollectionInput(name="s", path=str(SAMPLE_DIR))], output_dir=str(tmp_path / tag),
+                        local_files_only=True, stream_window=16)
+        col = cfg.collections[0]
+        load = st.load_stage(cfg, col, st.load_key(cfg, col))
+        dense = st.dense_stage(cfg, col.name, load.chunks, st.dense_key(cfg, col.name, load.chunks))
+        results[tag] = pq.read_table(dense.vectors.path)
+    assert unlinked, "the injected compaction removed nothing"
+    assert results["raced"]["id"].to_pylist() == results["calm"]["id"].to_pylist()
+    assert results["raced"]["vector"].to_pylist() == results["calm"]["vector"].to_pylist()
