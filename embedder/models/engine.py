@@ -413,8 +413,6 @@ class Engine(Generic[X]):
             width = next((v.shape[1] for v in features.values() if isinstance(v, torch.Tensor) and v.ndim == 2), 1)
             lengths = np.full(len(items), width)
         order = np.argsort(-lengths, kind="stable")
-        if self._cuda:
-            features = {k: v.pin_memory() if isinstance(v, torch.Tensor) else v for k, v in features.items()}
         self.stats.tokenise_s += time.perf_counter() - t0
         return Tokenised(items=items, features=features, lengths=lengths[order], order=order,
                          padding_left=self._left)
@@ -430,7 +428,9 @@ class Engine(Generic[X]):
                 if value.ndim >= 2 and value.shape[1] > width and key in _SEQUENCE_KEYS:
                     value = value[:, -width:] if window.padding_left else value[:, :width]
                 if self._cuda:
-                    value = value.pin_memory().to(self.device, non_blocking=True)
+                    # Pinned, so the copy runs asynchronously; torch's host allocator keeps the
+                    # buffer alive until the copy has finished.
+                    value = value.contiguous().pin_memory().to(self.device, non_blocking=True)
                 else:
                     value = value.contiguous()
             batch[key] = value

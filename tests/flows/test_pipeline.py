@@ -55,6 +55,17 @@ def test_full_run_executes_every_stage(full_config):
     assert all(len(p.candidate_ids) == 50 for p in s.rerank_run.payload)  # 50 chunks < 100 candidates
     assert s.index_run["points_count"] == 50
     assert {e.stage for e in s.telemetry.lease_events} == {"dense", "rerank"}
+    # Each lease says how long it was held and how much of that was the stage's device work.
+    assert all(0 < e.gpu_work_s <= e.held_s for e in s.telemetry.lease_events)
+    # What the models ran in and how batches were cut, as the host planned it.
+    from embedder.gpu import resolve_device
+    from embedder.models.engine import resolve_precision
+
+    dense_t = s.telemetry.stages["dense"]
+    assert s.dense_run.precision == dense_t["precision"] == resolve_precision("auto", resolve_device())
+    assert dense_t["batch_policy"] == ("items" if resolve_device() == "cpu" else "tokens")
+    assert dense_t["batches"] >= 1 and dense_t["padding_ratio"] >= 1.0
+    assert s.telemetry.stages["rerank"]["precision"] == dense_t["precision"]
     assert set(s.quality) >= {"dense", "sparse", "fused_rrf", "fused_dbsf", "reranked"}
     assert s.quality["dense"]["ndcg@10"] > 0.7 and s.quality["sparse"]["ndcg@10"] > 0.5
     assert s.warnings == []
