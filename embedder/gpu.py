@@ -206,31 +206,3 @@ def is_oom(exc: BaseException) -> bool:
     return isinstance(exc, torch.cuda.OutOfMemoryError) or (
         isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
     )
-
-
-def plan_batch_size(
-    device: str,
-    ceiling_gb: float,
-    *,
-    per_item_mb: float,
-    model_gb: float,
-    cpu_default: int,
-    floor: int = 1,
-    cap: int = 1024,
-) -> int:
-    """Pick a batch size that fits under the memory ceiling.
-
-    On the GPU, the budget is the ceiling (bounded by the device's free memory)
-    minus the model's weights, with 30% headroom for the allocator; each item
-    costs ``per_item_mb`` of activations. On the CPU, ``cpu_default``.
-    """
-    if not device.startswith("cuda"):
-        return max(floor, min(cap, cpu_default))
-    index = torch.device(device).index or 0
-    free_b, _total = torch.cuda.mem_get_info(index)
-    budget_gb = min(ceiling_gb, free_b / _GB) - model_gb
-    usable_mb = max(0.0, budget_gb * 0.7 * 1024)
-    size = int(usable_mb // max(per_item_mb, 1e-3))
-    # Powers of two keep kernels on their fast paths.
-    size = 1 << max(0, size.bit_length() - 1) if size > 0 else floor
-    return max(floor, min(cap, size))

@@ -12,7 +12,7 @@ import numpy as np
 
 from embedder.batching import BatchPlan, run_batched
 from embedder.errors import ModelUnavailableError, StageError
-from embedder.gpu import PeakMeter, exclusive_device, plan_batch_size
+from embedder.gpu import PeakMeter, exclusive_device
 from embedder.models.engine import Engine, ModelShape, TokenBudget, cast_model, dense_forward
 from embedder.models.registry import ResolvedModel
 from embedder.schemas import StageTelemetry
@@ -101,17 +101,6 @@ class DenseResult:
 
     vectors: np.ndarray
     telemetry: StageTelemetry
-
-
-def default_dense_batch(device: str, ceiling_gb: float, max_length: int) -> BatchPlan:
-    """A batch plan for a MiniLM/BERT-base sized encoder under ``ceiling_gb``.
-
-    Activation memory grows roughly linearly with sequence length; 0.02 MB per
-    token covers BERT-base in fp32 with autograd off.
-    """
-    size = plan_batch_size(device, ceiling_gb, per_item_mb=0.02 * max(max_length, 16), model_gb=1.5,
-                           cpu_default=64, cap=512)
-    return BatchPlan(size=size, floor=1)
 
 
 def embed_dense(

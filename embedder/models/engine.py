@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from embedder.errors import StageError
-from embedder.gpu import free_device_cache, is_oom
+from embedder.gpu import apply_memory_ceiling, cuda_context_gb, free_device_cache, is_oom
 
 Precision = Literal["auto", "fp32", "fp16", "bf16"]
 BatchPolicy = Literal["auto", "tokens", "items"]
@@ -241,6 +241,17 @@ def plan_token_budget(shape: ModelShape, device: str, precision: str, ceiling_gb
     return TokenBudget(tokens=tokens, max_items=max(1, tokens // 4), policy=chosen, floor_tokens=longest)
 
 
+def plan_on_device(shape: ModelShape, device: str, precision: str, ceiling_gb: float, *, cpu_items: int,
+                   policy: BatchPolicy = "auto") -> TokenBudget:
+    """Cap torch's allocator at the ceiling less the CUDA context, then plan the budget there.
+
+    Call it inside the GPU lease: the free memory it reads is then this stage's.
+    """
+    apply_memory_ceiling(device, ceiling_gb)
+    return plan_token_budget(shape, device, precision, ceiling_gb, context_gb=cuda_context_gb(device),
+                             cpu_items=cpu_items, policy=policy)
+
+
 # --- overlap ---------------------------------------------------------------------------------------------
 
 
@@ -395,6 +406,7 @@ class Engine(Generic[X]):
         self.on_batch = on_batch
         self.device = device
         self.budget = budget
+        self.planned = budget
         self.forward = forward
         self.preprocess = preprocess or default_preprocess(model)
         self.stats = EngineStats()
@@ -482,6 +494,21 @@ class Engine(Generic[X]):
         self.stats.device_s += time.perf_counter() - t0
         inverse = torch.from_numpy(np.argsort(window.order, kind="stable"))
         return host.index_select(0, inverse)
+
+    def report(self, stage: str) -> tuple[dict[str, Any], list[str]]:
+        """The :class:`StageTelemetry` fields that describe this engine's batches, and its back-off warning."""
+        s, planned = self.stats, self.planned
+        fields = {
+            "batch_policy": planned.policy, "token_budget": self.budget.tokens, "initial_token_budget": planned.tokens,
+            "initial_batch_size": planned.max_items, "batches": s.batches,
+            "batch_size": max(1, round(s.items / s.batches)) if s.batches else 0, "backoffs": list(s.backoffs),
+            "padding_ratio": round(s.padding_ratio, 4), "gpu_work_s": round(s.device_s, 3),
+            "tokenise_s": round(s.tokenise_s, 3),
+        }
+        warnings = ([f"{stage} batch backed off after OOM: "
+                     f"{' -> '.join(map(str, [*s.backoffs, self.budget.size]))} {self.budget.unit}"]
+                    if s.backoffs else [])
+        return fields, warnings
 
     def map(self, windows: Iterable[W], inputs: Callable[[W], Sequence[X]]) -> Iterator[tuple[W, torch.Tensor]]:
         """Each window with its outputs, tokenising the next window (on a thread) while the device runs this one.

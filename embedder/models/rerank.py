@@ -224,8 +224,7 @@ def rerank(
             planned = budget()
             if latency_budget_ms is None:
                 passes, engine = _score_pooled(work, texts, encoder, planned, meter, window)
-                final_batch = max(1, round(engine.stats.items / engine.stats.batches)) if engine.stats.batches else 0
-                backoffs = engine.stats.backoffs
+                final_batch = engine.report("rerank")[0]["batch_size"]
             else:
                 meter.start()
                 passes, final_batch, backoffs = _score_per_query(
@@ -250,22 +249,18 @@ def rerank(
             latency_ms=latency_ms, gpu_peak_gb=meter.peak_gb(), candidates_dropped=dropped,
         ))
     elapsed = time.perf_counter() - t_stage
-    unit = engine.budget.unit if engine is not None else "rows"
-    final = engine.budget.size if engine is not None else final_batch
-    if backoffs:
-        warnings.append(f"rerank batch backed off after OOM: {' -> '.join(map(str, backoffs + [final]))} {unit}")
-    stats = engine.stats if engine is not None else None
+    if engine is not None:
+        batching, backoff = engine.report("rerank")
+    else:  # per-query row batches under a latency budget
+        batching = {"batch_policy": "items", "batch_size": final_batch, "backoffs": list(backoffs),
+                    "initial_batch_size": planned.max_items if planned else None}
+        backoff = ([f"rerank batch backed off after OOM: {' -> '.join(map(str, [*backoffs, final_batch]))} rows"]
+                   if backoffs else [])
+    warnings.extend(backoff)
     telemetry = StageTelemetry(
-        stage="rerank", model=encoder.name, device=encoder.device, batch_size=final_batch,
-        initial_batch_size=planned.max_items if planned else None, backoffs=list(backoffs), items=total_pairs,
+        stage="rerank", model=encoder.name, device=encoder.device, items=total_pairs,
         latency_ms=elapsed * 1000, items_per_s=total_pairs / elapsed if elapsed > 0 else 0.0,
         gpu_peak_gb=meter.peak_gb(), torch_peak_gb=meter.torch_peak_gb(), memory_source=meter.memory_source(),
-        precision=encoder.precision, batch_policy=planned.policy if engine is not None and planned else "items",
-        token_budget=engine.budget.tokens if engine is not None else None,
-        initial_token_budget=planned.tokens if engine is not None and planned else None,
-        batches=stats.batches if stats else None,
-        padding_ratio=round(stats.padding_ratio, 4) if stats else None,
-        gpu_work_s=round(stats.device_s, 3) if stats else None,
-        tokenise_s=round(stats.tokenise_s, 3) if stats else None, warnings=warnings,
+        precision=encoder.precision, warnings=warnings, **batching,
     )
     return RerankResult(results=results, runs=runs, telemetry=telemetry, warnings=warnings, lease_event=lease_event)

@@ -157,21 +157,12 @@ class SpladeModel:
     def engine(self) -> Any:
         """The token-budget engine, planned on first use (on the device, inside the lease)."""
         if self._engine is None:
-            from embedder.gpu import apply_memory_ceiling, cuda_context_gb
-            from embedder.models.engine import (
-                Engine,
-                ModelShape,
-                plan_token_budget,
-                splade_forward,
-                splade_preprocess,
-            )
+            from embedder.models.engine import Engine, ModelShape, plan_on_device, splade_forward, splade_preprocess
 
             model = self.load()
-            apply_memory_ceiling(self.device, self.ceiling_gb)
             shape = ModelShape.of(model, max_length=int(model.max_seq_length or 512), mlm_head=True)
-            budget = plan_token_budget(shape, self.device, self.precision, self.ceiling_gb,
-                                       context_gb=cuda_context_gb(self.device), cpu_items=self.cpu_items,
-                                       policy=self.policy)  # type: ignore[arg-type]
+            budget = plan_on_device(shape, self.device, self.precision, self.ceiling_gb, cpu_items=self.cpu_items,
+                                    policy=self.policy)  # type: ignore[arg-type]
             self._engine = Engine(model, self.device, budget, forward=splade_forward(model),
                                   preprocess=splade_preprocess(model))
         return self._engine
@@ -515,19 +506,13 @@ class SparseInference:
             coverage_ratio=self.available / self.n if self.n else 1.0,
         )
         engine = getattr(self.model, "_engine", None)
-        extra: dict[str, Any] = {}
+        extra: dict[str, Any] = {"batch_size": self.batch_size}
         if engine is not None and engine.stats.batches:
-            stats = engine.stats
-            extra = {"precision": getattr(self.model, "precision", None), "batch_policy": engine.budget.policy,
-                     "token_budget": engine.budget.tokens, "batches": stats.batches,
-                     "padding_ratio": round(stats.padding_ratio, 4), "gpu_work_s": round(stats.device_s, 3),
-                     "tokenise_s": round(stats.tokenise_s, 3), "backoffs": list(stats.backoffs)}
-            if stats.backoffs:
-                warnings.append(f"sparse batch backed off after OOM: "
-                                f"{' -> '.join(map(str, stats.backoffs + [engine.budget.size]))} {engine.budget.unit}")
+            extra, backoff = engine.report("sparse")
+            extra["precision"] = getattr(self.model, "precision", None)
+            warnings.extend(backoff)
         telemetry = StageTelemetry(
             stage="sparse", model=self.spec.name, device=str(getattr(self.model, "device", "cpu")),
-            batch_size=max(1, round(engine.stats.items / engine.stats.batches)) if extra else self.batch_size,
             items=self.todo, reused=self.known, latency_ms=latency_ms,
             items_per_s=self.todo / (latency_ms / 1000) if latency_ms > 0 else 0.0,
             fallback=self.fallback_count > 0, warnings=warnings, **extra,

@@ -13,11 +13,11 @@ from pydantic import BaseModel, Field
 
 from embedder.batching import BatchPlan
 from embedder.errors import StageError
-from embedder.gpu import PeakMeter, apply_memory_ceiling, cuda_context_gb, exclusive_device, resolve_device
+from embedder.gpu import PeakMeter, cuda_context_gb, exclusive_device, resolve_device
 from embedder.io.readers import read_queries
 from embedder.io.writers import DenseParquetWriter, iter_chunk_texts, iter_table_windows, write_dense_parquet
 from embedder.models.dense import DenseEncoder, embed_dense
-from embedder.models.engine import Drain, plan_token_budget, resolve_precision
+from embedder.models.engine import Drain, plan_on_device, resolve_precision
 from embedder.models.registry import resolve_model
 from embedder.schemas import StageRef, StageTelemetry
 from embedder.settings import RunConfig
@@ -245,31 +245,19 @@ def _embed_missing(config: RunConfig, encoder: Any, work: Iterable[tuple[list[by
                 t_gpu = time.perf_counter()
                 if encoder.backend == "torch":
                     with exclusive_device(encoder.load(), encoder.device):
-                        ceiling = config.gpu_memory_ceiling_gb
-                        apply_memory_ceiling(encoder.device, ceiling)
-                        budget = plan_token_budget(
-                            encoder.shape(), encoder.device, encoder.precision, ceiling,
-                            context_gb=cuda_context_gb(encoder.device), cpu_items=config.cpu_batch_items,
-                            policy=config.batch_policy)
+                        budget = plan_on_device(encoder.shape(), encoder.device, encoder.precision,
+                                                config.gpu_memory_ceiling_gb, cpu_items=config.cpu_batch_items,
+                                                policy=config.batch_policy)
                         engine = encoder.engine(budget, on_batch)
                         meter.start()
                         for (keys, _texts), out in engine.map(work, lambda w: w[1]):
                             store.put((keys, out.numpy()))
                         meter.stop()
-                    stats = engine.stats
+                    fields, warnings = engine.report("dense")
                     telemetry = StageTelemetry(
                         stage="dense", model=encoder.name, device=encoder.device, precision=encoder.precision,
-                        batch_policy=budget.policy, token_budget=engine.budget.tokens,
-                        initial_token_budget=budget.tokens, batches=stats.batches,
-                        batch_size=max(1, round(stats.items / stats.batches)) if stats.batches else 0,
-                        initial_batch_size=budget.max_items, backoffs=stats.backoffs,
-                        padding_ratio=round(stats.padding_ratio, 4), gpu_work_s=round(stats.device_s, 3),
-                        tokenise_s=round(stats.tokenise_s, 3), gpu_peak_gb=meter.peak_gb(),
-                        torch_peak_gb=meter.torch_peak_gb(), memory_source=meter.memory_source(),
-                        warnings=[f"dense batch backed off after OOM: "
-                                  f"{' -> '.join(map(str, stats.backoffs + [engine.budget.size]))} {budget.unit}"]
-                        if stats.backoffs else [],
-                    )
+                        gpu_peak_gb=meter.peak_gb(), torch_peak_gb=meter.torch_peak_gb(),
+                        memory_source=meter.memory_source(), warnings=warnings, **fields)
                 else:
                     telemetry = _embed_onnx(config, encoder, work, store, on_batch)
                 if lease_event is not None:

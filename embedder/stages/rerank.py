@@ -9,10 +9,10 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 from embedder.errors import ModelUnavailableError
-from embedder.gpu import apply_memory_ceiling, cuda_context_gb, resolve_device
+from embedder.gpu import cuda_context_gb, resolve_device
 from embedder.io.readers import read_queries
 from embedder.io.writers import iter_table_windows, read_jsonl_records, write_jsonl
-from embedder.models.engine import TokenBudget, plan_token_budget, resolve_precision
+from embedder.models.engine import TokenBudget, plan_on_device, resolve_precision
 from embedder.models.registry import resolve_model
 from embedder.models.rerank import RerankEncoder, rerank
 from embedder.schemas import CrossEncoderRerankRun, ScoredCandidate, StageRef, StageTelemetry
@@ -63,7 +63,7 @@ def rerank_stage(config: RunConfig, collection: str, chunks: StageRef, fusion: F
     except ModelUnavailableError as exc:
         return RerankStageResult(status="error", model_name=config.rerank_model, device=device, reason=str(exc),
                                  warnings=[f"rerank failed, the run continued without it: {exc}"])
-    context_gb = cuda_context_gb(device)
+    cuda_context_gb(device)  # CUDA starts before the lease: the slot is for GPU work
     queries = read_queries(config.queries_path) if config.queries_path else []
     rows = read_jsonl_records(fusion.candidates.path)
     fused_key = "rrf" if config.fusion == "rrf" else "dbsf"
@@ -73,10 +73,8 @@ def rerank_stage(config: RunConfig, collection: str, chunks: StageRef, fusion: F
              for i, t in zip(table["id"].to_pylist(), table["text"].to_pylist()) if i in wanted}
 
     def plan() -> TokenBudget:
-        apply_memory_ceiling(device, config.gpu_memory_ceiling_gb)
-        return plan_token_budget(encoder.shape(), device, encoder.precision, config.gpu_memory_ceiling_gb,
-                                 context_gb=context_gb, cpu_items=max(1, config.cpu_batch_items // 2),
-                                 policy=config.batch_policy)
+        return plan_on_device(encoder.shape(), device, encoder.precision, config.gpu_memory_ceiling_gb,
+                              cpu_items=max(1, config.cpu_batch_items // 2), policy=config.batch_policy)
 
     result = rerank(
         queries, candidates, texts, encoder, budget=plan, top_k_candidates=config.rerank_top_k_candidates,
