@@ -90,7 +90,7 @@ def main() -> None:
             "stage_us_per_chunk": {k: round(1000 * v["latency_ms"] / n, 1) for k, v in stages.items()},
             "points": summary["index_run"].get("points_count"), "status": summary["status"],
             "index": {k: summary["index_run"].get(k) for k in ("backend", "action", "points_per_s", "search_mode",
-                                                               "hnsw_build_s", "upserted")},
+                                                               "hnsw_build_s", "upserted", "segments")},
         })
         print(json.dumps(rows[-1]), flush=True)
     base = rows[0]

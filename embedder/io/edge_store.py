@@ -51,6 +51,14 @@ DEFAULT_HNSW_MIN_POINTS = 100_000
 # Segments above this size (KB) get an HNSW graph when optimize() runs; 0 disables indexing
 # during the bulk load, so upserts never pay for graph maintenance.
 _HNSW_INDEXING_THRESHOLD_KB = 1
+# A shard that gets a graph is built a segment at a time: optimize() turns the appendable
+# segment into an immutable, memory-mapped one each time it holds this many points. Optimising
+# a segment holds it twice over (appendable and built) while its sparse index and graph are
+# made, so one optimize() at the end cost ~4 KB per point of the whole shard (6.8 GB peak RSS
+# at 1M points); a segment at a time bounds it by the segment (measured: a flat ~0.33 GB peak
+# from 50k to 300k points, bench/scale.py for the whole run).
+DEFAULT_SEGMENT_POINTS = 50_000
+_MAX_SEGMENTS = 32
 
 
 def index_root(output_dir: str | Path, collection: str) -> Path:
@@ -84,11 +92,19 @@ def _edge() -> Any:
 
 def _config(layout: IndexLayout, *, indexing_threshold_kb: int) -> Any:
     qe = _edge()
+    # Cold: built segments stay memory-mapped and paged in by queries, never pinned in RAM, so a
+    # shard's resident size follows what is searched rather than what is stored.
+    cold = qe.Memory.Cold
     return qe.EdgeConfig(
-        vectors={DENSE_VECTOR: qe.EdgeVectorParams(size=layout.dense_dim, distance=qe.Distance.Cosine)},
-        sparse_vectors={name: qe.EdgeSparseVectorParams(modifier=qe.Modifier.Idf if idf else None)
+        vectors={DENSE_VECTOR: qe.EdgeVectorParams(size=layout.dense_dim, distance=qe.Distance.Cosine, memory=cold)},
+        sparse_vectors={name: qe.EdgeSparseVectorParams(modifier=qe.Modifier.Idf if idf else None, memory=cold)
                         for name, idf in layout.sparse},
-        optimizers=qe.EdgeOptimizersConfig(indexing_threshold=indexing_threshold_kb),
+        payload_memory=cold,
+        # Segment-at-a-time optimisation leaves many segments; merging them all back into one would
+        # hold the whole shard twice again. Past this many, Qdrant merges the smallest (incremental
+        # runs leave one small segment each), bounded by its max segment size.
+        optimizers=qe.EdgeOptimizersConfig(indexing_threshold=indexing_threshold_kb,
+                                           default_segment_number=_MAX_SEGMENTS),
         wal_enabled=False,
     )
 
@@ -124,7 +140,7 @@ class EdgeIndexWriter:
     """Builds one new shard; :meth:`publish` switches the collection's pointer to it."""
 
     def __init__(self, store: EdgeStore, collection: str, layout: IndexLayout, *, incremental: bool = True,
-                 run_path: Path | None = None) -> None:
+                 run_path: Path | None = None, expected_points: int | None = None) -> None:
         self.store = store
         self.collection = collection
         self.layout = layout
@@ -144,17 +160,25 @@ class EdgeIndexWriter:
         # The published shard itself is never opened for writing; readers keep using it.
         self.incremental = bool(incremental and base is not None and base.is_dir()
                                 and IndexLayout.from_json(published["layout"]) == layout)
+        # Known to end up with a graph: build it a segment at a time while writing (see
+        # DEFAULT_SEGMENT_POINTS); otherwise decide at publish, from the count.
+        self._segmented = expected_points is not None and expected_points >= store.hnsw_min_points
+        self._pending = 0
+        self.segments_built = 0
+        threshold = _HNSW_INDEXING_THRESHOLD_KB if self._segmented else 0
+        config = _config(layout, indexing_threshold_kb=threshold)
         try:
             if self.incremental:
                 shutil.copytree(base, self.path)
-                self._shard: Any = _edge().EdgeShard.load(str(self.path), _config(layout, indexing_threshold_kb=0))
+                self._shard: Any = _edge().EdgeShard.load(str(self.path), config)
             else:
-                self._shard = _edge().EdgeShard.create(str(self.path), _config(layout, indexing_threshold_kb=0))
+                self._shard = _edge().EdgeShard.create(str(self.path), config)
         except Exception as exc:
             shutil.rmtree(self.path, ignore_errors=True)
             self.marker.unlink(missing_ok=True)
             raise VectorIndexError(f"cannot create a Qdrant Edge shard at {self.path}: {exc}") from exc
         self._done = False
+        self._hnsw_s = 0.0
 
     def upsert(self, batch: PointBatch) -> int:
         """Write a batch of points into the unpublished shard."""
@@ -171,7 +195,20 @@ class EdgeIndexWriter:
             self._shard.update(qe.UpdateOperation.upsert_points(points))
         except Exception as exc:
             raise VectorIndexError(f"Qdrant Edge rejected a batch for {self.collection!r}: {exc}") from exc
+        self._pending += len(points)
+        if self._segmented and self._pending >= self.store.segment_points:
+            self._optimize()
         return len(points)
+
+    def _optimize(self) -> None:
+        """Seal the appendable segment: it becomes an immutable segment with its graph and sparse index."""
+        t0 = time.perf_counter()
+        self._shard.flush()
+        self._shard.optimize()
+        self._shard.flush()
+        self._hnsw_s += time.perf_counter() - t0
+        self._pending = 0
+        self.segments_built += 1
 
     def delete(self, point_ids: Sequence[str]) -> int:
         """Remove points from the unpublished shard."""
@@ -189,29 +226,30 @@ class EdgeIndexWriter:
         self._shard.flush()
         count = int(self._shard.count(qe.CountRequest(exact=True)))
         mode = "exact"
-        hnsw_s = 0.0
         if count >= self.store.hnsw_min_points:
-            self._shard.close()
-            t0 = time.perf_counter()
-            self._shard = qe.EdgeShard.load(
-                str(self.path), _config(self.layout, indexing_threshold_kb=_HNSW_INDEXING_THRESHOLD_KB))
-            self._shard.optimize()
-            self._shard.flush()
-            hnsw_s = time.perf_counter() - t0
+            if not self._segmented:  # the count was not known up front: reopen with indexing on
+                self._shard.close()
+                self._shard = qe.EdgeShard.load(
+                    str(self.path), _config(self.layout, indexing_threshold_kb=_HNSW_INDEXING_THRESHOLD_KB))
+            # Deletes and the last partial segment; an incremental copy indexes only what it appended.
+            self._optimize()
             mode = "hnsw"
+        hnsw_s = self._hnsw_s
+        segments = int(self._shard.info().segments_count)
         self._shard.close()
         previous = self.store.manifest(self.collection)
         manifest = {
             "format": FORMAT, "backend": "edge", "collection": self.collection, "shard": self.build_id,
             "previous": previous.get("shard") if previous else None, "layout": self.layout.to_json(),
-            "points_count": count, "search_mode": mode, "hnsw_build_s": round(hnsw_s, 3),
+            "points_count": count, "search_mode": mode, "hnsw_build_s": round(hnsw_s, 3), "segments": segments,
             "built_at": datetime.now(UTC).isoformat(),
         }
         self.store.write_manifest(self.collection, manifest, self.run_path)
         self.marker.unlink(missing_ok=True)
         self._done = True
         return PublishedIndex(backend="edge", location=str(self.path), collection=self.collection,
-                              points_count=count, search_mode=mode, hnsw_build_s=hnsw_s, build_id=self.build_id)
+                              points_count=count, search_mode=mode, hnsw_build_s=hnsw_s, build_id=self.build_id,
+                              segments=segments)
 
     def abort(self) -> None:
         """Remove the unpublished shard; the published one is untouched."""
@@ -231,9 +269,11 @@ class EdgeStore:
 
     backend = "edge"
 
-    def __init__(self, output_dir: str | Path, *, hnsw_min_points: int = DEFAULT_HNSW_MIN_POINTS) -> None:
+    def __init__(self, output_dir: str | Path, *, hnsw_min_points: int = DEFAULT_HNSW_MIN_POINTS,
+                 segment_points: int = DEFAULT_SEGMENT_POINTS) -> None:
         self.root = Path(output_dir)
         self.hnsw_min_points = hnsw_min_points
+        self.segment_points = segment_points
         self._handles: dict[str, tuple[bytes, Any]] = {}
         self._lock = threading.Lock()
 
@@ -285,13 +325,19 @@ class EdgeStore:
                            points_count=int(manifest["points_count"]), build_id=manifest["shard"])
 
     def writer(self, collection: str, layout: IndexLayout, *, incremental: bool = True,
-               run_path: Path | None = None) -> EdgeIndexWriter:
+               run_path: Path | None = None, expected_points: int | None = None) -> EdgeIndexWriter:
         """A writer for a new shard: a copy of the published one when the layout matches, else empty.
 
         Any layout is fine: a new layout (another model, another dimension) builds
         a new shard and replaces the old one only when it is published.
+
+        Args:
+            expected_points: The shard's final point count, when known: at or above
+                ``hnsw_min_points`` the graph is built a segment at a time while writing,
+                which bounds the build's memory by the segment instead of the shard.
         """
-        return EdgeIndexWriter(self, collection, layout, incremental=incremental, run_path=run_path)
+        return EdgeIndexWriter(self, collection, layout, incremental=incremental, run_path=run_path,
+                               expected_points=expected_points)
 
     def point_digests(self, collection: str) -> dict[str, str | None]:
         """Point id -> ``point_digest`` payload over the published shard."""

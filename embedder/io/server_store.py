@@ -200,8 +200,11 @@ class ServerStore:
         return int(self.call(lambda c: c.count(collection_name=collection, exact=True)).count)
 
     def writer(self, collection: str, layout: IndexLayout, *, incremental: bool = True,
-               run_path: Path | None = None) -> ServerIndexWriter:
-        """A writer into the server collection (its writes are live as they land)."""
+               run_path: Path | None = None, expected_points: int | None = None) -> ServerIndexWriter:
+        """A writer into the server collection (its writes are live as they land).
+
+        ``expected_points`` is unused: the server indexes in the background on its own schedule.
+        """
         return ServerIndexWriter(self, collection, layout, incremental=incremental, run_path=run_path)
 
     def keep_published(self, collection: str, run_path: Path) -> None:

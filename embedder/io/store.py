@@ -114,6 +114,7 @@ class PublishedIndex:
         search_mode: ``exact`` (brute force), ``hnsw`` (graph built) or ``server`` (the server indexes itself).
         hnsw_build_s: Seconds spent building the HNSW graph (0 when exact).
         build_id: The physical index's id (the Edge shard directory name, or the server collection).
+        segments: The index's segment count, where the store reports it (Edge), else None.
     """
 
     backend: str
@@ -123,6 +124,7 @@ class PublishedIndex:
     search_mode: SearchMode
     hnsw_build_s: float = 0.0
     build_id: str = ""
+    segments: int | None = None
 
 
 @dataclass(frozen=True)
@@ -178,12 +180,13 @@ class VectorStore(Protocol):
         ...
 
     def writer(self, collection: str, layout: IndexLayout, *, incremental: bool = True,
-               run_path: Path | None = None) -> IndexWriter:
+               run_path: Path | None = None, expected_points: int | None = None) -> IndexWriter:
         """Start building the collection's next index, from the published one when ``incremental`` allows.
 
         With ``run_path``, :meth:`IndexWriter.publish` names the new index in that run
         set's ``index.json`` and the caller publishes the set; without it, the index
-        is published on its own.
+        is published on its own. ``expected_points`` (the final point count, when
+        known) lets a store plan its build, e.g. Edge's graph a segment at a time.
 
         Raises:
             VectorIndexError: The store cannot be reached.

@@ -40,6 +40,8 @@ class IndexResult(BaseModel):
     search_mode: str | None = Field(None, description="exact (brute force), hnsw (graph built) or server.")
     hnsw_build_s: float = 0.0
     build_id: str | None = None
+    segments: int | None = Field(None, description="Segments of the published index, where the store reports "
+                                 "them (Edge builds a large shard's graph a segment at a time).")
     warnings: list[str] = Field(default_factory=list)
     reason: str | None = None
 
@@ -149,7 +151,7 @@ def index_stage(config: RunConfig, collection: str, chunks: StageRef, dense: Den
         return IndexResult(status="executed", action="unchanged", backend=store.backend, location=status.location,
                            points_count=status.points_count or 0, unchanged=n, build_id=status.build_id,
                            search_mode=None, latency_ms=elapsed * 1000, **common)
-    writer = store.writer(collection, layout, incremental=True, run_path=run_dir_)
+    writer = store.writer(collection, layout, incremental=True, run_path=run_dir_, expected_points=n)
     todo = np.asarray(changed if writer.incremental else range(n), dtype=np.int64)
     upserted = deleted = 0
     try:
@@ -183,7 +185,7 @@ def index_stage(config: RunConfig, collection: str, chunks: StageRef, dense: Den
         deleted=deleted if writer.incremental else len(gone), unchanged=n - rows_written,
         latency_ms=elapsed * 1000, points_per_s=rows_written / elapsed if elapsed > 0 else 0.0,
         search_mode=published.search_mode, hnsw_build_s=published.hnsw_build_s, build_id=published.build_id,
-        **common)
+        segments=published.segments, **common)
 
 
 def index_section(index: IndexResult | None, error: str | None, chunk_count: int) -> SummarySection:
