@@ -352,3 +352,24 @@ def publish_run_set(config: RunConfig, collection: str, run_path: str | Path) ->
     EdgeStore(config.output_dir).collect_garbage(collection)
     collect_stage_dirs(config, collection, retention_cutoff(config.output_dir, collection))
     return collection_dir(config, collection) / "processing_summary.json"
+
+
+def find_run_summary(output_dir: str | Path, collection: str, run_id: uuid.UUID | str) -> Path | None:
+    """The summary a given run wrote for a collection (its run set's, published or not), or None.
+
+    A run set's name carries the run id's first 8 characters; the summary's own
+    ``run_id`` decides. With several attempts (a retried flow run), the newest wins.
+    """
+    from embedder.io.runset import RUNS
+    from embedder.summary import read_summary_json
+
+    runs = Path(output_dir) / collection / RUNS
+    found: list[Path] = []
+    for path in runs.glob(f"*-{str(run_id)[:8]}-*/processing_summary.json") if runs.is_dir() else []:
+        try:
+            data = read_summary_json(path)
+        except Exception:  # a half-written or foreign file is not this run's summary
+            continue
+        if isinstance(data, dict) and str(data.get("run_id")) == str(run_id):
+            found.append(path)
+    return max(found, key=lambda p: p.stat().st_mtime) if found else None

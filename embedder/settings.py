@@ -100,7 +100,10 @@ class RunConfig(BaseModel):
     rrf_k: int = Field(60, ge=1)
     retrieval_top_n: int = Field(100, ge=1, le=10_000, description="Candidates per list before fusion.")
     gpu_memory_ceiling_gb: float = Field(12.0, gt=0, le=1024)
-    gpu_concurrency_limit_name: str = Field("gpu", min_length=1)
+    gpu_concurrency_limit_name: str = Field(
+        "gpu", min_length=1, description="The GPU lease's global concurrency limit. '{host}' is replaced, on the "
+        "host that runs the stage, by EMBEDDER_HOST or the host name: 'gpu-{host}' gives each host of a fleet "
+        "its own GPU budget.")
     gpu_lease_timeout_s: float = Field(3600.0, gt=0, description="How long a stage waits for the GPU slot.")
     gpu_lease_duration_s: float = Field(300.0, ge=60, description="Lease length; a dead holder frees after it.")
     query_policy: QueryPolicy = Field(default_factory=QueryPolicy)
@@ -114,6 +117,14 @@ class RunConfig(BaseModel):
         100_000, ge=1, description="Qdrant Edge builds an HNSW graph at or above this many points, else searches "
         "exactly (bench/index.py: exact hybrid queries stay near 15 ms at 100k points).",
     )
+    collection_fanout: Literal["auto", "subflows", "deployments"] = Field(
+        "auto", description="How a run's collections execute. auto: under a deployment, each collection is its "
+        "own flow run of `collection_deployment`, placed on any worker of the pool; otherwise in-process subflows.")
+    collection_deployment: str = Field(
+        "embed-collection/collection", min_length=3, description="The per-collection deployment fan-out submits to.")
+    collection_lock_timeout_s: float = Field(
+        6 * 3600.0, gt=0, description="How long a run waits while another run of the same collection (same "
+        "output dir) holds it; past this the collection fails with a clear error.")
     overlap_sparse: bool = Field(
         True, description="Run sparse inference side by side with the dense stage (bench/stages.py measures it).")
     stream_window: int = Field(
@@ -167,6 +178,9 @@ class EmbedderSettings(BaseSettings):
     retrieval_top_n: int = 100
     gpu_memory_ceiling_gb: float = 12.0
     gpu_concurrency_limit_name: str = "gpu"
+    collection_fanout: Literal["auto", "subflows", "deployments"] = "auto"
+    collection_deployment: str = "embed-collection/collection"
+    collection_lock_timeout_s: float = 6 * 3600.0
     gpu_lease_timeout_s: float = 3600.0
     gpu_lease_duration_s: float = 300.0
     query_policy: QueryPolicy = Field(default_factory=QueryPolicy)
@@ -194,6 +208,47 @@ class ServiceSettings(BaseSettings):
         None, validation_alias=AliasChoices("EMBEDDER_QDRANT_API_KEY", "QDRANT_API_KEY")
     )
     qdrant_timeout_s: float = Field(30.0, validation_alias=AliasChoices("EMBEDDER_QDRANT_TIMEOUT_S"))
+
+
+class HostSettings(BaseSettings):
+    """What differs between the hosts of a fleet; read in the process that runs a stage, never a parameter."""
+
+    model_config = SettingsConfigDict(extra="ignore")
+
+    host: str | None = Field(None, validation_alias=AliasChoices("EMBEDDER_HOST"),
+                             description="This host's name in limit templates; defaults to the host name.")
+
+
+def host_name() -> str:
+    """This host's name for limits and telemetry: ``EMBEDDER_HOST``, else the short host name."""
+    import socket
+
+    return HostSettings().host or socket.gethostname().split(".")[0]
+
+
+_LIMIT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,199}$")
+
+
+def resolve_limit_name(template: str, host: str | None = None) -> str:
+    """A concurrency limit name for this host: ``{host}`` in ``template`` replaced by the host's name.
+
+    The name is resolved where the stage runs (a fleet's workers), not where the
+    run was started: ``gpu-{host}`` gives each GPU host its own budget while every
+    run carries the same settings.
+
+    Args:
+        template: ``gpu``, ``gpu-{host}``, ...
+        host: The host name; default ``EMBEDDER_HOST``, else ``socket.gethostname()``.
+
+    Raises:
+        ConfigError: If the result is not a usable limit name.
+    """
+    if "{host}" in template:
+        template = template.replace("{host}", host or host_name())
+    if not _LIMIT_NAME.fullmatch(template) or "{" in template:
+        raise ConfigError(f"concurrency limit name {template!r} is not usable: letters, digits, '.', '_', ':' "
+                          "and '-' only, and '{host}' is the one placeholder")
+    return template
 
 
 def load_config_file(path: str | Path) -> dict[str, Any]:

@@ -144,6 +144,7 @@ class LeaseEvent(_Section):
     released_at: str
     wait_s: float
     lease_id: str | None = None
+    host: str | None = Field(None, description="The host that held the slot (EMBEDDER_HOST or its host name).")
     held_s: float | None = Field(None, description="How long the slot was held (acquired to released).")
     gpu_work_s: float | None = Field(None, description="How much of that the stage spent on GPU work.")
     gpu_work_s: float | None = Field(None, description="How much of that the stage spent on GPU work.")

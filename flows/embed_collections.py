@@ -9,14 +9,15 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
-from prefect.runtime import flow_run
+from prefect.runtime import deployment, flow_run
 from prefect.states import State
 
 from embedder.errors import CollectionsFailedError
 from embedder.report import CollectionOutcome, build_summary, close_run_set, new_run_set, write_collection_summary
-from embedder.settings import CollectionInput, RunConfig, resolve_run_config
+from embedder.settings import CollectionInput, RunConfig, resolve_limit_name, resolve_run_config
 from embedder.summary import ProcessingSummary, render_summary_lines
-from tasks.lease import ensure_gpu_limit
+from tasks.fanout import fan_out_to_deployments, rollup_artifact, run_collection_deployments
+from tasks.lease import collection_lease, ensure_gpu_limit
 from tasks.stages import (
     call,
     carry_forward_task,
@@ -69,8 +70,19 @@ def embed_collection(config: RunConfig, collection: CollectionInput, run_id: uui
 
     Every run that starts publishes a summary. A failed one publishes it beside
     the last good run's exports and index (see `embedder.report.carry_forward`),
-    then raises, so the subflow run ends Failed.
+    then raises, so the subflow run ends Failed. One run at a time writes a
+    collection of an output dir: a second one queues (see `tasks.lease.collection_lease`).
     """
+    with collection_lease(config.output_dir, collection.name, timeout_s=config.collection_lock_timeout_s,
+                          lease_duration_s=config.gpu_lease_duration_s) as lock:
+        if lock.get("wait_s", 0) > 1:
+            get_run_logger().info("waited %.1f s for another run of collection %r to finish", lock["wait_s"],
+                                  collection.name)
+        return _embed_collection(config, collection, run_id, preflight_error)
+
+
+def _embed_collection(config: RunConfig, collection: CollectionInput, run_id: uuid.UUID,
+                      preflight_error: str | None) -> ProcessingSummary:
     log = get_run_logger()
     t0 = time.perf_counter()
     name = collection.name
@@ -159,9 +171,13 @@ def embed_collections(
         config_file: A TOML/JSON settings file (scheduled deployments name their
             collections there); values set explicitly in ``config`` win over it.
 
-    Collections run one after another: they would only queue on the single GPU
-    slot if run side by side, and sequential runs keep memory bounded. A failed
-    collection does not stop the others; the run ends Failed when any failed.
+    Under a deployment (``collection_fanout`` auto), each collection is its own
+    flow run of the per-collection deployment, so the work pool places them on
+    any worker; this run waits for all of them and rolls their summaries up.
+    Otherwise (the CLI, ``serve``) collections run one after another as in-process
+    subflows: they would only queue on one GPU slot if run side by side, and
+    sequential runs keep memory bounded. A failed collection never stops or
+    cancels the others; the run ends Failed when any failed.
 
     Raises:
         CollectionsFailedError: When any collection failed (carrying every summary).
@@ -170,19 +186,27 @@ def embed_collections(
         config = resolve_run_config(config_file, config.model_dump(exclude_unset=True))
     preflight_error = outcome_error(preflight_task(config, return_state=True))
     if preflight_error is None:
-        ensure_gpu_limit(config.gpu_concurrency_limit_name)
+        ensure_gpu_limit(resolve_limit_name(config.gpu_concurrency_limit_name))
     run_id = uuid.UUID(flow_run.get_id()) if flow_run.get_id() else uuid.uuid4()
     summaries: list[ProcessingSummary] = []
     failures: list[str] = []
-    for collection in config.collections:
-        state = embed_collection(config, collection, run_id, preflight_error, return_state=True)
-        try:
-            summaries.append(state.result())
-        except CollectionsFailedError as exc:
-            summaries.extend(exc.summaries)
-            failures.append(str(exc))
-        except Exception as exc:  # a crash before the collection's summary: still report it, go on
-            failures.append(f"collection {collection.name!r}: {type(exc).__name__}: {exc}")
+    if fan_out_to_deployments(config, deployment.id):
+        children = run_collection_deployments(config, run_id, preflight_error)
+        for child in children:
+            summaries.extend([child.summary] if child.summary is not None else [])
+            if child.error:
+                failures.append(child.error)
+        rollup_artifact(children)
+    else:
+        for collection in config.collections:
+            state = embed_collection(config, collection, run_id, preflight_error, return_state=True)
+            try:
+                summaries.append(state.result())
+            except CollectionsFailedError as exc:
+                summaries.extend(exc.summaries)
+                failures.append(str(exc))
+            except Exception as exc:  # a crash before the collection's summary: still report it, go on
+                failures.append(f"collection {collection.name!r}: {type(exc).__name__}: {exc}")
     if failures or not config.collections:
         raise CollectionsFailedError("; ".join(failures) or (preflight_error or "the run names no collections"),
                                      summaries)

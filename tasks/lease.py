@@ -46,6 +46,7 @@ from prefect.settings import PREFECT_API_URL
 
 from embedder.errors import StageError
 from embedder.procs import owner, owner_dead
+from embedder.settings import host_name
 
 LEASE_STORAGE_ENV = "PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE"
 FILESYSTEM_LEASES = "prefect.server.concurrency.lease_storage.filesystem"
@@ -194,12 +195,16 @@ def _deregister(lease_id: UUID | str) -> None:
 
 
 @contextlib.contextmanager
-def gpu_lease(limit_name: str, stage: str, *, timeout_s: float, lease_duration_s: float) -> Iterator[dict[str, Any]]:
+def gpu_lease(limit_name: str, stage: str, *, timeout_s: float, lease_duration_s: float,
+              busy: str | None = None) -> Iterator[dict[str, Any]]:
     """Hold the GPU slot for one stage and yield its lease event (filled in on release).
 
     The wait is cut into slices of at most ``RECHECK_S`` seconds; on the
     ephemeral server, dead holders' leases are released between slices, so a
     crashed run delays the next one by a few seconds, never for ever.
+
+    Args:
+        busy: The error's text when the slot stays taken (default: the GPU slot's).
 
     Raises:
         StageError: If the slot is not acquired within ``timeout_s``.
@@ -210,15 +215,15 @@ def gpu_lease(limit_name: str, stage: str, *, timeout_s: float, lease_duration_s
     except MissingContextError:  # outside a flow run (the CLI's gpu-slots, a script)
         log = get_logger("embedder.lease")
     mode = recovery_mode()
-    event: dict[str, Any] = {"stage": stage, "limit_name": limit_name, "requested_at": _now(), "recovery": mode}
+    event: dict[str, Any] = {"stage": stage, "limit_name": limit_name, "host": host_name(), "requested_at": _now(),
+                             "recovery": mode}
     t0 = time.monotonic()
     while True:
         remaining = timeout_s - (time.monotonic() - t0)
         if remaining <= 0:
-            raise StageError(
+            raise StageError(busy or (
                 f"the GPU slot {limit_name!r} was not free within {timeout_s:.0f} s; another run holds it "
-                "(`embed-collections gpu-slots` lists the holders)"
-            )
+                "(`embed-collections gpu-slots` lists the holders)"))
         for lease_id in recover_dead_holders(limit_name):
             log.warning("released GPU lease %s of %r: its holder's process is gone", lease_id, limit_name)
         try:
@@ -246,3 +251,33 @@ def gpu_lease(limit_name: str, stage: str, *, timeout_s: float, lease_duration_s
             event["released_at"] = _now()
             event["held_s"] = round(time.monotonic() - held_from, 3)
             _deregister(lease_id)
+
+
+def collection_limit_name(output_dir: str, collection: str) -> str:
+    """The limit that lets one flow run at a time write a collection of an output dir (any host, any worker)."""
+    import hashlib
+    from pathlib import Path
+
+    where = hashlib.sha256(str(Path(output_dir).resolve()).encode()).hexdigest()[:12]
+    return f"embedder-collection-{where}-{collection}"
+
+
+@contextlib.contextmanager
+def collection_lease(output_dir: str, collection: str, *, timeout_s: float,
+                     lease_duration_s: float) -> Iterator[dict[str, Any]]:
+    """Hold a collection of an output dir for one flow run: a second run of it queues here.
+
+    Two runs of the same collection into the same output dir (a retry beside the
+    nightly run, two workers of a fleet) would otherwise build shards and run sets
+    side by side. Held through the same Prefect lease as the GPU slot, so a holder
+    that dies frees it the same way. Fleets must mount a shared output dir at the
+    same path on every host: the path names the limit.
+
+    Raises:
+        StageError: If another run still holds the collection after ``timeout_s``.
+    """
+    name = collection_limit_name(output_dir, collection)
+    busy = (f"collection {collection!r} of {output_dir} is being written by another run (limit {name!r}) "
+            f"and stayed so for {timeout_s:.0f} s; `embed-collections gpu-slots` lists the holder")
+    with gpu_lease(name, "collection", timeout_s=timeout_s, lease_duration_s=lease_duration_s, busy=busy) as event:
+        yield event

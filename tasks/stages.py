@@ -23,7 +23,7 @@ from embedder import stages as st
 from embedder.errors import EmbedderError, ModelUnavailableError
 from embedder.io.load import LoadResult
 from embedder.schemas import StageTelemetry
-from embedder.settings import CollectionInput, RunConfig, ServiceSettings
+from embedder.settings import CollectionInput, RunConfig, ServiceSettings, resolve_limit_name
 from tasks.lease import gpu_lease
 from tasks.telemetry import ProgressReporter, publish_stage
 
@@ -97,8 +97,7 @@ def dense_embed_task(config: RunConfig, collection: str, chunks: Any) -> st.Dens
     progress = _lazy_reporter(collection, "dense")
     result = st.dense_stage(
         config, collection, chunks, key, progress=progress,
-        gpu=lambda: gpu_lease(config.gpu_concurrency_limit_name, "dense", timeout_s=config.gpu_lease_timeout_s,
-                              lease_duration_s=config.gpu_lease_duration_s),
+        gpu=lambda: _gpu(config, "dense"),
     )
     publish_stage(collection, result.telemetry)
     return result
@@ -119,8 +118,7 @@ def sparse_infer_task(config: RunConfig, collection: str, chunks: Any, run_id: u
 
     result = st.sparse_stage(
         config, collection, chunks, st.sparse_key(config, collection, chunks), run_id=run_id,
-        gpu=lambda: gpu_lease(config.gpu_concurrency_limit_name, "sparse", timeout_s=config.gpu_lease_timeout_s,
-                              lease_duration_s=config.gpu_lease_duration_s),
+        gpu=lambda: _gpu(config, "sparse"),
         progress=progress,
     )
     for out in result.outputs:
@@ -138,6 +136,12 @@ def _lazy_reporter(collection: str, stage: str) -> Callable[[int, int], None]:
         holder[0](done, total)
 
     return report
+
+
+def _gpu(config: RunConfig, stage: str) -> Any:
+    """The GPU lease for a stage, on the limit this host resolves (``gpu-{host}`` gives each host its own)."""
+    return gpu_lease(resolve_limit_name(config.gpu_concurrency_limit_name), stage,
+                     timeout_s=config.gpu_lease_timeout_s, lease_duration_s=config.gpu_lease_duration_s)
 
 
 def open_run_store(config: RunConfig) -> Any:
@@ -195,8 +199,7 @@ def rerank_task(config: RunConfig, collection: str, chunks: Any, fusion: st.Fusi
         return st.rerank_stage(config, collection, chunks, fusion, key, run_id=run_id)
     result = st.rerank_stage(
         config, collection, chunks, fusion, key, run_id=run_id,
-        gpu=lambda: gpu_lease(config.gpu_concurrency_limit_name, "rerank", timeout_s=config.gpu_lease_timeout_s,
-                              lease_duration_s=config.gpu_lease_duration_s))
+        gpu=lambda: _gpu(config, "rerank"))
     if result.status == "error":
         raise ModelUnavailableError(result.reason or "rerank model unavailable")
     if result.telemetry is not None:

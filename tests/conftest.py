@@ -86,37 +86,52 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
-def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A real `prefect server start` on loopback, with its own database; yields its API URL."""
+def start_prefect_server(home: Path, extra_env: dict[str, str] | None = None,
+                         timeout_s: float = 180) -> tuple[subprocess.Popen, str]:
+    """Start `prefect server start` on a free loopback port with its home in ``home``; return it and its API URL."""
     import httpx
 
-    home = tmp_path_factory.mktemp("server-home")
     port = free_port()
     env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-           "PREFECT_UI_ENABLED": "false"}
+           "PREFECT_UI_ENABLED": "false", **(extra_env or {})}
     env.pop("PREFECT_API_URL", None)
     env.pop("PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE", None)  # a server as users start it: Prefect's defaults
     log = open(home / "server.log", "w")
     proc = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port",
                              str(port), "--no-ui"], env=env, stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True)
+    log.close()
     url = f"http://127.0.0.1:{port}/api"
-    deadline = time.time() + 120
+    deadline = time.time() + timeout_s
     while time.time() < deadline:
         try:
             if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                break
+                return proc, url
         except httpx.HTTPError:
             pass
         if proc.poll() is not None:
             raise RuntimeError((home / "server.log").read_text())
         time.sleep(0.5)
-    else:
-        raise RuntimeError("prefect server did not become healthy in 120 s")
+    stop_process_group(proc)
+    raise RuntimeError(f"prefect server did not become healthy in {timeout_s:.0f} s: "
+                       f"{(home / 'server.log').read_text()[-3000:]}")
+
+
+def stop_process_group(proc: subprocess.Popen, timeout_s: float = 30) -> None:
+    """SIGTERM a process started with ``start_new_session`` and its children; SIGKILL what outlives it."""
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=timeout_s)
+    except ProcessLookupError:
+        return
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=timeout_s)
+
+
+@pytest.fixture(scope="session")
+def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real `prefect server start` on loopback, with its own database; yields its API URL."""
+    proc, url = start_prefect_server(tmp_path_factory.mktemp("server-home"), timeout_s=120)
     yield url
-    os.killpg(proc.pid, signal.SIGTERM)
-    proc.wait(timeout=30)
-    log.close()
-
-
+    stop_process_group(proc)

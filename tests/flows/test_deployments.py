@@ -31,12 +31,16 @@ def test_prefect_yaml_is_well_formed():
 
     doc = yaml.safe_load((REPO / "prefect.yaml").read_text())
     names = {d["name"]: d for d in doc["deployments"]}
-    assert set(names) == {"nightly", "manual"}
+    assert set(names) == {"nightly", "manual", "collection"}
     assert names["nightly"]["schedules"][0]["cron"] and not names["manual"]["schedules"]
-    for d in names.values():
+    for d in (names["nightly"], names["manual"]):
         assert d["work_pool"]["name"] == "embedding" and d["concurrency_limit"] >= 1 and "gpu" in d["tags"]
         flow = load_flow_from_entrypoint(d["entrypoint"])
         flow.validate_parameters(d["parameters"])
+    # The per-collection deployment the parent fans out to: the flow's default name, no schedule.
+    child = names["collection"]
+    assert not child["schedules"] and child["work_pool"]["name"] == "embedding"
+    assert load_flow_from_entrypoint(child["entrypoint"]).name == "embed-collection"
     assert "set_working_directory" in str(doc["pull"])
 
 
@@ -112,7 +116,9 @@ def test_manual_run_then_failed_run_retried_from_cache(prefect_server, deployed,
     out = tmp_path / "out"
     config = {"collections": [{"name": "manual_sample", "path": str(SAMPLE_DIR)}],
               "queries_path": str(SAMPLE_QUERIES), "output_dir": str(out), "local_files_only": True,
-              "rerank_model": str(tiny_cross_encoder)}
+              "rerank_model": str(tiny_cross_encoder),
+              # One `--run-once` worker below: the collection runs in-process (tests/flows/test_fleet.py fans out).
+              "collection_fanout": "subflows"}
     with _client(prefect_server) as client:
         dep = client.read_deployment_by_name("embed-collections/manual")
         run = client.create_flow_run_from_deployment(dep.id, parameters={"config": config})
