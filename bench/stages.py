@@ -20,7 +20,12 @@ The rerank model is a real-size CrossEncoder built from the packaged MiniLM
 weights with a fresh classification head: its scores are meaningless, its cost
 is that of ms-marco-MiniLM-L-6-v2.
 
-Usage: python bench/stages.py [--docs 1000] [--queries 20] [--rounds 3]
+Sparse (BM25) takes half a second on 1,000 abstracts, too short to say much, so
+``--sparse-docs N`` also measures it on N abstracts: raw fastembed against the
+sparse task run of a flow whose dense model is a small local encoder (the dense
+stage's cost does not enter the sparse task's duration) with rerank off.
+
+Usage: python bench/stages.py [--docs 1000] [--queries 20] [--rounds 3] [--sparse-docs 5183]
 """
 
 from __future__ import annotations
@@ -130,12 +135,27 @@ def flow_round(cfg) -> dict[str, float]:
     return out
 
 
+def raw_sparse(texts: list[str], queries: list[str]) -> float:
+    """Seconds of fastembed BM25, load included, over ``texts`` and ``queries``."""
+    from fastembed import SparseTextEmbedding
+
+    from embedder.models.registry import resolve_model
+
+    t0 = time.perf_counter()
+    bm25 = SparseTextEmbedding("Qdrant/bm25", specific_model_path=resolve_model("qdrant-bm25", "sparse").location,
+                               local_files_only=True)
+    list(bm25.embed(texts, batch_size=256))
+    list(bm25.query_embed(queries))
+    return time.perf_counter() - t0
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--docs", type=int, default=1000)
     parser.add_argument("--queries", type=int, default=20)
     parser.add_argument("--candidates", type=int, default=50)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--sparse-docs", type=int, default=0, help="also measure sparse on this many abstracts")
     args = parser.parse_args()
 
     from embedder.settings import CollectionInput, RunConfig
@@ -169,6 +189,26 @@ def main() -> None:
             flow.clear()
             sequential.clear()
 
+    sparse_big: dict[str, list[float]] = {"raw": [], "in_flow": []}
+    if args.sparse_docs:
+        from bench.scale import small_dense_model
+
+        big = scifact_docs(args.sparse_docs)
+        big_src = tmp / "scifact-big.jsonl"
+        big_src.write_text("".join(json.dumps({"id": i, "text": t}) + "\n" for i, t in big))
+        small = small_dense_model(tmp / "small-dense")
+        for r in range(args.rounds + 1):
+            cfg = RunConfig(collections=[CollectionInput(name="scifact", path=str(big_src))],
+                            queries_path=str(qpath), output_dir=str(tmp / f"out-sparse-{r}"), local_files_only=True,
+                            dense_model=str(small), enable_rerank=False, overlap_sparse=False)
+            pair = [lambda: sparse_big["raw"].append(raw_sparse([t for _, t in big], qtexts)),
+                    lambda cfg=cfg: sparse_big["in_flow"].append(flow_round(cfg)["sparse"])]
+            for step in pair if r % 2 == 0 else pair[::-1]:
+                step()
+            if r == 0:  # warm-up
+                sparse_big["raw"].clear()
+                sparse_big["in_flow"].clear()
+
     def med(rows: list[dict[str, float]], key: str) -> float | None:
         values = [row[key] for row in rows if key in row]
         return round(statistics.median(values), 3) if values else None
@@ -182,9 +222,15 @@ def main() -> None:
                          "ratio": round(raw_s / in_flow, 3) if raw_s and in_flow else None}
     for stage in ("load", "index", "fuse", "export", "publish"):
         stages[stage] = {"in_flow_s": med(sequential, stage)}
+    if args.sparse_docs:
+        raw_s, in_flow = (round(statistics.median(sparse_big[k]), 3) for k in ("raw", "in_flow"))
+        stages[f"sparse_{args.sparse_docs}"] = {"docs": args.sparse_docs, "raw_s": raw_s, "in_flow_s": in_flow,
+                                                "ratio": round(raw_s / in_flow, 3),
+                                                "raw_rounds": sparse_big["raw"], "flow_rounds": sparse_big["in_flow"]}
     write_result("stages", {
         "docs": len(docs), "queries": len(queries), "rerank_candidates": args.candidates, "rounds": args.rounds,
-        "command": f"python bench/stages.py --docs {args.docs} --queries {args.queries} --rounds {args.rounds}",
+        "command": f"python bench/stages.py --docs {args.docs} --queries {args.queries} --rounds {args.rounds}"
+                   f" --candidates {args.candidates} --sparse-docs {args.sparse_docs}",
         "stages": stages,
         # From the sequential arrangement: side by side, task runs overlap and their sum exceeds the flow's time.
         "orchestration_s": med(sequential, "orchestration"), "subflow_run_s": med(sequential, "subflow_run"),

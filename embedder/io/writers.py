@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import orjson
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -17,17 +18,29 @@ from embedder.schemas import Chunk, StageRef
 
 def dumps(obj: Any) -> str:
     """Deterministic compact JSON (sorted keys), so identical inputs give byte-identical files."""
-    return json.dumps(obj, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return _dumps_bytes(obj).decode("utf-8")
+
+
+def _dumps_bytes(obj: Any) -> bytes:
+    # orjson writes the same bytes as json.dumps(sort_keys, ensure_ascii=False, compact) for what
+    # we export (shortest round-trip floats, UTF-8 text) at ~10x the speed: the vector files
+    # are mostly floats. It refuses what json would write anyway (ints past 64 bits, non-str
+    # keys), and writes non-finite floats as null where json writes invalid NaN literals.
+    try:
+        return orjson.dumps(obj, option=orjson.OPT_SORT_KEYS)
+    except TypeError:
+        return json.dumps(obj, sort_keys=True, ensure_ascii=False, separators=(",", ":"),
+                          allow_nan=False).encode("utf-8")
 
 
 def write_jsonl(path: Path, records: Iterable[Any]) -> StageRef:
     """Write JSON lines atomically; pydantic models are dumped in JSON mode."""
     count = 0
-    with atomic_open(path, "w") as fh:
+    with atomic_open(path, "wb") as fh:
         for record in records:
             if hasattr(record, "model_dump"):
                 record = record.model_dump(mode="json")
-            fh.write(dumps(record) + "\n")
+            fh.write(_dumps_bytes(record) + b"\n")
             count += 1
     return StageRef(path=str(path), digest=file_digest(path), items=count)
 
@@ -39,10 +52,10 @@ def read_jsonl_records(path: str | Path) -> list[dict[str, Any]]:
 
 def iter_jsonl_records(path: str | Path) -> Iterator[dict[str, Any]]:
     """The records of a JSONL file this package wrote, one at a time."""
-    with open(path, encoding="utf-8") as fh:
+    with open(path, "rb") as fh:
         for line in fh:
             if line.strip():
-                yield json.loads(line)
+                yield orjson.loads(line)
 
 
 def iter_jsonl_windows(path: str | Path, size: int) -> Iterator[list[dict[str, Any]]]:
