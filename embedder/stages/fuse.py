@@ -49,10 +49,13 @@ def fuse_stage(config: RunConfig, collection: str, dense: DenseStageResult, spar
             lambda out=out: iter_sparse_windows(out.vectors, window), [queries.get(q, SparseVector()) for q in qids],
             n, use_idf=get_spec(out.model_name, "sparse").requires_idf))
     rows = []
+    # Weights follow the lists (dense, then each sparse model that ran).
+    weights = [config.fusion_weights.get(name, 1.0) for name in ("dense", *(o.model_name for o in sparse.outputs))]
+    weights_or_none = weights if config.fusion_weights else None
     for qi, qid in enumerate(qids):
         lists = [per_model[qi] for per_model in lists_per_model]
-        rrf = fuse_rrf([[c.id for c in lst] for lst in lists], k=config.rrf_k)[:n]
-        dbsf = fuse_dbsf(lists)[:n]
+        rrf = fuse_rrf([[c.id for c in lst] for lst in lists], k=config.rrf_k, weights=weights_or_none)[:n]
+        dbsf = fuse_dbsf(lists, weights=weights_or_none)[:n]
         rows.append({
             "query_id": qid,
             "dense": [c.model_dump() for c in lists[0]],
@@ -73,7 +76,7 @@ def fuse_key(config: RunConfig, collection: str, dense: DenseStageResult, sparse
                       for o in sparse.outputs]
     return stage_key("fuse", *owner_parts(config, collection), dense.vectors.digest,
                      dense.query_vectors.digest if dense.query_vectors else None, sparse_digests,
-                     config.retrieval_top_n, config.rrf_k, config.fusion)
+                     config.retrieval_top_n, config.rrf_k, config.fusion, sorted(config.fusion_weights.items()))
 
 
 def fusion_section(config: RunConfig, fusion: FusionResult | None, error: str | None,
