@@ -280,10 +280,17 @@ def resolve_limit_name(template: str, host: str | None = None) -> str:
     return template
 
 
+# `--config recommended`: the fusion the project ships for this kind of data, fitted by
+# `embed-collections eval --tune` on SciFact's train split (its [tuning] table says so).
+RECOMMENDED_CONFIG = Path(__file__).resolve().parent / "data" / "recommended_fusion.toml"
+
+
 def load_config_file(path: str | Path) -> dict[str, Any]:
     """Read a TOML or JSON config file into a dict of RunConfig fields.
 
-    A TOML file may put the fields at the top level or under ``[embedder]``.
+    A TOML file may put the fields at the top level or under ``[embedder]``
+    (other tables, such as a tuned file's ``[tuning]``, are provenance and
+    ignored). ``recommended`` names the packaged recommended fusion.
 
     Args:
         path: The config file.
@@ -294,7 +301,7 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     Raises:
         ConfigError: If the file is missing, unparsable or not a table.
     """
-    p = Path(path)
+    p = RECOMMENDED_CONFIG if str(path) == "recommended" else Path(path)
     if not p.is_file():
         raise ConfigError(f"config file {str(p)!r} does not exist")
     try:

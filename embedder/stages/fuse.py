@@ -26,6 +26,8 @@ class FusionResult(BaseModel):
     queries: int = 0
     latency_ms: float = 0.0
     candidates: StageRef | None = None
+    lists: list[str] | None = None
+    weights: dict[str, float] | None = None
     reason: str | None = None
 
 
@@ -65,9 +67,11 @@ def fuse_stage(config: RunConfig, collection: str, dense: DenseStageResult, spar
         })
     path = stage_dir(config, collection, "fuse", key)
     ref = write_jsonl(path / "candidates.jsonl", rows)
+    names = ["dense", *(o.model_name for o in sparse.outputs)]
     return seal(path, FusionResult(status="executed", method=config.fusion,
                                    k=config.rrf_k if config.fusion == "rrf" else None, queries=len(rows),
-                                   latency_ms=(time.perf_counter() - t0) * 1000, candidates=ref))
+                                   latency_ms=(time.perf_counter() - t0) * 1000, candidates=ref, lists=names,
+                                   weights=dict(zip(names, weights)) if weights_or_none else None))
 
 
 def fuse_key(config: RunConfig, collection: str, dense: DenseStageResult, sparse: SparseStageResult) -> str:
@@ -87,6 +91,7 @@ def fusion_section(config: RunConfig, fusion: FusionResult | None, error: str | 
             method=config.fusion, k=config.rrf_k, status="error" if error else "skipped",
             reason=error or "an earlier stage failed")})
     run = FusionRun(method=fusion.method, k=fusion.k, queries=fusion.queries, latency_ms=fusion.latency_ms,
-                    status=fusion.status, reason=fusion.reason)
+                    status=fusion.status, reason=fusion.reason, lists=fusion.lists, weights=fusion.weights,
+                    candidates_path=fusion.candidates.path if fusion.candidates else None)
     telemetry = StageTelemetry(stage="fuse", items=fusion.queries, latency_ms=fusion.latency_ms, cached=cached)
     return SummarySection(fields={"fusion_run": run}, stages={"fuse": telemetry.model_dump()})
