@@ -21,7 +21,7 @@ def _synthetic(n_queries: int = 60, seed: int = 0) -> tuple[list[QueryLists], di
         qrels[f"q{qi}"] = {rel: 1}
         pool = [f"q{qi}-d{j}" for j in range(30)]
 
-        def ranked(rel_rank: int | None) -> list[ScoredCandidate]:
+        def ranked(rel_rank: int | None, pool: list[str] = pool, rel: str = rel) -> list[ScoredCandidate]:
             ids = rng.sample(pool, len(pool))
             if rel_rank is not None:
                 ids.insert(rel_rank, rel)
