@@ -26,6 +26,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from embedder.errors import ModelUnavailableError
+from embedder.models.loading import LOAD_LOCK
 from embedder.models.registry import ModelSpec, ResolvedModel
 from embedder.schemas import Chunk, Query, SparseInferenceRun, SparseVector, StageTelemetry
 
@@ -142,8 +143,9 @@ class SpladeModel:
 
             from embedder.models.engine import cast_model
 
-            self._model = cast_model(SparseEncoder(self.location, device="cpu", local_files_only=self.local_files_only),
-                                     self.precision)
+            with LOAD_LOCK:
+                self._model = cast_model(SparseEncoder(self.location, device="cpu",
+                                                       local_files_only=self.local_files_only), self.precision)
         return self._model
 
     def placed(self) -> Any:
