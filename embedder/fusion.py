@@ -7,6 +7,13 @@ The formulas match Qdrant's Query API so that in-memory fusion and Qdrant's
   counts positions from 0, so :func:`embedder.io.qdrant.hybrid_query` passes it ``k + 1``.
 - DBSF: each list's scores are mapped through ``(s - (mean - 3 sd)) / (6 sd)``
   (sample sd; a single score or zero variance maps to 0.5), then summed.
+
+Both take any number of lists (dense plus every sparse model) and optional
+per-list weights. Weighted RRF follows Qdrant's ``Fusion.Rrf(k, weights)``: a
+weight scales the *rank*, ``sum_i 1 / (k + rank_i(d) / w_i)``, so a list of
+weight 2 counts its 2nd document as another list's 1st (weight 1 is plain RRF;
+weight 0 leaves the list out). Weighted DBSF sums ``w_i`` times each normalised
+score (Qdrant's DBSF has no weights, so weighted DBSF runs here only).
 """
 
 from __future__ import annotations
@@ -25,28 +32,41 @@ def _ranked(scores: Mapping[str, float], first_seen: Mapping[str, int]) -> list[
     return [ScoredCandidate(id=d, score=scores[d]) for d in order]
 
 
-def fuse_rrf(lists: Sequence[Sequence[str]], k: int = 60) -> list[ScoredCandidate]:
-    """Reciprocal rank fusion of ranked id lists.
+def _weights(weights: Sequence[float] | None, n: int) -> list[float]:
+    if weights is None:
+        return [1.0] * n
+    if len(weights) != n or any(w < 0 or not math.isfinite(w) for w in weights):
+        raise ValueError(f"expected {n} finite, non-negative weights (one per list), got {list(weights)}")
+    return [float(w) for w in weights]
+
+
+def fuse_rrf(lists: Sequence[Sequence[str]], k: int = 60,
+             weights: Sequence[float] | None = None) -> list[ScoredCandidate]:
+    """Reciprocal rank fusion of ranked id lists, optionally weighted per list.
 
     Args:
         lists: Each a list of ids, best first. Duplicates within a list count once (first rank).
         k: The rank constant.
+        weights: One non-negative weight per list (default: all 1).
 
     Returns:
         Fused candidates, best first.
     """
     if k < 0:
         raise ValueError("k must be >= 0")
+    w = _weights(weights, len(lists))
     scores: dict[str, float] = {}
     first_seen: dict[str, int] = {}
     pos = 0
-    for ranked in lists:
+    for ranked, weight in zip(lists, w):
+        if weight == 0:
+            continue
         seen: set[str] = set()
         for rank, doc_id in enumerate(ranked, start=1):
             if doc_id in seen:
                 continue
             seen.add(doc_id)
-            scores[doc_id] = scores.get(doc_id, 0.0) + 1.0 / (k + rank)
+            scores[doc_id] = scores.get(doc_id, 0.0) + 1.0 / (k + rank / weight)
             first_seen.setdefault(doc_id, pos)
             pos += 1
     return _ranked(scores, first_seen)
@@ -65,23 +85,26 @@ def _dbsf_normalise(scores: Sequence[float]) -> list[float]:
     return [(s - low) / (high - low) for s in scores]
 
 
-def fuse_dbsf(scored_lists: Sequence[Sequence[ScoredCandidate]]) -> list[ScoredCandidate]:
-    """Distribution-based score fusion of scored lists.
+def fuse_dbsf(scored_lists: Sequence[Sequence[ScoredCandidate]],
+              weights: Sequence[float] | None = None) -> list[ScoredCandidate]:
+    """Distribution-based score fusion of scored lists, optionally weighted per list.
 
     Args:
         scored_lists: Each a list of candidates with their raw retriever scores.
+        weights: One non-negative weight per list (default: all 1).
 
     Returns:
         Fused candidates, best first.
     """
+    w = _weights(weights, len(scored_lists))
     scores: dict[str, float] = {}
     first_seen: dict[str, int] = {}
     pos = 0
-    for lst in scored_lists:
-        if not lst:
+    for lst, weight in zip(scored_lists, w):
+        if not lst or weight == 0:
             continue
         for cand, norm in zip(lst, _dbsf_normalise([c.score for c in lst])):
-            scores[cand.id] = scores.get(cand.id, 0.0) + norm
+            scores[cand.id] = scores.get(cand.id, 0.0) + weight * norm
             first_seen.setdefault(cand.id, pos)
             pos += 1
     return _ranked(scores, first_seen)

@@ -111,7 +111,7 @@ def search_collection(root: Path, req: SearchRequest, store: VectorStore | None 
         StageError: The collection's run produced no dense vectors.
         IndexNotFoundError: No published index exists for it.
     """
-    from embedder.io.qdrant import point_id, sparse_vector_name
+    from embedder.io.qdrant import DENSE_VECTOR, point_id, sparse_vector_name
     from embedder.io.store import HybridQuery
     from embedder.models.engine import plan_token_budget
     from embedder.models.registry import resolve_model
@@ -149,8 +149,16 @@ def search_collection(root: Path, req: SearchRequest, store: VectorStore | None 
                     warnings.append(f"sparse model {name!r} unavailable, dense-only retrieval: {exc}")
         fusion = cfg.get("fusion", "rrf")
         n = max(req.top_k, int(cfg.get("rerank_top_k_candidates", 100)) if req.rerank else req.top_k)
+        # The run's own fusion weights (a tuned file read with --config), by vector name.
+        by_list = cfg.get("fusion_weights") or {}
+        weights = {(DENSE_VECTOR if name == "dense" else sparse_vector_name(name)): float(w)
+                   for name, w in by_list.items()} or None
+        if weights and fusion == "dbsf":
+            warnings.append("the engine's DBSF has no list weights; searched unweighted (weighted DBSF is "
+                            "what the run's fusion stage and eval report)")
         cands = store.query(req.collection, HybridQuery(dense=qvec, sparse=sparse_q, fusion=fusion,
-                                                        k=int(cfg.get("rrf_k", 60)), prefetch_limit=n, limit=n))
+                                                        k=int(cfg.get("rrf_k", 60)), weights=weights,
+                                                        prefetch_limit=n, limit=n))
         reranked = False
         rerank_model = cfg.get("rerank_model") if req.rerank else None
         if req.rerank and cands:

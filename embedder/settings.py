@@ -13,7 +13,16 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from embedder.errors import ConfigError, UnsafeNameError
@@ -98,6 +107,9 @@ class RunConfig(BaseModel):
     rerank_latency_budget_ms: float | None = Field(None, gt=0, description="Per-query budget; cuts candidates.")
     fusion: Literal["rrf", "dbsf"] = "rrf"
     rrf_k: int = Field(60, ge=1)
+    fusion_weights: dict[str, float] = Field(
+        default_factory=dict, description="Per-list fusion weights by list name: 'dense' and each sparse model "
+        "(a list not named weighs 1). `embed-collections tune` fits them on a training split.")
     retrieval_top_n: int = Field(100, ge=1, le=10_000, description="Candidates per list before fusion.")
     gpu_memory_ceiling_gb: float = Field(12.0, gt=0, le=1024)
     gpu_concurrency_limit_name: str = Field(
@@ -151,6 +163,22 @@ class RunConfig(BaseModel):
             raise ValueError("sparse_models needs at least one model name")
         return cleaned
 
+    @field_validator("fusion_weights")
+    @classmethod
+    def _usable_weights(cls, value: dict[str, float]) -> dict[str, float]:
+        bad = {k: w for k, w in value.items() if not (w >= 0 and w < float("inf"))}
+        if bad:
+            raise ValueError(f"fusion weights must be finite and non-negative: {bad}")
+        return value
+
+    @model_validator(mode="after")
+    def _weights_name_lists(self) -> RunConfig:
+        unknown = sorted(set(self.fusion_weights) - {"dense", *self.sparse_models})
+        if unknown:
+            raise ValueError(f"fusion_weights names {unknown}, which are not lists of this run "
+                             f"(use 'dense' or one of sparse_models: {self.sparse_models})")
+        return self
+
 
 class EmbedderSettings(BaseSettings):
     """Environment settings (prefix ``EMBEDDER_``). Nested values use ``__``.
@@ -175,6 +203,7 @@ class EmbedderSettings(BaseSettings):
     rerank_latency_budget_ms: float | None = None
     fusion: Literal["rrf", "dbsf"] = "rrf"
     rrf_k: int = 60
+    fusion_weights: dict[str, float] = Field(default_factory=dict)
     retrieval_top_n: int = 100
     gpu_memory_ceiling_gb: float = 12.0
     gpu_concurrency_limit_name: str = "gpu"
@@ -251,10 +280,17 @@ def resolve_limit_name(template: str, host: str | None = None) -> str:
     return template
 
 
+# `--config recommended`: the fusion the project ships for this kind of data, fitted by
+# `embed-collections eval --tune` on SciFact's train split (its [tuning] table says so).
+RECOMMENDED_CONFIG = Path(__file__).resolve().parent / "data" / "recommended_fusion.toml"
+
+
 def load_config_file(path: str | Path) -> dict[str, Any]:
     """Read a TOML or JSON config file into a dict of RunConfig fields.
 
-    A TOML file may put the fields at the top level or under ``[embedder]``.
+    A TOML file may put the fields at the top level or under ``[embedder]``
+    (other tables, such as a tuned file's ``[tuning]``, are provenance and
+    ignored). ``recommended`` names the packaged recommended fusion.
 
     Args:
         path: The config file.
@@ -265,7 +301,7 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     Raises:
         ConfigError: If the file is missing, unparsable or not a table.
     """
-    p = Path(path)
+    p = RECOMMENDED_CONFIG if str(path) == "recommended" else Path(path)
     if not p.is_file():
         raise ConfigError(f"config file {str(p)!r} does not exist")
     try:

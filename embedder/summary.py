@@ -129,6 +129,9 @@ class FusionRun(_Section):
     latency_ms: float = 0.0
     status: StageStatus = "executed"
     reason: str | None = None
+    lists: list[str] | None = Field(None, description="The fused lists: dense, then each sparse model.")
+    weights: dict[str, float] | None = Field(None, description="Per-list weights applied (None: all 1).")
+    candidates_path: str | None = Field(None, description="Each query's candidate lists (the stage file).")
 
 
 class Compatibility(_Section):

@@ -239,8 +239,16 @@ def eval_(
     local_files_only: Annotated[bool | None, typer.Option("--local-files-only")] = None,
     config: Annotated[Path | None, typer.Option("--config")] = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    tune: Annotated[Path | None, typer.Option(
+        "--tune", help="Fit fusion weights and RRF k on this (training) split and write them to this TOML file, "
+        "for --config in run, eval and the runs search reads.")] = None,
 ) -> None:
-    """Run the real pipeline on a BEIR dataset and report nDCG@10 and Recall@100 per stage."""
+    """Run the real pipeline on a BEIR dataset and report nDCG@10 and Recall@100 per list and per fusion.
+
+    Besides the stages' own lists, every combination of two or more lists is
+    fused with RRF and DBSF (keys ``rrf:dense+qdrant-bm25``, ...), and the
+    packaged recommendation (``--config recommended``) is scored as ``recommended``.
+    """
     _prefect_defaults()
     from embedder.io.beir import prepare_beir
     from embedder.settings import resolve_run_config, validate_collection_name
@@ -276,6 +284,10 @@ def eval_(
         "rerank": summary.rerank_run.model_name if summary.rerank_run and summary.rerank_run.executed else None,
     }
     report["warnings"] = summary.warnings
+    try:
+        report.update(_fusion_report(summary, inputs.qrels_tsv, split, beir_dir, tune))
+    except ValueError as exc:
+        _fail(str(exc), 2)
     if json_output:
         typer.echo(json.dumps(report, indent=2))
         return
@@ -285,6 +297,47 @@ def eval_(
     typer.echo(f"models: {report['models']}")
     for w in summary.warnings:
         typer.echo(f"WARNING: {w}")
+
+
+def _rounded(m: dict[str, float]) -> dict[str, float]:
+    return {"ndcg@10": round(m["ndcg@10"], 4), "recall@100": round(m["recall@100"], 4)}
+
+
+def _fusion_report(summary: Any, qrels_tsv: Path, split: str, beir_dir: Path, tune: Path | None) -> dict[str, Any]:
+    """Every list and fusion of the run, the packaged recommendation's score, and (``--tune``) a fit on this split."""
+    import tomllib
+
+    from embedder.errors import ConfigError
+    from embedder.io.atomic import atomic_write_text
+    from embedder.io.readers import read_qrels
+    from embedder.io.writers import read_jsonl_records
+    from embedder.settings import RECOMMENDED_CONFIG, load_config_file
+    from embedder.tuning import every_fusion, fit_fusion, fit_to_toml, query_lists, score_settings
+
+    fusion = summary.fusion_run
+    if fusion is None or not fusion.candidates_path:
+        return {}
+    queries = query_lists(read_jsonl_records(fusion.candidates_path))
+    qrels = read_qrels(str(qrels_tsv))
+    out: dict[str, Any] = {key: _rounded(m) for key, m in every_fusion(queries, qrels, k=fusion.k or 60).items()}
+    try:
+        recommended = load_config_file(RECOMMENDED_CONFIG)
+    except ConfigError as exc:  # a damaged install: report it, the rest of the report stands
+        out["recommended"] = {"reason": str(exc)}
+    else:
+        scored = score_settings(queries, qrels, recommended)
+        meta = tomllib.loads(RECOMMENDED_CONFIG.read_text(encoding="utf-8")).get("tuning", {})
+        out["recommended"] = {"settings": recommended, "fitted_on": meta,
+                              **(_rounded(scored) if isinstance(scored, dict) else {"reason": scored})}
+    if tune is not None:
+        fit = fit_fusion(queries, qrels, split)
+        text = fit_to_toml(fit, {"dataset": beir_dir.resolve().name, "split": split})
+        tune.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(tune, text)
+        out["tuned"] = {"settings": fit.settings(), "file": str(tune), "train_ndcg@10": round(fit.train_ndcg, 4),
+                        "cv_ndcg@10": round(fit.cv_ndcg, 4) if fit.cv_ndcg is not None else None,
+                        "cv_folds": fit.folds, "queries": fit.queries, "history": fit.history}
+    return out
 
 
 @app.command(name="gpu-slots")

@@ -131,7 +131,7 @@ def to_edge_request(query: HybridQuery, payload_fields: Sequence[str] = ("chunk_
     prefetches = [qe.Prefetch(limit=query.prefetch_limit, query=nearest(n, v), params=params) for n, v in lists]
     # Qdrant scores RRF as 1 / (k + position) with 0-based positions; embedder.fusion uses the
     # standard 1 / (k + rank) with 1-based ranks. k + 1 makes the two agree exactly.
-    fusion = (qe.Fusion.Rrf(k=query.k + 1, weights=list(query.weights) if query.weights else None)
+    fusion = (qe.Fusion.Rrf(k=query.k + 1, weights=query.list_weights())
               if query.fusion == "rrf" else qe.Fusion.Dbsf())
     return qe.QueryRequest(limit=query.limit, prefetches=prefetches, query=fusion, with_payload=list(payload_fields))
 

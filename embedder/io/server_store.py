@@ -254,7 +254,7 @@ class ServerStore:
                         for n, v in lists]
             # Qdrant counts RRF positions from 0; embedder.fusion ranks from 1 (see edge_store).
             fusion: Any = (models.RrfQuery(rrf=models.Rrf(k=query.k + 1,
-                                                          weights=list(query.weights) if query.weights else None))
+                                                          weights=query.list_weights()))
                            if query.fusion == "rrf" else models.FusionQuery(fusion=models.Fusion.DBSF))
             resp = self.call(lambda c: c.query_points(collection_name=collection, prefetch=prefetch, query=fusion,
                                                       limit=query.limit, with_payload=["chunk_id"]))

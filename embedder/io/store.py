@@ -76,7 +76,9 @@ class HybridQuery:
         sparse: Vector name -> sparse query vector; empty vectors are left out.
         fusion: ``rrf`` or ``dbsf`` over the lists; ignored when there is one list.
         k: RRF k, in the standard ``1 / (k + rank)`` form with 1-based ranks.
-        weights: Optional RRF weight per list (dense first, then sparse in order).
+        weights: Optional RRF weight per list: by vector name (``dense``, ``sparse-<model>``; a
+            list not named weighs 1), so a list left out for an empty query vector takes its
+            weight with it. Weighted RRF only: DBSF has no weights in the engine.
         prefetch_limit: Candidates per list before fusion.
         limit: Results returned.
         exact: Brute-force search even where an HNSW index exists (cross-checks).
@@ -86,7 +88,7 @@ class HybridQuery:
     sparse: Mapping[str, SparseVector] = field(default_factory=dict)
     fusion: FusionMethod = "rrf"
     k: int = 60
-    weights: Sequence[float] | None = None
+    weights: Mapping[str, float] | None = None
     prefetch_limit: int = 100
     limit: int = 100
     exact: bool = False
@@ -100,6 +102,12 @@ class HybridQuery:
             out.append((DENSE_VECTOR, np.asarray(self.dense, dtype=np.float32)))
         out.extend((name, vec) for name, vec in self.sparse.items() if vec.nnz)
         return out
+
+    def list_weights(self) -> list[float] | None:
+        """The RRF weights in :meth:`lists` order, or None when unweighted."""
+        if not self.weights:
+            return None
+        return [float(self.weights.get(name, 1.0)) for name, _ in self.lists()]
 
 
 @dataclass(frozen=True)

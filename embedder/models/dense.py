@@ -14,6 +14,7 @@ from embedder.batching import BatchPlan, run_batched
 from embedder.errors import ModelUnavailableError, StageError
 from embedder.gpu import PeakMeter, exclusive_device
 from embedder.models.engine import Engine, ModelShape, TokenBudget, cast_model, dense_forward
+from embedder.models.loading import LOAD_LOCK
 from embedder.models.registry import ResolvedModel
 from embedder.schemas import StageTelemetry
 
@@ -53,10 +54,11 @@ class DenseEncoder:
 
                 try:
                     # Load on the CPU: exclusive_device moves it to the GPU only inside the lease.
-                    _CACHE[key] = cast_model(SentenceTransformer(
-                        self.resolved.location, device="cpu", backend=self.backend,
-                        local_files_only=self.local_files_only or self.resolved.is_local,
-                    ), self.precision)
+                    with LOAD_LOCK:
+                        _CACHE[key] = cast_model(SentenceTransformer(
+                            self.resolved.location, device="cpu", backend=self.backend,
+                            local_files_only=self.local_files_only or self.resolved.is_local,
+                        ), self.precision)
                 except Exception as exc:
                     raise ModelUnavailableError(
                         f"dense model {self.name!r} could not be loaded from {self.resolved.location}: {exc}"

@@ -16,6 +16,7 @@ from embedder.batching import BatchPlan, run_batched
 from embedder.errors import ModelUnavailableError
 from embedder.gpu import PeakMeter, exclusive_device
 from embedder.models.engine import Engine, ModelShape, TokenBudget, cast_model, rerank_forward, rerank_preprocess
+from embedder.models.loading import LOAD_LOCK
 from embedder.models.registry import ResolvedModel
 from embedder.schemas import CrossEncoderRerankRun, Query, ScoredCandidate, StageTelemetry, apply_query_policy
 
@@ -50,7 +51,9 @@ class RerankEncoder:
                 from sentence_transformers import CrossEncoder
 
                 try:
-                    model = CrossEncoder(self.resolved.location, device="cpu", local_files_only=self.local_files_only)
+                    with LOAD_LOCK:
+                        model = CrossEncoder(self.resolved.location, device="cpu",
+                                             local_files_only=self.local_files_only)
                 except Exception as exc:
                     hint = ("pass a local directory or unset --local-files-only" if self.local_files_only
                             else "check the model id, or pass a local directory")

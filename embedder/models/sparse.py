@@ -26,6 +26,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from embedder.errors import ModelUnavailableError
+from embedder.models.loading import LOAD_LOCK
 from embedder.models.registry import ModelSpec, ResolvedModel
 from embedder.schemas import Chunk, Query, SparseInferenceRun, SparseVector, StageTelemetry
 
@@ -38,6 +39,9 @@ BM25_K = 1.2
 BM25_B = 0.75
 BM25_AVG_LEN = 256.0
 BM25_TOKEN_MAX_LENGTH = 40
+# How much a metadata-fallback vector is credited for the terms its metadata dropped; chosen on the
+# odd SciFact train queries (bench/fallback.py), where 0.5 beat 0.25 and 1.0.
+FALLBACK_SHARE_EXPONENT = 0.5
 
 
 class SparseModel(Protocol):
@@ -139,8 +143,9 @@ class SpladeModel:
 
             from embedder.models.engine import cast_model
 
-            self._model = cast_model(SparseEncoder(self.location, device="cpu", local_files_only=self.local_files_only),
-                                     self.precision)
+            with LOAD_LOCK:
+                self._model = cast_model(SparseEncoder(self.location, device="cpu",
+                                                       local_files_only=self.local_files_only), self.precision)
         return self._model
 
     def placed(self) -> Any:
@@ -294,8 +299,16 @@ class Bm25Hasher:
         ids = sorted({self.token_id(t) for t in self.stem_tokens(text)})
         return SparseVector(indices=ids, values=[1.0] * len(ids))
 
-    def from_term_weights(self, term_weights: list[dict[str, Any]], total_terms: int | None) -> SparseVector | None:
-        """A chunk's vector from rag_clean ``term_weights`` (``tf`` counts; ``weight`` when tf is absent)."""
+    def from_term_weights(self, term_weights: list[dict[str, Any]], total_terms: int | None, *,
+                          share_exponent: float = FALLBACK_SHARE_EXPONENT) -> SparseVector | None:
+        """A chunk's vector from rag_clean ``term_weights`` (``tf`` counts; ``weight`` when tf is absent).
+
+        The kept terms get exactly the live model's weights (same tokens, stems,
+        hashes, and BM25 length normalisation from ``total_terms``). The terms the
+        metadata dropped cannot be recovered; a chunk whose kept terms cover a
+        share ``s`` of its ``total_terms`` is scaled by ``(1 / s) ** share_exponent``,
+        crediting it for the matches it lost (bench/fallback.py measures it).
+        """
         counts: dict[str, float] = defaultdict(float)
         for entry in term_weights:
             if not isinstance(entry, dict) or not isinstance(entry.get("term"), str):
@@ -311,9 +324,13 @@ class Bm25Hasher:
                 counts[token] += float(tf)
         if not counts:
             return None
-        doc_len = float(total_terms) if isinstance(total_terms, (int, float)) and total_terms > 0 else sum(
-            counts.values())
-        return self.tf_vector(counts, doc_len)
+        kept = sum(counts.values())
+        doc_len = float(total_terms) if isinstance(total_terms, (int, float)) and total_terms > 0 else kept
+        vec = self.tf_vector(counts, doc_len)
+        if share_exponent and doc_len > kept > 0:
+            factor = (doc_len / kept) ** share_exponent
+            vec = SparseVector.model_construct(indices=vec.indices, values=[v * factor for v in vec.values])
+        return vec
 
 
 def _term_weights(chunk: Chunk) -> tuple[list[dict[str, Any]], int | None] | None:

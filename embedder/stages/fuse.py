@@ -26,6 +26,8 @@ class FusionResult(BaseModel):
     queries: int = 0
     latency_ms: float = 0.0
     candidates: StageRef | None = None
+    lists: list[str] | None = None
+    weights: dict[str, float] | None = None
     reason: str | None = None
 
 
@@ -49,10 +51,13 @@ def fuse_stage(config: RunConfig, collection: str, dense: DenseStageResult, spar
             lambda out=out: iter_sparse_windows(out.vectors, window), [queries.get(q, SparseVector()) for q in qids],
             n, use_idf=get_spec(out.model_name, "sparse").requires_idf))
     rows = []
+    # Weights follow the lists (dense, then each sparse model that ran).
+    weights = [config.fusion_weights.get(name, 1.0) for name in ("dense", *(o.model_name for o in sparse.outputs))]
+    weights_or_none = weights if config.fusion_weights else None
     for qi, qid in enumerate(qids):
         lists = [per_model[qi] for per_model in lists_per_model]
-        rrf = fuse_rrf([[c.id for c in lst] for lst in lists], k=config.rrf_k)[:n]
-        dbsf = fuse_dbsf(lists)[:n]
+        rrf = fuse_rrf([[c.id for c in lst] for lst in lists], k=config.rrf_k, weights=weights_or_none)[:n]
+        dbsf = fuse_dbsf(lists, weights=weights_or_none)[:n]
         rows.append({
             "query_id": qid,
             "dense": [c.model_dump() for c in lists[0]],
@@ -62,9 +67,11 @@ def fuse_stage(config: RunConfig, collection: str, dense: DenseStageResult, spar
         })
     path = stage_dir(config, collection, "fuse", key)
     ref = write_jsonl(path / "candidates.jsonl", rows)
+    names = ["dense", *(o.model_name for o in sparse.outputs)]
     return seal(path, FusionResult(status="executed", method=config.fusion,
                                    k=config.rrf_k if config.fusion == "rrf" else None, queries=len(rows),
-                                   latency_ms=(time.perf_counter() - t0) * 1000, candidates=ref))
+                                   latency_ms=(time.perf_counter() - t0) * 1000, candidates=ref, lists=names,
+                                   weights=dict(zip(names, weights)) if weights_or_none else None))
 
 
 def fuse_key(config: RunConfig, collection: str, dense: DenseStageResult, sparse: SparseStageResult) -> str:
@@ -73,7 +80,7 @@ def fuse_key(config: RunConfig, collection: str, dense: DenseStageResult, sparse
                       for o in sparse.outputs]
     return stage_key("fuse", *owner_parts(config, collection), dense.vectors.digest,
                      dense.query_vectors.digest if dense.query_vectors else None, sparse_digests,
-                     config.retrieval_top_n, config.rrf_k, config.fusion)
+                     config.retrieval_top_n, config.rrf_k, config.fusion, sorted(config.fusion_weights.items()))
 
 
 def fusion_section(config: RunConfig, fusion: FusionResult | None, error: str | None,
@@ -84,6 +91,7 @@ def fusion_section(config: RunConfig, fusion: FusionResult | None, error: str | 
             method=config.fusion, k=config.rrf_k, status="error" if error else "skipped",
             reason=error or "an earlier stage failed")})
     run = FusionRun(method=fusion.method, k=fusion.k, queries=fusion.queries, latency_ms=fusion.latency_ms,
-                    status=fusion.status, reason=fusion.reason)
+                    status=fusion.status, reason=fusion.reason, lists=fusion.lists, weights=fusion.weights,
+                    candidates_path=fusion.candidates.path if fusion.candidates else None)
     telemetry = StageTelemetry(stage="fuse", items=fusion.queries, latency_ms=fusion.latency_ms, cached=cached)
     return SummarySection(fields={"fusion_run": run}, stages={"fuse": telemetry.model_dump()})

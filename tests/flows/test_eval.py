@@ -55,3 +55,47 @@ def test_eval_json_reports_every_stage(beir_dir, tmp_path, tiny_cross_encoder):
     assert report["models"]["dense"] == "all-minilm-l6-v2"
     summary = json.loads((tmp_path / "out" / "beir-sample-beir-test" / "processing_summary.json").read_text())
     assert summary["quality"]["dense"]["ndcg@10"] == pytest.approx(report["dense"]["ndcg@10"], abs=1e-4)
+
+
+def _eval(beir_dir, tmp_path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "flows.cli", "eval", "--beir-dir", str(beir_dir), "--output-dir",
+         str(tmp_path / "out"), "--json", "--local-files-only", "--disable-rerank", *args],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+        env={**__import__("os").environ, "PREFECT_HOME": str(tmp_path / "home")})
+
+
+@pytest.mark.slow
+def test_eval_fuses_every_list_tunes_on_train_only_and_reads_the_tuned_file(beir_dir, tmp_path):
+    (beir_dir / "qrels" / "train.tsv").write_text(SAMPLE_QRELS.read_text())
+    tuned = tmp_path / "fusion.toml"
+    r = _eval(beir_dir, tmp_path, "--split", "train", "--sparse-models", "qdrant-bm25,splade-tiny",
+              "--tune", str(tuned))
+    assert r.returncode == 0, r.stderr[-3000:]
+    report = json.loads(r.stdout)
+    # Every single list and every fusion of two or more lists, each under its own key.
+    for key in ("dense", "sparse:qdrant-bm25", "sparse:splade-tiny", "rrf:dense+qdrant-bm25",
+                "dbsf:qdrant-bm25+splade-tiny", "rrf:dense+qdrant-bm25+splade-tiny", "fused_rrf", "fused_dbsf"):
+        assert 0.0 <= report[key]["ndcg@10"] <= 1.0, key
+    # Unweighted fusion over all three lists is what the run's own fusion stage computed.
+    assert report["fused_rrf"] == report["rrf:dense+qdrant-bm25+splade-tiny"]
+    assert report["recommended"]["fitted_on"]["split"] == "train"
+    assert 0.0 <= report["recommended"]["ndcg@10"] <= 1.0
+    fit = report["tuned"]
+    assert fit["file"] == str(tuned) and tuned.is_file()
+    assert fit["train_ndcg@10"] >= max(report[f"{m}:dense+qdrant-bm25+splade-tiny"]["ndcg@10"]
+                                       for m in ("rrf", "dbsf")) - 1e-4
+
+    # The tuned file drives a run: its fusion stage applies the fitted weights and k.
+    r2 = _eval(beir_dir, tmp_path, "--split", "train", "--config", str(tuned))
+    assert r2.returncode == 0, r2.stderr[-3000:]
+    again = json.loads(r2.stdout)
+    method = fit["settings"]["fusion"]
+    assert again[f"fused_{method}"]["ndcg@10"] == pytest.approx(fit["train_ndcg@10"], abs=1e-4)
+    summary = json.loads((tmp_path / "out" / "beir-sample-beir-train" / "processing_summary.json").read_text())
+    assert summary["fusion_run"]["weights"] == fit["settings"]["fusion_weights"]
+
+    # Fitting on a split that is not for training is refused.
+    r3 = _eval(beir_dir, tmp_path, "--split", "test", "--tune", str(tmp_path / "never.toml"))
+    assert r3.returncode == 2 and "training split only" in " ".join(r3.stderr.split())
+    assert not (tmp_path / "never.toml").exists()

@@ -215,3 +215,32 @@ def test_gpu_slots_lists_each_holder_with_its_lease(prefect_server, tmp_path):
     assert "gpu-list: 1/1 slot(s) in use" in r.stdout and "lease repossession" in r.stdout
     [row] = [ln for ln in r.stdout.splitlines() if lease in ln]
     assert f"pid {holder.proc.pid}@" in row and "stage dense" in row and "expires 20" in row and "[alive]" in row
+
+
+def test_two_runs_of_one_collection_into_one_output_dir_queue_and_never_interleave(prefect_server, tmp_path):
+    """A retry beside the nightly run: the second run waits for the first (collection lease), then runs."""
+    data = _synthetic_collection(tmp_path / "synthetic.jsonl", 300)
+    procs = []
+    for name in ("a", "b"):
+        env = {**os.environ, "PREFECT_API_URL": prefect_server, "PREFECT_HOME": str(tmp_path / f"home-{name}")}
+        cmd = [sys.executable, "-m", "flows.cli", "run", "--input", str(data), "--collection", "shared",
+               "--output-dir", str(tmp_path / "out"), "--queries", str(SAMPLE_QUERIES), "--disable-rerank",
+               "--local-files-only"]
+        procs.append(subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                      text=True))
+    outputs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    # Each run wrote its own run set; the later one started only after the earlier one had
+    # written its summary, so no stage of the two ever ran side by side.
+    sets = []
+    for run in (tmp_path / "out" / "shared" / "runs").iterdir():
+        if (run / "processing_summary.json").is_file():
+            started = json.loads((run / "run.json").read_text())["started_at"]
+            finished = datetime.fromisoformat(
+                json.loads((run / "processing_summary.json").read_text())["generated_at"]).timestamp()
+            sets.append((started, finished))
+    assert len(sets) == 2, outputs
+    (s1, f1), (s2, _) = sorted(sets)
+    assert s2 >= f1, f"the second run started writing at {s2} before the first finished at {f1}"
+    summary = json.loads((tmp_path / "out" / "shared" / "processing_summary.json").read_text())
+    assert summary["status"] == "completed" and summary["index_run"]["points_count"] == 300

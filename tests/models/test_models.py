@@ -317,3 +317,39 @@ def test_splade_runs_on_the_gpu_under_the_lease_when_there_is_one(tmp_path):
     # BM25 never takes the GPU; SPLADE takes it exactly when there is one (the registry's preferred device).
     assert len(entered) == (1 if torch.cuda.is_available() else 0)
     assert (result.lease_event is not None) == torch.cuda.is_available()
+
+
+def test_models_loaded_on_two_threads_at_once_both_load():
+    """The sparse stage runs beside dense: SPLADE and MiniLM constructed concurrently must both come up.
+
+    Without the process-wide load lock, transformers' meta-device construction on
+    one thread broke the other ("Cannot copy out of meta tensor").
+    """
+    import threading
+
+    import embedder.models.dense as dense_mod
+    import embedder.models.sparse as sparse_mod
+    from embedder.models.dense import DenseEncoder
+    from embedder.models.registry import resolve_model
+    from embedder.models.sparse import load_sparse_model
+
+    dense_r = resolve_model("all-minilm-l6-v2", "dense", local_files_only=True)
+    splade_r = resolve_model("splade-tiny", "sparse", local_files_only=True)
+    errors: list[str] = []
+
+    def guarded(fn) -> None:
+        try:
+            fn()
+        except Exception as exc:  # collected: a thread's exception would otherwise vanish
+            errors.append(f"{type(exc).__name__}: {exc}")
+
+    for _ in range(3):
+        dense_mod._CACHE.clear()
+        sparse_mod._LOADED.clear()
+        threads = [threading.Thread(target=guarded, args=(lambda: DenseEncoder(dense_r).load(),)),
+                   threading.Thread(target=guarded, args=(lambda: load_sparse_model(splade_r).embed(["a cell"]),))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert errors == []

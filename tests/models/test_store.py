@@ -431,3 +431,72 @@ def test_the_server_backend_keeps_the_collection_in_sync_and_switches_models_blu
     assert [c.name for c in client.get_collections().collections] == [switched.build_id]
     assert len(store.query("sample", HybridQuery(dense=small[0], limit=5))) == 5
     store.close()
+
+
+@pytest.fixture(scope="module")
+def three_lists(tmp_path_factory: pytest.TempPathFactory):
+    """Dense, BM25 and SPLADE-tiny over the sample, indexed by Edge and by the qdrant-client oracle."""
+    from qdrant_client import QdrantClient
+
+    out = tmp_path_factory.mktemp("three")
+    cfg = RunConfig(collections=[CollectionInput(name="sample", path=str(SAMPLE_DIR))],
+                    queries_path=str(SAMPLE_QUERIES), output_dir=str(out / "run"), local_files_only=True,
+                    sparse_models=["qdrant-bm25", "splade-tiny"], force_cpu=True)
+    col = cfg.collections[0]
+    load = st.load_stage(cfg, col, st.load_key(cfg, col))
+    dense = st.dense_stage(cfg, col.name, load.chunks, st.dense_key(cfg, col.name, load.chunks))
+    sparse = st.sparse_stage(cfg, col.name, load.chunks, st.sparse_key(cfg, col.name, load.chunks))
+    edge = open_store(str(out / "edge"))
+    st.index_stage(_config_in(cfg, out / "edge"), "sample", load.chunks, dense, sparse, edge)
+    oracle = open_store(cfg.output_dir, client=QdrantClient(location=":memory:"))
+    st.index_stage(cfg, "sample", load.chunks, dense, sparse, oracle)
+    yield dense, sparse, edge, oracle
+    edge.close()
+    oracle.close()
+
+
+def test_weighted_rrf_over_three_lists_agrees_with_both_stores(three_lists):
+    """embedder.fusion's weighted RRF over dense + BM25 + SPLADE equals the engine's nested prefetch fusion."""
+    from embedder.models.registry import get_spec
+
+    dense, sparse, edge, oracle = three_lists
+    ids, vecs = read_dense_parquet(dense.vectors.path)
+    qids, qvecs = read_dense_parquet(dense.query_vectors.path)
+    indexes = [DenseIndex(ids, vecs)]
+    squeries = []
+    # The 5 real queries, then 20 chunks used as queries (their own vectors in each space).
+    as_queries = list(range(0, len(ids), max(1, len(ids) // 20)))[:20]
+    qvecs = np.concatenate([qvecs, vecs[as_queries]])
+    for o in sparse.outputs:
+        docs = [SparseVector(**r["sparse_vector"]) for r in read_jsonl_records(o.vectors.path)]
+        indexes.append(SparseIndex(ids, docs, use_idf=get_spec(o.model_name, "sparse").requires_idf))
+        by_id = {r["id"]: SparseVector(**r["sparse_vector"]) for r in read_jsonl_records(o.query_vectors.path)}
+        squeries.append([by_id[q] for q in qids] + [docs[i] for i in as_queries])
+    assert [o.model_name for o in sparse.outputs] == ["qdrant-bm25", "splade-tiny"]
+    weights = {"dense": 0.5, "sparse-qdrant-bm25": 1.5, "sparse-splade-tiny": 1.0}
+    n, checked = 20, 0
+    for qi in range(len(qvecs)):
+        queries = [qvecs[qi], *(sq[qi] for sq in squeries)]
+        lists = [index.search(q, n) for index, q in zip(indexes, queries)]
+        if not all(len({round(c.score, 5) for c in lst}) == len(lst) for lst in lists):
+            continue  # RRF is over ranks: tied scores may come in either order from two engines
+        ours = fuse_rrf([[c.id for c in lst] for lst in lists], k=60, weights=list(weights.values()))
+        q = HybridQuery(dense=qvecs[qi], sparse={o.vector_name: sq[qi] for o, sq in zip(sparse.outputs, squeries)},
+                        fusion="rrf", k=60, weights=weights, prefetch_limit=n, limit=len(ours), exact=True)
+        expected = {c.id: c.score for c in ours}
+        for store in (edge, oracle):
+            got = store.query("sample", q)
+            assert {c.id for c in got} == set(expected)
+            for c in got:
+                assert c.score == pytest.approx(expected[c.id], rel=1e-4, abs=1e-6), c.id
+        checked += 1
+    assert checked >= 5
+    # Unweighted and weighted fusion really differ on these lists (the weights reach the engine).
+    plain = edge.query("sample", HybridQuery(dense=qvecs[0], sparse={o.vector_name: sq[0] for o, sq in
+                                                                       zip(sparse.outputs, squeries)},
+                                              fusion="rrf", k=60, prefetch_limit=n, limit=10, exact=True))
+    weighted = edge.query("sample", HybridQuery(dense=qvecs[0], sparse={o.vector_name: sq[0] for o, sq in
+                                                                          zip(sparse.outputs, squeries)},
+                                                 fusion="rrf", k=60, weights=weights, prefetch_limit=n, limit=10,
+                                                 exact=True))
+    assert [c.score for c in plain] != [c.score for c in weighted]

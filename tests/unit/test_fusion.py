@@ -48,3 +48,22 @@ def test_in_memory_retrieval_orders_by_score():
     assert [c.id for c in lists[1]] == ["b"]
     # BM25-style IDF over the 2 documents that have vectors: ln(1 + (2 - 1 + 0.5) / 1.5)
     assert lists[1][0].score == pytest.approx(np.log(2.0))
+
+
+def test_weighted_rrf_and_dbsf_hand_computed():
+    from embedder.fusion import fuse_dbsf, fuse_rrf
+    from embedder.schemas import ScoredCandidate
+
+    # Qdrant's weighted RRF: a weight divides the rank, 1 / (k + rank / w); weight 0 drops the list.
+    rrf = {c.id: c.score for c in fuse_rrf([["a", "b"], ["b", "c"], ["c"]], k=1, weights=[2.0, 1.0, 0.0])}
+    assert rrf == pytest.approx({"a": 1 / (1 + 1 / 2), "b": 1 / (1 + 2 / 2) + 1 / (1 + 1), "c": 1 / (1 + 2)})
+    lists = [[ScoredCandidate(id="a", score=3.0), ScoredCandidate(id="b", score=1.0)],
+             [ScoredCandidate(id="b", score=5.0), ScoredCandidate(id="c", score=1.0)]]
+    # A two-score list maps to 0.5 +- 1 / (6 sqrt 2): each is one sample sd from the mean, of +-3 sd.
+    hi, lo = 0.5 + 1 / (6 * 2 ** 0.5), 0.5 - 1 / (6 * 2 ** 0.5)
+    weighted = {c.id: c.score for c in fuse_dbsf(lists, weights=[0.5, 2.0])}
+    assert weighted == pytest.approx({"a": 0.5 * hi, "b": 0.5 * lo + 2.0 * hi, "c": 2.0 * lo})
+    with pytest.raises(ValueError, match="weights"):
+        fuse_rrf([["a"], ["b"]], weights=[1.0])
+    with pytest.raises(ValueError, match="weights"):
+        fuse_dbsf(lists, weights=[1.0, -1.0])
