@@ -58,14 +58,20 @@ def remove_progress_listener(listener: ProgressListener) -> None:
 
 
 class ProgressReporter:
-    """Progress of a long stage: a Prefect progress artifact (every 5%), listeners, and a log line every few seconds.
+    """Progress of a long stage: a Prefect progress artifact (every 5%, at most every 2 s), listeners, and a log line
+    every few seconds.
 
     The log line is what a terminal without a progress bar (a worker, a CI log,
     the UI's log view) sees; it is skipped while a listener draws a bar.
     """
 
-    def __init__(self, collection: str, stage: str, *, log_every_s: float = 5.0) -> None:
+    def __init__(self, collection: str, stage: str, *, log_every_s: float = 5.0,
+                 artifact_every_s: float = 2.0) -> None:
         self.collection, self.stage, self.log_every_s = collection, stage, log_every_s
+        # Each update is an API call (tens of ms): on a stage of a few seconds, one per 5% cost a
+        # third of the stage (bench/stages.py, sparse), so updates are also spaced in time.
+        self.artifact_every_s = artifact_every_s
+        self._updated = time.monotonic()
         self.artifact_id = create_progress_artifact(
             progress=0.0, key=artifact_key("progress", collection, stage),
             description=f"{stage} progress for {collection}",
@@ -75,12 +81,12 @@ class ProgressReporter:
 
     def __call__(self, done: int, total: int) -> None:
         pct = 100.0 * done / total if total else 100.0
-        if pct - self._last >= 5.0 or done == total:
+        now = time.monotonic()
+        if done == total or (pct - self._last >= 5.0 and now - self._updated >= self.artifact_every_s):
             update_progress_artifact(artifact_id=self.artifact_id, progress=pct)
-            self._last = pct
+            self._last, self._updated = pct, now
         for listener in list(_LISTENERS):
             listener(self.collection, self.stage, done, total)
-        now = time.monotonic()
         if not _LISTENERS and (now - self._logged >= self.log_every_s or done == total):
             self._logged = now
             _logger().info("%s %s: %d/%d (%.0f%%)", self.collection, self.stage, done, total, pct)
