@@ -139,6 +139,16 @@ def test_edge_and_qdrant_client_return_the_same_top10(both_stores, stage_outputs
         _same_ranking(edge.query("sample", q), oracle.query("sample", q))
 
 
+def _stores_score_as(ours: list[ScoredCandidate], q: HybridQuery, *stores) -> None:
+    """Each store's fused candidates are ours, with our scores."""
+    expected = {c.id: c.score for c in ours}
+    for store in stores:
+        got = store.query("sample", q)
+        assert {c.id for c in got} == set(expected)
+        for c in got:
+            assert c.score == pytest.approx(expected[c.id], rel=1e-4, abs=1e-6), c.id
+
+
 @pytest.mark.parametrize("method", ["rrf", "dbsf"])
 def test_embedder_fusion_agrees_with_both_stores(both_stores, stage_outputs, method):
     edge, oracle = both_stores
@@ -156,12 +166,7 @@ def test_embedder_fusion_agrees_with_both_stores(both_stores, stage_outputs, met
                 else fuse_dbsf([d_list, s_list]))
         q = HybridQuery(dense=dq, sparse={out.vector_name: sq}, fusion=method, k=60, prefetch_limit=n,
                         limit=len(ours), exact=True)
-        expected = {c.id: c.score for c in ours}
-        for store in (edge, oracle):
-            got = store.query("sample", q)
-            assert {c.id for c in got} == set(expected)
-            for c in got:
-                assert c.score == pytest.approx(expected[c.id], rel=1e-4, abs=1e-6), c.id
+        _stores_score_as(ours, q, edge, oracle)
 
 
 def test_reruns_write_only_what_changed_and_keep_current_and_previous_shards(stage_outputs, tmp_path):
@@ -483,12 +488,7 @@ def test_weighted_rrf_over_three_lists_agrees_with_both_stores(three_lists):
         ours = fuse_rrf([[c.id for c in lst] for lst in lists], k=60, weights=list(weights.values()))
         q = HybridQuery(dense=qvecs[qi], sparse={o.vector_name: sq[qi] for o, sq in zip(sparse.outputs, squeries)},
                         fusion="rrf", k=60, weights=weights, prefetch_limit=n, limit=len(ours), exact=True)
-        expected = {c.id: c.score for c in ours}
-        for store in (edge, oracle):
-            got = store.query("sample", q)
-            assert {c.id for c in got} == set(expected)
-            for c in got:
-                assert c.score == pytest.approx(expected[c.id], rel=1e-4, abs=1e-6), c.id
+        _stores_score_as(ours, q, edge, oracle)
         checked += 1
     assert checked >= 5
     # Unweighted and weighted fusion really differ on these lists (the weights reach the engine).
