@@ -164,7 +164,6 @@ class EdgeIndexWriter:
         # DEFAULT_SEGMENT_POINTS); otherwise decide at publish, from the count.
         self._segmented = expected_points is not None and expected_points >= store.hnsw_min_points
         self._pending = 0
-        self.segments_built = 0
         threshold = _HNSW_INDEXING_THRESHOLD_KB if self._segmented else 0
         config = _config(layout, indexing_threshold_kb=threshold)
         try:
@@ -208,7 +207,6 @@ class EdgeIndexWriter:
         self._shard.flush()
         self._hnsw_s += time.perf_counter() - t0
         self._pending = 0
-        self.segments_built += 1
 
     def delete(self, point_ids: Sequence[str]) -> int:
         """Remove points from the unpublished shard."""

@@ -52,7 +52,8 @@ def fuse_stage(config: RunConfig, collection: str, dense: DenseStageResult, spar
             n, use_idf=get_spec(out.model_name, "sparse").requires_idf))
     rows = []
     # Weights follow the lists (dense, then each sparse model that ran).
-    weights = [config.fusion_weights.get(name, 1.0) for name in ("dense", *(o.model_name for o in sparse.outputs))]
+    names = ["dense", *(o.model_name for o in sparse.outputs)]
+    weights = [config.fusion_weights.get(name, 1.0) for name in names]
     weights_or_none = weights if config.fusion_weights else None
     for qi, qid in enumerate(qids):
         lists = [per_model[qi] for per_model in lists_per_model]
@@ -67,7 +68,6 @@ def fuse_stage(config: RunConfig, collection: str, dense: DenseStageResult, spar
         })
     path = stage_dir(config, collection, "fuse", key)
     ref = write_jsonl(path / "candidates.jsonl", rows)
-    names = ["dense", *(o.model_name for o in sparse.outputs)]
     return seal(path, FusionResult(status="executed", method=config.fusion,
                                    k=config.rrf_k if config.fusion == "rrf" else None, queries=len(rows),
                                    latency_ms=(time.perf_counter() - t0) * 1000, candidates=ref, lists=names,
