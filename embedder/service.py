@@ -112,7 +112,7 @@ def search_collection(root: Path, req: SearchRequest, store: VectorStore | None 
         IndexNotFoundError: No published index exists for it.
     """
     from embedder.io.qdrant import DENSE_VECTOR, point_id, sparse_vector_name
-    from embedder.io.store import HybridQuery
+    from embedder.io.store import HybridQuery, hybrid_search
     from embedder.models.engine import plan_token_budget
     from embedder.models.registry import resolve_model
     from embedder.models.rerank import RerankEncoder, rerank
@@ -153,10 +153,9 @@ def search_collection(root: Path, req: SearchRequest, store: VectorStore | None 
         by_list = cfg.get("fusion_weights") or {}
         weights = {(DENSE_VECTOR if name == "dense" else sparse_vector_name(name)): float(w)
                    for name, w in by_list.items()} or None
-        if weights and fusion == "dbsf":
-            warnings.append("the engine's DBSF has no list weights; searched unweighted (weighted DBSF is "
-                            "what the run's fusion stage and eval report)")
-        cands = store.query(req.collection, HybridQuery(dense=qvec, sparse=sparse_q, fusion=fusion,
+        # hybrid_search fuses weighted DBSF itself (the engine's DBSF has no weights), so search ranks
+        # as the run's fusion stage and eval score it.
+        cands = hybrid_search(store, req.collection, HybridQuery(dense=qvec, sparse=sparse_q, fusion=fusion,
                                                         k=int(cfg.get("rrf_k", 60)), weights=weights,
                                                         prefetch_limit=n, limit=n))
         reranked = False

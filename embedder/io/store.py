@@ -247,3 +247,30 @@ def open_store(output_dir: str | Path, *, url: str | None = None, api_key: str |
     from embedder.io.edge_store import DEFAULT_HNSW_MIN_POINTS, EdgeStore
 
     return EdgeStore(output_dir, hnsw_min_points=hnsw_min_points or DEFAULT_HNSW_MIN_POINTS)
+
+
+def hybrid_search(store: VectorStore, collection: str, query: HybridQuery) -> list[ScoredCandidate]:
+    """Search ``store`` with ``query``'s fusion exactly as :mod:`embedder.fusion` scores it.
+
+    The engine fuses RRF (weighted or not) and unweighted DBSF itself. Its DBSF
+    has no list weights, so weighted DBSF (what a tuned ``fusion_weights`` file
+    asks for) searches each list on its own, ``prefetch_limit`` deep as the
+    engine's prefetch would, and fuses them here with :func:`embedder.fusion.fuse_dbsf`.
+    Search then ranks as the run's fusion stage and ``eval`` report.
+
+    Raises:
+        IndexNotFoundError: No published index for ``collection``.
+    """
+    from dataclasses import replace
+
+    from embedder.fusion import fuse_dbsf
+    from embedder.io.qdrant import DENSE_VECTOR
+
+    lists = query.lists()
+    weights = query.list_weights()
+    if query.fusion != "dbsf" or len(lists) < 2 or not weights or all(w == 1.0 for w in weights):
+        return store.query(collection, query)
+    per_list = [store.query(collection, replace(
+        query, dense=vec if name == DENSE_VECTOR else None, sparse={} if name == DENSE_VECTOR else {name: vec},
+        weights=None, limit=query.prefetch_limit)) for name, vec in lists]
+    return fuse_dbsf(per_list, weights=weights)[: query.limit]

@@ -20,7 +20,7 @@ from embedder import stages as st
 from embedder.errors import IndexNotFoundError, VectorIndexError
 from embedder.fusion import DenseIndex, SparseIndex, fuse_dbsf, fuse_rrf
 from embedder.io.edge_store import MANIFEST, SHARDS, EdgeIndexWriter, EdgeStore, index_root
-from embedder.io.store import HybridQuery, open_store
+from embedder.io.store import HybridQuery, hybrid_search, open_store
 from embedder.io.writers import read_dense_parquet, read_jsonl_records
 from embedder.schemas import ScoredCandidate, SparseVector
 from embedder.settings import CollectionInput, RunConfig
@@ -139,11 +139,11 @@ def test_edge_and_qdrant_client_return_the_same_top10(both_stores, stage_outputs
         _same_ranking(edge.query("sample", q), oracle.query("sample", q))
 
 
-def _stores_score_as(ours: list[ScoredCandidate], q: HybridQuery, *stores) -> None:
-    """Each store's fused candidates are ours, with our scores."""
+def _stores_score_as(ours: list[ScoredCandidate], q: HybridQuery, *stores, search=None) -> None:
+    """Each store's fused candidates are ours, with our scores (``search``: how to ask; default the engine)."""
     expected = {c.id: c.score for c in ours}
     for store in stores:
-        got = store.query("sample", q)
+        got = search(store, "sample", q) if search else store.query("sample", q)
         assert {c.id for c in got} == set(expected)
         for c in got:
             assert c.score == pytest.approx(expected[c.id], rel=1e-4, abs=1e-6), c.id
@@ -460,8 +460,13 @@ def three_lists(tmp_path_factory: pytest.TempPathFactory):
     oracle.close()
 
 
-def test_weighted_rrf_over_three_lists_agrees_with_both_stores(three_lists):
-    """embedder.fusion's weighted RRF over dense + BM25 + SPLADE equals the engine's nested prefetch fusion."""
+@pytest.mark.parametrize("method", ["rrf", "dbsf"])
+def test_weighted_fusion_over_three_lists_agrees_with_both_stores(three_lists, method):
+    """embedder.fusion's weighted fusion over dense + BM25 + SPLADE equals what search gets from each store.
+
+    RRF: the engine's nested prefetch fusion. DBSF: the engine has no weights, so
+    ``hybrid_search`` fuses each store's own lists.
+    """
     from embedder.models.registry import get_spec
 
     dense, sparse, edge, oracle = three_lists
@@ -485,18 +490,17 @@ def test_weighted_rrf_over_three_lists_agrees_with_both_stores(three_lists):
         lists = [index.search(q, n) for index, q in zip(indexes, queries)]
         if not all(len({round(c.score, 5) for c in lst}) == len(lst) for lst in lists):
             continue  # RRF is over ranks: tied scores may come in either order from two engines
-        ours = fuse_rrf([[c.id for c in lst] for lst in lists], k=60, weights=list(weights.values()))
+        ours = (fuse_rrf([[c.id for c in lst] for lst in lists], k=60, weights=list(weights.values()))
+                if method == "rrf" else fuse_dbsf(lists, weights=list(weights.values())))
         q = HybridQuery(dense=qvecs[qi], sparse={o.vector_name: sq[qi] for o, sq in zip(sparse.outputs, squeries)},
-                        fusion="rrf", k=60, weights=weights, prefetch_limit=n, limit=len(ours), exact=True)
-        _stores_score_as(ours, q, edge, oracle)
+                        fusion=method, k=60, weights=weights, prefetch_limit=n, limit=len(ours), exact=True)
+        _stores_score_as(ours, q, edge, oracle, search=hybrid_search)
         checked += 1
     assert checked >= 5
-    # Unweighted and weighted fusion really differ on these lists (the weights reach the engine).
-    plain = edge.query("sample", HybridQuery(dense=qvecs[0], sparse={o.vector_name: sq[0] for o, sq in
-                                                                       zip(sparse.outputs, squeries)},
-                                              fusion="rrf", k=60, prefetch_limit=n, limit=10, exact=True))
-    weighted = edge.query("sample", HybridQuery(dense=qvecs[0], sparse={o.vector_name: sq[0] for o, sq in
-                                                                          zip(sparse.outputs, squeries)},
-                                                 fusion="rrf", k=60, weights=weights, prefetch_limit=n, limit=10,
-                                                 exact=True))
+    # Unweighted and weighted fusion really differ on these lists (the weights reach the result).
+    sq0 = {o.vector_name: sq[0] for o, sq in zip(sparse.outputs, squeries)}
+    plain = hybrid_search(edge, "sample", HybridQuery(dense=qvecs[0], sparse=sq0, fusion=method, k=60,
+                                                      prefetch_limit=n, limit=10, exact=True))
+    weighted = hybrid_search(edge, "sample", HybridQuery(dense=qvecs[0], sparse=sq0, fusion=method, k=60,
+                                                         weights=weights, prefetch_limit=n, limit=10, exact=True))
     assert [c.score for c in plain] != [c.score for c in weighted]
