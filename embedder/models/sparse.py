@@ -64,9 +64,11 @@ def _to_sparse(indices: Any, values: Any) -> SparseVector:
     if idx.shape != val.shape:
         raise ValueError(f"sparse vector has {idx.size} indices but {val.size} values")
     order = np.argsort(idx, kind="stable")
-    # Validated above; model_construct skips pydantic's per-element checks on the hot path.
-    return SparseVector.model_construct(indices=idx[order].astype(np.int64).tolist(),
-                                        values=val[order].astype(np.float64).tolist())
+    # Values are float32, as the index and the reuse cache store them: a vector computed now and the
+    # same vector reused from the cache must be the same numbers, or an unchanged chunk's exported
+    # vector would change on the run that reuses it. model_construct skips pydantic's per-element
+    # checks (validated above) on the hot path.
+    return SparseVector.model_construct(indices=idx[order].tolist(), values=val[order].astype(np.float32).tolist())
 
 
 def check_stopwords(model_dir: str | Path) -> Path:

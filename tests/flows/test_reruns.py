@@ -69,6 +69,7 @@ def test_deleted_edited_and_added_chunks_leave_exactly_the_current_points(tmp_pa
     out = tmp_path / "out"
     first = _run(_config(src, out))
     assert (first.index_run["action"], first.index_run["points_count"]) == ("rebuilt", 50)
+    exported = {r["id"]: r["sparse_vector"] for r in map(json.loads, (out / "docs" / "sparse.jsonl").open())}
 
     deleted = {r["id"] for r in records[5:15]}
     edited = records[0] | {"text": records[0]["text"] + " Edited: the kettle whistles at dawn."}
@@ -83,6 +84,10 @@ def test_deleted_edited_and_added_chunks_leave_exactly_the_current_points(tmp_pa
         "incremental", 6, 10, 39, 45)
     assert (second.dense_run.total_embeddings_generated, second.dense_run.reused) == (6, 39)
     assert (second.sparse_run.computed, second.sparse_run.reused) == ({"qdrant-bm25": 6}, {"qdrant-bm25": 39})
+    # A reused vector is the very vector the first run computed and exported, to the last bit.
+    again = {r["id"]: r["sparse_vector"] for r in map(json.loads, (out / "docs" / "sparse.jsonl").open())}
+    unchanged = [r["id"] for r in kept[1:-5]]
+    assert len(unchanged) == 39 and all(again[i] == exported[i] for i in unchanged)
     assert EdgeStore(out).status("docs").points_count == 45
     hits = set()
     for r in records[5:15]:
