@@ -15,7 +15,7 @@ from pydantic import BaseModel, Field
 from embedder.errors import ModelUnavailableError
 from embedder.gpu import cuda_context_gb, resolve_device
 from embedder.io.readers import read_queries
-from embedder.io.writers import iter_chunk_windows, iter_jsonl_windows, write_jsonl
+from embedder.io.writers import iter_chunk_windows, iter_jsonl_windows, iter_table_windows, write_jsonl
 from embedder.models.engine import resolve_precision
 from embedder.models.registry import get_spec, resolve_model
 from embedder.models.sparse import SparseInference, load_sparse_model
@@ -85,7 +85,7 @@ def sparse_stage(config: RunConfig, collection: str, chunks: StageRef, key: str,
         progress: Called with ``(model, done, total)`` as each model's chunks are embedded.
     """
     from embedder.io.qdrant import sparse_vector_name
-    from embedder.io.vector_cache import SparseVectorCache, digest_array, text_digest
+    from embedder.io.vector_cache import SparseVectorCache, digest_array
     from embedder.models.registry import BUNDLED_DATA
 
     path = stage_dir(config, collection, "sparse", key)
@@ -94,12 +94,9 @@ def sparse_stage(config: RunConfig, collection: str, chunks: StageRef, key: str,
     window = config.stream_window
     queries = read_queries(config.queries_path) if config.queries_path else []
 
-    def chunk_digest(c: Any) -> str:
-        # The metadata decides the fallback vector, so it is part of a chunk's digest.
-        return text_digest(c.text + "\0" + json.dumps(c.metadata.get("sparse_features"), sort_keys=True))
-
-    keys = np.concatenate([digest_array([chunk_digest(c) for c in w]) for w in iter_chunk_windows(chunks.path, window)]
-                          or [digest_array([])])
+    keys = np.concatenate([digest_array([_chunk_digest(t, m) for t, m in zip(
+        table["text"].to_pylist(), table["metadata"].to_pylist())])
+        for table in iter_table_windows(chunks.path, window, columns=["text", "metadata"])] or [digest_array([])])
     outputs: list[SparseModelOutput] = []
     warnings: list[str] = []
     lease_event = None
@@ -166,6 +163,18 @@ def sparse_stage(config: RunConfig, collection: str, chunks: StageRef, key: str,
         ))
     return seal(path, SparseStageResult(status="executed", outputs=outputs, warnings=warnings,
                                         lease_event=lease_event))
+
+
+def _chunk_digest(text: str, metadata_json: str) -> str:
+    """A chunk's reuse key: its text and the ``sparse_features`` that decide its fallback vector.
+
+    Other metadata does not change a sparse vector, so editing it reuses the
+    vector. Most chunks carry no ``sparse_features``; their metadata is not parsed.
+    """
+    from embedder.io.vector_cache import text_digest
+
+    features = json.loads(metadata_json).get("sparse_features") if '"sparse_features"' in metadata_json else None
+    return text_digest(text + "\0" + json.dumps(features, sort_keys=True))
 
 
 def _records(chunks: StageRef, window: int, keys: np.ndarray, gids: np.ndarray, index: Any,
