@@ -127,6 +127,17 @@ def _fit_one(queries: Sequence[QueryLists], qrels: Mapping[str, Mapping[str, int
     return k, weights, best
 
 
+def check_tuning_split(split: str) -> None:
+    """Refuse to fit on a split that is not for training (callers check before any work is done).
+
+    Raises:
+        ValueError: If ``split`` is not a training split.
+    """
+    if not split.lower().startswith("train"):
+        raise ValueError(f"fusion is fitted on a training split only, not {split!r}: a figure reported on the "
+                         "split it was fitted on says nothing about new queries")
+
+
 def fit_fusion(queries: Sequence[QueryLists], qrels: Mapping[str, Mapping[str, int]], split: str, *,
                methods: Sequence[Method] = ("rrf", "dbsf"), folds: int = 5, seed: int = 0) -> FusionFit:
     """Fit the fusion method, per-list weights and RRF k on a training split; cross-validate the fit.
@@ -140,9 +151,7 @@ def fit_fusion(queries: Sequence[QueryLists], qrels: Mapping[str, Mapping[str, i
     Raises:
         ValueError: If ``split`` is not a training split, or nothing is judged.
     """
-    if not split.lower().startswith("train"):
-        raise ValueError(f"fusion is fitted on a training split only, not {split!r}: a figure reported on the "
-                         "split it was fitted on says nothing about new queries")
+    check_tuning_split(split)
     judged = [q for q in queries if qrels.get(q.query_id)]
     if not judged:
         raise ValueError("no query of the split has relevance judgements")

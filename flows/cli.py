@@ -253,6 +253,14 @@ def eval_(
     from embedder.io.beir import prepare_beir
     from embedder.settings import resolve_run_config, validate_collection_name
 
+    if tune is not None:
+        from embedder.tuning import check_tuning_split
+
+        # Before the run: an eval of a real corpus takes minutes, and its result could not be used.
+        try:
+            check_tuning_split(split)
+        except ValueError as exc:
+            _fail(str(exc), 2)
     try:
         name = validate_collection_name(f"beir-{beir_dir.resolve().name}-{split}")
         inputs = prepare_beir(beir_dir, split, output_dir.resolve() / "_inputs" / name)

@@ -95,7 +95,7 @@ def test_eval_fuses_every_list_tunes_on_train_only_and_reads_the_tuned_file(beir
     summary = json.loads((tmp_path / "out" / "beir-sample-beir-train" / "processing_summary.json").read_text())
     assert summary["fusion_run"]["weights"] == fit["settings"]["fusion_weights"]
 
-    # Fitting on a split that is not for training is refused.
-    r3 = _eval(beir_dir, tmp_path, "--split", "test", "--tune", str(tmp_path / "never.toml"))
+    # Fitting on a split that is not for training is refused before anything runs.
+    r3 = _eval(beir_dir, tmp_path / "refused", "--split", "test", "--tune", str(tmp_path / "never.toml"))
     assert r3.returncode == 2 and "training split only" in " ".join(r3.stderr.split())
-    assert not (tmp_path / "never.toml").exists()
+    assert not (tmp_path / "never.toml").exists() and not (tmp_path / "refused" / "out").exists()

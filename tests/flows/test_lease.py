@@ -147,8 +147,9 @@ def test_three_holders_on_a_loopback_server_take_turns(prefect_server, tmp_path,
 def test_a_killed_holders_slot_comes_back_and_still_only_one_holds_it(prefect_server, tmp_path):
     """K dies holding the slot; W1 and W2 wait. The slot comes back (by our recovery on the ephemeral
     server, within seconds; by Prefect's repossession after the lease on a running server) and W1 and W2
-    still take turns. On the ephemeral server W1 meanwhile holds the slot longer than two lease renewals:
-    W2's recovery, running every few seconds, never takes a live holder for a dead one.
+    still take turns. On the ephemeral server W1 meanwhile holds the slot past its first lease's expiry,
+    alive only by its renewal: W2's recovery, running every few seconds, never takes a live holder for a
+    dead one.
 
     Both modes run side by side (they share nothing), so the test costs the longer of the two.
     """
@@ -164,7 +165,8 @@ def _killed_holder_scenario(prefect_server: str, tmp_path: Path, mode: str) -> N
     tmp_path.mkdir()
     if mode == "ephemeral":
         env = _ephemeral_env(tmp_path / "home")
-        envs, hold = [env, env, env], 2 * LEASE_S * 0.75 + 15  # outlives the renewals at 45 s and 90 s
+        # Past the first lease's expiry (60 s) by 15 s: only the renewal at 45 s keeps W1 alive.
+        envs, hold = [env, env, env], LEASE_S + 15
     else:
         envs, hold = [_server_env(prefect_server, tmp_path / f"home-{i}") for i in range(3)], 3
     k = Holder(tmp_path, "k", "kill", 0, envs[0], limit=f"gpu-{mode}")

@@ -48,6 +48,11 @@ def test_sigkill_during_rerank_then_rerun_resumes_identically(tmp_path, tiny_cro
 
     home, out = tmp_path / "home", tmp_path / "out"
     log_path = tmp_path / "crash.log"
+    # The uninterrupted reference run shares nothing with the crash and its re-run: it runs beside them.
+    ref = tmp_path / "ref"
+    clean = subprocess.Popen([sys.executable, "-m", "flows.cli", *_args(ref, tiny_cross_encoder)],
+                             env=_env(tmp_path / "home-ref"), cwd=REPO, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     with open(log_path, "w") as log:
         crashed = subprocess.Popen([sys.executable, "-c", KILL_IN_RERANK, *_args(out, tiny_cross_encoder)],
                                    env=_env(home), cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
@@ -70,10 +75,8 @@ def test_sigkill_during_rerank_then_rerun_resumes_identically(tmp_path, tiny_cro
     assert stages["dense"]["cached"] and stages["sparse"]["cached"] and not stages["rerank"]["cached"]
     assert summary["status"] == "completed" and summary["rerank_run"]["status"] == "executed"
 
-    ref = tmp_path / "ref"
-    clean = subprocess.run([sys.executable, "-m", "flows.cli", *_args(ref, tiny_cross_encoder)],
-                           env=_env(tmp_path / "home-ref"), cwd=REPO, capture_output=True, text=True, timeout=400)
-    assert clean.returncode == 0, clean.stderr[-3000:]
+    clean_out, _ = clean.communicate(timeout=400)
+    assert clean.returncode == 0, clean_out[-3000:]
     for name in EXPORTS:
         assert (out / "crash" / name).read_bytes() == (ref / "crash" / name).read_bytes(), name
     status = EdgeStore(out).status("crash")
