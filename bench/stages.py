@@ -149,6 +149,18 @@ def raw_sparse(texts: list[str], queries: list[str]) -> float:
     return time.perf_counter() - t0
 
 
+def stage_alone(cfg) -> float:
+    """Seconds of ``embedder.stages.sparse_stage`` called directly (no Prefect), load stage excluded."""
+    import embedder.stages as st
+
+    _clear_model_caches()
+    col = cfg.collections[0]
+    load = st.load_stage(cfg, col, st.load_key(cfg, col))
+    t0 = time.perf_counter()
+    st.sparse_stage(cfg, col.name, load.chunks, st.sparse_key(cfg, col.name, load.chunks))
+    return time.perf_counter() - t0
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--docs", type=int, default=1000)
@@ -156,6 +168,8 @@ def main() -> None:
     parser.add_argument("--candidates", type=int, default=50)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--sparse-docs", type=int, default=0, help="also measure sparse on this many abstracts")
+    parser.add_argument("--sparse-only", action="store_true",
+                        help="only the --sparse-docs measurement (written to bench/results/stages_sparse.json)")
     args = parser.parse_args()
 
     from embedder.settings import CollectionInput, RunConfig
@@ -174,7 +188,8 @@ def main() -> None:
     flow: list[dict[str, float]] = []
     sequential: list[dict[str, float]] = []  # the same flow with sparse after dense (overlap_sparse=False)
     t_start = time.perf_counter()
-    for r in range(args.rounds + 1):  # round 0 warms the server's database and the OS file cache
+    # Round 0 warms the server's database and the OS file cache.
+    for r in range(0 if args.sparse_only else args.rounds + 1):
         cfg = RunConfig(collections=[CollectionInput(name="scifact", path=str(src))], queries_path=str(qpath),
                         output_dir=str(tmp / f"out-{r}"), local_files_only=True, rerank_model=str(ce_dir),
                         rerank_top_k_candidates=args.candidates)
@@ -189,7 +204,8 @@ def main() -> None:
             flow.clear()
             sequential.clear()
 
-    sparse_big: dict[str, list[float]] = {"raw": [], "in_flow": []}
+    # "stage": the library stage alone, to split the in-flow gap into the stage's own work and Prefect's.
+    sparse_big: dict[str, list[float]] = {"raw": [], "in_flow": [], "stage": []}
     if args.sparse_docs:
         from bench.scale import small_dense_model
 
@@ -201,19 +217,27 @@ def main() -> None:
             cfg = RunConfig(collections=[CollectionInput(name="scifact", path=str(big_src))],
                             queries_path=str(qpath), output_dir=str(tmp / f"out-sparse-{r}"), local_files_only=True,
                             dense_model=str(small), enable_rerank=False, overlap_sparse=False)
-            pair = [lambda: sparse_big["raw"].append(raw_sparse([t for _, t in big], qtexts)),
-                    lambda cfg=cfg: sparse_big["in_flow"].append(flow_round(cfg)["sparse"])]
-            for step in pair if r % 2 == 0 else pair[::-1]:
+            alone = cfg.model_copy(update={"output_dir": str(tmp / f"out-sparse-alone-{r}")})
+            arms = [lambda: sparse_big["raw"].append(raw_sparse([t for _, t in big], qtexts)),
+                    lambda cfg=cfg: sparse_big["in_flow"].append(flow_round(cfg)["sparse"]),
+                    lambda alone=alone: sparse_big["stage"].append(stage_alone(alone))]
+            for step in arms if r % 2 == 0 else arms[::-1]:
                 step()
             if r == 0:  # warm-up
-                sparse_big["raw"].clear()
-                sparse_big["in_flow"].clear()
+                for rounds in sparse_big.values():
+                    rounds.clear()
 
     def med(rows: list[dict[str, float]], key: str) -> float | None:
         values = [row[key] for row in rows if key in row]
         return round(statistics.median(values), 3) if values else None
 
-    stages = {}
+    stages: dict[str, dict] = {}
+    if args.sparse_only:
+        write_result("stages_sparse", {
+            "command": f"python bench/stages.py --sparse-only --sparse-docs {args.sparse_docs} --rounds {args.rounds}",
+            "rounds": args.rounds, **_sparse_big(args.sparse_docs, sparse_big),
+            "bench_wall_s": round(time.perf_counter() - t_start, 1)})
+        return
     # Stage ratios from the sequential arrangement: each stage alone, as the raw call is.
     for stage in ("dense", "sparse", "rerank"):
         in_flow, raw_s = med(sequential, stage), med(raw, stage)
@@ -223,10 +247,7 @@ def main() -> None:
     for stage in ("load", "index", "fuse", "export", "publish"):
         stages[stage] = {"in_flow_s": med(sequential, stage)}
     if args.sparse_docs:
-        raw_s, in_flow = (round(statistics.median(sparse_big[k]), 3) for k in ("raw", "in_flow"))
-        stages[f"sparse_{args.sparse_docs}"] = {"docs": args.sparse_docs, "raw_s": raw_s, "in_flow_s": in_flow,
-                                                "ratio": round(raw_s / in_flow, 3),
-                                                "raw_rounds": sparse_big["raw"], "flow_rounds": sparse_big["in_flow"]}
+        stages[f"sparse_{args.sparse_docs}"] = _sparse_big(args.sparse_docs, sparse_big)
     write_result("stages", {
         "docs": len(docs), "queries": len(queries), "rerank_candidates": args.candidates, "rounds": args.rounds,
         "command": f"python bench/stages.py --docs {args.docs} --queries {args.queries} --rounds {args.rounds}"
@@ -241,6 +262,13 @@ def main() -> None:
         "flow_wall_s": med(flow, "flow_wall"), "bench_wall_s": round(time.perf_counter() - t_start, 1),
         "raw_rounds": raw, "flow_rounds": flow, "sequential_rounds": sequential,
     })
+
+
+def _sparse_big(docs: int, rounds: dict[str, list[float]]) -> dict[str, object]:
+    raw_s, in_flow, alone = (round(statistics.median(rounds[k]), 3) for k in ("raw", "in_flow", "stage"))
+    return {"docs": docs, "raw_s": raw_s, "in_flow_s": in_flow, "ratio": round(raw_s / in_flow, 3),
+            "stage_alone_s": alone, "stage_alone_ratio": round(raw_s / alone, 3),
+            "raw_rounds": rounds["raw"], "flow_rounds": rounds["in_flow"], "stage_rounds": rounds["stage"]}
 
 
 if __name__ == "__main__":
