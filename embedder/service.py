@@ -155,9 +155,12 @@ def search_collection(root: Path, req: SearchRequest, store: VectorStore | None 
                    for name, w in by_list.items()} or None
         # hybrid_search fuses weighted DBSF itself (the engine's DBSF has no weights), so search ranks
         # as the run's fusion stage and eval score it.
+        # Fused scores depend on how deep each list goes (RRF on who is in it, DBSF on its score spread):
+        # each list goes as deep as the run's fusion stage took it, so search's top k is the stage's.
+        depth = max(n, int(cfg.get("retrieval_top_n", 100)))
         cands = hybrid_search(store, req.collection, HybridQuery(dense=qvec, sparse=sparse_q, fusion=fusion,
-                                                        k=int(cfg.get("rrf_k", 60)), weights=weights,
-                                                        prefetch_limit=n, limit=n))
+                                                                 k=int(cfg.get("rrf_k", 60)), weights=weights,
+                                                                 prefetch_limit=depth, limit=n))
         reranked = False
         rerank_model = cfg.get("rerank_model") if req.rerank else None
         if req.rerank and cands:

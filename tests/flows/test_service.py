@@ -66,6 +66,25 @@ def test_search_hybrid_then_rerank(client):
     assert scores == sorted(scores, reverse=True)
 
 
+def test_search_ranks_as_the_runs_fusion_stage_at_any_top_k(client, run_output):
+    """Fusion depends on how deep each list goes: search fuses lists as deep as the run's fusion stage did,
+    so its top k is the stage's top k, whatever k the caller asks for."""
+    import json
+
+    cfg, summary = run_output
+    queries = {r["_id"]: r["text"] for r in map(json.loads, Path(cfg.queries_path).open())}
+    rows = [json.loads(line) for line in Path(summary.fusion_run.candidates_path).open()]
+    assert len(rows) == len(queries) >= 5
+    for row in rows:
+        for k in (1, 3):
+            r = client.post("/search", json={"collection": "sample", "query": queries[row["query_id"]],
+                                             "top_k": k, "rerank": False})
+            assert r.status_code == 200, r.text
+            hits = r.json()["hits"]
+            assert [h["id"] for h in hits] == [c["id"] for c in row["rrf"][:k]], (row["query_id"], k)
+            assert [h["score"] for h in hits] == pytest.approx([c["score"] for c in row["rrf"][:k]], rel=1e-4)
+
+
 def test_bad_input_is_422_naming_the_field(client):
     r = client.post("/search", json={"collection": "sample", "query": "x", "top_k": 0})
     assert r.status_code == 422 and r.json()["detail"][0]["loc"][-1] == "top_k"
