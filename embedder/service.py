@@ -153,10 +153,9 @@ def search_collection(root: Path, req: SearchRequest, store: VectorStore | None 
         by_list = cfg.get("fusion_weights") or {}
         weights = {(DENSE_VECTOR if name == "dense" else sparse_vector_name(name)): float(w)
                    for name, w in by_list.items()} or None
-        # hybrid_search fuses weighted DBSF itself (the engine's DBSF has no weights), so search ranks
-        # as the run's fusion stage and eval score it.
-        # Fused scores depend on how deep each list goes (RRF on who is in it, DBSF on its score spread):
-        # each list goes as deep as the run's fusion stage took it, so search's top k is the stage's.
+        # Search ranks as the run's fusion stage and eval score it: hybrid_search fuses weighted DBSF
+        # itself (the engine's DBSF has no weights), and each list goes as deep as the stage took it,
+        # since fused scores depend on depth (RRF on who is in a list, DBSF on its score spread).
         depth = max(n, int(cfg.get("retrieval_top_n", 100)))
         cands = hybrid_search(store, req.collection, HybridQuery(dense=qvec, sparse=sparse_q, fusion=fusion,
                                                                  k=int(cfg.get("rrf_k", 60)), weights=weights,

@@ -15,6 +15,7 @@ from pydantic import BaseModel, Field
 from embedder.errors import ModelUnavailableError
 from embedder.gpu import cuda_context_gb, resolve_device
 from embedder.io.readers import read_queries
+from embedder.io.vector_cache import text_digest
 from embedder.io.writers import iter_chunk_windows, iter_jsonl_windows, iter_table_windows, write_jsonl
 from embedder.models.engine import resolve_precision
 from embedder.models.registry import get_spec, resolve_model
@@ -171,8 +172,6 @@ def _chunk_digest(text: str, metadata_json: str) -> str:
     Other metadata does not change a sparse vector, so editing it reuses the
     vector. Most chunks carry no ``sparse_features``; their metadata is not parsed.
     """
-    from embedder.io.vector_cache import text_digest
-
     features = json.loads(metadata_json).get("sparse_features") if '"sparse_features"' in metadata_json else None
     return text_digest(text + "\0" + json.dumps(features, sort_keys=True))
 
