@@ -9,6 +9,7 @@ query vector scores fallback documents exactly as it scores live ones.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import re
@@ -86,6 +87,129 @@ def check_stopwords(model_dir: str | Path) -> Path:
     return path
 
 
+_WORD = re.compile(r"\w+")
+_MISSING = object()
+
+
+class Bm25DocumentEncoder:
+    """fastembed's BM25 document vectors, computed a batch at a time instead of a token at a time.
+
+    fastembed's ``Bm25.raw_embed`` tokenises with three regex passes, then runs
+    its stopword and length checks, the Snowball stemmer and ``mmh3`` once per
+    token occurrence, in Python: most of a BM25 stage's time. This encoder
+    calls the same fastembed pieces (``remove_non_alphanumeric``, ``_stem``,
+    ``compute_token_id``, ``k``, ``b``, ``avg_len``) once per distinct token,
+    memoised, counts a batch's occurrences in numpy, and evaluates fastembed's
+    term-frequency expression in the same order of IEEE operations, so every
+    vector is the same numbers. :meth:`checked` compares it with fastembed's own
+    loop before it is used; a fastembed release whose BM25 differs makes the
+    model keep fastembed's loop.
+
+    ``\\w+`` over the lower-cased text splits exactly where fastembed's
+    ``SimpleTokenizer`` does: that replaces every non-word character with a
+    space and splits on whitespace, and no word character is whitespace.
+    """
+
+    # Distinct tokens remembered; past it the memo starts again (a million chunks can hold millions).
+    MEMO_LIMIT = 1_000_000
+    # Texts compared with fastembed's loop before the encoder is trusted.
+    CHECK_TEXTS = 32
+
+    def __init__(self, bm25: Any) -> None:
+        from fastembed.common.utils import remove_non_alphanumeric
+
+        self._bm25 = bm25
+        self._clean = remove_non_alphanumeric
+        self._reset()
+
+    def _reset(self) -> None:
+        self._token: dict[str, int] = {}  # token -> its stem's number, -1 where fastembed drops it
+        self._stem: dict[str, int] = {}  # stem -> its number
+        self._ids: list[int] = []  # stem number -> fastembed's token id
+        self._ids_np = np.zeros(0, dtype=np.int64)  # the ids as an array; the first _filled are set
+        self._filled = 0
+
+    @classmethod
+    def checked(cls, bm25: Any, texts: Sequence[str]) -> Bm25DocumentEncoder | bool:
+        """The encoder if it reproduces ``bm25.raw_embed`` on the first texts exactly, else False."""
+        sample = list(texts[:cls.CHECK_TEXTS])
+        try:
+            expected = [_to_sparse(e.indices, e.values) for e in bm25.raw_embed(sample)]
+            encoder = cls(bm25)
+            got = encoder.embed(sample)
+        except (AttributeError, TypeError, ImportError) as exc:  # fastembed's internals moved
+            log.warning("BM25: fastembed's own loop is used (its internals differ: %s)", exc)
+            return False
+        if got != expected:
+            log.warning("BM25: fastembed's own loop is used (the batch encoder gave other vectors)")
+            return False
+        return encoder
+
+    def _stems_of(self, distinct: list[str]) -> np.ndarray:
+        """Each token's stem number (-1: dropped), stemming and hashing the tokens not seen before."""
+        if len(self._token) + len(distinct) > self.MEMO_LIMIT:
+            self._reset()
+        memo, stems = self._token, self._stem
+        for token in distinct:
+            if token not in memo:
+                kept = self._bm25._stem([token])
+                if not kept:
+                    memo[token] = -1
+                    continue
+                number = stems.get(kept[0])
+                if number is None:
+                    number = stems[kept[0]] = len(self._ids)
+                    self._ids.append(self._bm25.compute_token_id(kept[0]))
+                memo[token] = number
+        filled, total = self._filled, len(self._ids)
+        if total > filled:
+            if total > len(self._ids_np):
+                # Grown by doubling, so a long run copies the ids O(log n) times, not once per batch.
+                grown = np.empty(max(total, 2 * len(self._ids_np)), dtype=np.int64)
+                grown[:filled] = self._ids_np[:filled]
+                self._ids_np = grown
+            self._ids_np[filled:total] = self._ids[filled:]
+            self._filled = total
+        return np.fromiter((memo[t] for t in distinct), dtype=np.int64, count=len(distinct))
+
+    def embed(self, texts: Sequence[str]) -> list[SparseVector]:
+        """Document vectors, indices ascending and values float32 (as :func:`_to_sparse` gives them)."""
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        n = len(texts)
+        if n == 0:
+            return []
+        k, b, avg_len = self._bm25.k, self._bm25.b, self._bm25.avg_len
+        tokens = [_WORD.findall(self._clean(text).lower()) for text in texts]
+        flat = pa.array(itertools.chain.from_iterable(tokens), type=pa.large_string())
+        encoded = pc.dictionary_encode(flat)
+        stem = self._stems_of(encoded.dictionary.to_pylist())[encoded.indices.to_numpy(zero_copy_only=False)]
+        doc = np.repeat(np.arange(n, dtype=np.int64), [len(t) for t in tokens])
+        keep = stem >= 0
+        doc, stem = doc[keep], stem[keep]
+        doc_len = np.bincount(doc, minlength=n)
+        # Occurrences per (document, stem), then fastembed's _term_frequency, operation for operation.
+        pairs, counts = np.unique(doc * len(self._ids_np) + stem, return_counts=True)
+        pdoc, pstem = np.divmod(pairs, len(self._ids_np)) if len(pairs) else (pairs, pairs)
+        values = counts * (k + 1)
+        values = values / (counts + k * (1 - b + b * doc_len[pdoc] / avg_len))
+        token_id = self._ids_np[pstem]
+        order = np.lexsort((token_id, pdoc))
+        pdoc, token_id, values = pdoc[order], token_id[order], values[order]
+        clash = np.flatnonzero((pdoc[1:] == pdoc[:-1]) & (token_id[1:] == token_id[:-1]))
+        bounds = np.searchsorted(pdoc, np.arange(n + 1))
+        ids_list, values_list = token_id.tolist(), values.astype(np.float32).tolist()
+        out = [SparseVector.model_construct(indices=ids_list[lo:hi], values=values_list[lo:hi])
+               for lo, hi in zip(bounds[:-1].tolist(), bounds[1:].tolist())]
+        # Two stems of one document with one hash id: fastembed keeps the later stem's value, in
+        # first-seen order, which numpy's counting does not track. Rare (32-bit ids); redone its way.
+        for d in sorted({int(pdoc[i]) for i in clash}):
+            e = self._bm25.raw_embed([texts[d]])[0]
+            out[d] = _to_sparse(e.indices, e.values)
+        return out
+
+
 class Bm25Model:
     """fastembed's ``Qdrant/bm25`` loaded offline from the bundled directory."""
 
@@ -93,6 +217,8 @@ class Bm25Model:
         self.name = resolved.spec.name
         self.location = resolved.location
         self._model: Any = None
+        # Set on the first embed: the memoising encoder, or False where it did not reproduce fastembed.
+        self._encoder: Bm25DocumentEncoder | bool | None = None
 
     def load(self) -> Any:
         """Load once; later calls are no-ops."""
@@ -107,7 +233,12 @@ class Bm25Model:
 
     def embed(self, texts: Sequence[str]) -> list[SparseVector]:
         """BM25 term-frequency vectors (IDF is applied by Qdrant's ``Modifier.IDF``)."""
-        return [_to_sparse(e.indices, e.values) for e in self.load().embed(list(texts), batch_size=256)]
+        model = self.load()
+        if self._encoder is None:
+            self._encoder = Bm25DocumentEncoder.checked(model.model, texts)
+        if self._encoder:
+            return self._encoder.embed(texts)
+        return [_to_sparse(e.indices, e.values) for e in model.embed(list(texts), batch_size=256)]
 
     def query_embed(self, texts: Sequence[str]) -> list[SparseVector]:
         """Query vectors: each distinct stemmed token with weight 1."""

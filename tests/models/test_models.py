@@ -1,5 +1,6 @@
 """Real models, offline: the packaged MiniLM, fastembed BM25, SPLADE-tiny and a trained tiny CrossEncoder."""
 
+import itertools
 import re
 import shutil
 import uuid
@@ -16,9 +17,17 @@ from embedder.models.dense import DenseEncoder, embed_dense
 from embedder.models.engine import TokenBudget
 from embedder.models.registry import BUNDLED_DATA, get_spec, resolve_model
 from embedder.models.rerank import RerankEncoder, rerank
-from embedder.models.sparse import Bm25Hasher, Bm25Model, check_stopwords, infer_sparse, load_sparse_model
-from embedder.schemas import Chunk, Query, ScoredCandidate
-from tests.conftest import SAMPLE_DIR
+from embedder.models.sparse import (
+    Bm25DocumentEncoder,
+    Bm25Hasher,
+    Bm25Model,
+    _to_sparse,
+    check_stopwords,
+    infer_sparse,
+    load_sparse_model,
+)
+from embedder.schemas import Chunk, Query, ScoredCandidate, SparseVector
+from tests.conftest import SAMPLE_DIR, SCIFACT
 from tests.helpers.tiny_models import relevance_pairs
 
 
@@ -107,6 +116,65 @@ def test_bm25_fallback_matches_live_index_space():
         assert np.allclose(mine.values, live_vec.values)
     q = "how do plants turn sunlight into sugar"
     assert live.query_embed([q])[0].indices == hasher.query_vector(q).indices
+
+
+# Texts where a tokeniser shortcut would part from fastembed's: lower-casing that grows a character
+# (İ), Greek final sigma next to replaced punctuation, "_" (a word character in a punctuation
+# category), tokens past fastembed's 40 characters, non-Latin scripts, odd whitespace, repeats.
+_BM25_EDGE_TEXTS = [
+    "", "the and of is", "!!! ... --- ???", "_ __ a_b snake_case", "İstanbul İİ KIRIKKALE",
+    "ΟΔΟΣ'Α ΟΔΟΣ. ὈΔΥΣΣΕΎΣ", "x" * 41 + " kept " + "y" * 40, "covid-19 COVID19 2019-nCoV IL-6/IL-10",
+    "naïve café résumé Straße ﬁnance", "数据 データ 데이터 😀 ٣٤٥", "line\nbreak\ttab\u00a0nbsp\u2028sep",
+    "cells cell celled cells Cells CELLS cellular",
+]
+
+
+@pytest.fixture(scope="module")
+def bm25_texts() -> list[str]:
+    import json
+
+    with open(SCIFACT / "corpus.jsonl", encoding="utf-8") as fh:
+        abstracts = [f"{r['title']} {r['text']}" for r in map(json.loads, itertools.islice(fh, 400))]
+    return abstracts + [c.text for c in _sample_chunks(50)] + _BM25_EDGE_TEXTS
+
+
+def _fastembed_vectors(model: Bm25Model, texts: list[str]) -> list[SparseVector]:
+    return [_to_sparse(e.indices, e.values) for e in model.load().embed(texts, batch_size=256)]
+
+
+def test_bm25_batch_encoder_gives_fastembeds_vectors_bit_for_bit(bm25_texts, monkeypatch):
+    model = Bm25Model(resolve_model("qdrant-bm25", "sparse"))
+    expected = _fastembed_vectors(model, bm25_texts)
+    encoder = Bm25DocumentEncoder(model.load().model)
+    # Odd batch sizes, then the same texts again through a warm memo.
+    assert [v for i in range(0, len(bm25_texts), 97) for v in encoder.embed(bm25_texts[i:i + 97])] == expected
+    assert encoder.embed(bm25_texts) == expected
+    monkeypatch.setattr(Bm25DocumentEncoder, "MEMO_LIMIT", 50)  # the memo starts again inside every batch
+    assert Bm25DocumentEncoder(model.load().model).embed(bm25_texts) == expected
+    assert model.embed(bm25_texts) == expected and isinstance(model._encoder, Bm25DocumentEncoder)
+
+
+def test_bm25_batch_encoder_resolves_a_hash_clash_as_fastembed_does():
+    model = Bm25Model(resolve_model("qdrant-bm25", "sparse"))
+    bm25 = model.load().model
+    a, b = "bvxqgjh", "kvzxvdh"  # two stems with one abs(mmh3) id, found by search
+    assert bm25._stem([a, b]) == [a, b] and bm25.compute_token_id(a) == bm25.compute_token_id(b)
+    texts = [f"{a} {b} {b} plant", f"{b} {a} {a} plant", f"{a} plant"]
+    got = Bm25DocumentEncoder(bm25).embed(texts)
+    assert got == _fastembed_vectors(model, texts)
+    assert len(got[0].indices) == 2  # the clash stays one entry, holding the later stem's value
+
+
+def test_bm25_keeps_fastembeds_loop_when_the_batch_encoder_disagrees(monkeypatch, caplog, bm25_texts):
+    def wrong(self, texts):
+        return [SparseVector(indices=[1], values=[1.0]) for _ in texts]
+
+    model = Bm25Model(resolve_model("qdrant-bm25", "sparse"))
+    expected = _fastembed_vectors(model, bm25_texts)
+    monkeypatch.setattr(Bm25DocumentEncoder, "embed", wrong)
+    with caplog.at_level("WARNING"):
+        assert model.embed(bm25_texts) == expected
+    assert model._encoder is False and "fastembed's own loop is used" in caplog.text
 
 
 def test_missing_stopwords_fails_loudly(tmp_path):

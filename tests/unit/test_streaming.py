@@ -11,8 +11,15 @@ import pytest
 
 from embedder.fusion import DenseIndex, SparseIndex, stream_dense_candidates, stream_sparse_candidates
 from embedder.io.vector_cache import DenseVectorCache, SparseVectorCache, digest_array, text_digest
-from embedder.io.writers import DenseParquetWriter, iter_dense_windows, iter_table_windows, read_dense_parquet
-from embedder.schemas import SparseVector
+from embedder.io.writers import (
+    ChunkTableWriter,
+    DenseParquetWriter,
+    iter_chunk_windows,
+    iter_dense_windows,
+    iter_table_windows,
+    read_dense_parquet,
+)
+from embedder.schemas import Chunk, SparseVector
 
 
 def test_table_windows_are_exact_across_row_groups(tmp_path: Path) -> None:
@@ -21,6 +28,19 @@ def test_table_windows_are_exact_across_row_groups(tmp_path: Path) -> None:
     windows = [t["x"].to_pylist() for t in iter_table_windows(path, 5)]
     assert [len(w) for w in windows] == [5, 5, 5, 5, 3]
     assert [x for w in windows for x in w] == list(range(23))
+
+
+def test_chunk_metadata_reads_back_unchanged_long_integers_included(tmp_path: Path) -> None:
+    # orjson reads integers past 64 bits as floats; the chunk table's reader must not.
+    metadata = [{"big": 2 ** 70, "low": -(2 ** 63) - 1, "id": "x1234567890123456789", "f": 1.5, "u": "é😀"},
+                {"n": 12, "nested": {"l": [1, 2.5, None, True], "max": 2 ** 63 - 1}}, {}]
+    writer = ChunkTableWriter(tmp_path / "chunks.parquet")
+    for i, m in enumerate(metadata):
+        writer.add(Chunk(id=str(i), text="t", metadata=m))
+    writer.close()
+    got = [c.metadata for w in iter_chunk_windows(tmp_path / "chunks.parquet", 2) for c in w]
+    assert got == metadata
+    assert type(got[0]["big"]) is int and type(got[1]["nested"]["max"]) is int
 
 
 def test_dense_writer_streams_windows_into_one_file(tmp_path: Path) -> None:
