@@ -88,7 +88,6 @@ def check_stopwords(model_dir: str | Path) -> Path:
 
 
 _WORD = re.compile(r"\w+")
-_MISSING = object()
 
 
 class Bm25DocumentEncoder:
@@ -120,6 +119,8 @@ class Bm25DocumentEncoder:
 
         self._bm25 = bm25
         self._clean = remove_non_alphanumeric
+        # A loaded model is shared across threads; a batch's stem numbers must outlive its own lookups.
+        self._lock = threading.Lock()
         self._reset()
 
     def _reset(self) -> None:
@@ -174,12 +175,16 @@ class Bm25DocumentEncoder:
 
     def embed(self, texts: Sequence[str]) -> list[SparseVector]:
         """Document vectors, indices ascending and values float32 (as :func:`_to_sparse` gives them)."""
+        if not texts:
+            return []
+        with self._lock:
+            return self._embed(texts)
+
+    def _embed(self, texts: Sequence[str]) -> list[SparseVector]:
         import pyarrow as pa
         import pyarrow.compute as pc
 
         n = len(texts)
-        if n == 0:
-            return []
         k, b, avg_len = self._bm25.k, self._bm25.b, self._bm25.avg_len
         tokens = [_WORD.findall(self._clean(text).lower()) for text in texts]
         flat = pa.array(itertools.chain.from_iterable(tokens), type=pa.large_string())
@@ -217,7 +222,7 @@ class Bm25Model:
         self.name = resolved.spec.name
         self.location = resolved.location
         self._model: Any = None
-        # Set on the first embed: the memoising encoder, or False where it did not reproduce fastembed.
+        # Set on the first embed: the batch encoder, or False where it did not reproduce fastembed.
         self._encoder: Bm25DocumentEncoder | bool | None = None
 
     def load(self) -> Any:
