@@ -34,6 +34,24 @@ def _dumps_bytes(obj: Any) -> bytes:
                           allow_nan=False).encode("utf-8")
 
 
+# 19+ digits may be an integer past 64 bits, which orjson reads as a float without a word.
+_LONG_DIGITS = re.compile(r"\d{19}")
+_LONG_DIGITS_BYTES = re.compile(rb"\d{19}")
+
+
+def _loads(text: str | bytes) -> Any:
+    """One JSON document this package wrote: orjson's speed, json's exactness where they differ."""
+    # orjson reads what _dumps_bytes wrote at a few times json's speed; json reads what orjson
+    # would change (long integers) or refuses.
+    long_digits = _LONG_DIGITS_BYTES if isinstance(text, bytes) else _LONG_DIGITS
+    if long_digits.search(text):
+        return json.loads(text)
+    try:
+        return orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return json.loads(text)
+
+
 def write_jsonl(path: Path, records: Iterable[Any]) -> StageRef:
     """Write JSON lines atomically; pydantic models are dumped in JSON mode."""
     count = 0
@@ -56,7 +74,7 @@ def iter_jsonl_records(path: str | Path) -> Iterator[dict[str, Any]]:
     with open(path, "rb") as fh:
         for line in fh:
             if line.strip():
-                yield orjson.loads(line)
+                yield _loads(line)
 
 
 def iter_jsonl_windows(path: str | Path, size: int) -> Iterator[list[dict[str, Any]]]:
@@ -152,21 +170,6 @@ def iter_chunk_windows(path: str | Path, size: int) -> Iterator[list[Chunk]]:
     for table in iter_table_windows(path, size):
         yield [Chunk.model_construct(id=i, text=t, metadata=_loads(m)) for i, t, m in zip(
             table["id"].to_pylist(), table["text"].to_pylist(), table["metadata"].to_pylist())]
-
-
-# 19+ digits may be an integer past 64 bits, which orjson reads as a float without a word.
-_LONG_DIGITS = re.compile(r"\d{19}")
-
-
-def _loads(text: str) -> Any:
-    # orjson reads what _dumps_bytes wrote at a few times json's speed; json reads what orjson
-    # would change (long integers) or refuses.
-    if _LONG_DIGITS.search(text):
-        return json.loads(text)
-    try:
-        return orjson.loads(text)
-    except orjson.JSONDecodeError:
-        return json.loads(text)
 
 
 def iter_chunk_texts(path: str | Path, size: int) -> Iterator[list[str]]:

@@ -18,6 +18,8 @@ from embedder.io.writers import (
     iter_dense_windows,
     iter_table_windows,
     read_dense_parquet,
+    read_jsonl_records,
+    write_jsonl,
 )
 from embedder.schemas import Chunk, SparseVector
 
@@ -41,6 +43,9 @@ def test_chunk_metadata_reads_back_unchanged_long_integers_included(tmp_path: Pa
     got = [c.metadata for w in iter_chunk_windows(tmp_path / "chunks.parquet", 2) for c in w]
     assert got == metadata
     assert type(got[0]["big"]) is int and type(got[1]["nested"]["max"]) is int
+    # The package's JSONL files (exports, stage files) read back through the same reader.
+    write_jsonl(tmp_path / "records.jsonl", metadata)
+    assert read_jsonl_records(tmp_path / "records.jsonl") == metadata
 
 
 def test_dense_writer_streams_windows_into_one_file(tmp_path: Path) -> None:
