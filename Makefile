@@ -8,6 +8,10 @@ export PREFECT_HOME ?= $(CURDIR)/.prefect
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 90
 
+# Two workers: most of the slow tests wait on servers, leases and subprocesses rather than compute.
+# Each test file stays on one worker (its module fixtures start once). TEST_WORKERS=0 runs in-process.
+TEST_WORKERS ?= 2
+
 .PHONY: demo test venv clean
 
 $(STAMP): pyproject.toml
@@ -26,7 +30,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/ruff check embedder tasks flows deployments tests bench
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15
 
 
 clean:

@@ -119,14 +119,30 @@ def start_prefect_server(home: Path, extra_env: dict[str, str] | None = None,
 
 def stop_process_group(proc: subprocess.Popen, timeout_s: float = 30) -> None:
     """SIGTERM a process started with ``start_new_session`` and its children; SIGKILL what outlives it."""
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=timeout_s)
-    except ProcessLookupError:
-        return
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=timeout_s)
+    stop_process_groups([proc], timeout_s)
+
+
+def stop_process_groups(procs: list[subprocess.Popen], timeout_s: float = 30) -> None:
+    """Stop several process groups at once: SIGTERM to all, one shared grace period, then SIGKILL.
+
+    One after another, each group's grace period would add up (a Prefect worker takes its whole
+    grace period to stop).
+    """
+    for proc in procs:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    deadline = time.time() + timeout_s
+    for proc in procs:
+        try:
+            proc.wait(timeout=max(0.1, deadline - time.time()))
+        except subprocess.TimeoutExpired:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            proc.wait(timeout=30)
 
 
 @pytest.fixture(scope="session")

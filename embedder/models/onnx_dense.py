@@ -81,7 +81,9 @@ def export_onnx(model_dir: Path, cache_dir: Path, backend: str) -> Path:
         batch = torch.export.Dim("batch", min=1, max=4096)
         seq = torch.export.Dim("seq", min=2, max=int(model.config.max_position_embeddings))
         tmp = target / "model.onnx.tmp"
-        torch.onnx.export(_Encoder(model), (sample["input_ids"], sample["attention_mask"], sample["token_type_ids"]),
+        # eval(): the wrapper itself must be in inference mode too, or the exporter traces it as training.
+        wrapper = _Encoder(model).eval()
+        torch.onnx.export(wrapper, (sample["input_ids"], sample["attention_mask"], sample["token_type_ids"]),
                           str(tmp), input_names=["input_ids", "attention_mask", "token_type_ids"],
                           output_names=["last_hidden_state"],
                           dynamic_shapes=({0: batch, 1: seq}, {0: batch, 1: seq}, {0: batch, 1: seq}),
