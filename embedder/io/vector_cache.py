@@ -295,11 +295,23 @@ class PartWriter(Generic[V]):
             self.abort()
 
 
+class NonFiniteVectorError(ValueError):
+    """A vector with NaN or infinite values was offered to a store."""
+
+
+def _refuse_non_finite(finite_rows: np.ndarray) -> None:
+    # A store serves its vectors to every later run of the space: one NaN stored is a NaN forever.
+    if not finite_rows.all():
+        bad = int((~finite_rows).sum())
+        raise NonFiniteVectorError(f"refusing to store {bad} of {len(finite_rows)} vectors: NaN or infinite values")
+
+
 class DenseVectorCache(_VectorParts[np.ndarray]):
     """Dense vectors of one vector space (float32, fixed size per space)."""
 
     def _to_columns(self, values: Sequence[np.ndarray]) -> dict[str, pa.Array]:
         vectors = np.ascontiguousarray(np.stack(list(values)), dtype=np.float32)
+        _refuse_non_finite(np.isfinite(vectors).all(axis=1))
         return {"vector": pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1), type=pa.float32()),
                                                             int(vectors.shape[1]))}
 
@@ -312,6 +324,8 @@ class SparseVectorCache(_VectorParts[SparseVector]):
     """Live sparse vectors of one vector space (fallback vectors are never stored: cheap to redo)."""
 
     def _to_columns(self, values: Sequence[SparseVector]) -> dict[str, pa.Array]:
+        _refuse_non_finite(np.array([bool(np.isfinite(np.asarray(v.values, dtype=np.float64)).all()) for v in values],
+                                    dtype=bool))
         return {"indices": pa.array([list(v.indices) for v in values], type=pa.list_(pa.int64())),
                 "values": pa.array([list(v.values) for v in values], type=pa.list_(pa.float32()))}
 

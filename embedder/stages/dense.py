@@ -251,7 +251,9 @@ def _embed_missing(config: RunConfig, encoder: Any, work: Iterable[tuple[list[by
                         engine = encoder.engine(budget, on_batch)
                         meter.start()
                         for (keys, _texts), out in engine.map(work, lambda w: w[1]):
-                            store.put((keys, out.numpy()))
+                            vectors = out.numpy()
+                            _check_finite(vectors, encoder)
+                            store.put((keys, vectors))
                         meter.stop()
                     fields, warnings = engine.report("dense")
                     telemetry = StageTelemetry(
@@ -267,6 +269,22 @@ def _embed_missing(config: RunConfig, encoder: Any, work: Iterable[tuple[list[by
     latency_s = time.perf_counter() - t0
     return telemetry.model_copy(update={
         "latency_ms": latency_s * 1000, "items_per_s": total / latency_s if latency_s > 0 else 0.0}), lease_event, part
+
+
+def _check_finite(vectors: np.ndarray, encoder: Any) -> None:
+    """Fail the stage on NaN or infinite vectors, before any of them reaches the store or an export.
+
+    Half precision can overflow on long inputs; nothing of the run is kept (the
+    store's new part is dropped), so a re-run starts clean.
+    """
+    finite = np.isfinite(vectors).all(axis=1)
+    if finite.all():
+        return
+    hint = ("re-run in fp32 (dense_precision = \"fp32\")" if encoder.precision != "fp32"
+            else "the model's weights give non-finite outputs; check the model directory")
+    raise StageError(f"dense model {encoder.name!r} produced NaN or infinite vectors for {int((~finite).sum())} of "
+                     f"{len(finite)} texts of a window ({encoder.precision} on {encoder.device}); nothing of this "
+                     f"pass was stored; {hint}")
 
 
 def _merge_telemetry(parts: list[StageTelemetry], initial: int) -> StageTelemetry:

@@ -116,6 +116,54 @@ def _halvings(stage):
     return first, unit
 
 
+def test_nan_vectors_fail_dense_and_never_reach_the_store_or_an_export(sample_config, monkeypatch):
+    """A model that overflows (one NaN row in a batch) fails the stage; the re-run embeds everything anew."""
+    import numpy as np
+
+    from embedder.errors import CollectionsFailedError
+    from embedder.io.vector_cache import DenseVectorCache, NonFiniteVectorError, SparseVectorCache
+    from embedder.models import dense as dense_mod
+    from embedder.schemas import SparseVector
+
+    real = dense_mod.dense_forward
+
+    def overflowing(model):
+        forward = real(model)
+
+        def run(features):
+            out = forward(features)
+            out[0, 0] = float("nan")
+            return out
+
+        return run
+
+    monkeypatch.setattr(dense_mod, "dense_forward", overflowing)
+    out = Path(sample_config.output_dir) / "sample"
+    with pytest.raises(CollectionsFailedError) as failed:
+        _run(sample_config)
+    [s] = failed.value.summaries
+    assert s.status == "failed" and s.failed_stage == "dense"
+    assert any("NaN or infinite vectors" in w for w in s.warnings), s.warnings
+    # Nothing poisoned the store: no dense part at all (the sparse stage's own BM25 part is sound).
+    parts = list((out / ".stages" / "vectors").glob("*/part-*.parquet"))
+    assert not [p for p in parts if "vector" in pq.read_schema(p).names]
+    assert not (out / "dense.parquet").exists()
+
+    monkeypatch.setattr(dense_mod, "dense_forward", real)
+    [again] = _run(sample_config)
+    assert again.status in ("completed", "partial") and again.dense_run.reused == 0
+    assert again.dense_run.total_embeddings_generated == again.chunk_count
+    vectors = np.asarray(pq.read_table(out / "dense.parquet")["vector"].to_pylist(), dtype=np.float32)
+    assert np.isfinite(vectors).all()
+
+    # Every store refuses such vectors itself, whichever stage offers them.
+    with pytest.raises(NonFiniteVectorError):
+        DenseVectorCache(out / "direct-dense").append({"a" * 64: np.array([0.1, float("inf")], dtype=np.float32)})
+    with pytest.raises(NonFiniteVectorError):
+        SparseVectorCache(out / "direct-sparse").append({"b" * 64: SparseVector(indices=[3], values=[float("nan")])})
+    assert not list(out.glob("direct-*/part-*.parquet"))
+
+
 def test_oom_in_dense_and_rerank_backs_off_and_completes(sample_config, tiny_cross_encoder, monkeypatch, tmp_path):
     from embedder.models import dense as dense_mod
     from embedder.models import rerank as rerank_mod
