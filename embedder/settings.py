@@ -142,6 +142,10 @@ class RunConfig(BaseModel):
     stream_window: int = Field(
         4096, ge=1, le=1_000_000, description="Chunks a streaming stage holds at once: dense, sparse, index, "
         "fusion and exports read the chunk table and write vectors window by window, so memory stays flat in N.")
+    vector_checkpoint_s: float = Field(
+        300.0, ge=0, description="Dense and sparse vectors are published to the per-chunk store at least this "
+        "often while a stage runs, so a run killed midway keeps what it embedded and its re-run embeds only the "
+        "rest (0: after every window).")
     dense_precision: Precision = Field(
         "auto", description="auto: bf16 on a GPU that supports it, else fp16; fp32 on the CPU. Or fp32, fp16, bf16.")
     sparse_precision: Precision = Field("auto", description="SPLADE's precision on a device (as dense_precision).")
@@ -220,6 +224,7 @@ class EmbedderSettings(BaseSettings):
     index_hnsw_min_points: int = 100_000
     overlap_sparse: bool = True
     stream_window: int = 4096
+    vector_checkpoint_s: float = 300.0
     dense_precision: Precision = "auto"
     sparse_precision: Precision = "auto"
     rerank_precision: Precision = "auto"

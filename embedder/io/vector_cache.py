@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import socket
 import time
 import uuid
 from collections import OrderedDict
@@ -27,7 +28,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from embedder.io.atomic import atomic_path
 from embedder.schemas import SparseVector
 
 _MAX_PARTS = 16
@@ -99,6 +99,7 @@ class _VectorParts(Generic[V]):
         Parts stay open, so a concurrent compaction that unlinks them cannot pull
         rows from under a reader (POSIX keeps an unlinked open file readable).
         """
+        sweep_stale_parts(self.root)
         for _attempt in range(3):
             try:
                 return CacheIndex(self, [pq.ParquetFile(p) for p in self._parts()])
@@ -107,14 +108,14 @@ class _VectorParts(Generic[V]):
         raise FileNotFoundError(f"the vector cache at {self.root} kept changing while it was opened")
 
     def index_with(self, index: CacheIndex[V], part: PartWriter[V] | None) -> CacheIndex[V]:
-        """``index`` (parts held open since it was made) plus a part this process just wrote, newest last."""
-        if part is None or part.opened is None:
+        """``index`` (parts held open since it was made) plus the parts this process just wrote, newest last."""
+        if part is None or not part.published:
             return index
-        return CacheIndex(self, [*index.files, part.opened])
+        return CacheIndex(self, [*index.files, *part.published])
 
-    def writer(self) -> PartWriter[V]:
-        """A new part, written a row group at a time; it appears atomically on close."""
-        return PartWriter(self)
+    def writer(self, *, roll_after_s: float | None = None) -> PartWriter[V]:
+        """A new part, written a row group at a time; it appears atomically on close (or every ``roll_after_s``)."""
+        return PartWriter(self, roll_after_s=roll_after_s)
 
     def append(self, rows: dict[str, V]) -> None:
         """Add vectors (one part file, written atomically)."""
@@ -240,16 +241,72 @@ class CacheIndex(Generic[V]):
         return values
 
 
-class PartWriter(Generic[V]):
-    """One new part of a vector store, a row group per :meth:`add`; atomic, and absent when empty."""
+_HOST = socket.gethostname()
+_TMP_SUFFIX = ".tmp"
+STALE_TMP_S = 7 * 24 * 3600.0  # a temp part from another host is swept only when this old
 
-    def __init__(self, store: _VectorParts[V]) -> None:
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def sweep_stale_parts(root: Path, now: float | None = None) -> int:
+    """Delete the unpublished parts of writers that are gone (a run killed while it wrote); returns how many.
+
+    A temp part is named ``.<part>.<host>.<pid>.tmp``: on this host it is stale once
+    its pid is dead; from another host (or in an older naming) once it is a week
+    old, since a live writer there cannot be asked.
+    """
+    if not root.is_dir():
+        return 0
+    now = time.time() if now is None else now
+    swept = 0
+    for tmp in root.glob(".part-*" + _TMP_SUFFIX):
+        stem = tmp.name[1:-len(_TMP_SUFFIX)]
+        owner, _, pid_s = stem.rpartition(".")
+        _part, sep, host = owner.partition(".parquet.")
+        try:
+            if sep and pid_s.isdigit() and host == _HOST:
+                stale = not _pid_alive(int(pid_s))
+            else:
+                stale = now - tmp.stat().st_mtime > STALE_TMP_S
+            if stale:
+                tmp.unlink()
+                swept += 1
+        except FileNotFoundError:  # its writer published or dropped it meanwhile
+            continue
+    return swept
+
+
+class PartWriter(Generic[V]):
+    """New parts of a vector store, a row group per :meth:`add`; each atomic, and absent when empty.
+
+    With ``roll_after_s``, the part being written is published once it has been
+    open that long and a new one begun: a run killed later keeps what it embedded
+    until then, and its re-run embeds only the rest. Every published part stays
+    open for reading (:attr:`published`).
+    """
+
+    def __init__(self, store: _VectorParts[V], *, roll_after_s: float | None = None) -> None:
         self.store = store
         self.count = 0
-        self.opened: pq.ParquetFile | None = None
-        self._ctx: object | None = None
+        self.roll_after_s = roll_after_s
+        self.published: list[pq.ParquetFile] = []
+        self._final: Path | None = None
         self._tmp: Path | None = None
         self._writer: pq.ParquetWriter | None = None
+        self._opened_at = 0.0
+
+    @property
+    def opened(self) -> pq.ParquetFile | None:
+        """The last part published (None before any)."""
+        return self.published[-1] if self.published else None
 
     def add(self, digests: list[str], values: Sequence[V]) -> None:
         """Append vectors with their digests."""
@@ -259,31 +316,39 @@ class PartWriter(Generic[V]):
         if self._writer is None:
             self.store.root.mkdir(parents=True, exist_ok=True)
             # Time-ordered names: parts list oldest first, so the oldest copy of a vector wins, on every host.
-            self._ctx = atomic_path(self.store.root / f"part-{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.parquet")
-            self._tmp = self._ctx.__enter__()  # type: ignore[attr-defined]
+            self._final = self.store.root / f"part-{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.parquet"
+            # The writer's host and pid in the temp name: a killed writer's leftovers can be told from a live one's.
+            self._tmp = self._final.with_name(f".{self._final.name}.{_HOST}.{os.getpid()}{_TMP_SUFFIX}")
             self._writer = pq.ParquetWriter(self._tmp, table.schema)
+            self._opened_at = time.monotonic()
         self._writer.write_table(table)
         self.count += len(digests)
+        if self.roll_after_s is not None and time.monotonic() - self._opened_at >= self.roll_after_s:
+            self._publish()
+
+    def _publish(self) -> None:
+        assert self._writer is not None and self._tmp is not None and self._final is not None
+        self._writer.close()
+        self._writer = None
+        with open(self._tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        # The handle is taken before the part is published: a concurrent run's compaction may merge
+        # and unlink it at once, and the run that wrote it still reads its vectors through the handle.
+        self.published.append(pq.ParquetFile(self._tmp))
+        os.replace(self._tmp, self._final)
 
     def close(self) -> None:
-        """Publish the part (nothing when no row was added), keeping it open for reading as :attr:`opened`.
-
-        The handle is taken before the part is published: a concurrent run's
-        compaction may merge and unlink it at once, and the run that wrote it
-        still reads its vectors through the handle.
-        """
+        """Publish the part being written (nothing when no row was added since the last one)."""
         if self._writer is not None:
-            self._writer.close()
-            self.opened = pq.ParquetFile(self._tmp)
-            self._ctx.__exit__(None, None, None)  # type: ignore[attr-defined]
-            self._writer = None
+            self._publish()
 
     def abort(self) -> None:
-        """Drop the part."""
+        """Drop the part being written; parts already published stay (their vectors are sound)."""
         if self._writer is not None:
             self._writer.close()
-            self._ctx.__exit__(RuntimeError, RuntimeError("aborted"), None)  # type: ignore[attr-defined]
             self._writer = None
+            if self._tmp is not None:
+                self._tmp.unlink(missing_ok=True)
 
     def __enter__(self) -> PartWriter[V]:
         return self

@@ -238,7 +238,7 @@ def _embed_missing(config: RunConfig, encoder: Any, work: Iterable[tuple[list[by
     t0 = time.perf_counter()
     meter = PeakMeter(encoder.device)
     lease_event: dict[str, Any] | None = None
-    with cache.writer() as part:
+    with cache.writer(roll_after_s=config.vector_checkpoint_s) as part:
         store = Drain(lambda item: part.add([k.decode() for k in item[0]], list(item[1])), name="dense-store")
         try:
             with (gpu() if gpu is not None else contextlib.nullcontext()) as lease_event:
@@ -274,8 +274,9 @@ def _embed_missing(config: RunConfig, encoder: Any, work: Iterable[tuple[list[by
 def _check_finite(vectors: np.ndarray, encoder: Any) -> None:
     """Fail the stage on NaN or infinite vectors, before any of them reaches the store or an export.
 
-    Half precision can overflow on long inputs; nothing of the run is kept (the
-    store's new part is dropped), so a re-run starts clean.
+    Half precision can overflow on long inputs. The failing window never reaches
+    the store (nor does anything since the store's last checkpoint), so a re-run
+    embeds it again.
     """
     finite = np.isfinite(vectors).all(axis=1)
     if finite.all():
@@ -283,8 +284,8 @@ def _check_finite(vectors: np.ndarray, encoder: Any) -> None:
     hint = ("re-run in fp32 (dense_precision = \"fp32\")" if encoder.precision != "fp32"
             else "the model's weights give non-finite outputs; check the model directory")
     raise StageError(f"dense model {encoder.name!r} produced NaN or infinite vectors for {int((~finite).sum())} of "
-                     f"{len(finite)} texts of a window ({encoder.precision} on {encoder.device}); nothing of this "
-                     f"pass was stored; {hint}")
+                     f"{len(finite)} texts of a window ({encoder.precision} on {encoder.device}); the window was "
+                     f"not stored; {hint}")
 
 
 def _merge_telemetry(parts: list[StageTelemetry], initial: int) -> StageTelemetry:

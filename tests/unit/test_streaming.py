@@ -179,3 +179,47 @@ def test_dense_stage_survives_a_concurrent_compaction_of_its_own_part(tmp_path: 
     assert unlinked, "the injected compaction removed nothing"
     assert results["raced"]["id"].to_pylist() == results["calm"]["id"].to_pylist()
     assert results["raced"]["vector"].to_pylist() == results["calm"]["vector"].to_pylist()
+
+
+def test_a_rolling_part_writer_publishes_as_it_goes_and_a_failure_keeps_what_was_published(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    from embedder.io.vector_cache import DenseVectorCache, sweep_stale_parts, text_digest
+
+    cache = DenseVectorCache(tmp_path / "space")
+    rows = {text_digest(f"t{i}"): np.full(4, i, dtype=np.float32) for i in range(6)}
+    keys = list(rows)
+    with pytest.raises(RuntimeError):
+        with cache.writer(roll_after_s=0) as part:
+            part.add(keys[:2], [rows[k] for k in keys[:2]])
+            part.add(keys[2:4], [rows[k] for k in keys[2:4]])
+            assert len(part.published) == 2 and len(list(cache.root.glob("part-*.parquet"))) == 2
+            raise RuntimeError("the stage failed after two windows")
+    assert len(cache.open_index()) == 4 and not list(cache.root.glob(".part-*"))
+    # Without a roll interval the part appears only on close, whole.
+    with cache.writer() as part:
+        part.add(keys[4:], [rows[k] for k in keys[4:]])
+        assert not part.published and len(list(cache.root.glob("part-*.parquet"))) == 2
+    index = cache.open_index()
+    assert len(index) == 6
+    assert [float(v[0]) for v in index.fetch_known(index.find(np.array(keys, dtype="S64")))] == list(range(6))
+
+    # A killed writer's temp part goes at the next open; a live writer's, or another host's young one, stays.
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    host = __import__("socket").gethostname()
+    stale = cache.root / f".part-1-a.parquet.{host}.{dead.pid}.tmp"
+    live = cache.root / f".part-2-b.parquet.{host}.{os.getpid()}.tmp"
+    foreign = cache.root / ".part-3-c.parquet.another-host.12345.tmp"
+    old_foreign = cache.root / ".part-4-d.parquet.another-host.12346.tmp"
+    for p in (stale, live, foreign, old_foreign):
+        p.write_bytes(b"partial")
+    week_ago = __import__("time").time() - 8 * 24 * 3600
+    os.utime(old_foreign, (week_ago, week_ago))
+    assert len(cache.open_index()) == 6
+    assert sorted(p.name for p in cache.root.glob(".part-*")) == sorted([live.name, foreign.name])
+    assert sweep_stale_parts(cache.root) == 0
