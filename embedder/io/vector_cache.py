@@ -28,6 +28,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from embedder.procs import owner, owner_dead
 from embedder.schemas import SparseVector
 
 _MAX_PARTS = 16
@@ -241,41 +242,38 @@ class CacheIndex(Generic[V]):
         return values
 
 
-_HOST = socket.gethostname()
 _TMP_SUFFIX = ".tmp"
 STALE_TMP_S = 7 * 24 * 3600.0  # a temp part from another host is swept only when this old
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+def _tmp_owner_tag() -> str:
+    me = owner()
+    return f"{me['host']}.{me['pid']}.{me['started'] if me['started'] is not None else 'x'}"
 
 
 def sweep_stale_parts(root: Path, now: float | None = None) -> int:
     """Delete the unpublished parts of writers that are gone (a run killed while it wrote); returns how many.
 
-    A temp part is named ``.<part>.<host>.<pid>.tmp``: on this host it is stale once
-    its pid is dead; from another host (or in an older naming) once it is a week
-    old, since a live writer there cannot be asked.
+    A temp part is named ``.<part>.<host>.<pid>.<pid start time>.tmp``: on this
+    host it is stale once that process is gone (a reused pid does not count); from
+    another host, or in an older naming, once it is a week old, since a live
+    writer there cannot be asked.
     """
     if not root.is_dir():
         return 0
     now = time.time() if now is None else now
     swept = 0
     for tmp in root.glob(".part-*" + _TMP_SUFFIX):
-        stem = tmp.name[1:-len(_TMP_SUFFIX)]
-        owner, _, pid_s = stem.rpartition(".")
-        _part, sep, host = owner.partition(".parquet.")
+        _part, sep, tag = tmp.name[1:-len(_TMP_SUFFIX)].partition(".parquet.")
+        fields = tag.rsplit(".", 2)  # a host name may hold dots
         try:
-            if sep and pid_s.isdigit() and host == _HOST:
-                stale = not _pid_alive(int(pid_s))
+            old = now - tmp.stat().st_mtime > STALE_TMP_S
+            if sep and len(fields) == 3 and fields[1].isdigit():
+                host, pid, started = fields
+                stale = old if host != socket.gethostname() else owner_dead(
+                    {"host": host, "pid": int(pid), "started": int(started) if started.isdigit() else None})
             else:
-                stale = now - tmp.stat().st_mtime > STALE_TMP_S
+                stale = old
             if stale:
                 tmp.unlink()
                 swept += 1
@@ -318,7 +316,7 @@ class PartWriter(Generic[V]):
             # Time-ordered names: parts list oldest first, so the oldest copy of a vector wins, on every host.
             self._final = self.store.root / f"part-{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.parquet"
             # The writer's host and pid in the temp name: a killed writer's leftovers can be told from a live one's.
-            self._tmp = self._final.with_name(f".{self._final.name}.{_HOST}.{os.getpid()}{_TMP_SUFFIX}")
+            self._tmp = self._final.with_name(f".{self._final.name}.{_tmp_owner_tag()}{_TMP_SUFFIX}")
             self._writer = pq.ParquetWriter(self._tmp, table.schema)
             self._opened_at = time.monotonic()
         self._writer.write_table(table)

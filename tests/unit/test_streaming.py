@@ -209,14 +209,18 @@ def test_a_rolling_part_writer_publishes_as_it_goes_and_a_failure_keeps_what_was
     assert [float(v[0]) for v in index.fetch_known(index.find(np.array(keys, dtype="S64")))] == list(range(6))
 
     # A killed writer's temp part goes at the next open; a live writer's, or another host's young one, stays.
+    from embedder.procs import owner
+
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    host = __import__("socket").gethostname()
-    stale = cache.root / f".part-1-a.parquet.{host}.{dead.pid}.tmp"
-    live = cache.root / f".part-2-b.parquet.{host}.{os.getpid()}.tmp"
-    foreign = cache.root / ".part-3-c.parquet.another-host.12345.tmp"
-    old_foreign = cache.root / ".part-4-d.parquet.another-host.12346.tmp"
-    for p in (stale, live, foreign, old_foreign):
+    me = owner()
+    host = me["host"]
+    stale = cache.root / f".part-1-a.parquet.{host}.{dead.pid}.x.tmp"
+    live = cache.root / f".part-2-b.parquet.{host}.{os.getpid()}.{me['started']}.tmp"
+    reused = cache.root / f".part-5-e.parquet.{host}.{os.getpid()}.{(me['started'] or 0) + 1}.tmp"  # pid reused
+    foreign = cache.root / ".part-3-c.parquet.another.host.example.12345.678.tmp"
+    old_foreign = cache.root / ".part-4-d.parquet.another.host.example.12346.678.tmp"
+    for p in (stale, live, reused, foreign, old_foreign):
         p.write_bytes(b"partial")
     week_ago = __import__("time").time() - 8 * 24 * 3600
     os.utime(old_foreign, (week_ago, week_ago))
