@@ -345,8 +345,9 @@ class PartWriter(Generic[V]):
         if self._writer is not None:
             self._writer.close()
             self._writer = None
-            if self._tmp is not None:
-                self._tmp.unlink(missing_ok=True)
+        # Also after a publish that failed before its rename (a full disk): a published part's temp name is gone.
+        if self._tmp is not None:
+            self._tmp.unlink(missing_ok=True)
 
     def __enter__(self) -> PartWriter[V]:
         return self
