@@ -12,14 +12,16 @@ from typing import IO
 
 
 @contextlib.contextmanager
-def atomic_path(path: Path) -> Iterator[Path]:
+def atomic_path(path: Path, tag: str | None = None) -> Iterator[Path]:
     """Yield a temp path beside ``path``; on success rename it over ``path``.
 
     Readers see either the old file or the new one, never a half-written file,
-    because ``os.replace`` is atomic within one filesystem.
+    because ``os.replace`` is atomic within one filesystem. ``tag`` goes into the
+    temp name (``.<name>.<tag>.<random>.tmp``), e.g. to say who writes it.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    prefix = f".{path.name}.{tag}." if tag else f".{path.name}."
+    fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     try:

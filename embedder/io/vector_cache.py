@@ -22,12 +22,13 @@ import uuid
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from embedder.io.atomic import atomic_path
 from embedder.procs import owner, owner_dead
 from embedder.schemas import SparseVector
 
@@ -254,10 +255,10 @@ def _tmp_owner_tag() -> str:
 def sweep_stale_parts(root: Path, now: float | None = None) -> int:
     """Delete the unpublished parts of writers that are gone (a run killed while it wrote); returns how many.
 
-    A temp part is named ``.<part>.<host>.<pid>.<pid start time>.tmp``: on this
-    host it is stale once that process is gone (a reused pid does not count); from
-    another host, or in an older naming, once it is a week old, since a live
-    writer there cannot be asked.
+    A temp part is named ``.<part>.<host>.<pid>.<pid start time>.<random>.tmp``:
+    on this host it is stale once that process is gone (a reused pid does not
+    count); from another host, or in an older naming, once it is a week old, since
+    a live writer there cannot be asked.
     """
     if not root.is_dir():
         return 0
@@ -265,11 +266,11 @@ def sweep_stale_parts(root: Path, now: float | None = None) -> int:
     swept = 0
     for tmp in root.glob(".part-*" + _TMP_SUFFIX):
         _part, sep, tag = tmp.name[1:-len(_TMP_SUFFIX)].partition(".parquet.")
-        fields = tag.rsplit(".", 2)  # a host name may hold dots
+        fields = tag.rsplit(".", 3)  # a host name may hold dots
         try:
             old = now - tmp.stat().st_mtime > STALE_TMP_S
-            if sep and len(fields) == 3 and fields[1].isdigit():
-                host, pid, started = fields
+            if sep and len(fields) == 4 and fields[1].isdigit():
+                host, pid, started, _random = fields
                 stale = old if host != socket.gethostname() else owner_dead(
                     {"host": host, "pid": int(pid), "started": int(started) if started.isdigit() else None})
             else:
@@ -296,15 +297,10 @@ class PartWriter(Generic[V]):
         self.count = 0
         self.roll_after_s = roll_after_s
         self.published: list[pq.ParquetFile] = []
-        self._final: Path | None = None
+        self._ctx: Any = None
         self._tmp: Path | None = None
         self._writer: pq.ParquetWriter | None = None
         self._opened_at = 0.0
-
-    @property
-    def opened(self) -> pq.ParquetFile | None:
-        """The last part published (None before any)."""
-        return self.published[-1] if self.published else None
 
     def add(self, digests: list[str], values: Sequence[V]) -> None:
         """Append vectors with their digests."""
@@ -314,40 +310,39 @@ class PartWriter(Generic[V]):
         if self._writer is None:
             self.store.root.mkdir(parents=True, exist_ok=True)
             # Time-ordered names: parts list oldest first, so the oldest copy of a vector wins, on every host.
-            self._final = self.store.root / f"part-{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.parquet"
-            # The writer's host and pid in the temp name: a killed writer's leftovers can be told from a live one's.
-            self._tmp = self._final.with_name(f".{self._final.name}.{_tmp_owner_tag()}{_TMP_SUFFIX}")
+            # The writer in the temp name: a killed writer's leftovers can be told from a live one's.
+            self._ctx = atomic_path(self.store.root / f"part-{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.parquet",
+                                    tag=_tmp_owner_tag())
+            self._tmp = self._ctx.__enter__()
             self._writer = pq.ParquetWriter(self._tmp, table.schema)
             self._opened_at = time.monotonic()
         self._writer.write_table(table)
         self.count += len(digests)
         if self.roll_after_s is not None and time.monotonic() - self._opened_at >= self.roll_after_s:
-            self._publish()
-
-    def _publish(self) -> None:
-        assert self._writer is not None and self._tmp is not None and self._final is not None
-        self._writer.close()
-        self._writer = None
-        with open(self._tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        # The handle is taken before the part is published: a concurrent run's compaction may merge
-        # and unlink it at once, and the run that wrote it still reads its vectors through the handle.
-        self.published.append(pq.ParquetFile(self._tmp))
-        os.replace(self._tmp, self._final)
+            self.close()
 
     def close(self) -> None:
-        """Publish the part being written (nothing when no row was added since the last one)."""
+        """Publish the part being written (nothing when no row was added since the last one).
+
+        The handle is taken before the part is published: a concurrent run's
+        compaction may merge and unlink it at once, and the run that wrote it
+        still reads its vectors through the handle.
+        """
         if self._writer is not None:
-            self._publish()
+            self._writer.close()
+            self._writer = None
+            handle = pq.ParquetFile(self._tmp)
+            ctx, self._ctx = self._ctx, None
+            ctx.__exit__(None, None, None)  # a failed rename still removes the temp part
+            self.published.append(handle)
 
     def abort(self) -> None:
         """Drop the part being written; parts already published stay (their vectors are sound)."""
         if self._writer is not None:
             self._writer.close()
             self._writer = None
-        # Also after a publish that failed before its rename (a full disk): a published part's temp name is gone.
-        if self._tmp is not None:
-            self._tmp.unlink(missing_ok=True)
+            ctx, self._ctx = self._ctx, None
+            ctx.__exit__(RuntimeError, RuntimeError("aborted"), None)
 
     def __enter__(self) -> PartWriter[V]:
         return self

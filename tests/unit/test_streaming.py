@@ -215,11 +215,12 @@ def test_a_rolling_part_writer_publishes_as_it_goes_and_a_failure_keeps_what_was
     dead.wait()
     me = owner()
     host = me["host"]
-    stale = cache.root / f".part-1-a.parquet.{host}.{dead.pid}.x.tmp"
-    live = cache.root / f".part-2-b.parquet.{host}.{os.getpid()}.{me['started']}.tmp"
-    reused = cache.root / f".part-5-e.parquet.{host}.{os.getpid()}.{(me['started'] or 0) + 1}.tmp"  # pid reused
-    foreign = cache.root / ".part-3-c.parquet.another.host.example.12345.678.tmp"
-    old_foreign = cache.root / ".part-4-d.parquet.another.host.example.12346.678.tmp"
+    stale = cache.root / f".part-1-a.parquet.{host}.{dead.pid}.x.k3j9qxtm.tmp"
+    live = cache.root / f".part-2-b.parquet.{host}.{os.getpid()}.{me['started']}.a8dk2l1m.tmp"
+    # This pid, but another start time: the pid was reused.
+    reused = cache.root / f".part-5-e.parquet.{host}.{os.getpid()}.{(me['started'] or 0) + 1}.zz81kq0p.tmp"
+    foreign = cache.root / ".part-3-c.parquet.another.host.example.12345.678.qq0w9e8r.tmp"
+    old_foreign = cache.root / ".part-4-d.parquet.another.host.example.12346.678.mm1n2b3v.tmp"
     for p in (stale, live, reused, foreign, old_foreign):
         p.write_bytes(b"partial")
     week_ago = __import__("time").time() - 8 * 24 * 3600
@@ -227,3 +228,10 @@ def test_a_rolling_part_writer_publishes_as_it_goes_and_a_failure_keeps_what_was
     assert len(cache.open_index()) == 6
     assert sorted(p.name for p in cache.root.glob(".part-*")) == sorted([live.name, foreign.name])
     assert sweep_stale_parts(cache.root) == 0
+    # A real writer's temp part names it so: it survives a sweep while it writes, and goes with an abort.
+    writer = cache.writer()
+    writer.add(keys[:1], [rows[keys[0]]])
+    [writing] = [p for p in cache.root.glob(".part-*.tmp") if p.name not in (live.name, foreign.name)]
+    assert sweep_stale_parts(cache.root) == 0 and writing.exists()
+    writer.abort()
+    assert not writing.exists() and len(cache.open_index()) == 6
