@@ -383,10 +383,17 @@ class SparseVectorCache(_VectorParts[SparseVector]):
     """Live sparse vectors of one vector space (fallback vectors are never stored: cheap to redo)."""
 
     def _to_columns(self, values: Sequence[SparseVector]) -> dict[str, pa.Array]:
-        _refuse_non_finite(np.array([bool(np.isfinite(np.asarray(v.values, dtype=np.float64)).all()) for v in values],
-                                    dtype=bool))
+        weights = pa.array([list(v.values) for v in values], type=pa.list_(pa.float32()))
+        # Checked as stored: a weight past float32's range would be stored as infinite.
+        flat = weights.flatten().to_numpy(zero_copy_only=False)
+        if not np.isfinite(flat).all():
+            # Rare: find which rows, for the message.
+            rows = np.repeat(np.arange(len(values)), np.diff(weights.offsets.to_numpy()))
+            finite = np.ones(len(values), dtype=bool)
+            finite[rows[~np.isfinite(flat)]] = False
+            _refuse_non_finite(finite)
         return {"indices": pa.array([list(v.indices) for v in values], type=pa.list_(pa.int64())),
-                "values": pa.array([list(v.values) for v in values], type=pa.list_(pa.float32()))}
+                "values": weights}
 
     def _from_table(self, table: pa.Table) -> list[SparseVector]:
         return [SparseVector.model_construct(indices=idx, values=val) for idx, val in zip(

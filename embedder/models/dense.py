@@ -97,6 +97,27 @@ class DenseEncoder:
         return (vectors / np.clip(norms, 1e-12, None)).astype(np.float32)
 
 
+def check_finite(vectors: np.ndarray, encoder: Any) -> None:
+    """Fail on NaN or infinite vectors, before any of them reaches a store or an export.
+
+    Half precision can overflow on long inputs. The failing window never reaches
+    the store (nor does anything since the store's last checkpoint), so a re-run
+    embeds it again.
+
+    Raises:
+        StageError: Naming the model, how many rows, its precision and device, and what to try.
+    """
+    finite = np.isfinite(vectors).all(axis=1)
+    if finite.all():
+        return
+    precision = getattr(encoder, "precision", "fp32")
+    hint = ("re-run in fp32 (dense_precision = \"fp32\")" if precision != "fp32"
+            else "the model's weights give non-finite outputs; check the model directory")
+    raise StageError(f"dense model {encoder.name!r} produced NaN or infinite vectors for {int((~finite).sum())} of "
+                     f"{len(finite)} texts of a window ({precision} on {encoder.device}); the window was "
+                     f"not stored; {hint}")
+
+
 @dataclass
 class DenseResult:
     """Vectors in input order plus the stage's telemetry."""
@@ -149,8 +170,7 @@ def embed_dense(
     vectors = np.empty((n, dim), dtype=np.float32)
     if n:
         vectors[order] = np.stack(run.outputs)
-    if not np.isfinite(vectors).all():
-        raise StageError(f"dense model {encoder.name!r} produced non-finite values")
+    check_finite(vectors, encoder)
     telemetry = StageTelemetry(
         stage="dense", model=encoder.name, device=encoder.device, batch_size=run.final_batch_size,
         initial_batch_size=batch.size, backoffs=run.backoffs, items=n, latency_ms=latency_s * 1000,

@@ -16,7 +16,7 @@ from embedder.errors import StageError
 from embedder.gpu import PeakMeter, cuda_context_gb, exclusive_device, resolve_device
 from embedder.io.readers import read_queries
 from embedder.io.writers import DenseParquetWriter, iter_chunk_texts, iter_table_windows, write_dense_parquet
-from embedder.models.dense import DenseEncoder, embed_dense
+from embedder.models.dense import DenseEncoder, check_finite, embed_dense
 from embedder.models.engine import Drain, plan_on_device, resolve_precision
 from embedder.models.registry import resolve_model
 from embedder.schemas import StageRef, StageTelemetry
@@ -252,7 +252,7 @@ def _embed_missing(config: RunConfig, encoder: Any, work: Iterable[tuple[list[by
                         meter.start()
                         for (keys, _texts), out in engine.map(work, lambda w: w[1]):
                             vectors = out.numpy()
-                            _check_finite(vectors, encoder)
+                            check_finite(vectors, encoder)
                             store.put((keys, vectors))
                         meter.stop()
                     fields, warnings = engine.report("dense")
@@ -269,23 +269,6 @@ def _embed_missing(config: RunConfig, encoder: Any, work: Iterable[tuple[list[by
     latency_s = time.perf_counter() - t0
     return telemetry.model_copy(update={
         "latency_ms": latency_s * 1000, "items_per_s": total / latency_s if latency_s > 0 else 0.0}), lease_event, part
-
-
-def _check_finite(vectors: np.ndarray, encoder: Any) -> None:
-    """Fail the stage on NaN or infinite vectors, before any of them reaches the store or an export.
-
-    Half precision can overflow on long inputs. The failing window never reaches
-    the store (nor does anything since the store's last checkpoint), so a re-run
-    embeds it again.
-    """
-    finite = np.isfinite(vectors).all(axis=1)
-    if finite.all():
-        return
-    hint = ("re-run in fp32 (dense_precision = \"fp32\")" if encoder.precision != "fp32"
-            else "the model's weights give non-finite outputs; check the model directory")
-    raise StageError(f"dense model {encoder.name!r} produced NaN or infinite vectors for {int((~finite).sum())} of "
-                     f"{len(finite)} texts of a window ({encoder.precision} on {encoder.device}); the window was "
-                     f"not stored; {hint}")
 
 
 def _merge_telemetry(parts: list[StageTelemetry], initial: int) -> StageTelemetry:

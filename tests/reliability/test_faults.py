@@ -159,8 +159,11 @@ def test_nan_vectors_fail_dense_and_never_reach_the_store_or_an_export(sample_co
     # Every store refuses such vectors itself, whichever stage offers them.
     with pytest.raises(NonFiniteVectorError):
         DenseVectorCache(out / "direct-dense").append({"a" * 64: np.array([0.1, float("inf")], dtype=np.float32)})
-    with pytest.raises(NonFiniteVectorError):
-        SparseVectorCache(out / "direct-sparse").append({"b" * 64: SparseVector(indices=[3], values=[float("nan")])})
+    with pytest.raises(NonFiniteVectorError, match="1 of 2 vectors"):
+        SparseVectorCache(out / "direct-sparse").append({"b" * 64: SparseVector(indices=[1, 2], values=[0.5, 1.0]),
+                                                         "c" * 64: SparseVector(indices=[3], values=[float("nan")])})
+    with pytest.raises(NonFiniteVectorError, match="1 of 1 vectors"):  # past float32's range: stored as inf
+        SparseVectorCache(out / "direct-sparse").append({"d" * 64: SparseVector(indices=[4], values=[1e39])})
     assert not list(out.glob("direct-*/part-*.parquet"))
 
 
