@@ -51,6 +51,7 @@ class SparseModelOutput(BaseModel):
     warnings: list[str] = Field(default_factory=list)
     computed: int = Field(0, description="Chunk vectors computed (live or fallback) by this run.")
     reused: int = Field(0, description="Live chunk vectors reused from earlier runs.")
+    failed: int = Field(0, description="Chunks the live model did not embed: it failed on them, or did not load.")
 
 
 class SparseStageResult(BaseModel):
@@ -162,10 +163,13 @@ def sparse_stage(config: RunConfig, collection: str, chunks: StageRef, key: str,
         outputs.append(SparseModelOutput(
             model_name=name, vector_name=tag, vectors=ref, query_vectors=qref, run=run,
             available=inference.available, telemetry=telemetry, warnings=model_warnings,
-            computed=len(keys) - reused, reused=reused,
+            computed=len(keys) - reused, reused=reused, failed=inference.failed,
         ))
-    return seal(path, SparseStageResult(status="executed", outputs=outputs, warnings=warnings,
-                                        lease_event=lease_event))
+    result = SparseStageResult(status="executed", outputs=outputs, warnings=warnings, lease_event=lease_event)
+    # Chunks the model failed on (or every chunk, when it did not load) are on the metadata fallback.
+    # Such a result serves this run but is not sealed, so the next run retries the model on exactly
+    # those chunks (every live vector is reused from the store) instead of being served the fallback.
+    return result if any(o.failed for o in outputs) else seal(path, result)
 
 
 def _chunk_digest(text: str, metadata_json: str) -> str:

@@ -93,6 +93,56 @@ def test_unavailable_sparse_model_falls_back_to_metadata(sample_config, monkeypa
     assert s.quality["sparse"]["ndcg@10"] > 0.5
 
 
+class _FailsOn:
+    """A loaded sparse model that raises on any batch holding one of ``poison`` (the first texts it is given)."""
+
+    def __init__(self, model, poison: set[str], first: int) -> None:
+        self._model, self._poison, self._first = model, poison, first
+
+    def __getattr__(self, name):
+        return getattr(self._model, name)
+
+    def embed(self, texts):
+        texts = list(texts)
+        if not self._poison:
+            self._poison.update(texts[: self._first])
+        if self._poison.intersection(texts):
+            raise RuntimeError("the sparse model failed (injected)")
+        return self._model.embed(texts)
+
+
+def test_chunks_a_sparse_model_failed_on_are_retried_by_the_next_run_and_only_they(sample_config, monkeypatch,
+                                                                                   tmp_path):
+    """A partial sparse result is never served again: the next run embeds exactly the failed chunks live."""
+    import embedder.stages.sparse as sparse_stage
+
+    config = sample_config.model_copy(update={"enable_rerank": False})
+    real_load, poison = sparse_stage.load_sparse_model, set()
+    monkeypatch.setattr(sparse_stage, "load_sparse_model",
+                        lambda *a, **kw: _FailsOn(real_load(*a, **kw), poison, first=3))
+    out = Path(config.output_dir) / "sample"
+    [first] = _run(config)
+    assert len(poison) == 3
+    assert first.status == "partial" and first.sparse_run.payload.fallback_count == 3
+    assert any("failed on 3 chunk(s)" in w for w in first.warnings), first.warnings
+    assert sum(r["fallback"] for r in read_jsonl_records(out / "sparse.jsonl")) == 3
+
+    monkeypatch.setattr(sparse_stage, "load_sparse_model", real_load)
+    [second] = _run(config)
+    assert second.status == "completed", second.warnings
+    assert not second.sparse_run.cached and not second.sparse_run.fallback_used
+    assert (second.sparse_run.computed, second.sparse_run.reused) == ({"qdrant-bm25": 3}, {"qdrant-bm25": 47})
+    assert second.dense_run.cached  # nothing but the failed sparse vectors is redone
+    # What the index and the exports hold now is what a clean run computes.
+    [clean] = _run(config.model_copy(update={"output_dir": str(tmp_path / "clean")}))
+    assert clean.status == "completed"
+    vectors = {r["id"]: r["sparse_vector"] for r in read_jsonl_records(out / "sparse.jsonl")}
+    assert vectors == {r["id"]: r["sparse_vector"] for r in read_jsonl_records(tmp_path / "clean/sample/sparse.jsonl")}
+
+    [third] = _run(config)  # a complete result is served from the cache
+    assert third.status == "completed" and third.sparse_run.cached
+
+
 def _oom_above(real, rows_limit):
     """A forward factory that raises a CUDA OOM for any batch of more than ``rows_limit`` rows."""
 
