@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	# torch first, pinned: the CPU wheel on disk; anything unpinned would pull a CUDA build.
 	$(BIN)/python -m pip install -q "torch==2.13.0"
-	$(BIN)/python -m pip install -q -e ".[test,splade,onnx,fleet]"
+	$(BIN)/python -m pip install -q -e ".[test,splade,onnx,fleet,e5]"
 	touch $(STAMP)
 
 venv: $(STAMP)

@@ -25,7 +25,8 @@ def preflight(config: RunConfig) -> None:
     get_spec(config.rerank_model, "rerank")
     for name in config.sparse_models:
         get_spec(name, "sparse")
-    resolve_model(config.dense_model, "dense", local_files_only=config.local_files_only)
+    for name, _weight in config.dense_components():
+        resolve_model(name, "dense", local_files_only=config.local_files_only)
     for collection in config.collections:
         if not Path(collection.path).exists():
             raise InputFormatError(f"collection {collection.name!r}: input {collection.path!r} does not exist")

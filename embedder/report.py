@@ -257,7 +257,7 @@ def build_summary(config: RunConfig, outcome: CollectionOutcome,
 def _fingerprints(config: RunConfig) -> dict[str, str]:
     from embedder.stages import model_fingerprint
 
-    roles: list[tuple[str, Any]] = [(config.dense_model, "dense")]
+    roles: list[tuple[str, Any]] = [(name, "dense") for name, _weight in config.dense_components()]
     roles += [(m, "sparse") for m in config.sparse_models] if config.enable_sparse else []
     roles += [(config.rerank_model, "rerank")] if config.enable_rerank else []
     return {name: model_fingerprint(name, role, config.local_files_only) for name, role in roles}

@@ -119,7 +119,7 @@ def search_collection(root: Path, req: SearchRequest, store: VectorStore | None 
     from embedder.models.sparse import load_sparse_model
     from embedder.schemas import Query
     from embedder.settings import RunConfig
-    from embedder.stages import dense_encoder
+    from embedder.stages import query_vector
 
     summary = summary_for(root, req.collection)
     cfg = summary.config
@@ -134,9 +134,8 @@ def search_collection(root: Path, req: SearchRequest, store: VectorStore | None 
         indexed_sparse = {name for name, _ in status.layout.sparse} if status.layout else set()
         warnings: list[str] = []
         local_only = bool(cfg.get("local_files_only", False))
-        dense = dense_encoder(RunConfig.model_validate({k: v for k, v in cfg.items() if k in RunConfig.model_fields}),
-                              resolve_model(cfg["dense_model"], "dense", local_files_only=local_only))
-        qvec = dense.encode_batch([req.query])[0]
+        run_config = RunConfig.model_validate({k: v for k, v in cfg.items() if k in RunConfig.model_fields})
+        qvec = query_vector(run_config, req.query)
         sparse_q = {}
         if summary.sparse_run and summary.sparse_run.executed:
             for name in summary.sparse_run.model_names:

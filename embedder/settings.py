@@ -98,6 +98,10 @@ class RunConfig(BaseModel):
     dense_backend: Literal["torch", "onnx"] = Field(
         "torch", description="torch (sentence-transformers), or ONNX Runtime on the CPU (exported once)."
     )
+    dense_blend: dict[str, float] = Field(
+        default_factory=dict, description="Further dense models blended into the dense vector, with their weight "
+        "(each in (0, 1), summing below 1; dense_model keeps the rest). The stored vector joins each model's unit "
+        "vector scaled by the root of its weight, so its cosine is the weighted mean of the models' cosines.")
     sparse_models: list[str] = Field(default_factory=lambda: ["qdrant-bm25"], description="SPARSE_MODELS names.")
     rerank_model: str = Field("cross-encoder/ms-marco-MiniLM-L-6-v2", description="Registry name, HF id or local dir.")
     enable_sparse: bool = True
@@ -159,6 +163,17 @@ class RunConfig(BaseModel):
         default_factory=dict, description="Where each setting came from (filled in by resolve_run_config)."
     )
 
+    def dense_components(self) -> list[tuple[str, float]]:
+        """The dense vector's models with their weights: ``dense_model`` first, then ``dense_blend`` by name."""
+        rest = sorted(self.dense_blend.items())
+        return [(self.dense_model, round(1.0 - sum(w for _, w in rest), 6)), *rest]
+
+    def dense_name(self) -> str:
+        """The dense vector's model as summaries, index metadata and reports name it."""
+        if not self.dense_blend:
+            return self.dense_model
+        return "+".join(f"{name}*{weight:g}" for name, weight in self.dense_components())
+
     @field_validator("sparse_models")
     @classmethod
     def _non_empty_models(cls, value: list[str]) -> list[str]:
@@ -174,6 +189,24 @@ class RunConfig(BaseModel):
         if bad:
             raise ValueError(f"fusion weights must be finite and non-negative: {bad}")
         return value
+
+    @field_validator("dense_blend")
+    @classmethod
+    def _usable_blend(cls, value: dict[str, float]) -> dict[str, float]:
+        cleaned = {k.strip(): float(w) for k, w in value.items()}
+        bad = {k: w for k, w in cleaned.items() if not k or not 0 < w < 1}
+        if bad:
+            raise ValueError(f"dense_blend weights must lie strictly between 0 and 1: {bad}")
+        if sum(cleaned.values()) >= 1:
+            raise ValueError(f"dense_blend weights sum to {sum(cleaned.values()):g}; they must sum below 1, "
+                             "since dense_model keeps the rest")
+        return cleaned
+
+    @model_validator(mode="after")
+    def _blend_names_other_models(self) -> RunConfig:
+        if self.dense_model in self.dense_blend:
+            raise ValueError(f"dense_blend names dense_model {self.dense_model!r}; list only the further models")
+        return self
 
     @model_validator(mode="after")
     def _weights_name_lists(self) -> RunConfig:
@@ -198,6 +231,7 @@ class EmbedderSettings(BaseSettings):
     output_dir: str = "output"
     dense_model: str = "all-minilm-l6-v2"
     dense_backend: Literal["torch", "onnx"] = "torch"
+    dense_blend: dict[str, float] = Field(default_factory=dict)
     sparse_models: list[str] = Field(default_factory=lambda: ["qdrant-bm25"])
     rerank_model: str = "cross-encoder/ms-marco-MiniLM-L-6-v2"
     enable_sparse: bool = True

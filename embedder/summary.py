@@ -59,6 +59,9 @@ class DenseRun(_Section):
     reason: str | None = None
     precision: str | None = Field(None, description="fp32, fp16 or bf16.")
     torch_peak_gb: float | None = Field(None, description="torch's allocated peak; gpu_peak_gb is the device figure.")
+    components: list[dict[str, Any]] = Field(
+        default_factory=list, description="A blended dense vector (dense_blend): per model its weight, vectors "
+        "computed and reused, device and precision. Empty for one model.")
 
 
 class SparseVectorsStats(_Section):

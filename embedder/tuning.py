@@ -180,9 +180,28 @@ def fit_fusion(queries: Sequence[QueryLists], qrels: Mapping[str, Mapping[str, i
                      folds=folds if cv is not None else 0, queries=len(judged), history=history)
 
 
+def dense_name_of(settings: Mapping[str, Any]) -> str:
+    """The dense vector's model name that a config's ``dense_model`` and ``dense_blend`` make."""
+    from embedder.settings import RunConfig
+
+    fields = {k: settings[k] for k in ("dense_model", "dense_blend") if k in settings}
+    return RunConfig.model_validate(fields).dense_name()
+
+
 def score_settings(queries: Sequence[QueryLists], qrels: Mapping[str, Mapping[str, int]],
-                   settings: Mapping[str, Any]) -> dict[str, float] | str:
-    """nDCG@10 and Recall@100 of a fusion configuration on these lists, or why it cannot be scored here."""
+                   settings: Mapping[str, Any], dense_model: str | None = None) -> dict[str, float] | str:
+    """nDCG@10 and Recall@100 of a fusion configuration on these lists, or why it cannot be scored here.
+
+    Args:
+        dense_model: The run's dense vector model (``dense_run.model_name``); a configuration that
+            names another dense model or blend is not scored on this run's dense list.
+    """
+    if dense_model is not None and ("dense_model" in settings or "dense_blend" in settings):
+        wanted = dense_name_of(settings)
+        if wanted != dense_model:
+            blend = ",".join(f"{k}={v:g}" for k, v in (settings.get("dense_blend") or {}).items())
+            return (f"needs the dense list of {wanted!r}, and this run's is {dense_model!r} "
+                    f"(run with --config of this file, or --dense-blend {blend})")
     names = ["dense", *settings.get("sparse_models", [])]
     have = set(queries[0].lists) if queries else set()
     missing = [n for n in names if n not in have]
@@ -195,16 +214,25 @@ def score_settings(queries: Sequence[QueryLists], qrels: Mapping[str, Mapping[st
     return evaluate(run, qrels)
 
 
-def fit_to_toml(fit: FusionFit, meta: Mapping[str, Any]) -> str:
-    """A config file holding the fit: ``[embedder]`` settings (what ``--config`` reads) and ``[tuning]`` provenance."""
+def fit_to_toml(fit: FusionFit, meta: Mapping[str, Any], dense: Mapping[str, Any] | None = None) -> str:
+    """A config file holding the fit: ``[embedder]`` settings (what ``--config`` reads) and ``[tuning]`` provenance.
+
+    Args:
+        dense: The run's ``dense_model`` and ``dense_blend``; written when a blend made the dense
+            list, since the weights were fitted on that list and mean little on another.
+    """
     import json
 
     settings = fit.settings()
     weights = ", ".join(f"{json.dumps(n)} = {w}" for n, w in settings["fusion_weights"].items())
     lines = ["# Fusion fitted by `embed-collections eval --tune` on a training split; read with --config.",
-             "[embedder]", f"fusion = {json.dumps(settings['fusion'])}", f"rrf_k = {settings['rrf_k']}",
-             f"sparse_models = {json.dumps(settings['sparse_models'])}", f"fusion_weights = {{ {weights} }}", "",
-             "[tuning]"]
+             "[embedder]"]
+    if dense and dense.get("dense_blend"):
+        blend = ", ".join(f"{json.dumps(n)} = {w}" for n, w in dense["dense_blend"].items())
+        lines += [f"dense_model = {json.dumps(dense['dense_model'])}", f"dense_blend = {{ {blend} }}"]
+    lines += [f"fusion = {json.dumps(settings['fusion'])}", f"rrf_k = {settings['rrf_k']}",
+              f"sparse_models = {json.dumps(settings['sparse_models'])}", f"fusion_weights = {{ {weights} }}", "",
+              "[tuning]"]
     provenance = {**meta, "queries": fit.queries, "train_ndcg@10": round(fit.train_ndcg, 4),
                   "cv_ndcg@10": round(fit.cv_ndcg, 4) if fit.cv_ndcg is not None else None, "cv_folds": fit.folds}
     lines += [f"{json.dumps(k)} = {json.dumps(v)}" for k, v in provenance.items() if v is not None]

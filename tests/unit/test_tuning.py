@@ -93,6 +93,32 @@ def test_the_packaged_recommendation_loads_and_says_where_it_was_fitted():
     meta = tomllib.loads(RECOMMENDED_CONFIG.read_text())["tuning"]
     assert meta["split"] == "train" and meta["dataset"] == "scifact"
     assert set(config.fusion_weights) == {"dense", *config.sparse_models}
+    assert config.dense_blend == {"multilingual-e5-small-q4": 0.9}
+
+
+def test_settings_of_another_dense_list_are_not_scored_on_this_one():
+    queries, qrels = _synthetic(5)
+    settings = {"dense_blend": {"multilingual-e5-small-q4": 0.9}, "sparse_models": ["qdrant-bm25", "splade-tiny"]}
+    reason = score_settings(queries, qrels, settings, dense_model="all-minilm-l6-v2")
+    assert isinstance(reason, str) and "--dense-blend multilingual-e5-small-q4=0.9" in reason
+    scored = score_settings(queries, qrels, settings, dense_model="all-minilm-l6-v2*0.1+multilingual-e5-small-q4*0.9")
+    plain = score_settings(queries, qrels, {"sparse_models": settings["sparse_models"]})
+    assert isinstance(scored, dict) and scored == plain
+
+
+def test_a_fit_on_a_blended_dense_list_writes_the_blend_into_its_file(tmp_path):
+    import tomllib
+
+    queries, qrels = _synthetic(12)
+    fit = fit_fusion(queries, qrels, "train", folds=0)
+    text = fit_to_toml(fit, {"dataset": "synthetic", "split": "train"},
+                       {"dense_model": "all-minilm-l6-v2", "dense_blend": {"multilingual-e5-small-q4": 0.9}})
+    (tmp_path / "tuned.toml").write_text(text)
+    loaded = load_config_file(tmp_path / "tuned.toml")
+    assert loaded["dense_blend"] == {"multilingual-e5-small-q4": 0.9} and loaded["dense_model"] == "all-minilm-l6-v2"
+    assert tomllib.loads(text)["embedder"]["fusion_weights"] == fit.settings()["fusion_weights"]
+    plain = fit_to_toml(fit, {"split": "train"}, {"dense_model": "all-minilm-l6-v2", "dense_blend": {}})
+    assert "dense_blend" not in plain
 
 
 def test_scoring_settings_that_need_a_missing_list_says_so():
