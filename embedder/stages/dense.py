@@ -48,7 +48,8 @@ class DenseStageResult(BaseModel):
     reused: int = Field(0, description="Chunk vectors taken from the per-chunk store (same text, same model).")
     lease_event: dict[str, Any] | None = Field(None, description="Set when the stage held the GPU lease.")
     components: list[dict[str, Any]] = Field(
-        default_factory=list, description="A blended vector's models: name, weight, dim, computed, reused, device.")
+        default_factory=list, description="A blended vector's models: model, weight, computed, reused, device, "
+        "precision, latency_ms. Empty for one model.")
 
 
 def dense_key(config: RunConfig, collection: str, chunks: StageRef) -> str:
@@ -181,7 +182,7 @@ def dense_stage(
     path = stage_dir(config, collection, "dense", key)
     writer = DenseParquetWriter(path / "dense.parquet", name)
     dim = 0
-    scales = [np.float32(np.sqrt(c.weight)) if len(parts) > 1 else None for c in parts]
+    scales = _scales([c.weight for c in parts])
     try:
         # Pass 3: every chunk's vector now sits in the store(s).
         start = 0
@@ -208,9 +209,8 @@ def dense_stage(
     computed = sum(c.computed for c in parts)
     reused = sum(c.reused for c in parts)
     elapsed = time.perf_counter() - t0
-    first = next((c for c in parts if c.computed), parts[0])
     worked = [c for c in parts if c.computed]
-    telemetry = first.telemetry.model_copy(update={
+    telemetry = (worked or parts)[0].telemetry.model_copy(update={
         "model": name, "items": computed, "reused": reused,
         "latency_ms": sum(c.telemetry.latency_ms for c in worked) if worked else elapsed * 1000,
         "warnings": [w for c in parts for w in c.telemetry.warnings],
@@ -222,6 +222,11 @@ def dense_stage(
                                        telemetry=telemetry, computed=computed, reused=reused,
                                        lease_event=next((c.lease_event for c in parts if c.lease_event), None),
                                        components=components))
+
+
+def _scales(weights: list[float]) -> list[Any]:
+    """Each model's factor in the joined vector: the root of its weight (None for one model, kept as it is)."""
+    return [None] * len(weights) if len(weights) == 1 else [np.float32(np.sqrt(w)) for w in weights]
 
 
 def _joined(parts: list[_Component], scales: list[Any], keys: np.ndarray | None) -> np.ndarray:
@@ -261,7 +266,9 @@ def _embed_component(config: RunConfig, collection: str, chunks: StageRef, keys:
         _uniq, first_at = np.unique(keys[pos], return_index=True)
         first[pos[first_at]] = True
     computed = int(first.sum())
-    asymmetric = bool(getattr(dense_encoder(config, resolved), "asymmetric", False))
+    # Constructing an encoder loads nothing: the model loads below, only when a text is missing.
+    encoder = dense_encoder(config, resolved)
+    asymmetric = bool(getattr(encoder, "asymmetric", False))
     qtexts = [QueryText(q.text) if asymmetric else q.text for q in queries]
     qkeys = digest_array([text_digest(_QUERY_KEY_TAG + t if asymmetric else t) for t in qtexts])
     todo_keys = np.sort(keys[first])
@@ -276,7 +283,6 @@ def _embed_component(config: RunConfig, collection: str, chunks: StageRef, keys:
     telemetry = StageTelemetry(stage="dense", model=resolved.spec.name, device=device, precision=precision)
     lease_event = None
     if todo.count:
-        encoder = dense_encoder(config, resolved)
         encoder.load()
         cuda_context_gb(encoder.device)  # CUDA starts before the lease: the slot is for GPU work
         # Few texts to embed: read them now, so the lease covers only the GPU's work.
@@ -411,8 +417,8 @@ def query_vector(config: RunConfig, text: str) -> np.ndarray:
 
     components = config.dense_components()
     blocks = []
-    for name, weight in components:
+    for (name, _weight), scale in zip(components, _scales([w for _, w in components])):
         encoder = dense_encoder(config, resolve_model(name, "dense", local_files_only=config.local_files_only))
         vec = encoder.encode_batch([QueryText(text) if getattr(encoder, "asymmetric", False) else text])[0]
-        blocks.append(vec if len(components) == 1 else vec * np.float32(np.sqrt(weight)))
+        blocks.append(vec if scale is None else vec * scale)
     return blocks[0] if len(blocks) == 1 else np.concatenate(blocks).astype(np.float32)
