@@ -111,6 +111,7 @@ class OnnxDenseEncoder:
         self._session: Any = None
         self._tokenizer: Any = None
         self._max_len = 512
+        self._dim: int | None = None
 
     @property
     def name(self) -> str:
@@ -145,8 +146,10 @@ class OnnxDenseEncoder:
 
     @property
     def dim(self) -> int:
-        """Embedding dimension."""
-        return int(self.encode_batch(["dimension probe"]).shape[1])
+        """Embedding dimension (probed once: the stage asks for it every batch)."""
+        if self._dim is None:
+            self._dim = int(self.encode_batch(["dimension probe"]).shape[1])
+        return self._dim
 
     def encode_batch(self, texts: Sequence[str]) -> np.ndarray:
         """Mean-pooled, L2-normalised float32 rows (as the sentence-transformers model computes them)."""

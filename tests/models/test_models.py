@@ -329,8 +329,12 @@ def test_unloadable_rerank_model_is_a_clear_error(tmp_path):
 
 
 @pytest.mark.slow
-def test_onnx_backend_agrees_with_torch(tmp_path, minilm):
+def test_onnx_backend_agrees_with_torch(tmp_path, minilm, monkeypatch):
+    from embedder.models import onnx_dense
     from embedder.models.onnx_dense import OnnxDenseEncoder
+
+    # Sessions are kept per process: another test's session would hide this test's export.
+    monkeypatch.setattr(onnx_dense, "_SESSIONS", {})
 
     texts = ["short", "a much longer sentence about volcanoes, ash clouds and the climate", "word " * 600]
     ref = embed_dense(texts, minilm, batch=BatchPlan(2)).vectors

