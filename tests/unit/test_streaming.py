@@ -287,3 +287,68 @@ def test_a_cpu_engine_reports_and_checkpoints_every_batch_so_a_failure_midway_ke
     assert got["id"].to_pylist() == want["id"].to_pylist()
     cos = np.sum(np.asarray(got["vector"].to_pylist()) * np.asarray(want["vector"].to_pylist()), axis=1)
     assert cos.min() > 0.9999, cos.min()
+
+
+def test_the_encoder_version_moves_with_the_encoders_only(tmp_path, monkeypatch):
+    """A library edit outside the encoders changes every stage key but no vector space: re-embedding a
+    collection costs GPU hours, re-making a stage from stored vectors costs seconds."""
+    import shutil
+
+    import embedder
+    from embedder.stages import common
+
+    copy = tmp_path / "embedder"
+    shutil.copytree(Path(embedder.__file__).parent, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.setattr(embedder, "__file__", str(copy / "__init__.py"))
+
+    def versions() -> tuple[str, str]:
+        common.code_version.cache_clear()
+        common.encoder_version.cache_clear()
+        return common.code_version(), common.encoder_version()
+
+    try:
+        base = versions()
+        (copy / "summary.py").write_text((copy / "summary.py").read_text() + "\n# a summary edit\n")
+        summary_edit = versions()
+        assert summary_edit[0] != base[0] and summary_edit[1] == base[1]
+        for encoder_file in ("models/dense.py", "models/data/bm25/english.txt", "batching.py", "io/vector_cache.py"):
+            path = copy / encoder_file
+            path.write_bytes(path.read_bytes() + b"\n")
+            edited = versions()
+            assert edited[0] != summary_edit[0] and edited[1] != summary_edit[1], encoder_file
+            summary_edit = edited
+    finally:
+        monkeypatch.undo()
+        versions()
+
+
+def test_a_library_upgrade_outside_the_encoders_re_makes_the_stages_from_the_stored_vectors(tmp_path, monkeypatch):
+    from embedder import stages as st
+    from embedder.settings import CollectionInput, RunConfig
+    from embedder.stages import common
+    from tests.conftest import SAMPLE_DIR
+
+    cfg = RunConfig(collections=[CollectionInput(name="s", path=str(SAMPLE_DIR))], output_dir=str(tmp_path),
+                    local_files_only=True)
+    col = cfg.collections[0]
+
+    def run() -> tuple[str, str, st.DenseStageResult, st.SparseStageResult]:
+        load = st.load_stage(cfg, col, st.load_key(cfg, col))
+        dkey, skey = st.dense_key(cfg, col.name, load.chunks), st.sparse_key(cfg, col.name, load.chunks)
+        return dkey, skey, st.dense_stage(cfg, col.name, load.chunks, dkey), st.sparse_stage(
+            cfg, col.name, load.chunks, skey)
+
+    dkey, skey, dense, sparse = run()
+    assert dense.computed > 0 and dense.reused == 0 and all(o.computed > 0 for o in sparse.outputs)
+    upgraded = common.code_version() + ".next"
+    monkeypatch.setattr(common, "code_version", lambda: upgraded)
+    dkey2, skey2, dense2, sparse2 = run()
+    assert (dkey2, skey2) != (dkey, skey)  # the stages run again...
+    assert (dense2.computed, dense2.reused) == (0, dense.computed + dense.reused)  # ...from the stored vectors
+    assert [(o.computed, o.reused) for o in sparse2.outputs] == [(0, o.computed) for o in sparse.outputs]
+    assert pq.read_table(dense2.vectors.path).equals(pq.read_table(dense.vectors.path))
+    # An encoder change is a new vector space: everything is embedded again.
+    monkeypatch.setattr(common, "encoder_version", lambda: "another-encoder")
+    _, _, dense3, sparse3 = run()
+    assert (dense3.computed, dense3.reused) == (dense.computed, 0)
+    assert [o.computed for o in sparse3.outputs] == [o.computed for o in sparse.outputs]
