@@ -17,6 +17,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from embedder.errors import CollectionsFailedError, EmbedderError
 from embedder.summary import load_summary, render_summary_lines
@@ -102,7 +103,8 @@ def _blend(text: str | None) -> dict[str, float] | None:
 
 
 def _fail(message: str, code: int = 1) -> None:
-    console.print(f"[red]error:[/red] {message}")
+    # Unwrapped and unstyled: the message holds paths and ids to copy, and a "[" in one is not markup.
+    console.print(f"[red]error:[/red] {escape(message)}", soft_wrap=True)
     raise typer.Exit(code)
 
 

@@ -130,6 +130,13 @@ def test_corrupt_summaries_are_rejected_naming_the_field(tmp_path):
     (tmp_path / "trunc.json").write_text(json.dumps(raw)[:200])
     r = _cli("validate", str(tmp_path / "trunc.json"))
     assert r.returncode != 0 and "not valid JSON" in r.stderr
+    # An error is one line, whatever the path's length, and a "[" in a path is text, not markup.
+    deep = tmp_path / ("d" * 120) / "night[2].json"
+    deep.parent.mkdir()
+    deep.write_text(json.dumps(raw)[:200])
+    r = _cli("validate", str(deep))
+    [line] = r.stderr.splitlines()
+    assert r.returncode != 0 and line.startswith(f"error: {deep}: not valid JSON"), r.stderr
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
