@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import platform
 import shutil
+import time
 import uuid
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -346,11 +347,15 @@ def publish_run_set(config: RunConfig, collection: str, run_path: str | Path) ->
     """
     from embedder.io.edge_store import EdgeStore
     from embedder.io.runset import publish_run, retention_cutoff
-    from embedder.stages import collect_stage_dirs
+    from embedder.stages import collect_stage_dirs, collect_vector_spaces
 
     publish_run(config.output_dir, collection, Path(run_path))
     EdgeStore(config.output_dir).collect_garbage(collection)
-    collect_stage_dirs(config, collection, retention_cutoff(config.output_dir, collection))
+    cutoff = retention_cutoff(config.output_dir, collection)
+    collect_stage_dirs(config, collection, cutoff)
+    if config.vector_retention_days is not None:
+        # A space the retained run sets used stays, however old: their re-runs must stay cheap.
+        collect_vector_spaces(config, collection, min(cutoff, time.time() - config.vector_retention_days * 86400))
     return collection_dir(config, collection) / "processing_summary.json"
 
 

@@ -150,6 +150,10 @@ class RunConfig(BaseModel):
         300.0, ge=0, description="Dense and sparse vectors are published to the per-chunk store at least this "
         "often while a stage runs, so a run killed midway keeps what it embedded and its re-run embeds only the "
         "rest (0: after every window).")
+    vector_retention_days: float | None = Field(
+        30.0, gt=0, description="A per-chunk vector space (a model, its settings and the encoder version) that no "
+        "run has used for this many days is deleted when a run set is published; spaces the retained run sets "
+        "used stay whatever their age. None keeps every space.")
     dense_precision: Precision = Field(
         "auto", description="auto: bf16 on a GPU that supports it, else fp16; fp32 on the CPU. Or fp32, fp16, bf16.")
     sparse_precision: Precision = Field("auto", description="SPLADE's precision on a device (as dense_precision).")
@@ -259,6 +263,7 @@ class EmbedderSettings(BaseSettings):
     overlap_sparse: bool = True
     stream_window: int = 4096
     vector_checkpoint_s: float = 300.0
+    vector_retention_days: float | None = 30.0
     dense_precision: Precision = "auto"
     sparse_precision: Precision = "auto"
     rerank_precision: Precision = "auto"

@@ -15,6 +15,7 @@ from embedder.stages.common import (
     SummarySection,
     code_version,
     collect_stage_dirs,
+    collect_vector_spaces,
     collection_dir,
     input_digest,
     model_fingerprint,
@@ -58,6 +59,7 @@ from embedder.stages.sparse import (
 __all__ = [
     "POINT_BATCH", "SEAL", "DenseStageResult", "FusionResult", "IndexResult", "RerankStageResult",
     "SparseModelOutput", "SparseStageResult", "Status", "SummarySection", "code_version", "collect_stage_dirs",
+    "collect_vector_spaces",
     "collection_dir", "dense_encoder", "dense_key", "dense_section", "dense_stage", "fuse_key", "fuse_stage",
     "fusion_section", "index_layout", "index_section", "index_stage", "input_digest", "iter_collection_points",
     "load_key", "iter_point_windows", "load_section", "load_stage", "model_fingerprint", "queries_digest",

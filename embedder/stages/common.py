@@ -34,6 +34,8 @@ StageName = Literal["load", "dense", "sparse", "fuse", "rerank"]
 R = TypeVar("R", bound=BaseModel)
 
 SEAL = "result.json"
+# The vector spaces a stage run read (their use is recorded whenever the run is served from cache).
+SPACES = "spaces.json"
 
 # Libraries whose releases can change a stage's output for the same input and model.
 _OUTPUT_LIBRARIES = ("torch", "transformers", "sentence-transformers", "fastembed", "qdrant-client",
@@ -200,7 +202,9 @@ def sealed(config: RunConfig, collection: str, stage: StageName, key: str) -> bo
     """Whether the stage's directory for ``key`` is complete; if so, record this use of it.
 
     The use is the directory's mtime, which :func:`collect_stage_dirs` reads:
-    a directory used since the oldest retained run set started is kept.
+    a directory used since the oldest retained run set started is kept. The
+    vector spaces the stage read (:func:`record_spaces`) count as used too: a
+    collection served from cache night after night keeps its stored vectors.
     """
     path = stages_dir(config, collection) / stage / key
     if not (path / SEAL).is_file():
@@ -209,7 +213,46 @@ def sealed(config: RunConfig, collection: str, stage: StageName, key: str) -> bo
         os.utime(path)
     except FileNotFoundError:  # pruned between the check and the touch
         return False
+    try:
+        spaces = json.loads((path / SPACES).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        spaces = []
+    for space in spaces:
+        touch_space(stages_dir(config, collection) / "vectors" / space)
     return True
+
+
+def touch_space(root: Path) -> None:
+    """Record a use of a per-chunk vector space (its directory's mtime), when it exists."""
+    try:
+        os.utime(root)
+    except FileNotFoundError:
+        pass
+
+
+def record_spaces(path: Path, spaces: list[str]) -> None:
+    """Name the vector spaces a stage run read, in its directory (before it is sealed)."""
+    atomic_write_text(path / SPACES, json.dumps(sorted(set(spaces))))
+
+
+def collect_vector_spaces(config: RunConfig, collection: str, cutoff: float) -> list[str]:
+    """Delete the per-chunk vector spaces not used since ``cutoff`` (epoch seconds); return their names.
+
+    A space is used when a stage opens it, writes to it or is served from a
+    stage result that read it. A run that opens a space touches it first, so a
+    space in use is never older than the run using it.
+    """
+    removed = []
+    root = stages_dir(config, collection) / "vectors"
+    for path in sorted(root.iterdir()) if root.is_dir() else []:
+        try:
+            used = path.stat().st_mtime
+        except FileNotFoundError:
+            continue
+        if path.is_dir() and used < cutoff:
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path.name)
+    return removed
 
 
 def collect_stage_dirs(config: RunConfig, collection: str, cutoff: float) -> list[str]:

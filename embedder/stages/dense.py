@@ -27,10 +27,12 @@ from embedder.stages.common import (
     model_fingerprint,
     owner_parts,
     queries_digest,
+    record_spaces,
     seal,
     stage_dir,
     stage_key,
     stages_dir,
+    touch_space,
     vector_space,
 )
 from embedder.summary import DenseRun
@@ -206,6 +208,7 @@ def dense_stage(
         qref = write_dense_parquet(path / "queries.parquet", [q.id for q in queries], qvec, name)
     for c in parts:
         c.cache.compact(np.unique(np.concatenate([keys, c.qkeys])))
+    record_spaces(path, [c.cache.root.name for c in parts])
     computed = sum(c.computed for c in parts)
     reused = sum(c.reused for c in parts)
     elapsed = time.perf_counter() - t0
@@ -256,6 +259,7 @@ def _embed_component(config: RunConfig, collection: str, chunks: StageRef, keys:
     space = vector_space(config, "dense", model_fingerprint(model, "dense", config.local_files_only),
                          backend, device, precision)
     cache = DenseVectorCache(stages_dir(config, collection) / "vectors" / space)
+    touch_space(cache.root)  # before reading it: a space in use is never old enough to be collected
     index = cache.open_index()
     n = len(keys)
     missing = index.find(keys) < 0
@@ -409,13 +413,18 @@ def dense_section(config: RunConfig, dense: DenseStageResult | None, error: str 
                        reason=error or "an earlier stage failed") if error else None
         return SummarySection(fields={"dense_run": run}, failed=True)
     t = dense.telemetry
+    # Served from cache, this run computed nothing: every vector came from the stored result. The timing
+    # fields stay the result's own (what computing it took), marked by ``cached``.
+    computed, reused = (0, dense.computed + dense.reused) if cached else (dense.computed, dense.reused)
+    components = ([{**c, "computed": 0, "reused": c["computed"] + c["reused"]} for c in dense.components]
+                  if cached else dense.components)
     run = DenseRun(model_name=dense.model_name, device=t.device, batch_size=t.batch_size or 0,
-                   total_embeddings_generated=dense.computed, reused=dense.reused, latency_ms=t.latency_ms,
+                   total_embeddings_generated=computed, reused=reused, latency_ms=t.latency_ms,
                    gpu_peak_gb=t.gpu_peak_gb, status="executed", initial_batch_size=t.initial_batch_size,
                    backoffs=t.backoffs, items_per_s=t.items_per_s, cached=cached, precision=t.precision,
-                   torch_peak_gb=t.torch_peak_gb, components=dense.components)
-    return SummarySection(fields={"dense_run": run},
-                          stages={"dense": t.model_copy(update={"cached": cached}).model_dump()},
+                   torch_peak_gb=t.torch_peak_gb, components=components)
+    stage = t.model_copy(update={"cached": cached, **({"items": 0, "reused": reused} if cached else {})})
+    return SummarySection(fields={"dense_run": run}, stages={"dense": stage.model_dump()},
                           warnings=list(t.warnings))
 
 

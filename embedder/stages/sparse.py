@@ -29,10 +29,12 @@ from embedder.stages.common import (
     model_fingerprint,
     owner_parts,
     queries_digest,
+    record_spaces,
     seal,
     stage_dir,
     stage_key,
     stages_dir,
+    touch_space,
     vector_space,
 )
 from embedder.summary import SparseRun, SparseVectorsStats
@@ -101,6 +103,7 @@ def sparse_stage(config: RunConfig, collection: str, chunks: StageRef, key: str,
         for table in iter_table_windows(chunks.path, window, columns=["text", "metadata"])] or [digest_array([])])
     outputs: list[SparseModelOutput] = []
     warnings: list[str] = []
+    spaces: list[str] = []
     lease_event = None
 
     def device_of(name: str) -> str:
@@ -115,6 +118,8 @@ def sparse_stage(config: RunConfig, collection: str, chunks: StageRef, key: str,
         space = vector_space(config, "sparse", name, model_fingerprint(name, "sparse", config.local_files_only),
                              *((device_of(name), precision_of(name)) if spec.kind == "sparse-splade" else ()))
         cache = SparseVectorCache(stages_dir(config, collection) / "vectors" / space)
+        touch_space(cache.root)  # before reading it: a space in use is never old enough to be collected
+        spaces.append(space)
         index = cache.open_index()
         gids = index.find(keys)
         reused = int((gids >= 0).sum())
@@ -165,6 +170,7 @@ def sparse_stage(config: RunConfig, collection: str, chunks: StageRef, key: str,
             available=inference.available, telemetry=telemetry, warnings=model_warnings,
             computed=len(keys) - reused, reused=reused, failed=inference.failed,
         ))
+    record_spaces(path, spaces)
     result = SparseStageResult(status="executed", outputs=outputs, warnings=warnings, lease_event=lease_event)
     # Chunks the model failed on (or every chunk, when it did not load) are on the metadata fallback.
     # Such a result serves this run but is not sealed, so the next run retries the model on exactly
@@ -233,7 +239,8 @@ def sparse_section(config: RunConfig, sparse: SparseStageResult | None, error: s
         fallback_used = any(o.run.fallback_used for o in sparse.outputs)
         for o in sparse.outputs:
             name = "sparse" if len(sparse.outputs) == 1 else f"sparse:{o.model_name}"
-            section.stages[name] = o.telemetry.model_copy(update={"cached": cached}).model_dump()
+            counts = {"items": 0, "reused": o.telemetry.reused + o.telemetry.items} if cached else {}
+            section.stages[name] = o.telemetry.model_copy(update={"cached": cached, **counts}).model_dump()
         section.warnings.extend(sparse.warnings)
         if fallback_used:
             fb = sum(o.run.fallback_count for o in sparse.outputs)
@@ -246,8 +253,9 @@ def sparse_section(config: RunConfig, sparse: SparseStageResult | None, error: s
             payload=sparse.outputs[0].run.model_dump(mode="json") if sparse.outputs else None,
             payloads=[o.run.model_dump(mode="json") for o in sparse.outputs[1:]],
             cached=cached,
-            computed={o.model_name: o.computed for o in sparse.outputs},
-            reused={o.model_name: o.reused for o in sparse.outputs},
+            # Served from cache, this run computed nothing (as dense_run counts it).
+            computed={o.model_name: 0 if cached else o.computed for o in sparse.outputs},
+            reused={o.model_name: o.reused + (o.computed if cached else 0) for o in sparse.outputs},
         )
     elif sparse is not None:
         run = SparseRun(enabled=config.enable_sparse, executed=False, status=sparse.status,

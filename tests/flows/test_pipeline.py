@@ -97,6 +97,10 @@ def test_rerun_is_cached_idempotent_and_byte_identical(full_config):
     assert s2.index_run["points_count"] == 50  # upserts, not duplicates
     assert s2.telemetry.lease_events == []  # cached stages never took the GPU
     assert s2.telemetry.stages["dense"]["cached"] is True
+    # The summary counts this run's work: a stage served from cache computed nothing.
+    assert (s2.dense_run.total_embeddings_generated, s2.dense_run.reused) == (0, 50)
+    assert s2.telemetry.stages["dense"]["items"] == 0 and s2.telemetry.stages["dense"]["reused"] == 50
+    assert set(s2.sparse_run.computed.values()) == {0} and set(s2.sparse_run.reused.values()) == {50}
 
 
 def test_failed_rerank_resumes_from_cache(full_config, monkeypatch):

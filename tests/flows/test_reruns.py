@@ -259,6 +259,48 @@ def test_the_stage_store_keeps_what_retained_runs_used_and_a_reverted_input_stil
     assert all(Path(p).parent == current for p in again.exports.values())
 
 
+def test_vector_spaces_no_run_used_for_the_retention_period_go_and_cached_runs_keep_theirs(tmp_path,
+                                                                                           tiny_dense_model):
+    """MiniLM, then another model; a month passes; the other model's nightly run is served from cache and
+    keeps its vectors, MiniLM's (used by no retained run) go, and switching back re-embeds, truthfully."""
+    import os
+    import time
+
+    src = _write_jsonl(tmp_path / "docs.jsonl", _sample_records())
+    out = tmp_path / "out"
+    vectors = out / "docs" / ".stages" / "vectors"
+    first = _run(_config(src, out))
+    minilm_spaces = {p.name for p in vectors.iterdir()}
+    assert first.dense_run.total_embeddings_generated == 50 and len(minilm_spaces) == 2  # dense + BM25
+    other = _run(_config(src, out, dense_model=str(tiny_dense_model)))
+    assert other.dense_run.total_embeddings_generated == 50
+    [minilm_dense] = [name for name in minilm_spaces if not _is_sparse_space(vectors / name)]
+    [tiny_dense] = {p.name for p in vectors.iterdir()} - minilm_spaces
+    month_ago = time.time() - 31 * 86400
+    for space in vectors.iterdir():
+        os.utime(space, (month_ago, month_ago))
+
+    nightly = _run(_config(src, out, dense_model=str(tiny_dense_model)))
+    assert nightly.telemetry.stages["dense"]["cached"] and nightly.telemetry.stages["sparse"]["cached"]
+    assert {p.name for p in vectors.iterdir()} == (minilm_spaces - {minilm_dense}) | {tiny_dense}
+
+    back = _run(_config(src, out))
+    assert (back.dense_run.total_embeddings_generated, back.dense_run.reused) == (50, 0)
+    assert set(back.sparse_run.computed.values()) == {0}  # BM25's space was in use all along
+    # Without a retention period every space stays, however old.
+    for space in vectors.iterdir():
+        os.utime(space, (month_ago, month_ago))
+    kept = {p.name for p in vectors.iterdir()}
+    _run(_config(src, out, dense_model=str(tiny_dense_model), vector_retention_days=None))
+    assert {p.name for p in vectors.iterdir()} == kept
+
+
+def _is_sparse_space(path: Path) -> bool:
+    import pyarrow.parquet as pq
+
+    return "indices" in pq.read_schema(next(path.glob("part-*.parquet"))).names
+
+
 def test_streaming_windows_change_nothing_but_memory(tmp_path):
     """Windows of 7 chunks (duplicates across windows, a window per row group and more) give the very
     outputs of one window, and an incremental re-run in windows reuses exactly what it should."""
