@@ -242,9 +242,13 @@ def collect_vector_spaces(config: RunConfig, collection: str, cutoff: float) -> 
     stage result that read it. A run that opens a space touches it first, so a
     space in use is never older than the run using it.
     """
+    return _remove_unused(stages_dir(config, collection) / "vectors", cutoff)
+
+
+def _remove_unused(base: Path, cutoff: float) -> list[str]:
+    """Delete the directories in ``base`` whose mtime (their last use) is before ``cutoff``; return their names."""
     removed = []
-    root = stages_dir(config, collection) / "vectors"
-    for path in sorted(root.iterdir()) if root.is_dir() else []:
+    for path in sorted(base.iterdir()) if base.is_dir() else []:
         try:
             used = path.stat().st_mtime
         except FileNotFoundError:
@@ -262,19 +266,9 @@ def collect_stage_dirs(config: RunConfig, collection: str, cutoff: float) -> lis
         cutoff: The start of the oldest run whose stage results must stay
             reusable: the previous published run set, or a run still in progress.
     """
-    removed = []
     root = stages_dir(config, collection)
-    for stage in ("load", "dense", "sparse", "fuse", "rerank"):
-        base = root / stage
-        for path in sorted(base.iterdir()) if base.is_dir() else []:
-            try:
-                used = path.stat().st_mtime
-            except FileNotFoundError:
-                continue
-            if path.is_dir() and used < cutoff:
-                shutil.rmtree(path, ignore_errors=True)
-                removed.append(f"{stage}/{path.name}")
-    return removed
+    return [f"{stage}/{name}" for stage in ("load", "dense", "sparse", "fuse", "rerank")
+            for name in _remove_unused(root / stage, cutoff)]
 
 
 # --- summary sections --------------------------------------------------------------------------
