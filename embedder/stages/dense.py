@@ -232,13 +232,15 @@ def _scales(weights: list[float]) -> list[Any]:
     return [None] * len(weights) if len(weights) == 1 else [np.float32(np.sqrt(w)) for w in weights]
 
 
+def _join(blocks: list[np.ndarray], scales: list[Any]) -> np.ndarray:
+    """Each model's vectors (rows, or one vector) scaled by :func:`_scales` and joined along the last axis."""
+    scaled = [b if s is None else b * s for b, s in zip(blocks, scales)]
+    return scaled[0] if len(scaled) == 1 else np.hstack(scaled).astype(np.float32)
+
+
 def _joined(parts: list[_Component], scales: list[Any], keys: np.ndarray | None) -> np.ndarray:
     """The stored vectors of ``keys`` (None: each model's query keys), joined across the models."""
-    blocks = []
-    for c, scale in zip(parts, scales):
-        block = np.stack(_fetch_all(c.index, c.qkeys if keys is None else keys))
-        blocks.append(block if scale is None else block * scale)
-    return blocks[0] if len(blocks) == 1 else np.hstack(blocks).astype(np.float32)
+    return _join([np.stack(_fetch_all(c.index, c.qkeys if keys is None else keys)) for c in parts], scales)
 
 
 def _embed_component(config: RunConfig, collection: str, chunks: StageRef, keys: np.ndarray, queries: list[Any],
@@ -438,8 +440,7 @@ def query_vector(config: RunConfig, text: str) -> np.ndarray:
 
     components = config.dense_components()
     blocks = []
-    for (name, _weight), scale in zip(components, _scales([w for _, w in components])):
+    for name, _weight in components:
         encoder = dense_encoder(config, resolve_model(name, "dense", local_files_only=config.local_files_only))
-        vec = encoder.encode_batch([QueryText(text) if getattr(encoder, "asymmetric", False) else text])[0]
-        blocks.append(vec if scale is None else vec * scale)
-    return blocks[0] if len(blocks) == 1 else np.concatenate(blocks).astype(np.float32)
+        blocks.append(encoder.encode_batch([QueryText(text) if getattr(encoder, "asymmetric", False) else text])[0])
+    return _join(blocks, _scales([w for _, w in components]))
