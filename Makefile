@@ -3,6 +3,11 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# The exact dependency set make venv installs and CI tests (hashes checked); `make lock` refreshes it.
+LOCK := requirements.lock
+EXTRAS := test,splade,onnx,fleet,e5
+# Where the CPU build of torch lies (torch==2.13.0+cpu is not on PyPI): a local wheel dir or a find-links page.
+TORCH_FIND_LINKS ?= $(or $(PIP_FIND_LINKS),https://download.pytorch.org/whl/cpu/torch)
 # Keep Prefect's database and results out of the home directory for the demo and tests.
 export PREFECT_HOME ?= $(CURDIR)/.prefect
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
@@ -11,16 +16,26 @@ export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 90
 # Two workers: most of the slow tests wait on servers, leases and subprocesses rather than compute.
 # Each test file stays on one worker (its module fixtures start once). TEST_WORKERS=0 runs in-process.
 TEST_WORKERS ?= 2
+comma := ,
 
-.PHONY: demo test venv clean
+.PHONY: demo test venv lock clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	# torch first, pinned: the CPU wheel on disk; anything unpinned would pull a CUDA build.
-	$(BIN)/python -m pip install -q "torch==2.13.0"
-	$(BIN)/python -m pip install -q -e ".[test,splade,onnx,fleet,e5]"
+	# Exactly the lock, every file checked against its hash; then the project itself, resolving nothing.
+	$(BIN)/python -m pip install -q --require-hashes --no-deps -r $(LOCK)
+	$(BIN)/python -m pip install -q --no-deps -e .
+	$(BIN)/python -m pip check
 	touch $(STAMP)
+
+# Refresh the lock deliberately (after a pyproject change, or to take upstream fixes), then run make test.
+# Resolved for CPython 3.11 on x86-64 Linux, with the CPU build of torch.
+lock:
+	$(BIN)/python -m pip install -q uv
+	$(BIN)/uv pip compile pyproject.toml --extra $(subst $(comma), --extra ,$(EXTRAS)) \
+		--find-links $(TORCH_FIND_LINKS) --python-version 3.11 --python-platform x86_64-manylinux_2_28 \
+		--generate-hashes --no-header -o $(LOCK)
 
 venv: $(STAMP)
 
