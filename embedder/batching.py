@@ -7,6 +7,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
+from embedder.cancel import raise_if_stopped
 from embedder.errors import StageError
 from embedder.gpu import free_device_cache, is_oom
 
@@ -64,6 +65,7 @@ def run_batched(
     outputs: list[T] = []
     start = 0
     while start < n_items:
+        raise_if_stopped()
         end = min(n_items, start + size)
         try:
             out = fn(start, end)

@@ -64,3 +64,15 @@ class CollectionsFailedError(EmbedderError):
     def __init__(self, message: str, summaries: list | None = None) -> None:
         super().__init__(message)
         self.summaries = summaries or []
+
+
+class RunCancelledError(EmbedderError):
+    """The run was asked to stop (SIGINT, SIGTERM) and stopped between two batches.
+
+    Attributes:
+        partial: Set by an engine stopped inside a window: ``(window, rows,
+            outputs)``, the outputs of the window's rows that were finished, so
+            the stage can store them before it unwinds.
+    """
+
+    partial: tuple | None = None

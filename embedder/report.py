@@ -147,6 +147,7 @@ class CollectionOutcome:
     Attributes:
         errors: Stage name -> error message for stages that failed outright.
         cached: Stages whose result came from the cache.
+        cancelled: Why the run stopped before it finished (``"SIGTERM"``), when it was asked to stop.
     """
 
     collection: str
@@ -164,6 +165,7 @@ class CollectionOutcome:
     errors: dict[str, str] = field(default_factory=dict)
     cached: set[str] = field(default_factory=set)
     warnings: list[str] = field(default_factory=list)
+    cancelled: str | None = None
 
     def lease_events(self) -> list[dict[str, Any]]:
         """Lease events of the GPU stages that ran in this run (a cached stage took no lease)."""
@@ -196,9 +198,10 @@ def build_summary(config: RunConfig, outcome: CollectionOutcome,
                   quality: dict[str, dict[str, float]] | None = None) -> ProcessingSummary:
     """Compose the v4.1 summary from each stage's section; its warnings say what went wrong.
 
-    The run is ``failed`` when a section says the collection has no usable result
-    (no dense vectors, no index, no exports), ``partial`` when a stage failed or
-    fell short, else ``completed``.
+    The run is ``cancelled`` when it was stopped on request before it finished,
+    ``failed`` when a section says the collection has no usable result (no dense
+    vectors, no index, no exports), ``partial`` when a stage failed or fell
+    short, else ``completed``.
     """
     o = outcome
     chunk_count = o.load.chunk_count if o.load else 0
@@ -222,7 +225,14 @@ def build_summary(config: RunConfig, outcome: CollectionOutcome,
         stages.update(section.stages)
         warnings.extend(section.warnings)
     warnings.extend(o.warnings)
+    if o.cancelled:
+        stage = next(iter(o.errors), None)
+        warnings.insert(0, f"run stopped by {o.cancelled}" + (f" during {stage}" if stage else "")
+                        + ": the stages after it did not run; the dense vectors it finished are stored, "
+                        "and the re-run embeds only the rest")
     failed = any(s.failed for s in sections)
+    if o.cancelled and fields.get("failed_stage") is None:
+        fields["failed_stage"] = next(iter(o.errors), None)  # the stage the stop interrupted
     if failed and fields.get("failed_stage") is None:
         fields["failed_stage"] = "dense"  # the only stage without which nothing ran, and no error of its own
     degraded = bool(o.errors) or any(s.degraded for s in sections)
@@ -236,7 +246,7 @@ def build_summary(config: RunConfig, outcome: CollectionOutcome,
     return ProcessingSummary(
         collection=o.collection,
         run_id=o.run_id,
-        status="failed" if failed else ("partial" if degraded else "completed"),
+        status="cancelled" if o.cancelled else "failed" if failed else ("partial" if degraded else "completed"),
         feature_toggles=FeatureToggles(enable_rerank=config.enable_rerank, enable_sparse=config.enable_sparse,
                                        sparse_models=config.sparse_models, sources=toggles_sources),
         telemetry=Telemetry(lease_events=[LeaseEvent(**e) for e in o.lease_events()], stages=stages),

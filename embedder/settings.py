@@ -73,7 +73,8 @@ class CollectionInput(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    name: str = Field(description="Collection name; becomes <output_dir>/<name>/ and the Qdrant collection.")
+    name: str = Field(description="Collection name; the folder output_dir/name and the Qdrant collection are "
+                      "named after it.")
     path: str = Field(description="A JSONL or Parquet file, or a directory of rag_clean *chunks*.json files.")
 
     @field_validator("name")

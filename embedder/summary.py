@@ -193,7 +193,9 @@ class ProcessingSummary(_Section):
     collection: str
     chunk_count: int = Field(ge=0)
     run_id: uuid.UUID | None = None
-    status: Literal["completed", "partial", "failed"] | None = None
+    status: Literal["completed", "partial", "failed", "cancelled"] | None = Field(
+        None, description="completed, partial (an optional stage degraded), failed, or cancelled (stopped on "
+        "request, SIGINT or SIGTERM, before it finished: like failed, the last good run set stays current).")
     failed_stage: str | None = Field(None, description="The stage that failed the collection, when it failed.")
     exports_run_id: uuid.UUID | None = Field(
         None, description="The run whose exports and index sit beside this summary, when not this run's own "

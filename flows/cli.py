@@ -10,6 +10,7 @@ import contextlib
 import json
 import logging
 import os
+import signal
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,10 +28,15 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
 console = Console(stderr=True)
 
 
+# The temporary server's start-up (migrations on a fresh database, imports on a busy machine) can take
+# minutes; Prefect's default of 20 s failed runs that would have worked.
+EPHEMERAL_STARTUP_TIMEOUT_S = 300
+
+
 def _prefect_defaults() -> None:
-    # Offline machines log telemetry errors otherwise, and a fresh database can miss the 20 s default.
+    # Offline machines log telemetry errors otherwise.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", str(EPHEMERAL_STARTUP_TIMEOUT_S))
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     for name in ("prefect.flow_runs", "prefect.task_runs"):
         logging.getLogger(name).addFilter(_expected_errors_without_traceback)
@@ -100,6 +106,104 @@ def _blend(text: str | None) -> dict[str, float] | None:
             raise ConfigError(f"--dense-blend {part!r}: write name=weight, for example "
                               "multilingual-e5-small-q4=0.9") from None
     return out
+
+
+def _server_error(exc: BaseException) -> str | None:
+    """A one-line explanation when ``exc`` is the temporary Prefect server failing to start, else None."""
+    if "ephemeral Prefect API server" not in str(exc):
+        return None
+    timeout = os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", str(EPHEMERAL_STARTUP_TIMEOUT_S))
+    return (f"the temporary Prefect server did not start within {timeout} s; point PREFECT_API_URL at a running "
+            "server (`prefect server start`, then PREFECT_API_URL=http://127.0.0.1:4200/api) or raise "
+            "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS")
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every live descendant of ``pid`` (Linux ``/proc``; empty elsewhere)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+@contextlib.contextmanager
+def stop_on_signals() -> Iterator[None]:
+    """SIGINT and SIGTERM stop the run between two batches; a second one ends the process at once.
+
+    The first signal only records a stop request (`embedder.cancel`): the stage
+    running raises at its next batch boundary, so the run unwinds through its
+    normal paths: what dense and sparse embedded is stored, the leases are
+    released, a ``cancelled`` summary is published beside the last good run set,
+    and the temporary Prefect server stops with the process. The second signal
+    kills this process's children (that server) and exits with 128 + the signal.
+    """
+    from embedder.cancel import clear, request_stop, stop_reason
+
+    def handler(signum: int, frame: Any) -> None:
+        name = signal.Signals(signum).name
+        if stop_reason() is None:
+            request_stop(name)
+            console.print(f"{name}: stopping after the current batch (again to stop at once)", soft_wrap=True)
+            return
+        for pid in _descendants(os.getpid()):
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+        os._exit(128 + signum)
+
+    clear()
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def run_in_thread(fn: Any, *args: Any) -> Any:
+    """``fn(*args)`` on a worker thread while the main thread waits, so only our signal handlers run.
+
+    Prefect's flow engine replaces the SIGTERM handler of the thread that calls a
+    flow, if it is the main thread, with one that raises inside whatever runs
+    (mid-batch, mid-write). From a worker thread it cannot, and SIGTERM gets the
+    same orderly stop as Ctrl-C (see :func:`stop_on_signals`).
+
+    Raises:
+        BaseException: Whatever ``fn`` raised.
+    """
+    import threading
+
+    box: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            box["result"] = fn(*args)
+        except BaseException as exc:  # handed to the main thread as is
+            box["error"] = exc
+
+    thread = threading.Thread(target=target, name="embed-collections-run")
+    thread.start()
+    while thread.is_alive():
+        thread.join(0.2)  # short waits: the main thread runs signal handlers between them
+    if "error" in box:
+        raise box["error"]
+    return box["result"]
+
+
+def _stopped_code() -> int | None:
+    """The exit status of a run stopped by a signal (128 + its number), or None."""
+    from embedder.cancel import stop_reason
+
+    reason = stop_reason()
+    return 128 + signal.Signals[reason].value if reason in signal.Signals.__members__ else None
 
 
 def _fail(message: str, code: int = 1) -> None:
@@ -202,13 +306,17 @@ def run(
     from flows.embed_collections import embed_collections
 
     failure: str | None = None
-    with stage_progress(f"running embed-collections on {len(cfg.collections)} collection(s)..."):
+    with stop_on_signals(), stage_progress(f"running embed-collections on {len(cfg.collections)} collection(s)..."):
         try:
-            summaries = embed_collections(cfg)
+            summaries = run_in_thread(embed_collections, cfg)
         except CollectionsFailedError as exc:
             summaries, failure = exc.summaries, str(exc)
         except EmbedderError as exc:
-            _fail(str(exc))
+            _fail(str(exc), _stopped_code() or 1)
+        except RuntimeError as exc:
+            if (message := _server_error(exc)) is None:
+                raise
+            _fail(message)
     if json_output:
         typer.echo(json.dumps([s.model_dump(mode="json") for s in summaries], indent=2))
     else:
@@ -217,8 +325,11 @@ def run(
                 typer.echo(line)
             typer.echo(f"Summary: {Path(cfg.output_dir) / s.collection / 'processing_summary.json'}")
     if failure is not None:
-        # completed and partial exit 0; any failed collection makes the run exit 1 (DESIGN.md).
-        _fail(failure)
+        # completed and partial exit 0; any failed collection makes the run exit 1 (DESIGN.md), a stopped run
+        # 128 + the signal's number, as a shell reports it.
+        _fail(failure, _stopped_code() or 1)
+    if (code := _stopped_code()) is not None:  # stopped after the last stage: the run finished as reported
+        raise typer.Exit(code)
 
 
 @app.command()
@@ -307,11 +418,16 @@ def eval_(
         _fail(str(exc), 2)
     from flows.embed_collections import embed_collections
 
-    with stage_progress(f"evaluating on {inputs.documents} documents and {inputs.queries} queries..."):
+    title = f"evaluating on {inputs.documents} documents and {inputs.queries} queries..."
+    with stop_on_signals(), stage_progress(title):
         try:
-            [summary] = embed_collections(cfg)
+            [summary] = run_in_thread(embed_collections, cfg)
         except EmbedderError as exc:
-            _fail(str(exc))
+            _fail(str(exc), _stopped_code() or 1)
+        except RuntimeError as exc:
+            if (message := _server_error(exc)) is None:
+                raise
+            _fail(message)
     quality = summary.quality or {}
     report: dict[str, Any] = {name: {"ndcg@10": round(m["ndcg@10"], 4), "recall@100": round(m["recall@100"], 4)}
                               for name, m in quality.items()}

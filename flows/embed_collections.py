@@ -12,6 +12,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import deployment, flow_run
 from prefect.states import State
 
+from embedder.cancel import stop_reason
 from embedder.errors import CollectionsFailedError
 from embedder.report import CollectionOutcome, build_summary, close_run_set, new_run_set, write_collection_summary
 from embedder.settings import CollectionInput, RunConfig, resolve_limit_name, resolve_run_config
@@ -95,18 +96,24 @@ def _embed_collection(config: RunConfig, collection: CollectionInput, run_id: uu
             log.error("%s stage failed: %s", stage, err)
         if was_cached:
             out.cached.add(stage)
+        out.cancelled = out.cancelled or stop_reason()
         return result
+
+    def going() -> bool:
+        # A stop request (Ctrl-C, SIGTERM) ends the run after the stage it interrupted.
+        out.cancelled = out.cancelled or stop_reason()
+        return out.cancelled is None
 
     # Everything this run publishes goes into one fresh run set, switched in at the end.
     run_path = new_run_set(config, name, run_id)
     try:
         if preflight_error:
             out.errors["preflight"] = preflight_error
-        else:
+        elif going():
             out.load = outcome("load", call(load_collection_task, config, collection, return_state=True))
         if out.load is not None and out.load.chunk_count == 0:
             out.errors["load"] = "the collection holds no valid chunks (each record's reason is in rejects.jsonl)"
-        if out.load is not None and not out.errors:
+        if out.load is not None and not out.errors and going():
             # Sparse (CPU first) needs nothing from dense (GPU): they run side by side.
             sparse_run = (call(sparse_infer_task, config, name, out.load.chunks, run_id, submit=True)
                           if config.overlap_sparse else None)
@@ -117,22 +124,22 @@ def _embed_collection(config: RunConfig, collection: CollectionInput, run_id: uu
             elif out.dense is not None:
                 out.sparse = outcome("sparse", call(sparse_infer_task, config, name, out.load.chunks, run_id,
                                                     return_state=True))
-        if out.dense is not None and out.sparse is not None:
+        if out.dense is not None and out.sparse is not None and going():
             out.index = outcome("index", index_task(config, name, out.load.chunks, out.dense, out.sparse, run_path,
                                                     return_state=True))
             out.fusion = outcome("fuse", call(fuse_task, config, name, out.dense, out.sparse, return_state=True))
-        if out.fusion is not None:
+        if out.fusion is not None and going():
             out.rerank = outcome("rerank", call(rerank_task, config, name, out.load.chunks, out.fusion, run_id,
                                                 return_state=True))
         # The exports and the summary beside them describe the published index: when the index
         # could not be brought in line, this run's exports are not written at all.
-        if out.dense is not None and out.sparse is not None and out.index is not None:
+        if out.dense is not None and out.sparse is not None and out.index is not None and going():
             out.exports = outcome("export", export_task(config, name, out.load, out.dense, out.sparse, out.rerank,
                                                         run_path, return_state=True)) or {}
         quality = outcome("quality", quality_task(config, out.fusion, out.rerank, return_state=True))
         out.latency_seconds = time.perf_counter() - t0
         summary = build_summary(config, out, quality=quality)
-        if summary.status == "failed":
+        if summary.status in ("failed", "cancelled"):
             carried = outcome("carry", carry_forward_task(config, name, run_path, out.load, return_state=True))
             out.exports, out.exports_run_id = carried if carried is not None else ({}, None)
             out.carried = True
@@ -151,6 +158,10 @@ def _embed_collection(config: RunConfig, collection: CollectionInput, run_id: uu
         raise CollectionsFailedError(
             f"collection {name!r}: its run set could not be published ({out.errors['publish']}); "
             f"the previous one stays current; this run's summary is at {path}", [summary])
+    if summary.status == "cancelled":
+        raise CollectionsFailedError(f"collection {name!r}: run stopped by {out.cancelled}"
+                                     + (f" during {summary.failed_stage}" if summary.failed_stage else "")
+                                     + f"; the last good run set stays current; summary at {path}", [summary])
     if summary.status == "failed":
         raise CollectionsFailedError(f"collection {name!r} failed in {summary.failed_stage}: "
                                      f"{out.errors.get(summary.failed_stage or '', 'see warnings')}; "
@@ -199,6 +210,9 @@ def embed_collections(
         rollup_artifact(children)
     else:
         for collection in config.collections:
+            if stop_reason():
+                failures.append(f"collection {collection.name!r}: not started, the run was stopped by {stop_reason()}")
+                continue
             state = embed_collection(config, collection, run_id, preflight_error, return_state=True)
             try:
                 summaries.append(state.result())

@@ -44,6 +44,7 @@ from prefect.exceptions import MissingContextError, ObjectAlreadyExists, ObjectN
 from prefect.logging import get_logger, get_run_logger
 from prefect.settings import PREFECT_API_URL
 
+from embedder.cancel import raise_if_stopped
 from embedder.errors import StageError
 from embedder.procs import owner, owner_dead
 from embedder.settings import host_name
@@ -219,6 +220,7 @@ def gpu_lease(limit_name: str, stage: str, *, timeout_s: float, lease_duration_s
                              "recovery": mode}
     t0 = time.monotonic()
     while True:
+        raise_if_stopped()  # a run stopped while it queued for the slot
         remaining = timeout_s - (time.monotonic() - t0)
         if remaining <= 0:
             raise StageError(busy or (
@@ -243,13 +245,15 @@ def gpu_lease(limit_name: str, stage: str, *, timeout_s: float, lease_duration_s
               maintain_concurrency_lease(lease_id, lease_duration_s, raise_on_lease_renewal_failure=True)):
             yield event
     finally:
+        # The holding ends where the release starts: from then on the server may grant the slot to
+        # another holder, so [acquired_at, released_at] of two holders never overlap.
+        event["released_at"] = _now()
+        event["held_s"] = round(time.monotonic() - held_from, 3)
         # Release before deregistering: a record without a lease is harmless, a lease without
         # a record could not be recovered.
         try:
             release_concurrency_slots_with_lease(lease_id)
         finally:
-            event["released_at"] = _now()
-            event["held_s"] = round(time.monotonic() - held_from, 3)
             _deregister(lease_id)
 
 

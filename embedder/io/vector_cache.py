@@ -28,6 +28,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from embedder.errors import RunCancelledError
 from embedder.io.atomic import atomic_path
 from embedder.procs import owner, owner_dead
 from embedder.schemas import SparseVector
@@ -348,7 +349,9 @@ class PartWriter(Generic[V]):
         return self
 
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
-        if exc_type is None:
+        # A run stopped on request (Ctrl-C, SIGTERM) keeps what it embedded: every row added was
+        # whole and checked, so the re-run embeds only the rest, as after a checkpoint.
+        if exc_type is None or isinstance(exc, RunCancelledError):
             self.close()
         else:
             self.abort()

@@ -25,6 +25,7 @@ One engine serves the three model families the pipeline runs on a device (a
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
 import time
@@ -35,7 +36,8 @@ from typing import Any, Generic, Literal, TypeVar
 import numpy as np
 import torch
 
-from embedder.errors import StageError
+from embedder.cancel import raise_if_stopped
+from embedder.errors import RunCancelledError, StageError
 from embedder.gpu import apply_memory_ceiling, cuda_context_gb, free_device_cache, is_oom
 
 Precision = Literal["auto", "fp32", "fp16", "bf16"]
@@ -386,6 +388,24 @@ class EngineStats:
         return self.padded_tokens / self.real_tokens if self.real_tokens else 1.0
 
 
+@contextlib.contextmanager
+def stop_between_layers(model: Any) -> Iterator[None]:
+    """Let a stop request end a forward pass between two of the model's layers, not only between batches.
+
+    A batch of long texts takes seconds on a CPU (more on a busy one); a check
+    before each layer of every ``ModuleList`` (a transformer's blocks) bounds the
+    wait by one layer's time. The check is one flag read per layer.
+    """
+    modules = model.modules() if isinstance(model, torch.nn.Module) else []
+    layers = [layer for m in modules if isinstance(m, torch.nn.ModuleList) for layer in m]
+    handles = [layer.register_forward_pre_hook(lambda *_: raise_if_stopped()) for layer in layers]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 class Engine(Generic[X]):
     """Runs one model over windows of inputs with token-budget batches and overlapped tokenisation.
 
@@ -461,11 +481,16 @@ class Engine(Generic[X]):
         outputs: list[torch.Tensor] = []
         spans = self.budget.cut(window.lengths)
         i = 0
-        with torch.inference_mode():
+        with torch.inference_mode(), stop_between_layers(self.model):
             while i < len(spans):
                 start, end = spans[i]
                 try:
+                    raise_if_stopped()
                     out = self.forward(self._batch(window, start, end))
+                except RunCancelledError as exc:
+                    if outputs:  # rows [0, start) of the sorted window are done: hand them to the stage
+                        exc.partial = (None, window.order[:start], _concat(outputs).to("cpu"))
+                    raise
                 except Exception as exc:
                     if not is_oom(exc):
                         raise
@@ -523,7 +548,13 @@ class Engine(Generic[X]):
 
         with Prefetch(tokenised(), depth=1, name="engine-tokenise") as ahead:
             for w, window in ahead:
-                yield w, self.run_window(window)
+                try:
+                    out = self.run_window(window)
+                except RunCancelledError as exc:
+                    if exc.partial is not None:
+                        exc.partial = (w, *exc.partial[1:])
+                    raise
+                yield w, out
             self.stats.input_wait_s += ahead.wait_s
 
 

@@ -26,6 +26,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from embedder.cancel import raise_if_stopped
 from embedder.errors import ModelUnavailableError
 from embedder.models.loading import LOAD_LOCK
 from embedder.models.registry import ModelSpec, ResolvedModel
@@ -585,6 +586,7 @@ class SparseInference:
         failed: list[int] = list(todo) if self.model is None else []
         if self.model is not None:
             for start in range(0, len(todo), self.batch_size):
+                raise_if_stopped()
                 idx = todo[start:start + self.batch_size]
                 try:
                     out = self.model.embed([chunks[i].text for i in idx])

@@ -13,7 +13,7 @@ import numpy as np
 from pydantic import BaseModel, Field
 
 from embedder.batching import BatchPlan
-from embedder.errors import StageError
+from embedder.errors import RunCancelledError, StageError
 from embedder.gpu import PeakMeter, cuda_context_gb, exclusive_device, resolve_device
 from embedder.io.readers import read_queries
 from embedder.io.writers import DenseParquetWriter, iter_chunk_texts, iter_table_windows, write_dense_parquet
@@ -344,10 +344,18 @@ def _embed_missing(config: RunConfig, encoder: Any, work: Iterable[tuple[list[by
                                                 policy=config.batch_policy)
                         engine = encoder.engine(budget, on_batch)
                         meter.start()
-                        for (keys, _texts), out in engine.map(work, lambda w: w[1]):
-                            vectors = out.numpy()
-                            check_finite(vectors, encoder)
-                            store.put((keys, vectors))
+                        try:
+                            for (keys, _texts), out in engine.map(work, lambda w: w[1]):
+                                vectors = out.numpy()
+                                check_finite(vectors, encoder)
+                                store.put((keys, vectors))
+                        except RunCancelledError as stopped:
+                            if stopped.partial is not None:  # the stopped window's finished rows are kept too
+                                (keys, _texts), rows, out = stopped.partial
+                                vectors = out.numpy()
+                                check_finite(vectors, encoder)
+                                store.put(([keys[r] for r in rows], vectors))
+                            raise
                         meter.stop()
                     fields, warnings = engine.report("dense")
                     telemetry = StageTelemetry(

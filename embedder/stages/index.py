@@ -10,6 +10,7 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, Field
 
+from embedder.cancel import raise_if_stopped
 from embedder.errors import StageError
 from embedder.io.writers import iter_chunk_windows, iter_dense_windows
 from embedder.models.registry import get_spec
@@ -161,6 +162,7 @@ def index_stage(config: RunConfig, collection: str, chunks: StageRef, dense: Den
             stop = start + len(items)
             rows = (todo[np.searchsorted(todo, start):np.searchsorted(todo, stop)] - start).tolist()
             for b in range(0, len(rows), config.index_batch_size):
+                raise_if_stopped()
                 part = rows[b:b + config.index_batch_size]
                 digests = {r: digest_of(r, items, vectors, sparse_map) for r in part}
                 upserted += writer.upsert(point_batch(collection, items, vectors, sparse_map, part, digests))
