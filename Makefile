@@ -11,7 +11,6 @@ TORCH_FIND_LINKS ?= $(or $(PIP_FIND_LINKS),https://download.pytorch.org/whl/cpu/
 # Keep Prefect's database and results out of the home directory for the demo and tests.
 export PREFECT_HOME ?= $(CURDIR)/.prefect
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
-export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 90
 
 # Two workers: most of the slow tests wait on servers, leases and subprocesses rather than compute.
 # Each test file stays on one worker (its module fixtures start once). TEST_WORKERS=0 runs in-process.

@@ -1,27 +1,33 @@
-"""The simplest runner: serve both deployments from this process, schedule active.
+"""The simplest runner: serve every deployment the flows need from this process, schedules active.
 
 Usage (from the project root, against a running server):
     export PREFECT_API_URL=http://127.0.0.1:4200/api
     python deployments/serve.py
 
-`prefect.serve` needs no work pool; runs execute in this process's subprocesses.
+`prefect.serve` needs no work pool; each run executes in a subprocess of this
+one. It serves `nightly` (cron 02:00 UTC), `manual` (the UI's run form) and
+`collection`, the per-collection flow a run fans its collections out to
+(``collection_fanout = "auto"``), so a served run behaves as a worker's does.
+SIGTERM or SIGINT stops it: runs in flight are cancelled, schedules paused.
 """
 
 from __future__ import annotations
 
+import asyncio
 import sys
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from prefect import serve  # noqa: E402
+from prefect.runner import Runner  # noqa: E402
 
-from flows.embed_collections import embed_collections  # noqa: E402
+from flows.embed_collections import embed_collection, embed_collections  # noqa: E402
 
 
-def build_deployments() -> list:
-    """The `nightly` and `manual` deployments, as prefect.yaml defines them."""
+def build_deployments() -> list[Any]:
+    """`nightly`, `manual` and `collection`, as prefect.yaml defines them."""
     nightly = embed_collections.to_deployment(
         name="nightly", cron="0 2 * * *", tags=["embedding", "gpu", "nightly"],
         parameters={"config_file": str(ROOT / "deployments" / "nightly.toml")},
@@ -31,8 +37,39 @@ def build_deployments() -> list:
         name="manual", tags=["embedding", "gpu", "manual"],
         description="On-demand runs from the Prefect UI's parameter form (no schedule).",
     )
-    return [nightly, manual]
+    collection = embed_collection.to_deployment(
+        name="collection", tags=["embedding", "gpu", "collection"],
+        description="One collection of a nightly or manual run (submitted by the parent run; not run by hand).",
+    )
+    return [nightly, manual, collection]
+
+
+class _Runner(Runner):
+    """Prefect's runner, stopping at SIGTERM as it does at SIGINT.
+
+    Prefect's own SIGTERM handler stops the poll loop and then waits for every
+    run in flight to finish (minutes, for an embedding run), so a service
+    manager's SIGTERM went unanswered. Here SIGTERM unwinds the runner at once,
+    as Ctrl-C does: its runs in flight are ended and its schedules paused.
+    """
+
+    def handle_sigterm(self, *args: Any, **kwargs: Any) -> None:
+        """Stop now; the runner's exit pauses the schedules."""
+        self._logger.info("SIGTERM received, stopping")
+        raise KeyboardInterrupt("SIGTERM")
+
+
+def main() -> None:
+    """Serve until SIGTERM or SIGINT."""
+    runner = _Runner(pause_on_shutdown=True)
+    for deployment in build_deployments():
+        runner.add_deployment(deployment)
+    print("serving nightly, manual and collection; SIGTERM or Ctrl-C stops", flush=True)
+    try:
+        asyncio.run(runner.start())
+    except KeyboardInterrupt as exc:
+        print(f"stopped ({exc or 'SIGINT'})", flush=True)
 
 
 if __name__ == "__main__":
-    serve(*build_deployments())
+    main()

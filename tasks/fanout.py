@@ -20,6 +20,7 @@ from typing import Any
 from prefect.artifacts import create_table_artifact
 from prefect.client.orchestration import get_client
 from prefect.deployments import run_deployment
+from prefect.exceptions import ObjectNotFound
 from prefect.logging import get_run_logger
 
 from embedder.report import find_run_summary
@@ -52,10 +53,30 @@ class ChildRun:
 
 
 def fan_out_to_deployments(config: RunConfig, deployment_id: str | None) -> bool:
-    """Whether this run's collections go out as deployment runs (else in-process subflows)."""
-    if config.collection_fanout == "auto":
-        return deployment_id is not None
-    return config.collection_fanout == "deployments"
+    """Whether this run's collections go out as deployment runs (else in-process subflows).
+
+    ``auto`` fans out only under a deployment (a worker's or ``serve``'s run)
+    and only when ``collection_deployment`` exists on the server: a run of a
+    deployment registered without it (a ``serve`` of ``manual`` alone, a partial
+    ``prefect deploy``) runs its collections in-process, with a log line, rather
+    than failing every collection on submission.
+    """
+    if config.collection_fanout == "subflows":
+        return False
+    if config.collection_fanout == "deployments":
+        return True
+    if deployment_id is None:
+        return False
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_deployment_by_name(config.collection_deployment)
+        except ObjectNotFound:
+            get_run_logger().warning(
+                "collection_fanout is auto but the deployment %r does not exist on this server: running the "
+                "collections in-process (deploy it with `prefect deploy --all` or serve it with "
+                "deployments/serve.py to spread them over workers)", config.collection_deployment)
+            return False
+    return True
 
 
 def _submit(config: RunConfig, collection: CollectionInput, run_id: uuid.UUID,

@@ -19,7 +19,7 @@ import pytest
 _PREFECT_HOME = tempfile.mkdtemp(prefix="embedder-test-prefect-")
 os.environ["PREFECT_HOME"] = _PREFECT_HOME
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
-os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = "120"
+os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = "300"
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.pop("PREFECT_API_URL", None)
 # As tasks.lease sets it for every run on the ephemeral server: leases on disk, visible to every process.
@@ -86,22 +86,26 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_prefect_server(home: Path, extra_env: dict[str, str] | None = None,
-                         timeout_s: float = 180) -> tuple[subprocess.Popen, str]:
-    """Start `prefect server start` on a free loopback port with its home in ``home``; return it and its API URL."""
+def start_prefect_server(home: Path, extra_env: dict[str, str] | None = None, timeout_s: float = 180,
+                         ui: bool = False) -> tuple[subprocess.Popen, str]:
+    """Start `prefect server start` on a free loopback port with its home in ``home``; return it and its API URL.
+
+    Args:
+        ui: Serve the UI too (at the URL without ``/api``), pointed at this server's API.
+    """
     import httpx
 
     port = free_port()
+    url = f"http://127.0.0.1:{port}/api"
     env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-           "PREFECT_UI_ENABLED": "false", **(extra_env or {})}
+           "PREFECT_UI_ENABLED": "true" if ui else "false", "PREFECT_UI_API_URL": url, **(extra_env or {})}
     env.pop("PREFECT_API_URL", None)
     env.pop("PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE", None)  # a server as users start it: Prefect's defaults
     log = open(home / "server.log", "w")
     proc = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port",
-                             str(port), "--no-ui"], env=env, stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+                             str(port), *([] if ui else ["--no-ui"])], env=env, stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True)
     log.close()
-    url = f"http://127.0.0.1:{port}/api"
     deadline = time.time() + timeout_s
     while time.time() < deadline:
         try:
@@ -115,6 +119,19 @@ def start_prefect_server(home: Path, extra_env: dict[str, str] | None = None,
     stop_process_group(proc)
     raise RuntimeError(f"prefect server did not become healthy in {timeout_s:.0f} s: "
                        f"{(home / 'server.log').read_text()[-3000:]}")
+
+
+def process_group_gone(pgid: int, wait_s: float = 0.0) -> bool:
+    """Whether no process of the group ``pgid`` is left, waiting up to ``wait_s`` for the last ones to exit."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.2)
 
 
 def stop_process_group(proc: subprocess.Popen, timeout_s: float = 30) -> None:

@@ -71,18 +71,21 @@ def test_three_concurrent_runs_with_three_homes_never_overlap_on_the_gpu(prefect
 
 
 # A lease holder on its own: holds the slot for HOLD seconds, or SIGKILLs itself while holding it.
+# t0 and t1 are the holding interval as the lease records it: from the acquisition's return to the
+# start of the release (after that the server may grant the slot to the next holder).
 HOLDER = """
 import json, os, signal, sys, time
+from datetime import datetime
 from tasks.lease import gpu_lease
 
+stamp = lambda iso: datetime.fromisoformat(iso).timestamp()
 mode, hold, limit = sys.argv[1], float(sys.argv[2]), sys.argv[3]
 with gpu_lease(limit, "dense", timeout_s=400, lease_duration_s=60) as ev:
-    t0 = time.time()
-    print("ACQUIRED " + json.dumps({"t0": t0, **ev}), flush=True)
+    print("ACQUIRED " + json.dumps({"t0": stamp(ev["acquired_at"]), **ev}), flush=True)
     if mode == "kill":
         os.kill(os.getpid(), signal.SIGKILL)
     time.sleep(hold)
-print("RELEASED " + json.dumps({"t0": t0, "t1": time.time(), **ev}), flush=True)
+print("RELEASED " + json.dumps({"t0": stamp(ev["acquired_at"]), "t1": stamp(ev["released_at"]), **ev}), flush=True)
 """
 
 

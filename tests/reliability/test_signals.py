@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, SCIFACT
+from tests.conftest import REPO, SCIFACT, process_group_gone
 
 pytestmark = pytest.mark.slow
 
@@ -48,16 +48,8 @@ def _wait_for(log: Path, text: str, proc: subprocess.Popen, timeout_s: float = 6
         time.sleep(0.2)
 
 
-def _group_gone(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return True
-    return False
-
-
 def _cleanup(proc: subprocess.Popen) -> None:
-    if not _group_gone(proc.pid):
+    if not process_group_gone(proc.pid):
         os.killpg(proc.pid, signal.SIGKILL)
 
 
@@ -77,7 +69,7 @@ def test_sigterm_mid_dense_publishes_a_cancelled_summary_and_the_rerun_keeps_its
         # Between two layers of the model, then the run's own unwinding and the server's stop.
         print(f"SIGTERM to exit: {stop_s:.1f} s")
         assert stop_s < 60, text[-3000:]
-        assert _group_gone(proc.pid), "a process of the run outlived it (the temporary Prefect server?)"
+        assert process_group_gone(proc.pid, wait_s=10), "a process of the run outlived it (the temporary server?)"
         assert "Traceback" not in text
         summary = json.loads((out / "sig" / "processing_summary.json").read_text())
         assert summary["status"] == "cancelled" and summary["failed_stage"] == "dense"
@@ -108,10 +100,8 @@ def test_second_ctrl_c_stops_at_once_and_leaves_no_process(corpus, tmp_path):
         proc.send_signal(signal.SIGINT)
         proc.wait(timeout=60)
         assert proc.returncode == 128 + signal.SIGINT, log.read_text()[-3000:]
-        deadline = time.monotonic() + 30  # the killed server's exit is asynchronous
-        while not _group_gone(proc.pid) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert _group_gone(proc.pid), "a process of the run outlived it (the temporary Prefect server?)"
+        # The killed server's exit is asynchronous.
+        assert process_group_gone(proc.pid, wait_s=30), "a process of the run outlived it (the temporary server?)"
     finally:
         _cleanup(proc)
 
@@ -133,9 +123,6 @@ def test_a_server_that_does_not_start_in_time_is_one_line_naming_the_fix(tmp_pat
             "error: the temporary Prefect server did not start within 1 s; point PREFECT_API_URL at a running server "
             "(`prefect server start`, then PREFECT_API_URL=http://127.0.0.1:4200/api) or raise "
             "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"], text[-3000:]
-        deadline = time.monotonic() + 30
-        while not _group_gone(proc.pid) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert _group_gone(proc.pid)
+        assert process_group_gone(proc.pid, wait_s=30)
     finally:
         _cleanup(proc)
