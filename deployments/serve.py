@@ -14,6 +14,7 @@ SIGTERM or SIGINT stops it: runs in flight are cancelled, schedules paused.
 from __future__ import annotations
 
 import asyncio
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -45,18 +46,25 @@ def build_deployments() -> list[Any]:
 
 
 class _Runner(Runner):
-    """Prefect's runner, stopping at SIGTERM as it does at SIGINT.
+    """Prefect's runner, stopping promptly at SIGTERM and at Ctrl-C.
 
-    Prefect's own SIGTERM handler stops the poll loop and then waits for every
-    run in flight to finish (minutes, for an embedding run), so a service
-    manager's SIGTERM went unanswered. Here SIGTERM unwinds the runner at once,
-    as Ctrl-C does: its runs in flight are ended and its schedules paused.
+    Prefect's own SIGTERM handler runs its shutdown on another event loop and
+    blocks on it, so the signal went unanswered while a run was in flight. Here
+    the first SIGTERM or SIGINT schedules the runner's shutdown on its own loop:
+    its runs in flight are cancelled (their flow runs end Cancelled), the poll
+    loop stops and the schedules are paused. A second signal stops at once.
     """
 
+    _stop_requested = False
+
     def handle_sigterm(self, *args: Any, **kwargs: Any) -> None:
-        """Stop now; the runner's exit pauses the schedules."""
-        self._logger.info("SIGTERM received, stopping")
-        raise KeyboardInterrupt("SIGTERM")
+        """Stop: cancel the runs in flight, stop polling, pause the schedules."""
+        if self._stop_requested or self._loop is None:
+            raise KeyboardInterrupt("stopped at once")
+        self._stop_requested = True
+        self._logger.info("stopping: cancelling the runs in flight (again to stop at once)")
+        loop = self._loop
+        loop.call_soon_threadsafe(lambda: loop.create_task(self.astop()))
 
 
 def main() -> None:
@@ -64,11 +72,13 @@ def main() -> None:
     runner = _Runner(pause_on_shutdown=True)
     for deployment in build_deployments():
         runner.add_deployment(deployment)
+    # asyncio.run keeps a SIGINT handler that is not Python's default: Ctrl-C stops like SIGTERM.
+    signal.signal(signal.SIGINT, runner.handle_sigterm)
     print("serving nightly, manual and collection; SIGTERM or Ctrl-C stops", flush=True)
     try:
         asyncio.run(runner.start())
     except KeyboardInterrupt as exc:
-        print(f"stopped ({exc or 'SIGINT'})", flush=True)
+        print(f"stopped ({exc})", flush=True)
 
 
 if __name__ == "__main__":

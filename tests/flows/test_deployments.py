@@ -157,3 +157,22 @@ def test_manual_run_then_failed_run_retried_from_cache(prefect_server, deployed,
     assert stages["dense"]["cached"] and stages["sparse"]["cached"] and stages["rerank"]["cached"], (
         {k: v["cached"] for k, v in stages.items()}, r.stdout[-4000:])
     assert summary["status"] == "completed"
+
+
+def test_auto_fanout_runs_collections_in_process_when_the_collection_deployment_is_missing(prefect_server, deployed):
+    from prefect import flow
+    from prefect.settings import PREFECT_API_URL, PREFECT_LOGGING_TO_API_ENABLED, temporary_settings
+
+    from embedder.settings import RunConfig
+    from tasks.fanout import fan_out_to_deployments
+
+    @flow
+    def fans_out(collection_deployment: str) -> bool:
+        return fan_out_to_deployments(RunConfig(collection_deployment=collection_deployment), "a-deployment-run")
+
+    with temporary_settings(updates={PREFECT_API_URL: prefect_server, PREFECT_LOGGING_TO_API_ENABLED: False}):
+        assert fans_out("embed-collection/collection") is True  # deployed by `prefect deploy --all`
+        assert fans_out("embed-collection/not-deployed") is False
+        # Outside a deployment, and when the config says so, no server lookup decides it.
+        assert fan_out_to_deployments(RunConfig(), None) is False
+        assert fan_out_to_deployments(RunConfig(collection_fanout="subflows"), "a-deployment-run") is False

@@ -1,8 +1,10 @@
 """`python deployments/serve.py` as users run it: against a real server, a manual run with default
-settings completes (its collection fans out to the served `collection` deployment), and SIGTERM stops it."""
+settings completes (its collection fans out to the served `collection` deployment), and SIGTERM stops it
+while a run is in flight."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -12,7 +14,7 @@ import time
 
 import pytest
 
-from tests.conftest import REPO, SAMPLE_DIR, process_group_gone, start_prefect_server, stop_process_group
+from tests.conftest import REPO, SAMPLE_DIR, SCIFACT, process_group_gone, start_prefect_server, stop_process_group
 
 pytestmark = pytest.mark.slow
 
@@ -60,12 +62,32 @@ def test_serve_runs_a_manual_run_with_default_settings_and_stops_on_sigterm(tmp_
         assert summary["run_id"] == str(run.id)
         assert child_deployments == {collection.id}, "the collection did not run as the served deployment"
 
-        t0 = time.monotonic()
-        serve.send_signal(signal.SIGTERM)
-        serve.wait(timeout=120)
-        print(f"serve.py stopped {time.monotonic() - t0:.1f} s after SIGTERM")
-        assert process_group_gone(serve.pid, wait_s=30), "a process of serve.py outlived it"
-        assert "Traceback" not in log.read_text(), log.read_text()[-3000:]
+        # SIGTERM while a run is in its dense stage: serve.py cancels it (and its collection's run), pauses
+        # its schedules and exits; nothing it started is left running.
+        big = tmp_path / "big.jsonl"
+        with open(SCIFACT / "corpus.jsonl") as src, open(big, "w") as dst:
+            for line in itertools.islice(src, 1200):
+                doc = json.loads(line)
+                dst.write(json.dumps({"id": doc["_id"], "text": f"{doc['title']}. {doc['text']}"}) + "\n")
+        with SyncPrefectClient(api) as client:
+            busy = client.create_flow_run_from_deployment(manual.id, parameters={"config": {
+                **config, "collections": [{"name": "big", "path": str(big)}], "enable_rerank": False}})
+            deadline = time.monotonic() + 600
+            while "big dense: " not in log.read_text():
+                assert serve.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+                time.sleep(0.5)
+            t0 = time.monotonic()
+            serve.send_signal(signal.SIGTERM)
+            serve.wait(timeout=300)
+            print(f"serve.py stopped {time.monotonic() - t0:.1f} s after SIGTERM, with a run in flight")
+            assert process_group_gone(serve.pid, wait_s=30), "a process of serve.py outlived it"
+            busy_children = client.read_flow_runs(
+                flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[busy.id])))
+            states = {r.name: r.state_name for r in [client.read_flow_run(busy.id), *busy_children]}
+            nightly = client.read_deployment_by_name("embed-collections/nightly")
+        assert set(states.values()) == {"Cancelled"} and len(states) == 2, states
+        assert nightly.paused or not any(s.active for s in nightly.schedules), "serve.py left its schedule active"
+        assert serve.returncode == 0 and "Traceback" not in log.read_text(), log.read_text()[-3000:]
     finally:
         if not process_group_gone(serve.pid):
             os.killpg(serve.pid, signal.SIGKILL)

@@ -17,26 +17,50 @@ from tests.conftest import REPO, SCIFACT, process_group_gone
 pytestmark = pytest.mark.slow
 
 
+N_DOCS = 300
+
+# The real CLI, on a device made slow (an injected fault): each dense batch waits a second before its
+# forward pass and says so, so the signal lands mid-stage, after a known batch, on any hardware.
+SLOW_DENSE = """
+import sys, time
+import embedder.models.dense as dense_mod
+real, calls = dense_mod.dense_forward, [0]
+def slow(model):
+    forward = real(model)
+    def run(features):
+        calls[0] += 1
+        print(f"DENSE BATCH {calls[0]}", flush=True)
+        time.sleep(1.0)
+        return forward(features)
+    return run
+dense_mod.dense_forward = slow
+from flows.cli import main
+sys.argv = ["embed-collections", *sys.argv[1:]]
+main()
+"""
+
+
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """1,200 SciFact abstracts as chunks: dense takes tens of seconds on a CPU, so a signal lands mid-stage."""
+    """300 SciFact abstracts as chunks: several dense batches."""
     path = tmp_path_factory.mktemp("signals") / "docs.jsonl"
     with open(SCIFACT / "corpus.jsonl") as src, open(path, "w") as dst:
         for i, line in enumerate(src):
-            if i == 1200:
+            if i == N_DOCS:
                 break
             doc = json.loads(line)
             dst.write(json.dumps({"id": doc["_id"], "text": f"{doc['title']}. {doc['text']}"}) + "\n")
     return path
 
 
-def _start(args: list[str], home: Path, log: Path, **env: str) -> subprocess.Popen:
+def _start(args: list[str], home: Path, log: Path, slow: bool = True, **env: str) -> subprocess.Popen:
     environ = {**os.environ, "PREFECT_HOME": str(home), **env}
     environ.pop("PREFECT_API_URL", None)
+    cmd = ["-c", SLOW_DENSE] if slow else ["-m", "flows.cli"]
     with open(log, "w") as out:
         # Its own session: the test can tell afterwards whether any process of the run (the temporary
         # Prefect server included) outlived it.
-        return subprocess.Popen([sys.executable, "-m", "flows.cli", *args], cwd=REPO, env=environ, stdout=out,
+        return subprocess.Popen([sys.executable, *cmd, *args], cwd=REPO, env=environ, stdout=out,
                                 stderr=subprocess.STDOUT, start_new_session=True)
 
 
@@ -59,7 +83,7 @@ def test_sigterm_mid_dense_publishes_a_cancelled_summary_and_the_rerun_keeps_its
             "--disable-rerank"]
     proc = _start(args, home, log)
     try:
-        _wait_for(log, "sig dense: ", proc)  # the first progress line: dense has embedded batches
+        _wait_for(log, "DENSE BATCH 3", proc)  # two batches done, the third under way
         t0 = time.monotonic()
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=120)
@@ -69,6 +93,7 @@ def test_sigterm_mid_dense_publishes_a_cancelled_summary_and_the_rerun_keeps_its
         # Between two layers of the model, then the run's own unwinding and the server's stop.
         print(f"SIGTERM to exit: {stop_s:.1f} s")
         assert stop_s < 60, text[-3000:]
+        assert "DENSE BATCH 4" not in text, "the stop waited for another batch"
         assert process_group_gone(proc.pid, wait_s=10), "a process of the run outlived it (the temporary server?)"
         assert "Traceback" not in text
         summary = json.loads((out / "sig" / "processing_summary.json").read_text())
@@ -84,8 +109,9 @@ def test_sigterm_mid_dense_publishes_a_cancelled_summary_and_the_rerun_keeps_its
     assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
     summary = json.loads((out / "sig" / "processing_summary.json").read_text())
     dense = summary["dense_run"]
-    assert summary["status"] == "completed" and summary["chunk_count"] == 1200
-    assert dense["reused"] > 0 and dense["total_embeddings_generated"] + dense["reused"] == 1200, dense
+    assert summary["status"] == "completed" and summary["chunk_count"] == N_DOCS
+    # The two finished batches were stored by the stopped run: only the rest is embedded again.
+    assert dense["reused"] > 0 and dense["total_embeddings_generated"] + dense["reused"] == N_DOCS, dense
     assert not [w for w in summary["warnings"] if "lease" in w and "released" in w], summary["warnings"]
 
 
@@ -94,7 +120,7 @@ def test_second_ctrl_c_stops_at_once_and_leaves_no_process(corpus, tmp_path):
     proc = _start(["run", "--input", str(corpus), "--collection", "sig2", "--output-dir", str(out),
                    "--local-files-only", "--disable-rerank"], home, log)
     try:
-        _wait_for(log, "sig2 dense: ", proc)
+        _wait_for(log, "DENSE BATCH 2", proc)
         proc.send_signal(signal.SIGINT)
         _wait_for(log, "again to stop at once", proc, timeout_s=60)
         proc.send_signal(signal.SIGINT)
@@ -112,7 +138,7 @@ def test_a_server_that_does_not_start_in_time_is_one_line_naming_the_fix(tmp_pat
     log = tmp_path / "run.log"
     # A fresh database cannot be migrated in one second: the start-up times out.
     proc = _start(["run", "--input", str(SAMPLE_DIR), "--output-dir", str(tmp_path / "out"), "--local-files-only"],
-                  tmp_path / "home", log, PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="1")
+                  tmp_path / "home", log, slow=False, PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="1")
     try:
         proc.wait(timeout=300)
         text = log.read_text()
