@@ -76,3 +76,15 @@ class RunCancelledError(EmbedderError):
     """
 
     partial: tuple | None = None
+
+
+class DamagedStoreError(EmbedderError, OSError):
+    """A kept file failed its check as it was read; it was set aside (quarantined) and must be recomputed.
+
+    Attributes:
+        path: Where the damaged file was moved.
+    """
+
+    def __init__(self, message: str, path: str | None = None) -> None:
+        super().__init__(message)
+        self.path = path

@@ -38,6 +38,7 @@ from embedder.stages import (
 from embedder.summary import (
     FeatureToggles,
     GpuBaseline,
+    Integrity,
     LeaseEvent,
     PerformanceBaseline,
     ProcessingSummary,
@@ -189,6 +190,18 @@ def _export_section(outcome: CollectionOutcome) -> SummarySection:
     return section
 
 
+def _integrity_section(outcome: CollectionOutcome) -> SummarySection:
+    # A stage served from cache read no vector store this run: it has nothing to report.
+    ran = [(stage, r.integrity) for stage, r in (("dense", outcome.dense), ("sparse", outcome.sparse))
+           if r is not None and stage not in outcome.cached and r.integrity]
+    quarantined = [{"stage": stage, **q} for stage, found in ran for q in found.get("quarantined", [])]
+    warnings = [f"{q['stage']}: a damaged vector-store part ({q['reason']}) was set aside in {q['file']}; "
+                "its vectors were embedded again" for q in quarantined]
+    integrity = Integrity(files_checked=sum(found.get("checked", 0) for _stage, found in ran),
+                          damaged=len(quarantined), quarantined=quarantined)
+    return SummarySection(fields={"integrity": integrity}, warnings=warnings)
+
+
 def _failed_stage(outcome: CollectionOutcome) -> str | None:
     order = ("preflight", "load", "dense", "index", "export")
     return next((stage for stage in order if stage in outcome.errors), None)
@@ -216,6 +229,7 @@ def build_summary(config: RunConfig, outcome: CollectionOutcome,
         rerank_section(config, o.rerank, o.errors.get("rerank"), "rerank" in o.cached),
         index_section(o.index, o.errors.get("index"), chunk_count),
         _export_section(o),
+        _integrity_section(o),
     ]
     fields: dict[str, Any] = {}
     stages: dict[str, dict[str, Any]] = {}

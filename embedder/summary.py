@@ -185,6 +185,16 @@ class RejectsInfo(_Section):
     path: str | None = None
 
 
+class Integrity(_Section):
+    """What this run's checks of the files it kept found, and what it healed."""
+
+    files_checked: int = Field(0, description="Vector-store parts opened and checked by the stages that ran.")
+    damaged: int = Field(0, description="Parts that failed a check (footer, page checksum, a vector's values).")
+    quarantined: list[dict[str, str]] = Field(
+        default_factory=list, description="Each damaged part: stage, file (where it was set aside under "
+        ".stages/quarantine/) and reason. Its vectors were embedded again.")
+
+
 class ProcessingSummary(_Section):
     """The per-collection run summary, as written (v4.1) or as read from any v4.x writer after normalisation."""
 
@@ -217,6 +227,8 @@ class ProcessingSummary(_Section):
     versions: dict[str, str] = Field(default_factory=dict)
     config: dict[str, Any] = Field(default_factory=dict)
     warnings: list[str] = Field(default_factory=list)
+    integrity: Integrity | None = Field(None, description="The checks of kept files this run made, and what "
+                                        "it healed (a damaged part is set aside and recomputed).")
 
 
 def parse_version(version: Any) -> tuple[int, int]:

@@ -10,6 +10,12 @@ Streaming stages look vectors up window by window through a :class:`CacheIndex`:
 the digests of every part, sorted once in a numpy array (64 bytes per stored
 vector), and the parts' row groups read on demand, so a window costs its own
 rows and never a scan of the whole store.
+
+Every part is checked as it is read: Parquet's page checksums (CRC-32 of every
+page, written with each part), the footer and, for each vector read, that it is
+finite (dense: of unit length, as every dense model here stores it). A part that
+fails is moved to ``.stages/quarantine/vectors/<space>/`` with the reason beside
+it, and its vectors count as missing: the stage embeds them again.
 """
 
 from __future__ import annotations
@@ -28,13 +34,17 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from embedder.errors import RunCancelledError
+from embedder.errors import DamagedStoreError, RunCancelledError
 from embedder.io.atomic import atomic_path
 from embedder.procs import owner, owner_dead
 from embedder.schemas import SparseVector
 
 _MAX_PARTS = 16
 _DIGEST_BYTES = 64  # hex sha256
+# What reading a damaged Parquet file raises: a bad footer or magic, a page checksum, a decompression error.
+_READ_ERRORS = (OSError, pa.ArrowException, ValueError)
+# A stored dense vector is a unit vector (every dense path normalises); a flipped bit in it is not.
+_UNIT_NORM_TOLERANCE = 1e-3
 V = TypeVar("V")
 
 
@@ -77,6 +87,23 @@ class _VectorParts(Generic[V]):
 
     def __init__(self, root: Path) -> None:
         self.root = root
+        # Parts this process set aside as damaged: ``{"file": where it went, "reason": why}``.
+        self.quarantined: list[dict[str, str]] = []
+        self.checked = 0
+
+    def quarantine(self, part: Path, exc: BaseException) -> Path:
+        """Move a damaged part to ``.stages/quarantine/vectors/<space>/``, with the reason beside it."""
+        dest_dir = self.root.parent.parent / "quarantine" / self.root.parent.name / self.root.name
+        dest_dir.mkdir(parents=True, exist_ok=True)
+        dest = dest_dir / part.name
+        reason = f"{type(exc).__name__}: {exc}"
+        try:
+            os.replace(part, dest)
+        except FileNotFoundError:  # another run set it aside first
+            pass
+        (dest_dir / f"{part.name}.reason.txt").write_text(reason + "\n")
+        self.quarantined.append({"file": str(dest), "reason": reason})
+        return dest
 
     def _to_columns(self, values: Sequence[V]) -> dict[str, pa.Array]:
         raise NotImplementedError
@@ -105,16 +132,32 @@ class _VectorParts(Generic[V]):
         sweep_stale_parts(self.root)
         for _attempt in range(3):
             try:
-                return CacheIndex(self, [pq.ParquetFile(p) for p in self._parts()])
+                opened = [self._open_part(p) for p in self._parts()]
             except FileNotFoundError:  # a concurrent compaction replaced the parts: list them again
                 continue
+            self.checked = len(opened)
+            good = [o for o in opened if o is not None]
+            return CacheIndex(self, [pf for pf, _keys, _path in good], digests=[k for _pf, k, _path in good],
+                              paths=[path for _pf, _keys, path in good])
         raise FileNotFoundError(f"the vector cache at {self.root} kept changing while it was opened")
+
+    def _open_part(self, path: Path) -> tuple[pq.ParquetFile, np.ndarray, Path] | None:
+        """A part held open with its digests, or None when it is damaged (it is quarantined then)."""
+        try:
+            pf = pq.ParquetFile(path, page_checksum_verification=True)
+            keys = digest_array(pf.read(columns=["digest"])["digest"])
+        except FileNotFoundError:
+            raise
+        except _READ_ERRORS as exc:
+            self.quarantine(path, exc)
+            return None
+        return pf, keys, path
 
     def index_with(self, index: CacheIndex[V], part: PartWriter[V] | None) -> CacheIndex[V]:
         """``index`` (parts held open since it was made) plus the parts this process just wrote, newest last."""
         if part is None or not part.published:
             return index
-        return CacheIndex(self, [*index.files, *part.published])
+        return CacheIndex(self, [*index.files, *part.published], paths=[*index.paths, *part.published_paths])
 
     def writer(self, *, roll_after_s: float | None = None) -> PartWriter[V]:
         """A new part, written a row group at a time; it appears atomically on close (or every ``roll_after_s``)."""
@@ -167,18 +210,20 @@ class CacheIndex(Generic[V]):
     A global id (gid) is a row's offset across the parts in order.
     """
 
-    def __init__(self, store: _VectorParts[V], files: list[pq.ParquetFile]) -> None:
+    def __init__(self, store: _VectorParts[V], files: list[pq.ParquetFile], *,
+                 digests: list[np.ndarray] | None = None, paths: list[Path] | None = None) -> None:
         self.store = store
         self.files = files
+        self.paths = paths or []
         self.offsets: list[int] = []
         self._groups: list[np.ndarray] = []  # per part: first row of each row group, plus the row count
         keys, gids = [], []
         total = 0
-        for pf in files:
+        for p, pf in enumerate(files):
             self.offsets.append(total)
             sizes = [pf.metadata.row_group(g).num_rows for g in range(pf.num_row_groups)]
             self._groups.append(np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64))
-            part_keys = digest_array(pf.read(columns=["digest"])["digest"])
+            part_keys = digests[p] if digests is not None else digest_array(pf.read(columns=["digest"])["digest"])
             keys.append(part_keys)
             gids.append(np.arange(total, total + len(part_keys), dtype=np.int64))
             total += len(part_keys)
@@ -237,7 +282,15 @@ class CacheIndex(Generic[V]):
         if key in self._cache:
             self._cache.move_to_end(key)
             return self._cache[key]
-        values = self.store._from_table(self.files[part].read_row_group(group))
+        try:
+            values = self.store._from_table(self.files[part].read_row_group(group))
+        except _READ_ERRORS as exc:
+            if part >= len(self.paths):
+                raise
+            where = self.store.quarantine(self.paths[part], exc)
+            raise DamagedStoreError(f"vector store part {self.paths[part].name} is damaged ({exc}); it was set "
+                                    f"aside in {where.parent} and its vectors will be embedded again",
+                                    str(where)) from exc
         self._cache[key] = values
         if len(self._cache) > 4:
             self._cache.popitem(last=False)
@@ -298,6 +351,8 @@ class PartWriter(Generic[V]):
         self.count = 0
         self.roll_after_s = roll_after_s
         self.published: list[pq.ParquetFile] = []
+        self.published_paths: list[Path] = []
+        self._final = Path()
         self._ctx: Any = None
         self._tmp: Path | None = None
         self._writer: pq.ParquetWriter | None = None
@@ -312,10 +367,11 @@ class PartWriter(Generic[V]):
             self.store.root.mkdir(parents=True, exist_ok=True)
             # Time-ordered names: parts list oldest first, so the oldest copy of a vector wins, on every host.
             # The writer in the temp name: a killed writer's leftovers can be told from a live one's.
-            self._ctx = atomic_path(self.store.root / f"part-{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.parquet",
-                                    tag=_tmp_owner_tag())
+            self._final = self.store.root / f"part-{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.parquet"
+            self._ctx = atomic_path(self._final, tag=_tmp_owner_tag())
             self._tmp = self._ctx.__enter__()
-            self._writer = pq.ParquetWriter(self._tmp, table.schema)
+            # A CRC-32 per page: a flipped bit in a vector is found when the page is read.
+            self._writer = pq.ParquetWriter(self._tmp, table.schema, write_page_checksum=True)
             self._opened_at = time.monotonic()
         self._writer.write_table(table)
         self.count += len(digests)
@@ -336,6 +392,7 @@ class PartWriter(Generic[V]):
             ctx, self._ctx = self._ctx, None
             ctx.__exit__(None, None, None)  # a failed rename still removes the temp part
             self.published.append(handle)
+            self.published_paths.append(self._final)
 
     def abort(self) -> None:
         """Drop the part being written; parts already published stay (their vectors are sound)."""
@@ -369,17 +426,42 @@ def _refuse_non_finite(finite_rows: np.ndarray) -> None:
 
 
 class DenseVectorCache(_VectorParts[np.ndarray]):
-    """Dense vectors of one vector space (float32, fixed size per space)."""
+    """Dense vectors of one vector space (float32, fixed size per space).
+
+    Args:
+        unit: The space holds unit vectors (every dense model here normalises): a
+            vector of another length is refused when stored, and a part holding
+            one is damaged when read.
+    """
+
+    def __init__(self, root: Path, *, unit: bool = False) -> None:
+        super().__init__(root)
+        self.unit = unit
+
+    def _not_unit(self, matrix: np.ndarray) -> np.ndarray:
+        if not self.unit or not len(matrix):
+            return np.zeros(len(matrix), dtype=bool)
+        norms = np.linalg.norm(matrix, axis=1)
+        # A zero vector is what normalising a zero embedding gives: allowed.
+        return (np.abs(norms - 1.0) > _UNIT_NORM_TOLERANCE) & (norms != 0.0)
 
     def _to_columns(self, values: Sequence[np.ndarray]) -> dict[str, pa.Array]:
         vectors = np.ascontiguousarray(np.stack(list(values)), dtype=np.float32)
         _refuse_non_finite(np.isfinite(vectors).all(axis=1))
+        if self._not_unit(vectors).any():
+            raise ValueError("a vector of this space is not a unit vector; the dense models normalise theirs")
         return {"vector": pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1), type=pa.float32()),
                                                             int(vectors.shape[1]))}
 
     def _from_table(self, table: pa.Table) -> list[np.ndarray]:
         col = table["vector"].combine_chunks()
-        return list(col.values.to_numpy(zero_copy_only=False).astype(np.float32).reshape(-1, col.type.list_size))
+        matrix = col.values.to_numpy(zero_copy_only=False).astype(np.float32).reshape(-1, col.type.list_size)
+        # Parts written before page checksums have none: a damaged vector still shows, as non-finite or
+        # (in a unit space) by its length.
+        bad = ~np.isfinite(matrix).all(axis=1) | self._not_unit(matrix)
+        if bad.any():
+            raise ValueError(f"{int(bad.sum())} stored vector(s) are not finite unit vectors")
+        return list(matrix)
 
 
 class SparseVectorCache(_VectorParts[SparseVector]):
@@ -399,5 +481,12 @@ class SparseVectorCache(_VectorParts[SparseVector]):
                 "values": weights}
 
     def _from_table(self, table: pa.Table) -> list[SparseVector]:
+        weights = table["values"].combine_chunks()
+        flat = weights.flatten().to_numpy(zero_copy_only=False) if len(weights) else np.zeros(0, np.float32)
+        indices = table["indices"].combine_chunks()
+        flat_idx = indices.flatten().to_numpy(zero_copy_only=False) if len(indices) else np.zeros(0, np.int64)
+        # Parts written before page checksums have none: a damaged weight or index still shows here.
+        if not np.isfinite(flat).all() or (flat_idx < 0).any() or (flat_idx >= 2**32).any():
+            raise ValueError("a stored sparse vector has a non-finite weight or an index outside uint32")
         return [SparseVector.model_construct(indices=idx, values=val) for idx, val in zip(
-            table["indices"].to_pylist(), table["values"].to_pylist())]
+            indices.to_pylist(), weights.to_pylist())]

@@ -552,7 +552,9 @@ class SparseInference:
         self._hasher: Bm25Hasher | None = None
         self._vocab: dict[str, int] | None = None
         self._fallback_ready = False
-        if model is None:
+        self.load_error = load_error
+        # No model and no load error: every vector was reused, so the model was never needed (nor loaded).
+        if model is None and load_error is not None:
             self.warnings.append(f"sparse model {spec.name!r} unavailable ({load_error}); using the metadata fallback")
 
     def _fallback(self, chunk: Chunk) -> SparseVector | None:
@@ -644,6 +646,9 @@ class SparseInference:
             if self.model is not None:
                 warnings.append(f"sparse model {self.spec.name!r} failed on {self.failed} chunk(s); "
                                 f"{self.fallback_count} recovered from metadata term weights")
+            elif self.load_error is None:  # no model was given, and no load failed: say so where it mattered
+                warnings.append(f"sparse model {self.spec.name!r} was not loaded; {self.failed} chunk(s) use the "
+                                "metadata fallback")
             elif self.fallback_count < self.failed and self._hasher is None and self._vocab is None:
                 warnings.append(f"no metadata fallback exists in the index space of {self.spec.name!r}")
             if self.fallback_count < self.failed:

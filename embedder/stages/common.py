@@ -36,6 +36,9 @@ R = TypeVar("R", bound=BaseModel)
 SEAL = "result.json"
 # The vector spaces a stage run read (their use is recorded whenever the run is served from cache).
 SPACES = "spaces.json"
+# A damaged vector-store part found while a stage reads it is quarantined and the stage's pass begins
+# again (embedding what the part held); a store still failing after this many rounds is a broken disk.
+HEAL_ATTEMPTS = 3
 
 # Libraries whose releases can change a stage's output for the same input and model.
 _OUTPUT_LIBRARIES = ("torch", "transformers", "sentence-transformers", "fastembed", "qdrant-client",

@@ -13,7 +13,7 @@ import numpy as np
 from pydantic import BaseModel, Field
 
 from embedder.batching import BatchPlan
-from embedder.errors import RunCancelledError, StageError
+from embedder.errors import DamagedStoreError, RunCancelledError, StageError
 from embedder.gpu import PeakMeter, cuda_context_gb, exclusive_device, resolve_device
 from embedder.io.readers import read_queries
 from embedder.io.writers import DenseParquetWriter, iter_chunk_texts, iter_table_windows, write_dense_parquet
@@ -23,6 +23,7 @@ from embedder.models.registry import resolve_model
 from embedder.schemas import StageRef, StageTelemetry
 from embedder.settings import RunConfig
 from embedder.stages.common import (
+    HEAL_ATTEMPTS,
     SummarySection,
     model_fingerprint,
     owner_parts,
@@ -52,6 +53,9 @@ class DenseStageResult(BaseModel):
     components: list[dict[str, Any]] = Field(
         default_factory=list, description="A blended vector's models: model, weight, computed, reused, device, "
         "precision, latency_ms. Empty for one model.")
+    integrity: dict[str, Any] = Field(
+        default_factory=dict, description="What the vector stores' checks found: parts checked, and each part "
+        "quarantined as damaged (file, reason); its vectors were embedded again.")
 
 
 def dense_key(config: RunConfig, collection: str, chunks: StageRef) -> str:
@@ -178,29 +182,23 @@ def dense_stage(
     keys = np.concatenate([digest_array([text_digest(t) for t in texts])
                            for texts in iter_chunk_texts(chunks.path, window)] or [digest_array([])])
     queries = read_queries(config.queries_path) if config.queries_path else []
-    parts = [_embed_component(config, collection, chunks, keys, queries, name, weight, progress, gpu)
-             for name, weight in config.dense_components()]
     name = config.dense_name()
     path = stage_dir(config, collection, "dense", key)
-    writer = DenseParquetWriter(path / "dense.parquet", name)
-    dim = 0
-    scales = _scales([c.weight for c in parts])
-    try:
-        # Pass 3: every chunk's vector now sits in the store(s).
-        start = 0
-        for table in iter_table_windows(chunks.path, window, columns=["id"]):
-            ids = table["id"].to_pylist()
-            matrix = _joined(parts, scales, keys[start:start + len(ids)])
-            if dim and matrix.shape[1] != dim:
-                raise StageError(f"the vector store holds {matrix.shape[1]}-dim vectors for a {dim}-dim model; "
-                                 "delete .stages/vectors and re-run")
-            dim = int(matrix.shape[1])
-            writer.write(ids, matrix)
-            start += len(ids)
-        ref = writer.close(dim)
-    except BaseException:
-        writer.abort()
-        raise
+    healed: list[dict[str, str]] = []
+    redone = 0  # vectors a round cut short by a damaged part embedded (the next round reads them back)
+    for attempt in range(HEAL_ATTEMPTS):
+        parts = [_embed_component(config, collection, chunks, keys, queries, name, weight, progress, gpu)
+                 for name, weight in config.dense_components()]
+        scales = _scales([c.weight for c in parts])
+        try:
+            ref, dim = _write_vectors(path / "dense.parquet", name, chunks, window, keys, parts, scales)
+            break
+        except DamagedStoreError:
+            # The part is quarantined: passes 1 and 2 again find its vectors missing and embed them.
+            healed += [q for c in parts for q in c.cache.quarantined]
+            redone += sum(c.computed for c in parts)
+            if attempt == HEAL_ATTEMPTS - 1:
+                raise
     qref = None
     if config.queries_path:
         qvec = (_joined(parts, scales, None) if queries
@@ -209,8 +207,11 @@ def dense_stage(
     for c in parts:
         c.cache.compact(np.unique(np.concatenate([keys, c.qkeys])))
     record_spaces(path, [c.cache.root.name for c in parts])
-    computed = sum(c.computed for c in parts)
-    reused = sum(c.reused for c in parts)
+    integrity = {"checked": sum(c.cache.checked for c in parts),
+                 "quarantined": healed + [q for c in parts for q in c.cache.quarantined]}
+    # What this run embedded, in every round: a vector embedded in a round cut short is not "reused".
+    computed = sum(c.computed for c in parts) + redone
+    reused = max(0, sum(c.reused for c in parts) - redone)
     elapsed = time.perf_counter() - t0
     worked = [c for c in parts if c.computed]
     telemetry = (worked or parts)[0].telemetry.model_copy(update={
@@ -224,7 +225,29 @@ def dense_stage(
     return seal(path, DenseStageResult(vectors=ref, query_vectors=qref, model_name=name, dim=dim,
                                        telemetry=telemetry, computed=computed, reused=reused,
                                        lease_event=next((c.lease_event for c in parts if c.lease_event), None),
-                                       components=components))
+                                       components=components, integrity=integrity))
+
+
+def _write_vectors(target: Path, name: str, chunks: StageRef, window: int, keys: np.ndarray,
+                   parts: list[_Component], scales: list[Any]) -> tuple[StageRef, int]:
+    """Pass 3: ``dense.parquet`` from the store(s), where every chunk's vector now sits; its reference and dim."""
+    writer = DenseParquetWriter(target, name)
+    dim = 0
+    try:
+        start = 0
+        for table in iter_table_windows(chunks.path, window, columns=["id"]):
+            ids = table["id"].to_pylist()
+            matrix = _joined(parts, scales, keys[start:start + len(ids)])
+            if dim and matrix.shape[1] != dim:
+                raise StageError(f"the vector store holds {matrix.shape[1]}-dim vectors for a {dim}-dim model; "
+                                 "delete .stages/vectors and re-run")
+            dim = int(matrix.shape[1])
+            writer.write(ids, matrix)
+            start += len(ids)
+        return writer.close(dim), dim
+    except BaseException:
+        writer.abort()
+        raise
 
 
 def _scales(weights: list[float]) -> list[Any]:
@@ -260,7 +283,7 @@ def _embed_component(config: RunConfig, collection: str, chunks: StageRef, keys:
                  else "q4" if native else "fp32")
     space = vector_space(config, "dense", model_fingerprint(model, "dense", config.local_files_only),
                          backend, device, precision)
-    cache = DenseVectorCache(stages_dir(config, collection) / "vectors" / space)
+    cache = DenseVectorCache(stages_dir(config, collection) / "vectors" / space, unit=True)
     touch_space(cache.root)  # before reading it: a space in use is never old enough to be collected
     index = cache.open_index()
     n = len(keys)

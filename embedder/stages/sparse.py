@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, Field
 
-from embedder.errors import ModelUnavailableError
+from embedder.errors import DamagedStoreError, ModelUnavailableError
 from embedder.gpu import cuda_context_gb, resolve_device
 from embedder.io.readers import read_queries
 from embedder.io.vector_cache import text_digest
@@ -23,6 +23,7 @@ from embedder.models.sparse import SparseInference, load_sparse_model
 from embedder.schemas import SparseInferenceRun, SparseVector, StageRef, StageTelemetry
 from embedder.settings import RunConfig
 from embedder.stages.common import (
+    HEAL_ATTEMPTS,
     Status,
     SummarySection,
     collection_dir,
@@ -64,6 +65,9 @@ class SparseStageResult(BaseModel):
     warnings: list[str] = Field(default_factory=list)
     reason: str | None = None
     lease_event: dict[str, Any] | None = Field(None, description="Set when a model ran on the GPU, under the lease.")
+    integrity: dict[str, Any] = Field(
+        default_factory=dict, description="What the vector stores' checks found: parts checked, and each part "
+        "quarantined as damaged (file, reason); its vectors were embedded again.")
 
 
 def sparse_key(config: RunConfig, collection: str, chunks: StageRef) -> str:
@@ -105,6 +109,8 @@ def sparse_stage(config: RunConfig, collection: str, chunks: StageRef, key: str,
     warnings: list[str] = []
     spaces: list[str] = []
     lease_event = None
+    healed: list[dict[str, str]] = []
+    checked = 0
 
     def device_of(name: str) -> str:
         # The registry's preference decides: BM25 stays on the CPU, SPLADE goes to the GPU when there is one.
@@ -117,61 +123,74 @@ def sparse_stage(config: RunConfig, collection: str, chunks: StageRef, key: str,
         spec = get_spec(name, "sparse")
         space = vector_space(config, "sparse", name, model_fingerprint(name, "sparse", config.local_files_only),
                              *((device_of(name), precision_of(name)) if spec.kind == "sparse-splade" else ()))
-        cache = SparseVectorCache(stages_dir(config, collection) / "vectors" / space)
-        touch_space(cache.root)  # before reading it: a space in use is never old enough to be collected
         spaces.append(space)
-        index = cache.open_index()
-        gids = index.find(keys)
-        reused = int((gids >= 0).sum())
-        model = None
-        load_error = None
-        if reused < len(keys) or queries:
+        for attempt in range(HEAL_ATTEMPTS):
+            cache = SparseVectorCache(stages_dir(config, collection) / "vectors" / space)
             try:
-                resolved = resolve_model(name, "sparse", local_files_only=config.local_files_only)
-                model = load_sparse_model(resolved, device_of(name), local_files_only=config.local_files_only,
-                                          precision=precision_of(name), ceiling_gb=config.gpu_memory_ceiling_gb,
-                                          cpu_items=max(1, config.cpu_batch_items // 2), policy=config.batch_policy)
-            except ModelUnavailableError as exc:
-                load_error = str(exc)
-        on_gpu = device_of(name).startswith("cuda") and gpu is not None and model is not None
-        if on_gpu:
-            cuda_context_gb(device_of(name))  # CUDA starts before the lease: the slot is for GPU work
-        inference = SparseInference(
-            spec, model, load_error=load_error, bm25_dir=BUNDLED_DATA / "bm25", total=len(keys),
-            todo=len(keys) - reused, batch_size=window if spec.kind == "sparse-splade" else 256,
-            progress=(lambda done, total, name=name: progress(name, done, total)) if progress else None)
-        tag = sparse_vector_name(name)
+                touch_space(cache.root)  # before reading it: a space in use is never old enough to be collected
+                index = cache.open_index()
+                gids = index.find(keys)
+                reused = int((gids >= 0).sum())
+                model = None
+                load_error = None
+                if reused < len(keys) or queries:
+                    try:
+                        resolved = resolve_model(name, "sparse", local_files_only=config.local_files_only)
+                        model = load_sparse_model(
+                            resolved, device_of(name), local_files_only=config.local_files_only,
+                            precision=precision_of(name), ceiling_gb=config.gpu_memory_ceiling_gb,
+                            cpu_items=max(1, config.cpu_batch_items // 2), policy=config.batch_policy)
+                    except ModelUnavailableError as exc:
+                        load_error = str(exc)
+                on_gpu = device_of(name).startswith("cuda") and gpu is not None and model is not None
+                if on_gpu:
+                    cuda_context_gb(device_of(name))  # CUDA starts before the lease: the slot is for GPU work
+                inference = SparseInference(
+                    spec, model, load_error=load_error, bm25_dir=BUNDLED_DATA / "bm25", total=len(keys),
+                    todo=len(keys) - reused, batch_size=window if spec.kind == "sparse-splade" else 256,
+                    progress=(lambda done, total, name=name: progress(name, done, total)) if progress else None)
+                tag = sparse_vector_name(name)
 
-        placed = getattr(model, "placed", None)
-        checkpoint_s = config.vector_checkpoint_s
-        with (gpu() if on_gpu else contextlib.nullcontext()) as event, \
-                (placed() if placed is not None else contextlib.nullcontext()), \
-                cache.writer(roll_after_s=checkpoint_s) as new_part:
-            t_gpu = time.perf_counter()
-            ref = write_jsonl(path / f"{tag}.jsonl", _records(chunks, window, keys, gids, index, inference,
-                                                              new_part if model is not None else None, name))
-            query_vectors = inference.queries(queries)
-            if event is not None:
-                engine = getattr(model, "_engine", None)
-                event["gpu_work_s"] = round(engine.stats.device_s if engine is not None
-                                            else time.perf_counter() - t_gpu, 3)
-        lease_event = event or lease_event
-        run, telemetry, model_warnings = inference.finish(
-            run_id, str(collection_dir(config, collection) / "sparse.jsonl"))
-        cache.compact(np.unique(keys))
-        qref = None
-        if queries:
-            qref = write_jsonl(path / f"{tag}-queries.jsonl", (
-                {"id": qid, "sparse_vector": v.model_dump()} for qid, v in query_vectors.items()
-            ))
-        warnings.extend(model_warnings)
-        outputs.append(SparseModelOutput(
-            model_name=name, vector_name=tag, vectors=ref, query_vectors=qref, run=run,
-            available=inference.available, telemetry=telemetry, warnings=model_warnings,
-            computed=len(keys) - reused, reused=reused, failed=inference.failed,
-        ))
+                placed = getattr(model, "placed", None)
+                checkpoint_s = config.vector_checkpoint_s
+                with (gpu() if on_gpu else contextlib.nullcontext()) as event, \
+                        (placed() if placed is not None else contextlib.nullcontext()), \
+                        cache.writer(roll_after_s=checkpoint_s) as new_part:
+                    t_gpu = time.perf_counter()
+                    ref = write_jsonl(path / f"{tag}.jsonl", _records(
+                        chunks, window, keys, gids, index, inference, new_part if model is not None else None, name))
+                    query_vectors = inference.queries(queries)
+                    if event is not None:
+                        engine = getattr(model, "_engine", None)
+                        event["gpu_work_s"] = round(engine.stats.device_s if engine is not None
+                                                    else time.perf_counter() - t_gpu, 3)
+                lease_event = event or lease_event
+                run, telemetry, model_warnings = inference.finish(
+                    run_id, str(collection_dir(config, collection) / "sparse.jsonl"))
+                cache.compact(np.unique(keys))
+                qref = None
+                if queries:
+                    qref = write_jsonl(path / f"{tag}-queries.jsonl", (
+                        {"id": qid, "sparse_vector": v.model_dump()} for qid, v in query_vectors.items()
+                    ))
+                warnings.extend(model_warnings)
+                outputs.append(SparseModelOutput(
+                    model_name=name, vector_name=tag, vectors=ref, query_vectors=qref, run=run,
+                    available=inference.available, telemetry=telemetry, warnings=model_warnings,
+                    computed=len(keys) - reused, reused=reused, failed=inference.failed,
+                ))
+            except DamagedStoreError:
+                # The part is quarantined: the model's pass begins again and embeds its vectors.
+                healed += cache.quarantined
+                if attempt == HEAL_ATTEMPTS - 1:
+                    raise
+                continue
+            healed += cache.quarantined
+            checked += cache.checked
+            break
     record_spaces(path, spaces)
-    result = SparseStageResult(status="executed", outputs=outputs, warnings=warnings, lease_event=lease_event)
+    result = SparseStageResult(status="executed", outputs=outputs, warnings=warnings, lease_event=lease_event,
+                               integrity={"checked": checked, "quarantined": healed})
     # Chunks the model failed on (or every chunk, when it did not load) are on the metadata fallback.
     # Such a result serves this run but is not sealed, so the next run retries the model on exactly
     # those chunks (every live vector is reused from the store) instead of being served the fallback.

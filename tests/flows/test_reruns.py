@@ -337,3 +337,20 @@ def test_streaming_windows_change_nothing_but_memory(tmp_path):
     assert again.sparse_run.computed == {"qdrant-bm25": 3} and again.sparse_run.reused == {"qdrant-bm25": 46}
     ir = again.index_run
     assert (ir["upserted"], ir["deleted"], ir["points_count"]) == (3, 2, 49)
+
+
+def test_a_sparse_stage_that_reuses_every_vector_warns_of_no_fallback(sample_config):
+    """Every BM25 vector comes from the store and no query needs the model: it is not loaded, and the summary
+    must not claim that the metadata fallback stood in for it."""
+    from flows.embed_collections import embed_collections
+
+    cfg = sample_config.model_copy(update={"queries_path": None, "qrels_path": None, "enable_rerank": False})
+    [first] = embed_collections(cfg)
+    # sparse_precision is in the sparse stage's key but not in BM25's vector space: the stage runs again
+    # and finds every vector stored.
+    [again] = embed_collections(cfg.model_copy(update={"sparse_precision": "fp32"}))
+    sparse = again.sparse_run
+    assert again.telemetry.stages["sparse"]["cached"] is False
+    assert not sparse.fallback_used and not sparse.payload.fallback_used
+    assert not [w for w in again.warnings if "fallback" in w], again.warnings
+    assert again.status == first.status == "completed"
