@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO, SAMPLE_DIR, SAMPLE_QUERIES
+from tests.helpers.wrapped_cli import cli_with_dense_hook
 
 pytestmark = pytest.mark.slow
 
@@ -112,24 +113,11 @@ def test_crash_while_writing_summary_leaves_the_old_file(tmp_path):
 
 # The real CLI, but the dense forward SIGKILLs the process on its fourth window: a hard crash midway
 # through the dense stage, with the vector store's parts published after every window.
-KILL_IN_DENSE = """
-import os, signal, sys
-import embedder.models.dense as dense_mod
-real, calls = dense_mod.dense_forward, [0]
-def counting(model):
-    forward = real(model)
-    def run(features):
-        calls[0] += 1
-        if calls[0] == 4:
-            print("KILLING IN DENSE", flush=True)
-            os.kill(os.getpid(), signal.SIGKILL)
-        return forward(features)
-    return run
-dense_mod.dense_forward = counting
-from flows.cli import main
-sys.argv = ["embed-collections", *sys.argv[1:]]
-main()
-"""
+KILL_IN_DENSE = cli_with_dense_hook("""
+    if calls[0] == 4:
+        print("KILLING IN DENSE", flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
+""")
 
 
 def test_sigkill_midway_through_dense_keeps_the_windows_done_and_the_rerun_embeds_only_the_rest(tmp_path):

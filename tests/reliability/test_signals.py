@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO, SCIFACT, process_group_gone
+from tests.helpers.wrapped_cli import cli_with_dense_hook
 
 pytestmark = pytest.mark.slow
 
@@ -21,23 +22,10 @@ N_DOCS = 300
 
 # The real CLI, on a device made slow (an injected fault): each dense batch waits a second before its
 # forward pass and says so, so the signal lands mid-stage, after a known batch, on any hardware.
-SLOW_DENSE = """
-import sys, time
-import embedder.models.dense as dense_mod
-real, calls = dense_mod.dense_forward, [0]
-def slow(model):
-    forward = real(model)
-    def run(features):
-        calls[0] += 1
-        print(f"DENSE BATCH {calls[0]}", flush=True)
-        time.sleep(1.0)
-        return forward(features)
-    return run
-dense_mod.dense_forward = slow
-from flows.cli import main
-sys.argv = ["embed-collections", *sys.argv[1:]]
-main()
-"""
+SLOW_DENSE = cli_with_dense_hook("""
+    print(f"DENSE BATCH {calls[0]}", flush=True)
+    time.sleep(1.0)
+""")
 
 
 @pytest.fixture(scope="module")
