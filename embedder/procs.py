@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import socket
+from pathlib import Path
 from typing import Any
 
 
@@ -25,18 +26,38 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
-def pid_start_time(pid: int) -> int | None:
-    """The pid's start time in clock ticks since boot (Linux ``/proc``), or None where unknown."""
+def _stat_fields(pid: int | str) -> list[str]:
+    """Fields 3 onwards of ``/proc/<pid>/stat`` (Linux), or [] where unknown."""
     try:
         stat = open(f"/proc/{pid}/stat", encoding="ascii", errors="replace").read()
     except OSError:
-        return None
+        return []
     # The command name (field 2) may hold spaces and parentheses: split after its last ')'.
-    fields = stat[stat.rfind(")") + 2:].split()
+    return stat[stat.rfind(")") + 2:].split()
+
+
+def pid_start_time(pid: int) -> int | None:
+    """The pid's start time in clock ticks since boot (Linux ``/proc``), or None where unknown."""
+    fields = _stat_fields(pid)
     try:
         return int(fields[19])  # field 22 overall
     except (IndexError, ValueError):
         return None
+
+
+def descendants(pid: int) -> list[int]:
+    """Every live descendant of ``pid`` (Linux ``/proc``; empty elsewhere)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").glob("[0-9]*"):
+        fields = _stat_fields(entry.name)
+        if len(fields) > 1 and fields[1].isdigit():
+            children.setdefault(int(fields[1]), []).append(int(entry.name))  # field 4 overall: the parent
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
 
 
 def owner() -> dict[str, Any]:

@@ -14,7 +14,7 @@ import signal
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
@@ -118,23 +118,6 @@ def _server_error(exc: BaseException) -> str | None:
             "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS")
 
 
-def _descendants(pid: int) -> list[int]:
-    """Every live descendant of ``pid`` (Linux ``/proc``; empty elsewhere)."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    out, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            out.append(child)
-            todo.append(child)
-    return out
-
-
 @contextlib.contextmanager
 def stop_on_signals() -> Iterator[None]:
     """SIGINT and SIGTERM stop the run between two batches; a second one ends the process at once.
@@ -147,6 +130,7 @@ def stop_on_signals() -> Iterator[None]:
     kills this process's children (that server) and exits with 128 + the signal.
     """
     from embedder.cancel import clear, request_stop, stop_reason
+    from embedder.procs import descendants
 
     def handler(signum: int, frame: Any) -> None:
         name = signal.Signals(signum).name
@@ -154,7 +138,7 @@ def stop_on_signals() -> Iterator[None]:
             request_stop(name)
             console.print(f"{name}: stopping after the current batch (again to stop at once)", soft_wrap=True)
             return
-        for pid in _descendants(os.getpid()):
+        for pid in descendants(os.getpid()):
             with contextlib.suppress(OSError):
                 os.kill(pid, signal.SIGKILL)
         os._exit(128 + signum)
@@ -198,6 +182,22 @@ def run_in_thread(fn: Any, *args: Any) -> Any:
     return box["result"]
 
 
+def run_flow(cfg: Any) -> list[Any]:
+    """The `embed_collections` flow on ``cfg`` (see :func:`run_in_thread`); a server that cannot start is one line.
+
+    Raises:
+        EmbedderError: What the flow raised (CollectionsFailedError carries every summary).
+    """
+    from flows.embed_collections import embed_collections
+
+    try:
+        return run_in_thread(embed_collections, cfg)
+    except RuntimeError as exc:
+        if (message := _server_error(exc)) is None:
+            raise
+        _fail(message)
+
+
 def _stopped_code() -> int | None:
     """The exit status of a run stopped by a signal (128 + its number), or None."""
     from embedder.cancel import stop_reason
@@ -206,7 +206,7 @@ def _stopped_code() -> int | None:
     return 128 + signal.Signals[reason].value if reason in signal.Signals.__members__ else None
 
 
-def _fail(message: str, code: int = 1) -> None:
+def _fail(message: str, code: int = 1) -> NoReturn:
     # Unwrapped and unstyled: the message holds paths and ids to copy, and a "[" in one is not markup.
     console.print(f"[red]error:[/red] {escape(message)}", soft_wrap=True)
     raise typer.Exit(code)
@@ -303,20 +303,14 @@ def run(
         )
     except EmbedderError as exc:
         _fail(str(exc), 2)
-    from flows.embed_collections import embed_collections
-
     failure: str | None = None
     with stop_on_signals(), stage_progress(f"running embed-collections on {len(cfg.collections)} collection(s)..."):
         try:
-            summaries = run_in_thread(embed_collections, cfg)
+            summaries = run_flow(cfg)
         except CollectionsFailedError as exc:
             summaries, failure = exc.summaries, str(exc)
         except EmbedderError as exc:
             _fail(str(exc), _stopped_code() or 1)
-        except RuntimeError as exc:
-            if (message := _server_error(exc)) is None:
-                raise
-            _fail(message)
     if json_output:
         typer.echo(json.dumps([s.model_dump(mode="json") for s in summaries], indent=2))
     else:
@@ -416,18 +410,12 @@ def eval_(
         })
     except EmbedderError as exc:
         _fail(str(exc), 2)
-    from flows.embed_collections import embed_collections
-
     title = f"evaluating on {inputs.documents} documents and {inputs.queries} queries..."
     with stop_on_signals(), stage_progress(title):
         try:
-            [summary] = run_in_thread(embed_collections, cfg)
+            [summary] = run_flow(cfg)
         except EmbedderError as exc:
             _fail(str(exc), _stopped_code() or 1)
-        except RuntimeError as exc:
-            if (message := _server_error(exc)) is None:
-                raise
-            _fail(message)
     quality = summary.quality or {}
     report: dict[str, Any] = {name: {"ndcg@10": round(m["ndcg@10"], 4), "recall@100": round(m["recall@100"], 4)}
                               for name, m in quality.items()}

@@ -367,17 +367,19 @@ def _embed_missing(config: RunConfig, encoder: Any, work: Iterable[tuple[list[by
                                                 policy=config.batch_policy)
                         engine = encoder.engine(budget, on_batch)
                         meter.start()
+
+                        def keep(keys: list[bytes], out: Any) -> None:
+                            vectors = out.numpy()
+                            check_finite(vectors, encoder)
+                            store.put((keys, vectors))
+
                         try:
                             for (keys, _texts), out in engine.map(work, lambda w: w[1]):
-                                vectors = out.numpy()
-                                check_finite(vectors, encoder)
-                                store.put((keys, vectors))
+                                keep(keys, out)
                         except RunCancelledError as stopped:
                             if stopped.partial is not None:  # the stopped window's finished rows are kept too
                                 (keys, _texts), rows, out = stopped.partial
-                                vectors = out.numpy()
-                                check_finite(vectors, encoder)
-                                store.put(([keys[r] for r in rows], vectors))
+                                keep([keys[r] for r in rows], out)
                             raise
                         meter.stop()
                     fields, warnings = engine.report("dense")
