@@ -88,3 +88,7 @@ class DamagedStoreError(EmbedderError, OSError):
     def __init__(self, message: str, path: str | None = None) -> None:
         super().__init__(message)
         self.path = path
+
+
+class IndexDamagedError(VectorIndexError):
+    """The published index failed its check or cannot be read; a run rebuilds it from the stored vectors."""

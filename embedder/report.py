@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import platform
 import shutil
@@ -12,8 +13,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from embedder.errors import StageError
 from embedder.gpu import process_peak_rss_gb
-from embedder.io.atomic import atomic_path
 from embedder.io.load import LoadResult
 from embedder.io.readers import read_qrels
 from embedder.io.writers import iter_jsonl_records, read_jsonl_records, write_jsonl
@@ -66,13 +67,23 @@ def _link_atomic(src: str, dst: Path) -> None:
     """Publish a stage file into a run set: a hard link (stage files are never rewritten), else a copy.
 
     A link costs nothing at any size, and the set keeps its file when the stage
-    store is pruned.
+    store is pruned. It is made under a temporary name and renamed over ``dst``,
+    so a reader sees the old file or the new one.
     """
-    with atomic_path(dst) as tmp:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.parent / f".{dst.name}.{uuid.uuid4().hex}.tmp"
+    try:
         try:
             os.link(src, tmp)
-        except OSError:  # another file system, or links not supported
-            shutil.copyfile(src, tmp)
+        except OSError as exc:
+            if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP, errno.EACCES):
+                raise  # a full disk or a missing source: copying would fail the same way, or hide it
+            shutil.copyfile(src, tmp)  # another file system, or links not supported
+            with open(tmp, "rb") as fh:
+                os.fsync(fh.fileno())
+        os.replace(tmp, dst)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def write_exports(
@@ -167,6 +178,7 @@ class CollectionOutcome:
     cached: set[str] = field(default_factory=set)
     warnings: list[str] = field(default_factory=list)
     cancelled: str | None = None
+    healed: list[dict[str, str]] = field(default_factory=list)
 
     def lease_events(self) -> list[dict[str, Any]]:
         """Lease events of the GPU stages that ran in this run (a cached stage took no lease)."""
@@ -197,8 +209,19 @@ def _integrity_section(outcome: CollectionOutcome) -> SummarySection:
     quarantined = [{"stage": stage, **q} for stage, found in ran for q in found.get("quarantined", [])]
     warnings = [f"{q['stage']}: a damaged vector-store part ({q['reason']}) was set aside in {q['file']}; "
                 "its vectors were embedded again" for q in quarantined]
-    integrity = Integrity(files_checked=sum(found.get("checked", 0) for _stage, found in ran),
-                          damaged=len(quarantined), quarantined=quarantined)
+    for q in outcome.healed:
+        quarantined.append({k: q[k] for k in ("stage", "file", "reason")})
+        warnings.append(f"{q['stage']}: its stored result was damaged ({q['reason']}); it was set aside in "
+                        f"{q['file']} and the stage ran again")
+    checked = sum(found.get("checked", 0) for _stage, found in ran)
+    rebuilt = []
+    index = outcome.index.integrity if outcome.index is not None else {}
+    checked += int(index.get("checked", 0))
+    damaged = len(quarantined) + len(index.get("damaged", []))
+    if index.get("rebuilt") and outcome.index is not None:
+        # The index section's own warning says it; here is the record.
+        rebuilt.append({"what": "index", "reason": str(index["rebuilt"]), "build": str(outcome.index.build_id)})
+    integrity = Integrity(files_checked=checked, damaged=damaged, quarantined=quarantined, rebuilt=rebuilt)
     return SummarySection(fields={"integrity": integrity}, warnings=warnings)
 
 
@@ -343,6 +366,10 @@ def carry_forward(config: RunConfig, collection: str, run_path: str | Path,
         _link_atomic(str(previous / name), run / name)
         if name in _EXPORT_KEYS:
             exports[_EXPORT_KEYS[name]] = str(run / name)
+    missing = [name for name in SET_FILES if name not in ("processing_summary.json", "rejects.jsonl", EXPORTS_SUMMARY)
+               and (previous / name).is_file() and not (run / name).is_file()]
+    if missing:
+        raise StageError(f"the last good run set's {', '.join(missing)} could not be carried into {run}")
     # The summary that describes the carried exports (models, settings) travels with them, through
     # any number of failed runs in a row: search embeds queries with the models that built the index.
     served = previous / EXPORTS_SUMMARY
@@ -370,9 +397,12 @@ def publish_run_set(config: RunConfig, collection: str, run_path: str | Path) ->
     unreferenced Edge shards, and stage results no retained run used.
     """
     from embedder.io.edge_store import EdgeStore
+    from embedder.io.integrity import write_checksums
     from embedder.io.runset import publish_run, retention_cutoff
     from embedder.stages import collect_stage_dirs, collect_vector_spaces
 
+    # Sealed like a stage directory: `verify` checks a published set's exports against what was published.
+    write_checksums(run_path)
     publish_run(config.output_dir, collection, Path(run_path))
     EdgeStore(config.output_dir).collect_garbage(collection)
     cutoff = retention_cutoff(config.output_dir, collection)

@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field, field_validator
 
 from embedder.errors import (
@@ -22,6 +24,7 @@ from embedder.errors import (
     StageError,
     SummaryValidationError,
     UnknownCollectionError,
+    VectorIndexError,
 )
 from embedder.io.store import VectorStore, open_store
 from embedder.settings import EmbedderSettings, ServiceSettings, validate_collection_name
@@ -41,6 +44,20 @@ class SearchRequest(BaseModel):
     def _safe(cls, value: str) -> str:
         # A 422 like any other invalid field, not a bespoke error shape.
         return validate_collection_name(value)
+
+    @field_validator("query")
+    @classmethod
+    def _text(cls, value: str) -> str:
+        # A tokenizer cannot take either; a clear 422 rather than an error deep in a model.
+        if "\x00" in value:
+            raise ValueError("must not contain NUL characters")
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError("must be valid Unicode text (it holds a lone surrogate)") from None
+        if not value.strip():
+            raise ValueError("must contain text, not only whitespace")
+        return value
 
 
 class SearchHit(BaseModel):
@@ -70,8 +87,11 @@ class RunSummaries(BaseModel):
     summaries: list[ProcessingSummary]
 
 
-def summary_for(output_dir: Path, collection: str) -> ProcessingSummary:
-    """The collection's processing summary.
+def summary_for(output_dir: Path, collection: str, run_set: Path | None = None) -> ProcessingSummary:
+    """The summary of the run whose exports and index a published set holds.
+
+    Args:
+        run_set: The resolved run set to read (see :func:`published_set`); default the current one.
 
     Raises:
         UnsafeNameError: The name could escape the output dir.
@@ -79,16 +99,30 @@ def summary_for(output_dir: Path, collection: str) -> ProcessingSummary:
         SummaryValidationError: The summary is invalid.
     """
     validate_collection_name(collection)
-    path = output_dir / collection / "processing_summary.json"
+    base = run_set if run_set is not None else output_dir / collection
+    path = base / "processing_summary.json"
     if not path.is_file():
         raise UnknownCollectionError(f"unknown collection {collection!r} under {output_dir}")
     summary = load_summary(path)
     # After a failed run, the exports and index beside its summary are an earlier run's: search uses
     # that run's summary (its models and settings built the index).
-    served = path.parent / "current" / "exports_summary.json"
+    served = base / "exports_summary.json"
     if summary.exports_run_id is not None and served.is_file():
         return load_summary(served)
     return summary
+
+
+def published_set(output_dir: Path, collection: str) -> Path | None:
+    """The collection's published run set, resolved once: one search reads its summary and index together.
+
+    A run publishing meanwhile switches ``current`` to another set; a search that
+    took its query model from one set and searched the other's shard would mix
+    two models (another dimension) or two runs.
+    """
+    from embedder.io.runset import current_run
+
+    validate_collection_name(collection)
+    return current_run(output_dir, collection)
 
 
 @functools.lru_cache(maxsize=8)
@@ -121,14 +155,15 @@ def search_collection(root: Path, req: SearchRequest, store: VectorStore | None 
     from embedder.settings import RunConfig
     from embedder.stages import query_vector
 
-    summary = summary_for(root, req.collection)
+    run_set = published_set(root, req.collection)
+    summary = summary_for(root, req.collection, run_set)
     cfg = summary.config
     if not cfg or summary.dense_run is None or summary.dense_run.status != "executed":
         raise StageError(f"collection {req.collection!r} has no dense vectors; re-run the pipeline")
     own_store = store is None
     store = store or open_service_store(root)
     try:
-        status = store.status(req.collection)
+        status = store.status(req.collection, run_set=run_set)
         if not status.exists:
             raise IndexNotFoundError(status.reason or f"no index for {req.collection!r}")
         indexed_sparse = {name for name, _ in status.layout.sparse} if status.layout else set()
@@ -158,13 +193,13 @@ def search_collection(root: Path, req: SearchRequest, store: VectorStore | None 
         depth = max(n, int(cfg.get("retrieval_top_n", 100)))
         cands = hybrid_search(store, req.collection, HybridQuery(dense=qvec, sparse=sparse_q, fusion=fusion,
                                                                  k=int(cfg.get("rrf_k", 60)), weights=weights,
-                                                                 prefetch_limit=depth, limit=n))
+                                                                 prefetch_limit=depth, limit=n), run_set)
         reranked = False
         rerank_model = cfg.get("rerank_model") if req.rerank else None
         if req.rerank and cands:
             # The published set's own chunk table (the stable link): a carried summary's paths may name a
             # set that was pruned since.
-            stable = root / req.collection / "chunks.parquet"
+            stable = (run_set if run_set is not None else root / req.collection) / "chunks.parquet"
             chunks_path = str(stable) if stable.is_file() else summary.exports.get("chunks")
             try:
                 if not chunks_path or not Path(chunks_path).is_file():
@@ -180,7 +215,10 @@ def search_collection(root: Path, req: SearchRequest, store: VectorStore | None 
             except ModelUnavailableError as exc:
                 warnings.append(f"rerank skipped: {exc}")
         top = cands[: req.top_k]
-        payloads = store.payloads(req.collection, [point_id(req.collection, c.id) for c in top])
+        payloads = store.payloads(req.collection, [point_id(req.collection, c.id) for c in top],
+                                  run_set=run_set)
+        if note := getattr(store, "notes", {}).get(req.collection):
+            warnings.append(note)
     finally:
         if own_store:
             store.close()
@@ -208,8 +246,9 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
     404: {"model": ErrorResponse, "description": "No collection (no processing summary) by that name."},
     409: {"model": ErrorResponse, "description": "The collection's summary is invalid or its run produced no "
                                                  "dense vectors; re-run the pipeline."},
-    503: {"model": ErrorResponse, "description": "No published index exists for the collection (never indexed, "
-                                                 "its index stage failed, or it was written by an older version)."},
+    503: {"model": ErrorResponse, "description": "No usable published index for the collection: never indexed, "
+                                                 "its index stage failed, written by an older version, or damaged "
+                                                 "(the next run rebuilds it)."},
 }
 
 
@@ -231,6 +270,14 @@ def create_app(output_dir: str | Path | None = None) -> FastAPI:
             app.state.store.close()
 
     app = FastAPI(title="embedder search", version="0.1.0", lifespan=lifespan)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+        # FastAPI's default echoes each bad input back, and cannot encode NaN or infinity at all (a 500).
+        # Name the field and what is wrong with it; never repeat what was sent.
+        detail = [{"loc": list(e.get("loc", ())), "msg": str(e.get("msg", ""))[:300], "type": e.get("type", "")}
+                  for e in exc.errors()[:20]]
+        return JSONResponse(status_code=422, content={"detail": detail})
 
     @app.get("/healthz")
     def healthz() -> dict[str, Any]:
@@ -259,7 +306,7 @@ def create_app(output_dir: str | Path | None = None) -> FastAPI:
             return search_collection(root, req, store)
         except UnknownCollectionError as exc:
             raise HTTPException(status_code=404, detail=str(exc)) from exc
-        except IndexNotFoundError as exc:
+        except VectorIndexError as exc:  # none published, damaged, or the server unreachable
             raise HTTPException(status_code=503, detail=str(exc)) from exc
         except (SummaryValidationError, StageError) as exc:
             raise HTTPException(status_code=409, detail=str(exc)) from exc

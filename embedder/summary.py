@@ -188,11 +188,16 @@ class RejectsInfo(_Section):
 class Integrity(_Section):
     """What this run's checks of the files it kept found, and what it healed."""
 
-    files_checked: int = Field(0, description="Vector-store parts opened and checked by the stages that ran.")
-    damaged: int = Field(0, description="Parts that failed a check (footer, page checksum, a vector's values).")
+    files_checked: int = Field(0, description="Kept files checked before they were trusted: vector-store parts the "
+                               "stages opened, and the published index's files.")
+    damaged: int = Field(0, description="Kept files (or stage directories) that failed a check: a checksum, a "
+                         "Parquet footer or page checksum, a vector's values, an index read-back.")
     quarantined: list[dict[str, str]] = Field(
-        default_factory=list, description="Each damaged part: stage, file (where it was set aside under "
-        ".stages/quarantine/) and reason. Its vectors were embedded again.")
+        default_factory=list, description="Each damaged vector-store part or stage directory: stage, file (where it "
+        "was set aside under .stages/quarantine/) and reason. What it held was computed again.")
+    rebuilt: list[dict[str, str]] = Field(
+        default_factory=list, description="Each derived store rebuilt because it was damaged: what (the index), "
+        "reason, and the build that replaced it.")
 
 
 class ProcessingSummary(_Section):

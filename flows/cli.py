@@ -31,6 +31,8 @@ console = Console(stderr=True)
 # The temporary server's start-up (migrations on a fresh database, imports on a busy machine) can take
 # minutes; Prefect's default of 20 s failed runs that would have worked.
 EPHEMERAL_STARTUP_TIMEOUT_S = 300
+# `search` when the collection has no usable index (none published, damaged, the server unreachable); a run fixes it.
+EXIT_INDEX_UNAVAILABLE = 3
 
 
 def _prefect_defaults() -> None:
@@ -344,8 +346,12 @@ def search(
         req = SearchRequest(collection=collection, query=query, top_k=top_k, rerank=not no_rerank)
     except ValidationError as exc:
         _fail("; ".join(e["msg"] for e in exc.errors()), 2)
+    from embedder.errors import VectorIndexError
+
     try:
         resp = search_collection(output_dir, req)
+    except VectorIndexError as exc:  # none published, damaged, or the server unreachable: the service's 503
+        _fail(str(exc), EXIT_INDEX_UNAVAILABLE)
     except EmbedderError as exc:
         _fail(str(exc))
     if json_output:
@@ -483,6 +489,77 @@ def _fusion_report(summary: Any, qrels_tsv: Path, split: str, beir_dir: Path, tu
                         "cv_ndcg@10": round(fit.cv_ndcg, 4) if fit.cv_ndcg is not None else None,
                         "cv_folds": fit.folds, "queries": fit.queries, "history": fit.history}
     return out
+
+
+@app.command()
+def verify(
+    output_dir: Annotated[Path, typer.Option("--output-dir", help="The run's output dir.")],
+    collection: Annotated[str | None, typer.Option("--collection", help="One collection (default: all).")] = None,
+    repair: Annotated[bool, typer.Option(
+        "--repair", help="Set damaged files aside and run the collection again, as its last run was configured.")]
+    = False,
+    json_output: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Check every file the output dir keeps against its checksums; exit 1 when anything is damaged."""
+    from embedder.verify import collections_in, set_aside, verify_collection
+
+    names = [collection] if collection else collections_in(output_dir)
+    if not names:
+        _fail(f"no collection under {output_dir}", 2)
+    reports = [verify_collection(output_dir, name) for name in names]
+    _print_verify(reports, json_output)
+    damaged = [r for r in reports if r.damaged]
+    if not damaged:
+        return
+    if not repair:
+        _fail(f"{sum(len(r.damaged) for r in damaged)} damaged file(s) in {', '.join(r.collection for r in damaged)}; "
+              "`embed-collections verify --repair` (or the next run) recomputes them")
+    for r in damaged:
+        for where in set_aside(output_dir, r):
+            typer.echo(f"set aside: {where}")
+    _repair_runs(output_dir, [r.collection for r in damaged])
+    after = [verify_collection(output_dir, r.collection) for r in damaged]
+    typer.echo("after the repair run:")
+    _print_verify(after, json_output)
+    if any(r.damaged for r in after):
+        _fail("damage remains after the repair run; see the table above")
+
+
+def _print_verify(reports: list[Any], json_output: bool) -> None:
+    if json_output:
+        typer.echo(json.dumps([r.to_json() for r in reports], indent=2))
+        return
+    for r in reports:
+        checked = ", ".join(f"{n} {what}" for what, n in r.checked.items())
+        typer.echo(f"{r.collection}: checked {checked}; " + (f"{len(r.damaged)} DAMAGED" if r.damaged else "sound"))
+        for f in r.damaged:
+            typer.echo(f"  {f.kind:<16} {f.path}\n  {'':<16} {f.reason}")
+
+
+def _repair_runs(output_dir: Path, names: list[str]) -> None:
+    """Run each collection again with the settings its published summary recorded: that run heals it."""
+    from embedder.service import summary_for
+    from embedder.settings import RunConfig
+
+    _prefect_defaults()
+    for name in names:
+        try:
+            recorded = summary_for(output_dir, name).config or {}
+            cfg = RunConfig.model_validate({**{k: v for k, v in recorded.items() if k in RunConfig.model_fields},
+                                            "output_dir": str(output_dir.resolve())})
+        except (EmbedderError, ValueError) as exc:
+            _fail(f"{name}: its last run's settings cannot be read ({exc}); run `embed-collections run` for it")
+        cfg = cfg.model_copy(update={"collections": [c for c in cfg.collections if c.name == name]})
+        missing = [c.path for c in cfg.collections if not Path(c.path).exists()]
+        if not cfg.collections or missing:
+            _fail(f"{name}: its input ({', '.join(missing) or 'unknown'}) is gone; run `embed-collections run` "
+                  "with its input to rebuild it")
+        typer.echo(f"running {name} again to recompute what was set aside ...")
+        with stop_on_signals():
+            try:
+                run_flow(cfg)
+            except EmbedderError as exc:
+                _fail(f"{name}: the repair run failed: {exc}", _stopped_code() or 1)
 
 
 @app.command(name="gpu-slots")

@@ -110,27 +110,30 @@ def _embed_collection(config: RunConfig, collection: CollectionInput, run_id: uu
         if preflight_error:
             out.errors["preflight"] = preflight_error
         elif going():
-            out.load = outcome("load", call(load_collection_task, config, collection, return_state=True))
+            out.load = outcome("load", call(load_collection_task, config, collection, healed=out.healed,
+                                            return_state=True))
         if out.load is not None and out.load.chunk_count == 0:
             out.errors["load"] = "the collection holds no valid chunks (each record's reason is in rejects.jsonl)"
         if out.load is not None and not out.errors and going():
             # Sparse (CPU first) needs nothing from dense (GPU): they run side by side.
-            sparse_run = (call(sparse_infer_task, config, name, out.load.chunks, run_id, submit=True)
+            sparse_run = (call(sparse_infer_task, config, name, out.load.chunks, run_id, submit=True, healed=out.healed)
                           if config.overlap_sparse else None)
-            out.dense = outcome("dense", call(dense_embed_task, config, name, out.load.chunks, return_state=True))
+            out.dense = outcome("dense", call(dense_embed_task, config, name, out.load.chunks, healed=out.healed,
+                                              return_state=True))
             if sparse_run is not None:
                 sparse_run.wait()
                 out.sparse = outcome("sparse", sparse_run.state)
             elif out.dense is not None:
                 out.sparse = outcome("sparse", call(sparse_infer_task, config, name, out.load.chunks, run_id,
-                                                    return_state=True))
+                                                    healed=out.healed, return_state=True))
         if out.dense is not None and out.sparse is not None and going():
             out.index = outcome("index", index_task(config, name, out.load.chunks, out.dense, out.sparse, run_path,
                                                     return_state=True))
-            out.fusion = outcome("fuse", call(fuse_task, config, name, out.dense, out.sparse, return_state=True))
+            out.fusion = outcome("fuse", call(fuse_task, config, name, out.dense, out.sparse, healed=out.healed,
+                                              return_state=True))
         if out.fusion is not None and going():
             out.rerank = outcome("rerank", call(rerank_task, config, name, out.load.chunks, out.fusion, run_id,
-                                                return_state=True))
+                                                healed=out.healed, return_state=True))
         # The exports and the summary beside them describe the published index: when the index
         # could not be brought in line, this run's exports are not written at all.
         if out.dense is not None and out.sparse is not None and out.index is not None and going():
@@ -142,10 +145,14 @@ def _embed_collection(config: RunConfig, collection: CollectionInput, run_id: uu
         if summary.status in ("failed", "cancelled"):
             carried = outcome("carry", carry_forward_task(config, name, run_path, out.load, return_state=True))
             out.exports, out.exports_run_id = carried if carried is not None else ({}, None)
-            out.carried = True
+            out.carried = carried is not None
+            if carried is None:
+                out.warnings.append("the last good exports and index could not be carried into this run's set; "
+                                    "it is not published, the last good run set stays current")
             summary = build_summary(config, out, quality=quality)
         path = write_collection_summary(summary, run_path)
-        path = Path(outcome("publish", publish_task(config, name, run_path, return_state=True)) or path)
+        if "carry" not in out.errors:  # a set missing the last good index must never be switched in
+            path = Path(outcome("publish", publish_task(config, name, run_path, return_state=True)) or path)
     finally:
         close_run_set(run_path)
     create_markdown_artifact(
@@ -154,6 +161,11 @@ def _embed_collection(config: RunConfig, collection: CollectionInput, run_id: uu
         key=artifact_key("summary", name),
         description=f"processing summary of {name}",
     )
+    if "carry" in out.errors:
+        raise CollectionsFailedError(
+            f"collection {name!r} failed in {summary.failed_stage or 'a stage'}, and its run set could not carry the "
+            f"last good exports and index ({out.errors['carry']}); the last good run set stays current; this "
+            f"run's summary is at {path}", [summary])
     if "publish" in out.errors:
         raise CollectionsFailedError(
             f"collection {name!r}: its run set could not be published ({out.errors['publish']}); "

@@ -277,11 +277,21 @@ def collection_lease(output_dir: str, collection: str, *, timeout_s: float,
     that dies frees it the same way. Fleets must mount a shared output dir at the
     same path on every host: the path names the limit.
 
+    Runs that share no Prefect server queue on the output dir's own lock
+    (:mod:`embedder.io.dirlock`), taken after the lease.
+
     Raises:
         StageError: If another run still holds the collection after ``timeout_s``.
     """
+    from embedder.io.dirlock import hold_collection
+
     name = collection_limit_name(output_dir, collection)
     busy = (f"collection {collection!r} of {output_dir} is being written by another run (limit {name!r}) "
             f"and stayed so for {timeout_s:.0f} s; `embed-collections gpu-slots` lists the holder")
+    t0 = time.monotonic()
     with gpu_lease(name, "collection", timeout_s=timeout_s, lease_duration_s=lease_duration_s, busy=busy) as event:
-        yield event
+        # And the lock on the output dir itself: a run on another Prefect server (or none) queues there.
+        left = max(1.0, timeout_s - (time.monotonic() - t0))
+        with hold_collection(output_dir, collection, timeout_s=left) as waited:
+            event["wait_s"] = event.get("wait_s", 0) + waited
+            yield event

@@ -62,7 +62,8 @@ def _keyed(task_name: str, stage: st.common.StageName,
     return cache_key
 
 
-def call(task_: Any, *args: Any, submit: bool = False, **kwargs: Any) -> Any:
+def call(task_: Any, *args: Any, submit: bool = False, healed: list[dict[str, str]] | None = None,
+         **kwargs: Any) -> Any:
     """Call a cached stage task; when its stage directory is gone, recompute and overwrite the record.
 
     The store prunes stage directories no retained run used; a later run with
@@ -70,12 +71,13 @@ def call(task_: Any, *args: Any, submit: bool = False, **kwargs: Any) -> Any:
 
     Args:
         submit: Start the task concurrently and return its future (``.wait()``, ``.state``).
+        healed: Receives each damaged stage directory that was set aside (then recomputed).
     """
     stage, key_fn = _KEYS[task_.name]
     params = inspect.signature(task_.fn).bind(*args).arguments
     config, collection = params["config"], params["collection"]
     name = collection if isinstance(collection, str) else collection.name
-    if not st.sealed(config, name, stage, key_fn(params)):
+    if not st.sealed(config, name, stage, key_fn(params), healed):
         task_ = task_.with_options(refresh_cache=True)
     return task_.submit(*args, **kwargs) if submit else task_(*args, **kwargs)
 

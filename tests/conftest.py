@@ -168,3 +168,16 @@ def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     proc, url = start_prefect_server(tmp_path_factory.mktemp("server-home"), timeout_s=120)
     yield url
     stop_process_group(proc)
+
+
+@pytest.fixture(scope="session")
+def tiny_dense_model(tmp_path_factory, _tiny_ce_master: Path) -> Path:
+    """A 64-dim sentence-transformers model built from the tiny BERT: another model, another dimension."""
+    from sentence_transformers import SentenceTransformer, models
+
+    word = models.Transformer(str(_tiny_ce_master), max_seq_length=128)
+    dim = (getattr(word, "get_embedding_dimension", None) or word.get_word_embedding_dimension)()
+    model = SentenceTransformer(modules=[word, models.Pooling(dim, "mean")])
+    path = tmp_path_factory.mktemp("tiny-dense") / "model"
+    model.save(str(path))
+    return path

@@ -11,6 +11,12 @@ from pathlib import Path
 from typing import IO
 
 
+def _umask() -> int:
+    mask = os.umask(0)  # the only way to read it; set straight back
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_path(path: Path, tag: str | None = None) -> Iterator[Path]:
     """Yield a temp path beside ``path``; on success rename it over ``path``.
@@ -22,6 +28,9 @@ def atomic_path(path: Path, tag: str | None = None) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     prefix = f".{path.name}.{tag}." if tag else f".{path.name}."
     fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=path.parent)
+    # mkstemp makes the file private (0600); a kept file gets the mode any new file would (a search
+    # service running as another user, on a shared read-only mount, must be able to read it).
+    os.fchmod(fd, 0o666 & ~_umask())
     os.close(fd)
     tmp_path = Path(tmp)
     try:

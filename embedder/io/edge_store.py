@@ -18,6 +18,15 @@ published one when the layout is the same), flushes it and names it in the next
 run set. Readers open the published shard once per process, share the handle
 across threads and notice a newer one on their next query.
 
+Every shard is sealed with a checksum manifest (``<build-id>/checksums.json``, see
+:mod:`embedder.io.integrity`) once it is flushed and settled; readers check it
+(quickly) before they open the shard, and ``verify`` checks it in full.
+
+Qdrant Edge opens a shard's files for writing even to search it. A reader whose
+shard directory is read-only (permissions, a read-only mount shared by a fleet
+of search services) opens a private copy instead, checked against the same
+manifest, and says so (:attr:`EdgeStore.notes`).
+
 This is the only module that imports ``qdrant_edge`` (pinned exactly: the API
 is beta and moved between 0.6 and 0.9).
 """
@@ -25,7 +34,10 @@ is beta and moved between 0.6 and 0.9).
 from __future__ import annotations
 
 import json
+import logging
+import os
 import shutil
+import tempfile
 import threading
 import time
 import uuid
@@ -34,13 +46,16 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from embedder.errors import IndexNotFoundError, VectorIndexError
+from embedder.errors import IndexDamagedError, IndexNotFoundError, VectorIndexError
 from embedder.io.atomic import atomic_write_text
+from embedder.io.integrity import CheckReport, Damage, Depth, check_dir, describe, write_checksums
 from embedder.io.qdrant import DENSE_VECTOR
 from embedder.io.runset import CURRENT, RUNS, publish_run, run_dir
 from embedder.io.store import HybridQuery, IndexLayout, IndexStatus, PointBatch, PublishedIndex
 from embedder.procs import owner, owner_dead
 from embedder.schemas import ScoredCandidate, SparseVector
+
+log = logging.getLogger(__name__)
 
 MANIFEST = "index.json"
 SHARDS = "shards"
@@ -59,6 +74,14 @@ _HNSW_INDEXING_THRESHOLD_KB = 1
 # from 50k to 300k points, bench/scale.py for the whole run).
 DEFAULT_SEGMENT_POINTS = 50_000
 _MAX_SEGMENTS = 32
+
+
+_FIX = "the next `embed-collections run` of the collection rebuilds it from the stored vectors"
+
+
+def _writable_files(shard_dir: Path) -> bool:
+    """Whether this process may write a shard's segment files (what Edge's load opens read-write)."""
+    return all(os.access(p, os.W_OK) for p in shard_dir.glob("segments/*/payload_storage/*.dat"))
 
 
 def index_root(output_dir: str | Path, collection: str) -> Path:
@@ -154,7 +177,10 @@ class EdgeIndexWriter:
         # mistakes this build for an abandoned one.
         self.marker = shards / f"{self.build_id}.building"
         self.marker.write_text(json.dumps({**owner(), "started_at": time.time()}), encoding="utf-8")
-        published = store.manifest(collection)
+        try:
+            published = store.manifest(collection)
+        except IndexDamagedError:  # nothing to start from: build from nothing
+            published = None
         base = self.root / SHARDS / published["shard"] if published else None
         # Same layout: start from a copy of the published shard and write only what changed.
         # The published shard itself is never opened for writing; readers keep using it.
@@ -235,7 +261,14 @@ class EdgeIndexWriter:
         hnsw_s = self._hnsw_s
         segments = int(self._shard.info().segments_count)
         self._shard.close()
-        previous = self.store.manifest(self.collection)
+        # The first load after a build rewrites the shard's config and drops its tracker journal;
+        # after that, loading and searching leave every file as it is. Settle it before sealing.
+        qe.EdgeShard.load(str(self.path)).close()
+        write_checksums(self.path)
+        try:
+            previous = self.store.manifest(self.collection)
+        except IndexDamagedError:
+            previous = None
         manifest = {
             "format": FORMAT, "backend": "edge", "collection": self.collection, "shard": self.build_id,
             "previous": previous.get("shard") if previous else None, "layout": self.layout.to_json(),
@@ -263,7 +296,17 @@ class EdgeIndexWriter:
 
 
 class EdgeStore:
-    """Qdrant Edge shards under an output dir; one read handle per collection per process."""
+    """Qdrant Edge shards under an output dir; read handles are opened once per shard per process.
+
+    Readers pass ``run_set`` (a resolved run-set directory) to read the index
+    that set names: a search that took its query model from one published set
+    then searches that set's shard, even when a run publishes another meanwhile.
+    Without it, the collection's ``current`` set is read.
+
+    Attributes:
+        notes: Collection -> what a reader should be told about how its shard was opened
+            (a private copy of a read-only shard).
+    """
 
     backend = "edge"
 
@@ -272,22 +315,41 @@ class EdgeStore:
         self.root = Path(output_dir)
         self.hnsw_min_points = hnsw_min_points
         self.segment_points = segment_points
-        self._handles: dict[str, tuple[bytes, Any]] = {}
+        # Shard directory -> open handle; a collection keeps its two newest (a switch in progress).
+        self._handles: dict[str, tuple[str, Any]] = {}
+        self._copies: dict[str, Path] = {}
+        self.notes: dict[str, str] = {}
         self._lock = threading.Lock()
 
     def location(self, collection: str) -> str:
         """The collection's index directory."""
         return str(index_root(self.root, collection))
 
-    def _manifest_path(self, collection: str) -> Path:
-        return self.root / collection / CURRENT / MANIFEST
+    def _manifest_path(self, collection: str, run_set: Path | None = None) -> Path:
+        return (run_set if run_set is not None else self.root / collection / CURRENT) / MANIFEST
 
-    def manifest(self, collection: str) -> dict[str, Any] | None:
-        """The published manifest (``current/index.json``), or None when nothing was published."""
+    def manifest(self, collection: str, run_set: Path | None = None) -> dict[str, Any] | None:
+        """The published manifest (``current/index.json``, or ``run_set``'s), or None when there is none.
+
+        Raises:
+            IndexDamagedError: The manifest is unreadable.
+        """
+        path = self._manifest_path(collection, run_set)
         try:
-            return json.loads(self._manifest_path(collection).read_bytes())
+            data = json.loads(path.read_bytes())
+            IndexLayout.from_json(data["layout"])
+            str(data["shard"])
         except FileNotFoundError:
             return None
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise IndexDamagedError(f"the index manifest {path} of collection {collection!r} is unreadable "
+                                    f"({type(exc).__name__}: {exc}); {_FIX}") from exc
+        return data
+
+    def shard_dir(self, collection: str, run_set: Path | None = None) -> Path | None:
+        """The directory of the shard a set names (default: the published one), or None when none is named."""
+        manifest = self.manifest(collection, run_set)
+        return None if manifest is None else index_root(self.root, collection) / SHARDS / manifest["shard"]
 
     def write_manifest(self, collection: str, manifest: dict[str, Any], run_path: Path | None) -> None:
         """Name a shard in a run set; with no run set, publish a set that holds only the index.
@@ -310,9 +372,13 @@ class EdgeStore:
         if manifest is not None:
             atomic_write_text(run_path / MANIFEST, json.dumps(manifest, indent=2))
 
-    def status(self, collection: str) -> IndexStatus:
-        """The published index, or the reason there is none."""
-        manifest = self.manifest(collection)
+    def status(self, collection: str, run_set: Path | None = None) -> IndexStatus:
+        """The published index (or the one ``run_set`` names), or the reason there is none.
+
+        Raises:
+            IndexDamagedError: The manifest naming the index is unreadable.
+        """
+        manifest = self.manifest(collection, run_set)
         location = self.location(collection)
         if manifest is None:
             reason = legacy_index_note(self.root, collection) or (
@@ -322,6 +388,23 @@ class EdgeStore:
         return IndexStatus(exists=True, location=location, layout=IndexLayout.from_json(manifest["layout"]),
                            points_count=int(manifest["points_count"]), build_id=manifest["shard"])
 
+    def verify(self, collection: str, depth: Depth = "quick") -> CheckReport | None:
+        """Check the published shard against the checksums it was sealed with.
+
+        Returns:
+            What the check found (a missing shard or an unreadable manifest is damage),
+            or None when nothing is published or the shard was sealed without checksums.
+        """
+        try:
+            shard = self.shard_dir(collection)
+        except IndexDamagedError as exc:
+            return CheckReport(files_checked=1, damaged=[Damage(str(self._manifest_path(collection)), str(exc))])
+        if shard is None:
+            return None
+        if not shard.is_dir():
+            return CheckReport(files_checked=1, damaged=[Damage(str(shard), "the shard directory is missing")])
+        return check_dir(shard, depth)
+
     def writer(self, collection: str, layout: IndexLayout, *, incremental: bool = True,
                run_path: Path | None = None, expected_points: int | None = None) -> EdgeIndexWriter:
         """A writer for a new shard: a copy of the published one when the layout matches, else empty.
@@ -330,6 +413,7 @@ class EdgeStore:
         a new shard and replaces the old one only when it is published.
 
         Args:
+            incremental: Start from the published shard; False builds from nothing (a damaged shard).
             expected_points: The shard's final point count, when known: at or above
                 ``hnsw_min_points`` the graph is built a segment at a time while writing,
                 which bounds the build's memory by the segment instead of the shard.
@@ -346,56 +430,149 @@ class EdgeStore:
         out: dict[str, str | None] = {}
         offset = None
         while True:
-            records, offset = shard.scroll(qe.ScrollRequest(offset=offset, limit=10_000,
-                                                            with_payload=["point_digest"], with_vector=False))
+            try:
+                records, offset = shard.scroll(qe.ScrollRequest(offset=offset, limit=10_000,
+                                                                with_payload=["point_digest"], with_vector=False))
+            except Exception as exc:
+                raise IndexDamagedError(f"the published shard of {collection!r} cannot be read: {exc}; "
+                                        f"{_FIX}") from exc
             for r in records:
                 out[str(r.id)] = (r.payload or {}).get("point_digest")
             if offset is None or not records:
                 return out
 
-    def _shard(self, collection: str) -> Any:
-        path = self._manifest_path(collection)
+    def vectors(self, collection: str, point_ids: Sequence[str],
+                build_id: str | None = None) -> dict[str, dict[str, Any]]:
+        """The stored vectors of points (point id -> vector name -> dense list or SparseVector).
+
+        Args:
+            build_id: The shard to read (default: the published one), e.g. one just built.
+        """
+        if not point_ids:
+            return {}
+        if build_id is None:
+            shard = self._shard(collection)
+        else:
+            shard = self._load(collection, index_root(self.root, collection) / SHARDS / build_id)
+        try:
+            records = shard.retrieve(list(point_ids), False, True)
+        except Exception as exc:
+            raise IndexDamagedError(f"the shard {build_id or 'published'} of {collection!r} cannot be read: "
+                                    f"{exc}; {_FIX}") from exc
+        out = {}
+        for r in records:
+            out[str(r.id)] = {name: (SparseVector(indices=list(v.indices), values=list(v.values))
+                                     if hasattr(v, "indices") else v) for name, v in (r.vector or {}).items()}
+        return out
+
+    def _shard(self, collection: str, run_set: Path | None = None) -> Any:
+        """The open handle of the shard the set names (default: the published set)."""
         last_error: Exception | None = None
+        shard_dir: Path | None = None
         for _attempt in range(3):
+            shard_dir = self.shard_dir(collection, run_set)
+            if shard_dir is None:
+                raise IndexNotFoundError(self.status(collection).reason)
             try:
-                raw = path.read_bytes()
-            except FileNotFoundError:
-                raise IndexNotFoundError(self.status(collection).reason) from None
-            with self._lock:
-                held = self._handles.get(collection)
-                if held is not None and held[0] == raw:
-                    return held[1]
-                shard_dir = index_root(self.root, collection) / SHARDS / json.loads(raw)["shard"]
-                try:
-                    shard = _edge().EdgeShard.load(str(shard_dir))
-                except Exception as exc:
-                    # A newer publish may have cleaned this shard up between our read and load.
-                    last_error = exc
-                    continue
-                # The old handle closes when the last in-flight query using it drops it.
-                self._handles[collection] = (raw, shard)
-                return shard
+                return self._load(collection, shard_dir)
+            except IndexDamagedError as exc:
+                # A newer publish may have cleaned this shard up between our read and load.
+                last_error = exc
+                if shard_dir.is_dir():
+                    raise
+        assert shard_dir is not None
         if not shard_dir.is_dir():
             # The manifest is stable across our attempts and its shard is gone: the
             # output dir was edited by hand or copied without its index.
-            raise IndexNotFoundError(
+            raise IndexDamagedError(
                 f"the published index of collection {collection!r} names shard {shard_dir.name!r}, "
-                f"which is missing from {shard_dir.parent}; re-run `embed-collections run` for it")
-        raise VectorIndexError(f"cannot open the published Qdrant Edge shard of {collection!r}: {last_error}")
+                f"which is missing from {shard_dir.parent}; {_FIX}")
+        raise IndexDamagedError(f"cannot open the published Qdrant Edge shard of {collection!r}: {last_error}")
 
-    def query(self, collection: str, query: HybridQuery) -> list[ScoredCandidate]:
-        """Search the published shard."""
+    def _load(self, collection: str, shard_dir: Path) -> Any:
+        """Open a shard once per process: checked against its checksums first, copied when read-only."""
+        key = str(shard_dir)
+        with self._lock:
+            held = self._handles.get(key)
+            if held is not None:
+                return held[1]
+            if not shard_dir.is_dir():
+                raise IndexDamagedError(f"shard {shard_dir} is missing")
+            try:
+                report = check_dir(shard_dir, "quick")
+            except PermissionError as exc:
+                raise VectorIndexError(f"this process may not read the index of {collection!r} ({exc}); a search "
+                                       "needs read access to the output dir and its files") from None
+            if report is not None and not report.ok:
+                raise IndexDamagedError(
+                    f"the published index of collection {collection!r} is damaged "
+                    f"({describe(report.damaged or [])}); nothing is served from it; {_FIX}")
+            where = shard_dir
+            if not os.access(shard_dir, os.W_OK) or not _writable_files(shard_dir):
+                where = self._private_copy(collection, shard_dir)
+            try:
+                shard = _edge().EdgeShard.load(str(where))
+            except Exception as exc:
+                raise IndexDamagedError(f"the published shard {shard_dir.name} of collection {collection!r} "
+                                        f"cannot be opened ({exc}); {_FIX}") from exc
+            # A collection keeps its two newest handles; an older one closes when its last query drops it.
+            mine = [k for k, (c, _h) in self._handles.items() if c == collection]
+            for old in mine[:-1]:
+                self._handles.pop(old, None)
+                self._drop_copy(old)
+            self._handles[key] = (collection, shard)
+            return shard
+
+    def _private_copy(self, collection: str, shard_dir: Path) -> Path:
+        """Copy a read-only shard where this process may write (Edge opens its files read-write)."""
+        base = os.environ.get("EMBEDDER_SHARD_COPY_DIR") or None
+        dest = Path(tempfile.mkdtemp(prefix=f"embedder-{collection}-{shard_dir.name}-", dir=base))
+        shutil.copytree(shard_dir, dest, dirs_exist_ok=True)
+        for path in [dest, *dest.rglob("*")]:
+            path.chmod(path.stat().st_mode | 0o200)
+        report = check_dir(dest, "full")
+        if report is not None and not report.ok:
+            shutil.rmtree(dest, ignore_errors=True)
+            raise IndexDamagedError(f"the copy of read-only shard {shard_dir} is damaged "
+                                    f"({describe(report.damaged or [])}); {_FIX}")
+        self._copies[str(shard_dir)] = dest
+        note = (f"the index of {collection!r} lies in read-only storage ({shard_dir}); Qdrant Edge opens its files "
+                f"for writing, so this process searches a private copy at {dest}")
+        self.notes[collection] = note
+        log.warning(note)
+        return dest
+
+    def _drop_copy(self, key: str) -> None:
+        copy = self._copies.pop(key, None)
+        if copy is not None:
+            shutil.rmtree(copy, ignore_errors=True)
+
+    def query(self, collection: str, query: HybridQuery, run_set: Path | None = None) -> list[ScoredCandidate]:
+        """Search the published shard (or the one ``run_set`` names)."""
         request = to_edge_request(query)
         if request is None:
             return []
-        points = self._shard(collection).query(request)
+        try:
+            points = self._shard(collection, run_set).query(request)
+        except VectorIndexError:
+            raise
+        except Exception as exc:
+            raise IndexDamagedError(f"the published shard of {collection!r} failed a search ({exc}); "
+                                    f"{_FIX}") from exc
         return [ScoredCandidate(id=p.payload["chunk_id"], score=float(p.score)) for p in points]
 
-    def payloads(self, collection: str, point_ids: Sequence[str]) -> dict[str, dict[str, Any]]:
+    def payloads(self, collection: str, point_ids: Sequence[str],
+                 run_set: Path | None = None) -> dict[str, dict[str, Any]]:
         """Payloads of the given points, keyed by point id."""
         if not point_ids:
             return {}
-        records = self._shard(collection).retrieve(list(point_ids), True, False)
+        try:
+            records = self._shard(collection, run_set).retrieve(list(point_ids), True, False)
+        except VectorIndexError:
+            raise
+        except Exception as exc:
+            raise IndexDamagedError(f"the published shard of {collection!r} failed a read ({exc}); "
+                                    f"{_FIX}") from exc
         return {str(r.id): dict(r.payload or {}) for r in records}
 
     def collect_garbage(self, collection: str) -> list[str]:
@@ -432,12 +609,15 @@ class EdgeStore:
         return removed
 
     def close(self) -> None:
-        """Drop every read handle."""
+        """Drop every read handle and private copy."""
         with self._lock:
             handles = [h for _, h in self._handles.values()]
             self._handles.clear()
+            copies = list(self._copies)
         for h in handles:
             try:
                 h.close()
             except Exception:
                 pass
+        for key in copies:
+            self._drop_copy(key)

@@ -158,7 +158,7 @@ class ServerStore:
                 return a.collection_name
         return collection if self.call(lambda c: c.collection_exists(collection)) else None
 
-    def status(self, collection: str) -> IndexStatus:
+    def status(self, collection: str, run_set: Path | None = None) -> IndexStatus:
         """Whether the collection exists on the server, with its layout and point count."""
         if not self.call(lambda c: c.collection_exists(collection)):
             return IndexStatus(exists=False, location=self.url,
@@ -228,8 +228,8 @@ class ServerStore:
             if offset is None or not records:
                 return out
 
-    def query(self, collection: str, query: HybridQuery) -> list[ScoredCandidate]:
-        """The Query API: one list, or prefetches fused by RRF / DBSF on the server."""
+    def query(self, collection: str, query: HybridQuery, run_set: Path | None = None) -> list[ScoredCandidate]:
+        """The Query API: one list, or prefetches fused by RRF / DBSF on the server (``run_set`` is not pinned)."""
         from qdrant_client import models
 
         lists = query.lists()
@@ -260,7 +260,25 @@ class ServerStore:
                                                       limit=query.limit, with_payload=["chunk_id"]))
         return [ScoredCandidate(id=p.payload["chunk_id"], score=float(p.score)) for p in resp.points]
 
-    def payloads(self, collection: str, point_ids: Sequence[str]) -> dict[str, dict[str, Any]]:
+    def vectors(self, collection: str, point_ids: Sequence[str],
+                build_id: str | None = None) -> dict[str, dict[str, Any]]:
+        """The stored vectors of points (point id -> vector name -> dense list or SparseVector).
+
+        Args:
+            build_id: The physical collection to read (default: what the name points at).
+        """
+        if not point_ids:
+            return {}
+        recs = self.call(lambda c: c.retrieve(build_id or collection, ids=list(point_ids), with_vectors=True))
+        out: dict[str, dict[str, Any]] = {}
+        for r in recs:
+            vecs = r.vector if isinstance(r.vector, dict) else {}
+            out[str(r.id)] = {name: (SparseVector(indices=list(v.indices), values=list(v.values))
+                                     if hasattr(v, "indices") else v) for name, v in vecs.items()}
+        return out
+
+    def payloads(self, collection: str, point_ids: Sequence[str],
+                 run_set: Path | None = None) -> dict[str, dict[str, Any]]:
         """Payloads of the given points, keyed by point id."""
         if not point_ids:
             return {}

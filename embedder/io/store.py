@@ -183,8 +183,8 @@ class VectorStore(Protocol):
         """Where the collection's index lives (a directory or a URL)."""
         ...
 
-    def status(self, collection: str) -> IndexStatus:
-        """The published index of a collection, or why there is none."""
+    def status(self, collection: str, run_set: Path | None = None) -> IndexStatus:
+        """The published index of a collection (or the one ``run_set`` names, where the store pins), or why none."""
         ...
 
     def writer(self, collection: str, layout: IndexLayout, *, incremental: bool = True,
@@ -210,15 +210,30 @@ class VectorStore(Protocol):
         """Name the published index, unchanged, in a new run set."""
         ...
 
-    def query(self, collection: str, query: HybridQuery) -> list[ScoredCandidate]:
+    def vectors(self, collection: str, point_ids: Sequence[str],
+                build_id: str | None = None) -> dict[str, dict[str, Any]]:
+        """Point id -> vector name -> the vector the index holds (a dense list or a SparseVector).
+
+        Args:
+            build_id: The physical index to read (one just built), default the published one.
+
+        Raises:
+            IndexDamagedError: The index cannot be read.
+        """
+        ...
+
+    def query(self, collection: str, query: HybridQuery, run_set: Path | None = None) -> list[ScoredCandidate]:
         """Search the published index; candidates carry chunk ids, best first.
+
+        ``run_set`` pins the index a run set names (Edge); a server searches what its alias points at.
 
         Raises:
             IndexNotFoundError: No published index exists.
         """
         ...
 
-    def payloads(self, collection: str, point_ids: Sequence[str]) -> dict[str, dict[str, Any]]:
+    def payloads(self, collection: str, point_ids: Sequence[str],
+                 run_set: Path | None = None) -> dict[str, dict[str, Any]]:
         """Payloads of the given points (missing points are left out), keyed by point id."""
         ...
 
@@ -249,7 +264,8 @@ def open_store(output_dir: str | Path, *, url: str | None = None, api_key: str |
     return EdgeStore(output_dir, hnsw_min_points=hnsw_min_points or DEFAULT_HNSW_MIN_POINTS)
 
 
-def hybrid_search(store: VectorStore, collection: str, query: HybridQuery) -> list[ScoredCandidate]:
+def hybrid_search(store: VectorStore, collection: str, query: HybridQuery,
+                  run_set: Path | None = None) -> list[ScoredCandidate]:
     """Search ``store`` with ``query``'s fusion exactly as :mod:`embedder.fusion` scores it.
 
     The engine fuses RRF (weighted or not) and unweighted DBSF itself. Its DBSF
@@ -257,6 +273,9 @@ def hybrid_search(store: VectorStore, collection: str, query: HybridQuery) -> li
     asks for) searches each list on its own, ``prefetch_limit`` deep as the
     engine's prefetch would, and fuses them here with :func:`embedder.fusion.fuse_dbsf`.
     Search then ranks as the run's fusion stage and ``eval`` report.
+
+    Args:
+        run_set: Search the index this run set names (Edge), not whatever is current when the query runs.
 
     Raises:
         IndexNotFoundError: No published index for ``collection``.
@@ -266,11 +285,12 @@ def hybrid_search(store: VectorStore, collection: str, query: HybridQuery) -> li
     from embedder.fusion import fuse_dbsf
     from embedder.io.qdrant import DENSE_VECTOR
 
+    pinned: dict[str, Any] = {"run_set": run_set} if run_set is not None else {}
     lists = query.lists()
     weights = query.list_weights()
     if query.fusion != "dbsf" or len(lists) < 2 or not weights or all(w == 1.0 for w in weights):
-        return store.query(collection, query)
+        return store.query(collection, query, **pinned)
     per_list = [store.query(collection, replace(
         query, dense=vec if name == DENSE_VECTOR else None, sparse={} if name == DENSE_VECTOR else {name: vec},
-        weights=None, limit=query.prefetch_limit)) for name, vec in lists]
+        weights=None, limit=query.prefetch_limit), **pinned) for name, vec in lists]
     return fuse_dbsf(per_list, weights=weights)[: query.limit]

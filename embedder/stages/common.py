@@ -26,6 +26,7 @@ from pydantic import BaseModel
 
 import embedder
 from embedder.io.atomic import atomic_write_text, file_digest
+from embedder.io.integrity import CHECKSUMS, QUARANTINE, check_dir, describe, quarantine, write_checksums
 from embedder.models.registry import resolve_model
 from embedder.settings import RunConfig
 
@@ -196,13 +197,20 @@ def stage_dir(config: RunConfig, collection: str, stage: StageName, key: str) ->
 
 
 def seal(path: Path, result: R) -> R:
-    """Mark a stage directory complete by writing its result last; return the result."""
+    """Mark a stage directory complete: record its files' checksums, then write its result last; return it."""
+    write_checksums(path, exclude=(SEAL,))
     atomic_write_text(path / SEAL, result.model_dump_json())
     return result
 
 
-def sealed(config: RunConfig, collection: str, stage: StageName, key: str) -> bool:
-    """Whether the stage's directory for ``key`` is complete; if so, record this use of it.
+def sealed(config: RunConfig, collection: str, stage: StageName, key: str,
+           healed: list[dict[str, str]] | None = None) -> bool:
+    """Whether the stage's directory for ``key`` is complete and intact; if so, record this use of it.
+
+    Its files are checked against the checksums it was sealed with (a quick
+    check: sizes and a sample of blocks, see :mod:`embedder.io.integrity`). A
+    damaged directory is moved to ``.stages/quarantine/<stage>/`` and counts as
+    absent, so the stage runs again; ``healed`` (when given) gets what was set aside.
 
     The use is the directory's mtime, which :func:`collect_stage_dirs` reads:
     a directory used since the oldest retained run set started is kept. The
@@ -211,6 +219,16 @@ def sealed(config: RunConfig, collection: str, stage: StageName, key: str) -> bo
     """
     path = stages_dir(config, collection) / stage / key
     if not (path / SEAL).is_file():
+        return False
+    problem = _seal_damage(path)
+    if problem is not None:
+        reason = f"stage directory {stage}/{key[:12]}: {problem}"
+        try:
+            where = quarantine(path, stages_dir(config, collection) / QUARANTINE / stage, reason)
+        except FileNotFoundError:  # pruned meanwhile: absent either way
+            return False
+        if healed is not None:
+            healed.append({"stage": stage, "file": str(where), "reason": problem, "kind": "stage directory"})
         return False
     try:
         os.utime(path)
@@ -223,6 +241,20 @@ def sealed(config: RunConfig, collection: str, stage: StageName, key: str) -> bo
     for space in spaces:
         touch_space(stages_dir(config, collection) / "vectors" / space)
     return True
+
+
+def _seal_damage(path: Path) -> str | None:
+    """Why a sealed stage directory cannot be trusted, or None when its check passed."""
+    try:
+        json.loads((path / SEAL).read_bytes())
+    except (OSError, ValueError) as exc:
+        return f"its result ({SEAL}) is unreadable: {exc}"
+    report = check_dir(path)
+    if report is None:
+        # Only a directory this code version sealed can match a key (the key holds the code version),
+        # and this version always records checksums: one without them lost them.
+        return f"its checksums ({CHECKSUMS}) are missing"
+    return None if report.ok else describe(report.damaged or [])
 
 
 def touch_space(root: Path) -> None:

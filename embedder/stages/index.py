@@ -12,6 +12,7 @@ from pydantic import BaseModel, Field
 
 from embedder.cancel import raise_if_stopped
 from embedder.errors import StageError
+from embedder.io.store import IndexStatus
 from embedder.io.writers import iter_chunk_windows, iter_dense_windows
 from embedder.models.registry import get_spec
 from embedder.schemas import SparseVector, StageRef, StageTelemetry
@@ -43,11 +44,19 @@ class IndexResult(BaseModel):
     build_id: str | None = None
     segments: int | None = Field(None, description="Segments of the published index, where the store reports "
                                  "them (Edge builds a large shard's graph a segment at a time).")
+    integrity: dict[str, Any] = Field(
+        default_factory=dict, description="checked: shard files checked against their checksums; damaged: each "
+        "damaged file (file, reason); rebuilt: why the shard was rebuilt from the stored vectors (or null); "
+        "proof: points read back from the index (sampled) and how many differed from the stored vectors.")
     warnings: list[str] = Field(default_factory=list)
     reason: str | None = None
 
 
 POINT_BATCH = 256
+# Points read back from the index after each build (and on an unchanged run) and compared with the stored vectors.
+PROOF_SAMPLE = 64
+_DENSE_ATOL = 1e-4  # the engine stores cosine vectors normalised in float32
+_SPARSE_RTOL = 1e-5
 
 
 def iter_point_windows(chunks: StageRef, dense: DenseStageResult, sparse: SparseStageResult,
@@ -98,15 +107,21 @@ def index_layout(dense: DenseStageResult, sparse: SparseStageResult) -> Any:
 def index_stage(config: RunConfig, collection: str, chunks: StageRef, dense: DenseStageResult,
                 sparse: SparseStageResult, store: Any, run_path: str | Path | None = None, *,
                 progress: Callable[[int, int], None] | None = None) -> IndexResult:
-    """Bring the collection's published index in line with this run's points.
+    """Bring the collection's published index in line with this run's points, and prove it holds them.
 
-    Points are compared by digest with the published index: when nothing
-    changed, nothing is written. Otherwise new and changed points are upserted
-    and, only after that succeeded, points whose chunks are gone are deleted. On
-    Qdrant Edge the writes go into a copy of the published shard (or a new
-    shard when the layout changed: another model or dimension), which is
-    published atomically, so readers keep the old index until the new one is
-    complete.
+    The published index is trusted only after it passed its checks: its files
+    against the checksums it was sealed with (a quick check, see
+    :mod:`embedder.io.integrity`) and, when nothing changed, a sample of its
+    points read back and compared with the stored vectors. A damaged or
+    unreadable index is rebuilt from the stored vectors (nothing is embedded).
+
+    Otherwise points are compared by digest with the published index: when
+    nothing changed, nothing is written. Else new and changed points are
+    upserted and, only after that succeeded, points whose chunks are gone are
+    deleted. On Qdrant Edge the writes go into a copy of the published shard
+    (or a new shard when the layout changed: another model or dimension), which
+    is read back (a sample) and published atomically, so readers keep the old
+    index until the new one is complete and proven.
 
     Args:
         store: A :class:`embedder.io.store.VectorStore`.
@@ -116,7 +131,9 @@ def index_stage(config: RunConfig, collection: str, chunks: StageRef, dense: Den
     Raises:
         VectorIndexError: When the store cannot be reached or rejects the write.
         IndexLayoutError: When a server collection holds another layout.
+        StageError: A freshly rebuilt index still reads back other vectors than were written.
     """
+    from embedder.errors import IndexDamagedError
     from embedder.io.edge_store import legacy_index_note
     from embedder.io.qdrant import payload_for, point_batch, point_digest, point_id
 
@@ -125,59 +142,110 @@ def index_stage(config: RunConfig, collection: str, chunks: StageRef, dense: Den
     if store.backend == "edge" and (note := legacy_index_note(config.output_dir, collection)):
         warnings.append(note)
     layout = index_layout(dense, sparse)
-    status = store.status(collection)
-    previous = store.point_digests(collection) if status.exists else {}
+    integrity: dict[str, Any] = {"checked": 0, "damaged": [], "rebuilt": None,
+                                 "proof": {"sampled": 0, "mismatched": 0}}
+
+    def distrust(file: str, reason: str) -> None:
+        integrity["damaged"].append({"file": file, "reason": reason})
+        integrity["rebuilt"] = integrity["rebuilt"] or f"{Path(file).name}: {reason}"
+
+    try:
+        status = store.status(collection)
+    except IndexDamagedError as exc:
+        distrust(store.location(collection), str(exc))
+        status = IndexStatus(exists=False, location=store.location(collection))
+    report = store.verify(collection, "quick") if status.exists and hasattr(store, "verify") else None
+    if report is not None:
+        integrity["checked"] = report.files_checked
+        for d in report.damaged or []:
+            distrust(d.file, d.reason)
+    previous: dict[str, str | None] = {}
+    if status.exists and not integrity["damaged"]:
+        try:
+            previous = store.point_digests(collection)
+        except IndexDamagedError as exc:
+            distrust(status.location, str(exc))
+    trusted = status.exists and not integrity["damaged"]
     window = config.stream_window
 
     def digest_of(i: int, items: list[Any], vectors: np.ndarray, sparse_map: dict[str, Any]) -> str:
         return point_digest(vectors[i], {n: v[i] for n, v in sparse_map.items()}, payload_for(items[i]))
 
-    # Pass 1: which points are new or changed, and which published points belong to chunks that are gone.
+    # Pass 1: which points are new or changed, which published points belong to chunks that are gone,
+    # and a uniform sample of points (reservoir) to read back from the index.
     left = previous  # consumed in place: at a million points a copy of the map is tens of MB more
     changed: list[int] = []
+    sample: list[tuple[str, np.ndarray, dict[str, SparseVector | None]]] = []
+    rng = np.random.default_rng()
     n = 0
     for items, vectors, sparse_map in iter_point_windows(chunks, dense, sparse, window):
         for i, c in enumerate(items):
-            if left.pop(point_id(collection, c.id), None) != digest_of(i, items, vectors, sparse_map):
+            pid = point_id(collection, c.id)
+            if left.pop(pid, None) != digest_of(i, items, vectors, sparse_map):
                 changed.append(n + i)
+            slot = n + i if n + i < PROOF_SAMPLE else int(rng.integers(0, n + i + 1))
+            if slot < PROOF_SAMPLE:
+                entry = (pid, np.array(vectors[i], dtype=np.float32), {k: v[i] for k, v in sparse_map.items()})
+                sample.append(entry) if len(sample) < PROOF_SAMPLE else sample.__setitem__(slot, entry)
         n += len(items)
     gone = list(left)
     del left, previous
     common = dict(batch_size=config.index_batch_size, collection=collection, warnings=warnings)
     run_dir_ = Path(run_path) if run_path is not None else None
-    if status.exists and status.layout == layout and not changed and not gone:
-        if run_dir_ is not None:
-            store.keep_published(collection, run_dir_)
-        elapsed = time.perf_counter() - t0
-        return IndexResult(status="executed", action="unchanged", backend=store.backend, location=status.location,
-                           points_count=status.points_count or 0, unchanged=n, build_id=status.build_id,
-                           search_mode=None, latency_ms=elapsed * 1000, **common)
-    writer = store.writer(collection, layout, incremental=True, run_path=run_dir_, expected_points=n)
-    todo = np.asarray(changed if writer.incremental else range(n), dtype=np.int64)
-    upserted = deleted = 0
-    try:
-        # Pass 2: write the points pass 1 picked, window by window.
-        start = 0
-        for items, vectors, sparse_map in iter_point_windows(chunks, dense, sparse, window):
-            stop = start + len(items)
-            rows = (todo[np.searchsorted(todo, start):np.searchsorted(todo, stop)] - start).tolist()
-            for b in range(0, len(rows), config.index_batch_size):
-                raise_if_stopped()
-                part = rows[b:b + config.index_batch_size]
-                digests = {r: digest_of(r, items, vectors, sparse_map) for r in part}
-                upserted += writer.upsert(point_batch(collection, items, vectors, sparse_map, part, digests))
-                if progress is not None:
-                    progress(upserted, len(todo))
-            start = stop
-        if writer.incremental:  # a fresh index never held the gone points
-            for b in range(0, len(gone), config.index_batch_size):
-                deleted += writer.delete(gone[b:b + config.index_batch_size])
-        published = writer.publish()
-    except BaseException:
-        writer.abort()
-        raise
+    if trusted and status.layout == layout and not changed and not gone:
+        mismatched = _prove(store, collection, sample, None, integrity)
+        if not mismatched:
+            if run_dir_ is not None:
+                store.keep_published(collection, run_dir_)
+            elapsed = time.perf_counter() - t0
+            return IndexResult(status="executed", action="unchanged", backend=store.backend,
+                               location=status.location, points_count=status.points_count or 0, unchanged=n,
+                               build_id=status.build_id, search_mode=None, latency_ms=elapsed * 1000,
+                               integrity=integrity, **common)
+        distrust(status.location, f"{mismatched} of {len(sample)} points read back from the index differ "
+                                  "from the stored vectors")
+        trusted = False
+
+    for attempt in range(2):
+        writer = store.writer(collection, layout, incremental=trusted, run_path=run_dir_, expected_points=n)
+        todo = np.asarray(changed if writer.incremental else range(n), dtype=np.int64)
+        upserted = deleted = 0
+        try:
+            # Pass 2: write the points pass 1 picked, window by window.
+            start = 0
+            for items, vectors, sparse_map in iter_point_windows(chunks, dense, sparse, window):
+                stop = start + len(items)
+                rows = (todo[np.searchsorted(todo, start):np.searchsorted(todo, stop)] - start).tolist()
+                for b in range(0, len(rows), config.index_batch_size):
+                    raise_if_stopped()
+                    part = rows[b:b + config.index_batch_size]
+                    digests = {r: digest_of(r, items, vectors, sparse_map) for r in part}
+                    upserted += writer.upsert(point_batch(collection, items, vectors, sparse_map, part, digests))
+                    if progress is not None:
+                        progress(upserted, len(todo))
+                start = stop
+            if writer.incremental:  # a fresh index never held the gone points
+                for b in range(0, len(gone), config.index_batch_size):
+                    deleted += writer.delete(gone[b:b + config.index_batch_size])
+            published = writer.publish()
+        except BaseException:
+            writer.abort()
+            raise
+        mismatched = _prove(store, collection, sample, published.build_id, integrity)
+        if not mismatched:
+            break
+        reason = (f"{mismatched} of {len(sample)} points read back from the new index (build "
+                  f"{published.build_id}) differ from the stored vectors")
+        if not writer.incremental or attempt:
+            raise StageError(f"{reason}, after a rebuild from nothing; the stored vectors or the disk are damaged")
+        # The copy started from carried damage the quick check did not sample: build from nothing.
+        distrust(published.location, reason)
+        trusted = False
     rows_written = len(todo)
     elapsed = time.perf_counter() - t0
+    if integrity["rebuilt"]:
+        warnings.append(f"the published index was damaged ({integrity['rebuilt']}); it was rebuilt from the stored "
+                        f"vectors as build {published.build_id}")
     if published.points_count != n:
         warnings.append(f"the index holds {published.points_count} points but the collection has {n} "
                         "chunks; re-run to resynchronise")
@@ -187,7 +255,49 @@ def index_stage(config: RunConfig, collection: str, chunks: StageRef, dense: Den
         deleted=deleted if writer.incremental else len(gone), unchanged=n - rows_written,
         latency_ms=elapsed * 1000, points_per_s=rows_written / elapsed if elapsed > 0 else 0.0,
         search_mode=published.search_mode, hnsw_build_s=published.hnsw_build_s, build_id=published.build_id,
-        segments=published.segments, **common)
+        segments=published.segments, integrity=integrity, **common)
+
+
+def _prove(store: Any, collection: str, sample: list[tuple[str, np.ndarray, dict[str, SparseVector | None]]],
+           build_id: str | None, integrity: dict[str, Any]) -> int:
+    """Read the sampled points back from the index; return how many differ from the stored vectors."""
+    from embedder.errors import IndexDamagedError
+    from embedder.io.qdrant import DENSE_VECTOR
+
+    if not sample:
+        return 0
+    try:
+        got = store.vectors(collection, [pid for pid, _, _ in sample], build_id=build_id)
+    except IndexDamagedError:
+        return len(sample)
+    bad = 0
+    for pid, dense_row, sparse_row in sample:
+        stored = got.get(pid)
+        if stored is None or not _same_dense(stored.get(DENSE_VECTOR), dense_row) or any(
+                not _same_sparse(stored.get(name), vec) for name, vec in sparse_row.items()):
+            bad += 1
+    integrity["proof"] = {"sampled": len(sample), "mismatched": bad}
+    return bad
+
+
+def _same_dense(got: Any, want: np.ndarray) -> bool:
+    if got is None:
+        return False
+    a = np.asarray(got, dtype=np.float32)
+    norm = float(np.linalg.norm(want))
+    if a.shape != want.shape or not np.isfinite(a).all() or norm == 0.0:
+        return False
+    return bool(np.allclose(a, want / norm, atol=_DENSE_ATOL))
+
+
+def _same_sparse(got: SparseVector | None, want: SparseVector | None) -> bool:
+    if want is None or not want.nnz:
+        return got is None or not got.indices  # an empty vector is not stored
+    if got is None:
+        return False
+    a = dict(zip(got.indices, got.values, strict=True))
+    b = dict(zip(want.indices, want.values, strict=True))
+    return a.keys() == b.keys() and all(np.isclose(a[k], b[k], rtol=_SPARSE_RTOL, atol=1e-7) for k in b)
 
 
 def index_section(index: IndexResult | None, error: str | None, chunk_count: int) -> SummarySection:

@@ -126,19 +126,6 @@ def test_a_small_edit_to_a_real_collection_costs_a_fraction_of_the_first_run(tmp
         second.performance_baseline.latency_seconds, first.performance_baseline.latency_seconds)
 
 
-@pytest.fixture(scope="module")
-def tiny_dense_model(tmp_path_factory, _tiny_ce_master: Path) -> Path:
-    """A 64-dim sentence-transformers model built from the tiny BERT: another model, another dimension."""
-    from sentence_transformers import SentenceTransformer, models
-
-    word = models.Transformer(str(_tiny_ce_master), max_seq_length=128)
-    dim = (getattr(word, "get_embedding_dimension", None) or word.get_word_embedding_dimension)()
-    model = SentenceTransformer(modules=[word, models.Pooling(dim, "mean")])
-    path = tmp_path_factory.mktemp("tiny-dense") / "model"
-    model.save(str(path))
-    return path
-
-
 def test_a_model_change_builds_a_new_index_and_a_failed_switch_leaves_the_old_set(tmp_path, tiny_dense_model,
                                                                                    monkeypatch):
     from embedder.io import edge_store

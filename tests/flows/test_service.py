@@ -236,3 +236,61 @@ def test_the_service_conforms_to_its_openapi_document(two_services):
             case.call_and_validate()
 
         check()
+
+
+# Requests as a fuzzer or a broken client sends them, raw: each must be a 4xx naming what is wrong, never a 500,
+# and the answer must not echo what was sent.
+HOSTILE = [
+    b'{"collection": "sample", "query": "bees\\u0000 \\ud83d\\udc1d"}',  # NUL beside an emoji
+    b'{"collection": "sample", "query": "bees \\ud800 honey"}',  # a lone surrogate
+    b'{"collection": "sample", "query": "bees", "top_k": NaN}',
+    b'{"collection": "sample", "query": "bees", "top_k": Infinity}',
+    b'{"collection": "sample", "query": "bees", "top_k": -Infinity}',
+    b'{"collection": "sample", "query": "bees", "top_k": 1e400}',
+    b'{"collection": "sample", "query": "bees", "top_k": 1' + b"0" * 400 + b"}",
+    b'{"collection": "sample", "query": "bees", "rerank": "perhaps"}',
+    b'{"collection": "../sample", "query": "bees"}',
+    b'{"collection": "sam\\u0000ple", "query": "bees"}',
+    b'{"collection": "sample", "query": "' + b"x" * 5_000_000 + b'"}',
+    b'{"collection": "sample", "query": "   "}',
+    b'{"collection": "sample", "query": "bees"',
+    b"[" * 100_000 + b"]" * 100_000,
+    b"\xff\xfe\x00garbage",
+    b"",
+]
+
+
+@pytest.mark.slow
+def test_hostile_requests_get_a_4xx_naming_the_field_never_a_500(two_services):
+    for body in HOSTILE:
+        r = httpx.post(f"{two_services[0]}/search", content=body, headers={"content-type": "application/json"},
+                       timeout=60)
+        assert 400 <= r.status_code < 500, (body[:80], r.status_code, r.text[:500])
+        assert len(r.content) < 4096, (body[:80], len(r.content))
+        if r.status_code == 422 and b'"collection": "sample", "query": "bees"' in body:
+            assert any(e["loc"][-1] in ("top_k", "rerank") for e in r.json()["detail"]), r.text
+    assert _search(two_services[0], 0) == 200 and _search(two_services[1], 1) == 200  # both still serve
+
+
+@pytest.mark.slow
+def test_a_dense_model_switch_under_load_never_pairs_one_runs_query_model_with_the_others_index(
+        two_services, run_output, tiny_dense_model):
+    """MiniLM (384) to a 64-dim model and back, while two service processes answer concurrent searches."""
+    from embedder.io.edge_store import EdgeStore
+    from flows.embed_collections import embed_collections
+
+    cfg, _ = run_output
+    dims = []
+    with ThreadPoolExecutor(9) as pool:
+        codes: list[int] = []
+        for model in (str(tiny_dense_model), cfg.dense_model):
+            switch = pool.submit(embed_collections, cfg.model_copy(update={"dense_model": model}))
+            i = 0
+            while not switch.done() or i < 24:
+                codes.extend(pool.map(lambda j: _search(two_services[j % 2], j), range(i, i + 8)))
+                i += 8
+            [summary] = switch.result()
+            assert summary.status == "completed" and summary.index_run["action"] == "rebuilt"
+            dims.append(EdgeStore(cfg.output_dir).status("sample").layout.dense_dim)
+    assert dims == [64, 384]
+    assert codes == [200] * len(codes) and len(codes) >= 48

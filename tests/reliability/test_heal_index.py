@@ -1,0 +1,225 @@
+"""A damaged published index, as a disk error, a stray process or a crash leaves it.
+
+Search refuses to serve it (a clear error naming the fix), ``verify`` names it,
+and the next run rebuilds it from the stored vectors (embedding nothing): the
+run ends ``completed``, says what it healed, and search answers as before the damage.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from embedder.errors import VectorIndexError
+from embedder.settings import CollectionInput, RunConfig
+from tests.conftest import REPO, SAMPLE_DIR
+
+pytestmark = [pytest.mark.usefixtures("prefect_harness"), pytest.mark.slow]
+
+QUERIES = ["how do bees make honey", "volcano eruption and lava", "tides and the moon", "espresso extraction"]
+
+
+def _config(out: Path, src: Path = SAMPLE_DIR) -> RunConfig:
+    return RunConfig(collections=[CollectionInput(name="sample", path=str(src))], output_dir=str(out),
+                     local_files_only=True, enable_rerank=False)
+
+
+def _run(config: RunConfig):  # noqa: ANN202
+    from flows.embed_collections import embed_collections
+
+    [summary] = embed_collections(config)
+    return summary
+
+
+def answers(out: Path) -> list[list[tuple[str, float]]]:
+    """What `search` answers to a few queries: ids and scores, best first (ties by id: equal RRF scores have
+    no order of their own, and a rebuilt shard may list them in another)."""
+    from embedder.service import SearchRequest, search_collection
+
+    return [ranked([(h.id, h.score) for h in search_collection(
+        out, SearchRequest(collection="sample", query=q, top_k=5, rerank=False)).hits]) for q in QUERIES]
+
+
+def ranked(hits: list[tuple[str, float]]) -> list[tuple[str, float]]:
+    """Hits rounded and ordered by score, then id."""
+    return sorted(((i, round(s, 4)) for i, s in hits), key=lambda h: (-h[1], h[0]))
+
+
+def _dense(out: Path) -> tuple[list[str], np.ndarray]:
+    table = pq.read_table(out / "sample" / "dense.parquet")
+    return table["id"].to_pylist(), np.stack(table["vector"].to_numpy(zero_copy_only=False))
+
+
+@pytest.fixture(scope="module")
+def baseline(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list]:
+    """One clean run of the sample collection and what search answered after it."""
+    out = tmp_path_factory.mktemp("baseline") / "out"
+    assert _run(_config(out)).status == "completed"
+    return out, answers(out)
+
+
+def _copy(baseline_out: Path, tmp_path: Path) -> Path:
+    out = tmp_path / "out"
+    shutil.copytree(baseline_out, out, symlinks=True)
+    return out
+
+
+def _shard(out: Path) -> Path:
+    from embedder.io.edge_store import EdgeStore
+
+    return EdgeStore(out).shard_dir("sample")
+
+
+def _one(shard: Path, pattern: str) -> Path:
+    [path] = sorted(shard.glob(pattern))[:1]
+    return path
+
+
+def _damage(shard: Path, what: str, out: Path) -> Path:
+    rng = np.random.default_rng(3)
+    if what == "index manifest garbage":
+        path = out / "sample" / "current" / "index.json"
+        path.write_bytes(b'{"format": 1, "shard": ' + bytes(rng.integers(0, 256, 64, dtype=np.uint8)))
+        return path
+    targets = {
+        "vector file, first MiB random": "segments/*/vector_storage-dense/vectors/chunk_0.mmap",
+        "vector file truncated": "segments/*/vector_storage-dense/vectors/chunk_0.mmap",
+        "id tracker garbage": "segments/*/*id_tracker*",
+        "segment.json garbage": "segments/*/segment.json",
+        "payload page missing": "segments/*/payload_storage/page_0.dat",
+        "checksum manifest garbage": "checksums.json",
+    }
+    path = _one(shard, targets[what])
+    data = bytearray(path.read_bytes())
+    if what.endswith("first MiB random"):
+        data[: 1 << 20] = rng.integers(0, 256, min(len(data), 1 << 20), dtype=np.uint8).tobytes()
+    elif what.endswith("truncated"):
+        data = data[: len(data) // 2]
+    elif what.endswith("missing"):
+        path.unlink()
+        return path
+    else:  # garbage over the middle
+        at = len(data) // 3
+        data[at:at + 4096] = rng.integers(0, 256, min(4096, len(data) - at), dtype=np.uint8).tobytes()
+    path.write_bytes(bytes(data))
+    return path
+
+
+@pytest.mark.parametrize("what", ["vector file, first MiB random", "vector file truncated", "id tracker garbage",
+                                  "segment.json garbage", "payload page missing", "checksum manifest garbage",
+                                  "index manifest garbage"])
+def test_a_damaged_index_is_refused_reported_and_rebuilt_from_the_stored_vectors(what, baseline, tmp_path):
+    from embedder.verify import verify_collection
+
+    clean_out, clean_answers = baseline
+    out = _copy(clean_out, tmp_path)
+    shard = _shard(out)
+    damaged = _damage(shard, what, out)
+
+    # Nothing wrong is served: search refuses with the fix, and a full scrub names the file.
+    with pytest.raises(VectorIndexError, match="embed-collections run"):
+        answers(out)
+    report = verify_collection(out, "sample")
+    [index] = [f for f in report.damaged if f.kind == "index"]
+    assert Path(index.path).name == damaged.name
+    # The manifest lies in the run set, which is sealed too: its scrub names it a second time.
+    assert [f.kind for f in report.damaged] == ["index"] + (["run set"] if damaged.name == "index.json" else [])
+
+    summary = _run(_config(out))
+    assert summary.status == "completed", summary.warnings
+    assert summary.index_run["action"] == "rebuilt" and summary.index_run["points_count"] == 50
+    assert summary.dense_run.total_embeddings_generated == 0  # rebuilt from the stored vectors
+    assert summary.integrity.damaged >= 1 and [r["what"] for r in summary.integrity.rebuilt] == ["index"]
+    assert summary.integrity.rebuilt[0]["build"] == summary.index_run["build_id"] != shard.name
+    assert any("rebuilt from the stored vectors" in w for w in summary.warnings), summary.warnings
+
+    assert answers(out) == clean_answers
+    assert verify_collection(out, "sample").damaged == []
+    ids, vectors = _dense(out)
+    clean_ids, clean_vectors = _dense(clean_out)
+    assert ids == clean_ids and np.allclose(vectors, clean_vectors, atol=1e-6)
+
+
+def test_vectors_that_passed_their_checksums_but_differ_are_caught_by_the_read_back(baseline, tmp_path):
+    """Damage before the seal (a bad write the checksums then recorded): only reading the points back shows it."""
+    from embedder.io.integrity import write_checksums
+
+    clean_out, clean_answers = baseline
+    out = _copy(clean_out, tmp_path)
+    shard = _shard(out)
+    path = _one(shard, "segments/*/vector_storage-dense/vectors/chunk_0.mmap")
+    with open(path, "r+b") as fh:  # the third stored vector, scaled: still finite, no longer the stored one
+        fh.seek(2 * 384 * 4)
+        row = np.frombuffer(fh.read(384 * 4), dtype=np.float32).copy()
+        row[:64] = -row[:64]
+        fh.seek(2 * 384 * 4)
+        fh.write(row.tobytes())
+    write_checksums(shard)
+
+    summary = _run(_config(out))  # nothing changed in the input: an "unchanged" run, but it reads points back
+    assert summary.status == "completed"
+    assert summary.index_run["action"] == "rebuilt"
+    damage = summary.index_run["integrity"]["damaged"]
+    assert any("1 of 50 points read back from the index differ" in d["reason"] for d in damage), damage
+    assert summary.index_run["integrity"]["proof"] == {"sampled": 50, "mismatched": 0}  # the new build
+    assert answers(out) == clean_answers
+
+
+# The real CLI, killed by SIGKILL right after the index stage's first write into its new shard.
+KILL_IN_INDEX_BUILD = """
+import os, signal, sys
+from embedder.io import edge_store
+real = edge_store.EdgeIndexWriter.upsert
+def upsert(self, batch):
+    n = real(self, batch)
+    print("KILLING IN INDEX BUILD", self.path, flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)
+edge_store.EdgeIndexWriter.upsert = upsert
+from flows.cli import main
+sys.argv = ["embed-collections", *sys.argv[1:]]
+main()
+"""
+
+
+def test_sigkill_during_the_shard_build_serves_the_old_index_and_the_next_run_cleans_up(baseline, tmp_path):
+    clean_out, clean_answers = baseline
+    out = _copy(clean_out, tmp_path)
+    edited = tmp_path / "edited"
+    shutil.copytree(SAMPLE_DIR, edited)
+    chunks = json.loads((edited / "tides_chunks.json").read_text())
+    chunks[0]["text"] += " Spring tides follow the new and the full moon."
+    (edited / "tides_chunks.json").write_text(json.dumps(chunks))
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "home")}
+    env.pop("PREFECT_API_URL", None)
+    with open(tmp_path / "crash.log", "w") as log:
+        crashed = subprocess.Popen([sys.executable, "-c", KILL_IN_INDEX_BUILD, "run", "--input", str(edited),
+                                    "--collection", "sample", "--output-dir", str(out), "--local-files-only",
+                                    "--disable-rerank"], env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
+    try:
+        crashed.wait(timeout=400)
+    finally:
+        try:
+            os.killpg(crashed.pid, signal.SIGKILL)  # its temporary server outlives it
+        except ProcessLookupError:
+            pass
+    assert crashed.returncode == -signal.SIGKILL, (tmp_path / "crash.log").read_text()[-3000:]
+    shards = out / "sample" / "index" / "shards"
+    leftovers = {p.name for p in shards.iterdir() if p.is_dir()} - {_shard(out).name}
+    assert leftovers and all((shards / f"{name}.building").exists() for name in leftovers)
+
+    assert answers(out) == clean_answers  # the killed build never reached readers
+    summary = _run(_config(out, edited))
+    assert summary.status == "completed" and summary.index_run["action"] == "incremental"
+    assert not any((shards / name).exists() or (shards / f"{name}.building").exists() for name in leftovers)
+    back = _run(_config(out))  # and back to the original input: the answers are the clean run's again
+    assert back.status == "completed" and answers(out) == clean_answers
