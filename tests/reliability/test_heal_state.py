@@ -288,3 +288,41 @@ def test_two_runs_with_separate_prefect_homes_queue_on_the_output_dir(tmp_path):
     spans = sorted((json.loads((p / "run.json").read_text())["started_at"],
                     (p / "processing_summary.json").stat().st_mtime) for p in runs.iterdir() if p.is_dir())
     assert len(spans) == 2 and spans[0][1] <= spans[1][0]
+
+
+def test_verify_names_the_damage_and_repair_heals_it_through_a_run(clean, tmp_path):
+    """`embed-collections verify` as a user runs it: a table and exit 1; `--repair`; then sound, exit 0."""
+    clean_out, clean_answers = clean
+    out = tmp_path / "out"
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "home")}
+    env.pop("PREFECT_API_URL", None)
+    cli = [sys.executable, "-m", "flows.cli"]
+    first = subprocess.run([*cli, "run", "--input", str(SAMPLE_DIR), "--collection", "sample", "--output-dir",
+                            str(out), "--local-files-only", "--disable-rerank"], env=env, cwd=REPO,
+                           capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr[-3000:]
+    [part] = sorted((out / "sample" / ".stages" / "vectors").glob("*/part-*.parquet"))[:1]
+    _damage(part, "garbage")
+    sparse = _stage_file(out, "sparse", "sparse-*.jsonl")
+    _damage(sparse, "truncated")
+
+    found = subprocess.run([*cli, "verify", "--output-dir", str(out)], env=env, cwd=REPO, capture_output=True,
+                           text=True, timeout=600)
+    assert found.returncode == 1, found.stdout + found.stderr
+    assert "2 DAMAGED" in found.stdout and part.name in found.stdout and str(sparse.parent) in found.stdout
+    assert "verify --repair" in found.stderr
+    as_json = subprocess.run([*cli, "verify", "--output-dir", str(out), "--json"], env=env, cwd=REPO,
+                             capture_output=True, text=True, timeout=600)
+    [report] = json.loads(as_json.stdout)
+    assert sorted(d["kind"] for d in report["damaged"]) == ["stage directory", "vector part"]
+
+    repaired = subprocess.run([*cli, "verify", "--output-dir", str(out), "--collection", "sample", "--repair"],
+                              env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert repaired.returncode == 0, repaired.stdout[-3000:] + repaired.stderr[-3000:]
+    assert repaired.stdout.count("set aside: ") == 2 and "after the repair run:" in repaired.stdout
+    assert repaired.stdout.rstrip().splitlines()[-1].endswith("sound")
+    again = subprocess.run([*cli, "verify", "--output-dir", str(out)], env=env, cwd=REPO, capture_output=True,
+                           text=True, timeout=600)
+    assert again.returncode == 0 and "sound" in again.stdout
+    _same_exports(out, clean_out)
+    assert answers(out) == clean_answers
