@@ -181,3 +181,13 @@ def tiny_dense_model(tmp_path_factory, _tiny_ce_master: Path) -> Path:
     path = tmp_path_factory.mktemp("tiny-dense") / "model"
     model.save(str(path))
     return path
+
+
+@pytest.fixture(scope="session")
+def clean_sample_run(tmp_path_factory: pytest.TempPathFactory, prefect_harness) -> tuple[Path, list]:
+    """One clean run of the sample collection (read it, never write it) and what search answered after it."""
+    from tests.helpers.sample_runs import answers, run_one, sample_config
+
+    out = tmp_path_factory.mktemp("clean-sample") / "out"
+    assert run_one(sample_config(out)).status == "completed"
+    return out, answers(out)

@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
 import textwrap
+from pathlib import Path
+
+from tests.conftest import REPO
 
 
 def cli_with_dense_hook(body: str) -> str:
@@ -27,3 +34,21 @@ from flows.cli import main
 sys.argv = ["embed-collections", *sys.argv[1:]]
 main()
 """
+
+
+def run_until_killed(script: str, args: list[str], env: dict[str, str], log_path: Path,
+                     timeout_s: float = 400) -> int:
+    """Run ``python -c script *args`` (a CLI that kills itself) to its end; return its exit status.
+
+    Its process group is killed afterwards: the temporary Prefect server outlives a SIGKILLed CLI.
+    """
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([sys.executable, "-c", script, *args], env=env, cwd=REPO, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        return proc.wait(timeout=timeout_s)
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO, SAMPLE_DIR, SAMPLE_QUERIES
-from tests.helpers.wrapped_cli import cli_with_dense_hook
+from tests.helpers.wrapped_cli import cli_with_dense_hook, run_until_killed
 
 pytestmark = pytest.mark.slow
 
@@ -54,18 +54,8 @@ def test_sigkill_during_rerank_then_rerun_resumes_identically(tmp_path, tiny_cro
     clean = subprocess.Popen([sys.executable, "-m", "flows.cli", *_args(ref, tiny_cross_encoder)],
                              env=_env(tmp_path / "home-ref"), cwd=REPO, stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    with open(log_path, "w") as log:
-        crashed = subprocess.Popen([sys.executable, "-c", KILL_IN_RERANK, *_args(out, tiny_cross_encoder)],
-                                   env=_env(home), cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
-                                   start_new_session=True)
-    try:
-        crashed.wait(timeout=300)
-    finally:
-        try:
-            os.killpg(crashed.pid, signal.SIGKILL)  # its temporary server outlives it
-        except ProcessLookupError:
-            pass
-    assert crashed.returncode == -signal.SIGKILL and "KILLING IN RERANK" in log_path.read_text()
+    killed = run_until_killed(KILL_IN_RERANK, _args(out, tiny_cross_encoder), _env(home), log_path, 300)
+    assert killed == -signal.SIGKILL and "KILLING IN RERANK" in log_path.read_text()
     assert not (out / "crash" / "processing_summary.json").exists()
 
     rerun = subprocess.run([sys.executable, "-m", "flows.cli", *_args(out, tiny_cross_encoder)], env=_env(home),

@@ -11,8 +11,6 @@ import json
 import os
 import shutil
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,51 +18,15 @@ import pyarrow.parquet as pq
 import pytest
 
 from embedder.errors import VectorIndexError
-from embedder.settings import CollectionInput, RunConfig
-from tests.conftest import REPO, SAMPLE_DIR
+from tests.conftest import SAMPLE_DIR
+from tests.helpers.sample_runs import answers, run_one, sample_config
+from tests.helpers.wrapped_cli import run_until_killed
 
 pytestmark = [pytest.mark.usefixtures("prefect_harness"), pytest.mark.slow]
-
-QUERIES = ["how do bees make honey", "volcano eruption and lava", "tides and the moon", "espresso extraction"]
-
-
-def _config(out: Path, src: Path = SAMPLE_DIR) -> RunConfig:
-    return RunConfig(collections=[CollectionInput(name="sample", path=str(src))], output_dir=str(out),
-                     local_files_only=True, enable_rerank=False)
-
-
-def _run(config: RunConfig):  # noqa: ANN202
-    from flows.embed_collections import embed_collections
-
-    [summary] = embed_collections(config)
-    return summary
-
-
-def answers(out: Path) -> list[list[tuple[str, float]]]:
-    """What `search` answers to a few queries: ids and scores, best first (ties by id: equal RRF scores have
-    no order of their own, and a rebuilt shard may list them in another)."""
-    from embedder.service import SearchRequest, search_collection
-
-    return [ranked([(h.id, h.score) for h in search_collection(
-        out, SearchRequest(collection="sample", query=q, top_k=5, rerank=False)).hits]) for q in QUERIES]
-
-
-def ranked(hits: list[tuple[str, float]]) -> list[tuple[str, float]]:
-    """Hits rounded and ordered by score, then id."""
-    return sorted(((i, round(s, 4)) for i, s in hits), key=lambda h: (-h[1], h[0]))
-
 
 def _dense(out: Path) -> tuple[list[str], np.ndarray]:
     table = pq.read_table(out / "sample" / "dense.parquet")
     return table["id"].to_pylist(), np.stack(table["vector"].to_numpy(zero_copy_only=False))
-
-
-@pytest.fixture(scope="module")
-def baseline(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list]:
-    """One clean run of the sample collection and what search answered after it."""
-    out = tmp_path_factory.mktemp("baseline") / "out"
-    assert _run(_config(out)).status == "completed"
-    return out, answers(out)
 
 
 def _copy(baseline_out: Path, tmp_path: Path) -> Path:
@@ -117,10 +79,10 @@ def _damage(shard: Path, what: str, out: Path) -> Path:
 @pytest.mark.parametrize("what", ["vector file, first MiB random", "vector file truncated", "id tracker garbage",
                                   "segment.json garbage", "payload page missing", "checksum manifest garbage",
                                   "index manifest garbage"])
-def test_a_damaged_index_is_refused_reported_and_rebuilt_from_the_stored_vectors(what, baseline, tmp_path):
+def test_a_damaged_index_is_refused_reported_and_rebuilt_from_the_stored_vectors(what, clean_sample_run, tmp_path):
     from embedder.verify import verify_collection
 
-    clean_out, clean_answers = baseline
+    clean_out, clean_answers = clean_sample_run
     out = _copy(clean_out, tmp_path)
     shard = _shard(out)
     damaged = _damage(shard, what, out)
@@ -134,7 +96,7 @@ def test_a_damaged_index_is_refused_reported_and_rebuilt_from_the_stored_vectors
     # The manifest lies in the run set, which is sealed too: its scrub names it a second time.
     assert [f.kind for f in report.damaged] == ["index"] + (["run set"] if damaged.name == "index.json" else [])
 
-    summary = _run(_config(out))
+    summary = run_one(sample_config(out))
     assert summary.status == "completed", summary.warnings
     assert summary.index_run["action"] == "rebuilt" and summary.index_run["points_count"] == 50
     assert summary.dense_run.total_embeddings_generated == 0  # rebuilt from the stored vectors
@@ -149,11 +111,11 @@ def test_a_damaged_index_is_refused_reported_and_rebuilt_from_the_stored_vectors
     assert ids == clean_ids and np.allclose(vectors, clean_vectors, atol=1e-6)
 
 
-def test_vectors_that_passed_their_checksums_but_differ_are_caught_by_the_read_back(baseline, tmp_path):
+def test_vectors_that_passed_their_checksums_but_differ_are_caught_by_the_read_back(clean_sample_run, tmp_path):
     """Damage before the seal (a bad write the checksums then recorded): only reading the points back shows it."""
     from embedder.io.integrity import write_checksums
 
-    clean_out, clean_answers = baseline
+    clean_out, clean_answers = clean_sample_run
     out = _copy(clean_out, tmp_path)
     shard = _shard(out)
     path = _one(shard, "segments/*/vector_storage-dense/vectors/chunk_0.mmap")
@@ -165,7 +127,7 @@ def test_vectors_that_passed_their_checksums_but_differ_are_caught_by_the_read_b
         fh.write(row.tobytes())
     write_checksums(shard)
 
-    summary = _run(_config(out))  # nothing changed in the input: an "unchanged" run, but it reads points back
+    summary = run_one(sample_config(out))  # nothing changed in the input: an "unchanged" run, but it reads points back
     assert summary.status == "completed"
     assert summary.index_run["action"] == "rebuilt"
     damage = summary.index_run["integrity"]["damaged"]
@@ -190,8 +152,8 @@ main()
 """
 
 
-def test_sigkill_during_the_shard_build_serves_the_old_index_and_the_next_run_cleans_up(baseline, tmp_path):
-    clean_out, clean_answers = baseline
+def test_sigkill_during_the_shard_build_serves_the_old_index_and_the_next_run_cleans_up(clean_sample_run, tmp_path):
+    clean_out, clean_answers = clean_sample_run
     out = _copy(clean_out, tmp_path)
     edited = tmp_path / "edited"
     shutil.copytree(SAMPLE_DIR, edited)
@@ -200,26 +162,17 @@ def test_sigkill_during_the_shard_build_serves_the_old_index_and_the_next_run_cl
     (edited / "tides_chunks.json").write_text(json.dumps(chunks))
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "home")}
     env.pop("PREFECT_API_URL", None)
-    with open(tmp_path / "crash.log", "w") as log:
-        crashed = subprocess.Popen([sys.executable, "-c", KILL_IN_INDEX_BUILD, "run", "--input", str(edited),
-                                    "--collection", "sample", "--output-dir", str(out), "--local-files-only",
-                                    "--disable-rerank"], env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
-                                   start_new_session=True)
-    try:
-        crashed.wait(timeout=400)
-    finally:
-        try:
-            os.killpg(crashed.pid, signal.SIGKILL)  # its temporary server outlives it
-        except ProcessLookupError:
-            pass
-    assert crashed.returncode == -signal.SIGKILL, (tmp_path / "crash.log").read_text()[-3000:]
+    killed = run_until_killed(KILL_IN_INDEX_BUILD, ["run", "--input", str(edited), "--collection", "sample",
+                                                    "--output-dir", str(out), "--local-files-only",
+                                                    "--disable-rerank"], env, tmp_path / "crash.log")
+    assert killed == -signal.SIGKILL, (tmp_path / "crash.log").read_text()[-3000:]
     shards = out / "sample" / "index" / "shards"
     leftovers = {p.name for p in shards.iterdir() if p.is_dir()} - {_shard(out).name}
     assert leftovers and all((shards / f"{name}.building").exists() for name in leftovers)
 
     assert answers(out) == clean_answers  # the killed build never reached readers
-    summary = _run(_config(out, edited))
+    summary = run_one(sample_config(out, edited))
     assert summary.status == "completed" and summary.index_run["action"] == "incremental"
     assert not any((shards / name).exists() or (shards / f"{name}.building").exists() for name in leftovers)
-    back = _run(_config(out))  # and back to the original input: the answers are the clean run's again
+    back = run_one(sample_config(out))  # and back to the original input: the answers are the clean run's again
     assert back.status == "completed" and answers(out) == clean_answers

@@ -23,31 +23,11 @@ import pytest
 
 from embedder.errors import EmbedderError
 from embedder.io.writers import read_jsonl_records
-from embedder.settings import CollectionInput, RunConfig
 from tests.conftest import REPO, SAMPLE_DIR
+from tests.helpers.sample_runs import answers, ranked, run_one, sample_config
 from tests.helpers.wrapped_cli import cli_with_dense_hook
-from tests.reliability.test_heal_index import answers, ranked
 
 pytestmark = [pytest.mark.usefixtures("prefect_harness"), pytest.mark.slow]
-
-
-def _config(out: Path, **kw: object) -> RunConfig:
-    return RunConfig(collections=[CollectionInput(name="sample", path=str(SAMPLE_DIR))], output_dir=str(out),
-                     local_files_only=True, enable_rerank=False, **kw)
-
-
-def _run(config: RunConfig):  # noqa: ANN202
-    from flows.embed_collections import embed_collections
-
-    [summary] = embed_collections(config)
-    return summary
-
-
-@pytest.fixture(scope="module")
-def clean(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list]:
-    out = tmp_path_factory.mktemp("clean") / "out"
-    assert _run(_config(out)).status == "completed"
-    return out, answers(out)
 
 
 def _same_exports(out: Path, clean_out: Path) -> None:
@@ -92,19 +72,20 @@ def _damage(path: Path, how: str) -> None:
     ("load", "result.json", "garbage"),
     ("dense", "checksums.json", "missing"),
 ])
-def test_a_damaged_stage_directory_is_set_aside_and_the_stage_runs_again(stage, pattern, how, clean, tmp_path):
+def test_a_damaged_stage_directory_is_set_aside_and_the_stage_runs_again(stage, pattern, how, clean_sample_run,
+                                                                         tmp_path):
     from embedder.io.integrity import check_dir
     from embedder.verify import verify_collection
 
-    clean_out, clean_answers = clean
+    clean_out, clean_answers = clean_sample_run
     out = tmp_path / "out"
-    assert _run(_config(out)).status == "completed"
+    assert run_one(sample_config(out)).status == "completed"
     path = _stage_file(out, stage, pattern)
     _damage(path, how)
     if pattern != "checksums.json":  # a directory without checksums is one verify cannot judge, and a run distrusts
         assert "stage directory" in {f.kind for f in verify_collection(out, "sample").damaged}
 
-    summary = _run(_config(out))  # the nightly re-run, same input: every stage would be served from its store
+    summary = run_one(sample_config(out))  # the nightly re-run, same input: every stage would be served from its store
     assert summary.status == "completed", summary.warnings
     [q] = [q for q in summary.integrity.quarantined if q["stage"] == stage]
     assert f".stages/quarantine/{stage}/" in q["file"] and Path(q["file"]).is_dir()
@@ -141,15 +122,15 @@ class _VectorStoreDisk:
 
 
 def test_a_full_disk_while_the_vector_store_is_written_fails_cleanly_and_the_next_run_heals(
-        clean, tmp_path, monkeypatch):
+        clean_sample_run, tmp_path, monkeypatch):
     from embedder.io import vector_cache
     from embedder.verify import verify_collection
 
-    clean_out, clean_answers = clean
+    clean_out, clean_answers = clean_sample_run
     out = tmp_path / "out"
     monkeypatch.setattr(vector_cache, "pq", _VectorStoreDisk())
     with pytest.raises(EmbedderError, match="dense"):
-        _run(_config(out))
+        run_one(sample_config(out))
     failed = json.loads((out / "sample" / "processing_summary.json").read_text())
     assert failed["status"] == "failed" and failed["failed_stage"] == "dense"
     assert any("No space left on device" in w for w in failed["warnings"]), failed["warnings"]
@@ -158,20 +139,20 @@ def test_a_full_disk_while_the_vector_store_is_written_fails_cleanly_and_the_nex
     assert verify_collection(out, "sample").damaged == []
 
     monkeypatch.undo()  # the disk has room again
-    summary = _run(_config(out))
+    summary = run_one(sample_config(out))
     assert summary.status == "completed" and summary.dense_run.total_embeddings_generated == 50
     _same_exports(out, clean_out)
     assert answers(out) == clean_answers
 
 
 def test_a_full_disk_in_export_after_a_model_switch_never_takes_the_last_good_index_out_of_service(
-        clean, tmp_path, tiny_dense_model, monkeypatch):
+        clean_sample_run, tmp_path, tiny_dense_model, monkeypatch):
     from embedder import report
     from embedder.io.runset import current_run
 
-    clean_out, clean_answers = clean
+    clean_out, clean_answers = clean_sample_run
     out = tmp_path / "out"
-    first = _run(_config(out))
+    first = run_one(sample_config(out))
     good_set = current_run(out, "sample")
     real_link = report._link_atomic
 
@@ -182,7 +163,7 @@ def test_a_full_disk_in_export_after_a_model_switch_never_takes_the_last_good_in
     monkeypatch.setattr(report, "write_jsonl", full)
     monkeypatch.setattr(report, "_link_atomic", full)
     with pytest.raises(EmbedderError, match="the last good run set stays current"):
-        _run(_config(out, dense_model=str(tiny_dense_model)))
+        run_one(sample_config(out, dense_model=str(tiny_dense_model)))
     assert current_run(out, "sample") == good_set
     assert answers(out) == clean_answers  # MiniLM queries against MiniLM's index, as before
     [failed_path] = [p for p in (out / "sample" / "runs").glob("*/processing_summary.json")
@@ -195,13 +176,13 @@ def test_a_full_disk_in_export_after_a_model_switch_never_takes_the_last_good_in
     # carrying the last good exports and index, and search still uses the model that built that index.
     monkeypatch.setattr(report, "_link_atomic", real_link)
     with pytest.raises(EmbedderError, match="export"):
-        _run(_config(out, dense_model=str(tiny_dense_model)))
+        run_one(sample_config(out, dense_model=str(tiny_dense_model)))
     carried = json.loads((out / "sample" / "processing_summary.json").read_text())
     assert carried["status"] == "failed" and carried["exports_run_id"] == str(first.run_id)
     assert answers(out) == clean_answers
 
     monkeypatch.undo()
-    switched = _run(_config(out, dense_model=str(tiny_dense_model)))
+    switched = run_one(sample_config(out, dense_model=str(tiny_dense_model)))
     assert switched.status == "completed" and switched.index_run["action"] == "rebuilt"
     assert len(answers(out)[0]) == 5
 
@@ -219,8 +200,8 @@ def _read_only(out: Path, command: list[str], env: dict[str, str]) -> subprocess
         subprocess.run(["chmod", "-R", "u+w", str(out)], check=True)
 
 
-def test_search_answers_from_a_read_only_output_dir_and_a_run_into_it_fails_in_one_line(clean, tmp_path):
-    clean_out, clean_answers = clean
+def test_search_answers_from_a_read_only_output_dir_and_a_run_into_it_fails_in_one_line(clean_sample_run, tmp_path):
+    clean_out, clean_answers = clean_sample_run
     out = tmp_path / "out"
     shutil.copytree(clean_out, out, symlinks=True)
     before = os.readlink(out / "sample" / "current")
@@ -290,9 +271,9 @@ def test_two_runs_with_separate_prefect_homes_queue_on_the_output_dir(tmp_path):
     assert len(spans) == 2 and spans[0][1] <= spans[1][0]
 
 
-def test_verify_names_the_damage_and_repair_heals_it_through_a_run(clean, tmp_path):
+def test_verify_names_the_damage_and_repair_heals_it_through_a_run(clean_sample_run, tmp_path):
     """`embed-collections verify` as a user runs it: a table and exit 1; `--repair`; then sound, exit 0."""
-    clean_out, clean_answers = clean
+    clean_out, clean_answers = clean_sample_run
     out = tmp_path / "out"
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "home")}
     env.pop("PREFECT_API_URL", None)
