@@ -6,6 +6,8 @@ built-in it resembles, so callers can catch either.
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class EmbedderError(Exception):
     """Root of every error the embedder raises on purpose."""
@@ -61,7 +63,7 @@ class IndexLayoutError(VectorIndexError, ValueError):
 class CollectionsFailedError(EmbedderError):
     """One or more collections of a run failed; the others ran. Carries every collection's summary."""
 
-    def __init__(self, message: str, summaries: list | None = None) -> None:
+    def __init__(self, message: str, summaries: list[Any] | None = None) -> None:
         super().__init__(message)
         self.summaries = summaries or []
 
@@ -75,7 +77,7 @@ class RunCancelledError(EmbedderError):
             the stage can store them before it unwinds.
     """
 
-    partial: tuple | None = None
+    partial: tuple[Any, ...] | None = None
 
 
 class DamagedStoreError(EmbedderError, OSError):

@@ -65,7 +65,7 @@ def cuda_context_gb(device: str) -> float:
         return 0.0
     index = torch.device(device).index or 0
     if index not in _CONTEXT_GB:
-        torch.cuda.init()
+        torch.cuda.init()  # type: ignore[no-untyped-call]
         with torch.cuda.device(index):
             torch.empty(1, device=device)  # the context exists from the first allocation
             torch.cuda.synchronize()

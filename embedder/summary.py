@@ -153,7 +153,6 @@ class LeaseEvent(_Section):
     host: str | None = Field(None, description="The host that held the slot (EMBEDDER_HOST or its host name).")
     held_s: float | None = Field(None, description="How long the slot was held (acquired to released).")
     gpu_work_s: float | None = Field(None, description="How much of that the stage spent on GPU work.")
-    gpu_work_s: float | None = Field(None, description="How much of that the stage spent on GPU work.")
     recovery: Literal["prefect", "embedder"] | None = Field(
         None, description="What frees the slot if the holder dies: prefect (a running server's lease "
         "repossession) or embedder (its recovery on the ephemeral server, by lease id, once the pid is gone).")

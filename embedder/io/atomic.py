@@ -8,7 +8,7 @@ import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 
 def _umask() -> int:
@@ -44,11 +44,11 @@ def atomic_path(path: Path, tag: str | None = None) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def atomic_open(path: Path, mode: str = "w") -> Iterator[IO]:
+def atomic_open(path: Path, mode: str = "w") -> Iterator[IO[Any]]:
     """Open a temp file for writing that replaces ``path`` atomically on close."""
     with atomic_path(path) as tmp:
-        kwargs = {"encoding": "utf-8", "newline": "\n"} if "b" not in mode else {}
-        with open(tmp, mode, **kwargs) as fh:
+        text = "b" not in mode
+        with open(tmp, mode, encoding="utf-8" if text else None, newline="\n" if text else None) as fh:
             yield fh
 
 

@@ -51,7 +51,7 @@ from embedder.io.atomic import atomic_write_text
 from embedder.io.integrity import CheckReport, Damage, Depth, check_dir, describe, write_checksums
 from embedder.io.qdrant import DENSE_VECTOR
 from embedder.io.runset import CURRENT, RUNS, publish_run, run_dir
-from embedder.io.store import HybridQuery, IndexLayout, IndexStatus, PointBatch, PublishedIndex
+from embedder.io.store import HybridQuery, IndexLayout, IndexStatus, PointBatch, PublishedIndex, SearchMode
 from embedder.procs import owner, owner_dead
 from embedder.schemas import ScoredCandidate, SparseVector
 
@@ -184,7 +184,7 @@ class EdgeIndexWriter:
         base = self.root / SHARDS / published["shard"] if published else None
         # Same layout: start from a copy of the published shard and write only what changed.
         # The published shard itself is never opened for writing; readers keep using it.
-        self.incremental = bool(incremental and base is not None and base.is_dir()
+        self.incremental = bool(incremental and published is not None and base is not None and base.is_dir()
                                 and IndexLayout.from_json(published["layout"]) == layout)
         # Known to end up with a graph: build it a segment at a time while writing (see
         # DEFAULT_SEGMENT_POINTS); otherwise decide at publish, from the count.
@@ -193,7 +193,7 @@ class EdgeIndexWriter:
         threshold = _HNSW_INDEXING_THRESHOLD_KB if self._segmented else 0
         config = _config(layout, indexing_threshold_kb=threshold)
         try:
-            if self.incremental:
+            if self.incremental and base is not None:
                 shutil.copytree(base, self.path)
                 self._shard: Any = _edge().EdgeShard.load(str(self.path), config)
             else:
@@ -249,7 +249,7 @@ class EdgeIndexWriter:
         qe = _edge()
         self._shard.flush()
         count = int(self._shard.count(qe.CountRequest(exact=True)))
-        mode = "exact"
+        mode: SearchMode = "exact"
         if count >= self.store.hnsw_min_points:
             if not self._segmented:  # the count was not known up front: reopen with indexing on
                 self._shard.close()
@@ -339,6 +339,8 @@ class EdgeStore:
             data = json.loads(path.read_bytes())
             IndexLayout.from_json(data["layout"])
             str(data["shard"])
+            if not isinstance(data, dict):
+                raise TypeError("not a JSON object")
         except FileNotFoundError:
             return None
         except (OSError, ValueError, KeyError, TypeError) as exc:

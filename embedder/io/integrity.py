@@ -24,7 +24,7 @@ import random
 import shutil
 import time
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -61,7 +61,7 @@ class CheckReport:
 
     files_checked: int = 0
     bytes_read: int = 0
-    damaged: list[Damage] | None = None
+    damaged: list[Damage] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -135,7 +135,7 @@ def check(root: str | Path, manifest: Mapping[str, Any], depth: Depth = "quick",
         rng: Where the sample's randomness comes from (tests pass a seeded one).
     """
     base = Path(root)
-    report = CheckReport(damaged=[])
+    report = CheckReport()
     todo: list[tuple[Path, str, int, str]] = []  # (path, name, block index, expected digest)
     rest: list[tuple[Path, str, int, str]] = []
     for name, entry in sorted(manifest["files"].items()):

@@ -8,7 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -54,9 +54,9 @@ def point_batch(
     collection: str,
     chunks: Sequence[Chunk],
     dense: np.ndarray,
-    sparse: dict[str, Sequence[SparseVector | None]],
+    sparse: Mapping[str, Sequence[SparseVector | None]],
     rows: Sequence[int],
-    digests: Sequence[str],
+    digests: Mapping[int, str],
 ) -> PointBatch:
     """The points of ``rows`` in columns, for a store's upsert; each payload carries its ``point_digest``."""
     idx = np.asarray(rows, dtype=np.int64)
@@ -77,7 +77,7 @@ def build_points(
     collection: str,
     chunks: Sequence[Chunk],
     dense: np.ndarray,
-    sparse: dict[str, Sequence[SparseVector | None]],
+    sparse: Mapping[str, Sequence[SparseVector | None]],
     *,
     start: int = 0,
     stop: int | None = None,

@@ -90,10 +90,10 @@ class RecordValidator:
             return reject("empty text", rid)
         if not text.strip():
             return reject("whitespace-only text", rid)
-        key = hashlib.blake2b(rid.encode("utf-8"), digest_size=16).digest()
-        if key in self._seen:
+        id_key = hashlib.blake2b(rid.encode("utf-8"), digest_size=16).digest()
+        if id_key in self._seen:
             return reject(f"duplicate id {rid!r}", rid)
-        self._seen.add(key)
+        self._seen.add(id_key)
         if len(text) > self.max_chunk_chars:
             self.truncated += 1
             metadata = {**metadata, "truncated_from_chars": len(text)}

@@ -20,6 +20,7 @@ import shutil
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 from embedder.io.atomic import atomic_write_text
 from embedder.procs import owner, owner_dead
@@ -56,9 +57,10 @@ def close_run(run_path: str | Path) -> None:
     Path(run_path, ACTIVE).unlink(missing_ok=True)
 
 
-def _run_info(path: Path) -> dict:
+def _run_info(path: Path) -> dict[str, Any]:
     try:
-        return json.loads((path / RUN_INFO).read_text(encoding="utf-8"))
+        info = json.loads((path / RUN_INFO).read_text(encoding="utf-8"))
+        return info if isinstance(info, dict) else {}
     except (OSError, ValueError):
         return {}
 

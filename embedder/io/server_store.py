@@ -53,8 +53,8 @@ class ServerIndexWriter:
         self.previous = store.physical(collection)
         existing = _layout_of(store.call(lambda c: c.get_collection(self.previous))) if self.previous else None
         self.incremental = bool(incremental and self.previous and existing == layout)
-        if self.incremental:
-            self.target = self.previous
+        if self.incremental and self.previous is not None:
+            self.target: str = self.previous
         else:
             self.target = f"{collection}--{datetime.now(UTC):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}"
             store.ensure_collection(self.target, layout)
@@ -155,7 +155,7 @@ class ServerStore:
         """The physical collection behind the name: the alias target, a plain collection of that name, or None."""
         for a in self.call(lambda c: c.get_aliases()).aliases:
             if a.alias_name == collection:
-                return a.collection_name
+                return str(a.collection_name)
         return collection if self.call(lambda c: c.collection_exists(collection)) else None
 
     def status(self, collection: str, run_set: Path | None = None) -> IndexStatus:
@@ -183,7 +183,7 @@ class ServerStore:
                 raise IndexLayoutError(
                     f"Qdrant collection {name!r} has dense dim {dim}, the model gives {layout.dense_dim}; "
                     "use another collection name or delete the old collection")
-            missing = [n for n, _ in layout.sparse if n not in dict(existing.sparse)]
+            missing = [n for n, _ in layout.sparse if existing is None or n not in dict(existing.sparse)]
             if missing:
                 raise IndexLayoutError(f"Qdrant collection {name!r} lacks sparse vectors {missing}")
             return True

@@ -283,14 +283,16 @@ def hybrid_search(store: VectorStore, collection: str, query: HybridQuery,
     from dataclasses import replace
 
     from embedder.fusion import fuse_dbsf
-    from embedder.io.qdrant import DENSE_VECTOR
 
     pinned: dict[str, Any] = {"run_set": run_set} if run_set is not None else {}
     lists = query.lists()
     weights = query.list_weights()
     if query.fusion != "dbsf" or len(lists) < 2 or not weights or all(w == 1.0 for w in weights):
         return store.query(collection, query, **pinned)
-    per_list = [store.query(collection, replace(
-        query, dense=vec if name == DENSE_VECTOR else None, sparse={} if name == DENSE_VECTOR else {name: vec},
-        weights=None, limit=query.prefetch_limit), **pinned) for name, vec in lists]
+    def one_list(name: str, vec: np.ndarray | SparseVector) -> HybridQuery:
+        if isinstance(vec, SparseVector):
+            return replace(query, dense=None, sparse={name: vec}, weights=None, limit=query.prefetch_limit)
+        return replace(query, dense=vec, sparse={}, weights=None, limit=query.prefetch_limit)
+
+    per_list = [store.query(collection, one_list(name, vec), **pinned) for name, vec in lists]
     return fuse_dbsf(per_list, weights=weights)[: query.limit]

@@ -443,11 +443,12 @@ class DenseVectorCache(_VectorParts[np.ndarray]):
             return np.zeros(len(matrix), dtype=bool)
         norms = np.linalg.norm(matrix, axis=1)
         # A zero vector is what normalising a zero embedding gives: allowed.
-        return (np.abs(norms - 1.0) > _UNIT_NORM_TOLERANCE) & (norms != 0.0)
+        off: np.ndarray = (np.abs(norms - 1.0) > _UNIT_NORM_TOLERANCE) & (norms != 0.0)
+        return off
 
     def _to_columns(self, values: Sequence[np.ndarray]) -> dict[str, pa.Array]:
         vectors = np.ascontiguousarray(np.stack(list(values)), dtype=np.float32)
-        _refuse_non_finite(np.isfinite(vectors).all(axis=1))
+        _refuse_non_finite(np.asarray(np.isfinite(vectors).all(axis=1)))
         if self._not_unit(vectors).any():
             raise ValueError("a vector of this space is not a unit vector; the dense models normalise theirs")
         return {"vector": pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1), type=pa.float32()),

@@ -43,8 +43,7 @@ def _loads(text: str | bytes) -> Any:
     """One JSON document this package wrote: orjson's speed, json's exactness where they differ."""
     # orjson reads what _dumps_bytes wrote at a few times json's speed; json reads what orjson
     # would change (long integers) or refuses.
-    long_digits = _LONG_DIGITS_BYTES if isinstance(text, bytes) else _LONG_DIGITS
-    if long_digits.search(text):
+    if _LONG_DIGITS_BYTES.search(text) if isinstance(text, bytes) else _LONG_DIGITS.search(text):
         return json.loads(text)
     try:
         return orjson.loads(text)
@@ -204,7 +203,8 @@ def vectors_of(table: pa.Table, column: str = "vector") -> np.ndarray:
     """A fixed-size-list float column as a float32 matrix."""
     col = table[column].combine_chunks()
     dim = col.type.list_size
-    return col.values.to_numpy(zero_copy_only=False).astype(np.float32, copy=False).reshape(-1, dim)
+    matrix: np.ndarray = col.values.to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
+    return matrix.reshape(-1, dim)
 
 
 class DenseParquetWriter:

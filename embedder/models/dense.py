@@ -6,7 +6,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -56,7 +56,7 @@ class DenseEncoder:
                     # Load on the CPU: exclusive_device moves it to the GPU only inside the lease.
                     with LOAD_LOCK:
                         _CACHE[key] = cast_model(SentenceTransformer(
-                            self.resolved.location, device="cpu", backend=self.backend,
+                            self.resolved.location, device="cpu", backend=cast(Any, self.backend),
                             local_files_only=self.local_files_only or self.resolved.is_local,
                         ), self.precision)
                 except Exception as exc:
@@ -92,9 +92,10 @@ class DenseEncoder:
             convert_to_tensor=True, show_progress_bar=False, device=self.device,
         )
         # numpy has no bf16: cast, then normalise in fp32 as the engine does.
-        vectors = out.float().cpu().numpy().reshape(len(texts), -1)
+        vectors: np.ndarray = out.float().cpu().numpy().reshape(len(texts), -1)
         norms = np.linalg.norm(vectors, axis=1, keepdims=True)
-        return (vectors / np.clip(norms, 1e-12, None)).astype(np.float32)
+        unit: np.ndarray = (vectors / np.clip(norms, 1e-12, None)).astype(np.float32)
+        return unit
 
 
 def check_finite(vectors: np.ndarray, encoder: Any) -> None:
@@ -156,6 +157,12 @@ def embed_dense(
     ordered = [texts[i] for i in order]
     meter = PeakMeter(encoder.device)
     meter.start()
+
+    def on_progress(done: int, total: int) -> None:
+        meter.sample()
+        if progress is not None:
+            progress(done, total)
+
     t0 = time.perf_counter()
     with exclusive_device(model, encoder.device):
         run = run_batched(
@@ -163,7 +170,7 @@ def embed_dense(
             lambda s, e: list(encoder.encode_batch(ordered[s:e])),
             batch,
             device=encoder.device,
-            on_progress=lambda done, total: (meter.sample(), progress and progress(done, total)),
+            on_progress=on_progress,
         )
     latency_s = time.perf_counter() - t0
     dim = encoder.dim

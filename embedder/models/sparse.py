@@ -242,7 +242,7 @@ class Bm25Model:
         model = self.load()
         if self._encoder is None:
             self._encoder = Bm25DocumentEncoder.checked(model.model, texts)
-        if self._encoder:
+        if isinstance(self._encoder, Bm25DocumentEncoder):
             return self._encoder.embed(texts)
         return [_to_sparse(e.indices, e.values) for e in model.embed(list(texts), batch_size=256)]
 
@@ -615,12 +615,12 @@ class SparseInference:
         self.known += len(known)
         self.failed += len(failed)
         self.fallback_count += sum(fallback)
-        for v in vectors:
-            if v is not None:
+        for vec in vectors:
+            if vec is not None:
                 self.available += 1
-                self.nnz += v.nnz
+                self.nnz += vec.nnz
             if self.inline:
-                self.docs.append(v if v is not None else SparseVector())
+                self.docs.append(vec if vec is not None else SparseVector())
         return vectors, fallback
 
     def queries(self, queries: Sequence[Query]) -> dict[str, SparseVector]:

@@ -58,8 +58,38 @@ _VECTOR_SOURCES = ("models", "batching.py", "gpu.py", "io/vector_cache.py")
 VECTOR_SCHEMA = 1
 
 
+def _code_form(path: Path) -> bytes:
+    """What of a source file decides what it computes: Python without comments, docstrings and the
+    annotations of functions (their signatures and local variables).
+
+    A typing or documentation edit then never invalidates a cache key (re-embedding a
+    collection costs GPU hours); any change to what the code does still does. Class-level
+    annotations stay: a pydantic or dataclass field's type is behaviour. Other files
+    (model data, stopwords) count byte for byte.
+    """
+    import ast
+
+    if path.suffix != ".py":
+        return path.read_bytes()
+    tree = ast.parse(path.read_bytes())
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if (isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and body
+                and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant)
+                and isinstance(body[0].value.value, str)):
+            node.body = body[1:] or [ast.Pass()]
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            node.returns = None
+            for inner in ast.walk(node):
+                if isinstance(inner, ast.arg):
+                    inner.annotation = None
+                elif isinstance(inner, ast.AnnAssign):
+                    inner.annotation = ast.Constant(None)
+    return ast.dump(tree).encode()
+
+
 def _digest(seed: str, sources: tuple[str, ...], libraries: tuple[str, ...]) -> str:
-    """sha256 over ``seed``, the files under each of ``sources`` (paths in the package) and library versions."""
+    """sha256 over ``seed``, the code of each of ``sources`` (paths in the package) and library versions."""
     from importlib import metadata
 
     h = hashlib.sha256(seed.encode())
@@ -70,7 +100,7 @@ def _digest(seed: str, sources: tuple[str, ...], libraries: tuple[str, ...]) -> 
             rel = path.relative_to(root)
             if path.is_file() and "__pycache__" not in rel.parts and path.suffix not in (".pyc", ".pyo"):
                 h.update(rel.as_posix().encode())
-                h.update(path.read_bytes())
+                h.update(_code_form(path))
     for name in libraries:
         try:
             h.update(f"{name}=={metadata.version(name)}".encode())

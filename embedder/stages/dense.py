@@ -333,7 +333,7 @@ def _fetch_all(index: Any, keys: np.ndarray) -> list[np.ndarray]:
     if any(r is None for r in rows):
         # Only a concurrent hand edit of .stages/vectors gets here: the vectors were written this run.
         raise StageError("a dense vector written by this run is missing from the vector store; re-run")
-    return rows
+    return [r for r in rows if r is not None]
 
 
 def _embed_missing(config: RunConfig, encoder: Any, work: Iterable[tuple[list[bytes], list[str]]], cache: Any,
@@ -356,7 +356,8 @@ def _embed_missing(config: RunConfig, encoder: Any, work: Iterable[tuple[list[by
     meter = PeakMeter(encoder.device)
     lease_event: dict[str, Any] | None = None
     with cache.writer(roll_after_s=config.vector_checkpoint_s) as part:
-        store = Drain(lambda item: part.add([k.decode() for k in item[0]], list(item[1])), name="dense-store")
+        store: Drain[tuple[list[bytes], np.ndarray]] = Drain(
+            lambda item: part.add([k.decode() for k in item[0]], list(item[1])), name="dense-store")
         try:
             with (gpu() if gpu is not None else contextlib.nullcontext()) as lease_event:
                 t_gpu = time.perf_counter()

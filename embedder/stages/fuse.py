@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import time
 
 from pydantic import BaseModel
@@ -48,7 +49,7 @@ def fuse_stage(config: RunConfig, collection: str, dense: DenseStageResult, spar
         queries = ({r["id"]: SparseVector(**r["sparse_vector"]) for r in read_jsonl_records(out.query_vectors.path)}
                    if out.query_vectors else {})
         lists_per_model.append(stream_sparse_candidates(
-            lambda out=out: iter_sparse_windows(out.vectors, window), [queries.get(q, SparseVector()) for q in qids],
+            functools.partial(iter_sparse_windows, out.vectors, window), [queries.get(q, SparseVector()) for q in qids],
             n, use_idf=get_spec(out.model_name, "sparse").requires_idf))
     rows = []
     # Weights follow the lists (dense, then each sparse model that ran).

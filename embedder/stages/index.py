@@ -68,7 +68,7 @@ def iter_point_windows(chunks: StageRef, dense: DenseStageResult, sparse: Sparse
     sparse_its = {o.vector_name: iter_sparse_windows(o.vectors, size) for o in sparse.outputs}
     for items in iter_chunk_windows(chunks.path, size):
         ids, vectors = next(dense_it, ([], None))
-        if ids != [c.id for c in items]:
+        if vectors is None or ids != [c.id for c in items]:
             raise StageError("dense vectors do not line up with the chunk table; re-run the dense stage")
         sparse_map = {}
         for name, it in sparse_its.items():
@@ -190,7 +190,6 @@ def index_stage(config: RunConfig, collection: str, chunks: StageRef, dense: Den
         n += len(items)
     gone = list(left)
     del left, previous
-    common = dict(batch_size=config.index_batch_size, collection=collection, warnings=warnings)
     run_dir_ = Path(run_path) if run_path is not None else None
     if trusted and status.layout == layout and not changed and not gone:
         mismatched = _prove(store, collection, sample, None, integrity)
@@ -201,7 +200,8 @@ def index_stage(config: RunConfig, collection: str, chunks: StageRef, dense: Den
             return IndexResult(status="executed", action="unchanged", backend=store.backend,
                                location=status.location, points_count=status.points_count or 0, unchanged=n,
                                build_id=status.build_id, search_mode=None, latency_ms=elapsed * 1000,
-                               integrity=integrity, **common)
+                               integrity=integrity, batch_size=config.index_batch_size, collection=collection,
+                               warnings=warnings)
         distrust(status.location, f"{mismatched} of {len(sample)} points read back from the index differ "
                                   "from the stored vectors")
         trusted = False
@@ -255,7 +255,8 @@ def index_stage(config: RunConfig, collection: str, chunks: StageRef, dense: Den
         deleted=deleted if writer.incremental else len(gone), unchanged=n - rows_written,
         latency_ms=elapsed * 1000, points_per_s=rows_written / elapsed if elapsed > 0 else 0.0,
         search_mode=published.search_mode, hnsw_build_s=published.hnsw_build_s, build_id=published.build_id,
-        segments=published.segments, integrity=integrity, **common)
+        segments=published.segments, integrity=integrity, batch_size=config.index_batch_size,
+        collection=collection, warnings=warnings)
 
 
 def _prove(store: Any, collection: str, sample: list[tuple[str, np.ndarray, dict[str, SparseVector | None]]],

@@ -19,7 +19,7 @@ from embedder.schemas import CrossEncoderRerankRun, ScoredCandidate, StageRef, S
 from embedder.settings import RunConfig
 from embedder.stages.common import Status, SummarySection, model_fingerprint, owner_parts, seal, stage_dir, stage_key
 from embedder.stages.fuse import FusionResult
-from embedder.summary import RerankRun
+from embedder.summary import RerankPayload, RerankRun
 
 
 class RerankStageResult(BaseModel):
@@ -113,11 +113,12 @@ def rerank_section(config: RunConfig, rerank_: RerankStageResult | None, error: 
         run = RerankRun(
             enabled=config.enable_rerank, executed=rerank_.status == "executed", status=rerank_.status,
             model_name=rerank_.model_name, device=rerank_.device, top_k_candidates=config.rerank_top_k_candidates,
-            rerank_top_k=config.rerank_top_k, payload=[r.model_dump(mode="json") for r in rerank_.runs],
+            rerank_top_k=config.rerank_top_k,
+            payload=[RerankPayload.model_validate(r.model_dump(mode="json")) for r in rerank_.runs],
             reason=rerank_.reason, cached=cached,
         )
     else:
-        status = "error" if error else "skipped"
+        status: Status = "error" if error else "skipped"
         run = RerankRun(enabled=config.enable_rerank, executed=False,
                         status=status if config.enable_rerank else "disabled", model_name=config.rerank_model,
                         top_k_candidates=config.rerank_top_k_candidates, rerank_top_k=config.rerank_top_k,

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 from pydantic import BaseModel, Field
@@ -38,7 +39,7 @@ from embedder.stages.common import (
     touch_space,
     vector_space,
 )
-from embedder.summary import SparseRun, SparseVectorsStats
+from embedder.summary import SparsePayload, SparseRun, SparseVectorsStats
 
 
 class SparseModelOutput(BaseModel):
@@ -148,12 +149,12 @@ def sparse_stage(config: RunConfig, collection: str, chunks: StageRef, key: str,
                 inference = SparseInference(
                     spec, model, load_error=load_error, bm25_dir=BUNDLED_DATA / "bm25", total=len(keys),
                     todo=len(keys) - reused, batch_size=window if spec.kind == "sparse-splade" else 256,
-                    progress=(lambda done, total, name=name: progress(name, done, total)) if progress else None)
+                    progress=functools.partial(progress, name) if progress else None)
                 tag = sparse_vector_name(name)
 
-                placed = getattr(model, "placed", None)
+                placed: Callable[[], Any] | None = getattr(model, "placed", None)
                 checkpoint_s = config.vector_checkpoint_s
-                with (gpu() if on_gpu else contextlib.nullcontext()) as event, \
+                with (gpu() if on_gpu and gpu is not None else contextlib.nullcontext()) as event, \
                         (placed() if placed is not None else contextlib.nullcontext()), \
                         cache.writer(roll_after_s=checkpoint_s) as new_part:
                     t_gpu = time.perf_counter()
@@ -229,7 +230,7 @@ def _records(chunks: StageRef, window: int, keys: np.ndarray, gids: np.ndarray, 
         fresh = [i for i, (v, fb) in enumerate(zip(vectors, fallback)) if i not in known and v is not None and not fb]
         if len(recurring):
             again = sorted_member(recurring, wkeys[fresh]) if fresh else np.zeros(0, dtype=bool)
-            carried.update((wkeys[i].tobytes(), vectors[i]) for i, r in zip(fresh, again) if r)
+            carried.update((wkeys[i].tobytes(), cast(SparseVector, vectors[i])) for i, r in zip(fresh, again) if r)
         if new_part is not None:
             new_part.add([wkeys[i].decode() for i in fresh], [vectors[i] for i in fresh])
         for c, v, fb in zip(chunk_window, vectors, fallback):
@@ -269,8 +270,9 @@ def sparse_section(config: RunConfig, sparse: SparseStageResult | None, error: s
             fallback_used=fallback_used,
             vectors=SparseVectorsStats(total=total, available=available,
                                        coverage_ratio=available / total if total else 1.0),
-            payload=sparse.outputs[0].run.model_dump(mode="json") if sparse.outputs else None,
-            payloads=[o.run.model_dump(mode="json") for o in sparse.outputs[1:]],
+            payload=SparsePayload.model_validate(sparse.outputs[0].run.model_dump(mode="json"))
+            if sparse.outputs else None,
+            payloads=[SparsePayload.model_validate(o.run.model_dump(mode="json")) for o in sparse.outputs[1:]],
             cached=cached,
             # Served from cache, this run computed nothing (as dense_run counts it).
             computed={o.model_name: 0 if cached else o.computed for o in sparse.outputs},
@@ -280,7 +282,7 @@ def sparse_section(config: RunConfig, sparse: SparseStageResult | None, error: s
         run = SparseRun(enabled=config.enable_sparse, executed=False, status=sparse.status,
                         model_names=config.sparse_models, reason=sparse.reason)
     else:
-        status = "error" if error else "skipped"
+        status: Status = "error" if error else "skipped"
         run = SparseRun(enabled=config.enable_sparse, executed=False,
                         status=status if config.enable_sparse else "disabled", model_names=config.sparse_models,
                         reason=error or ("an earlier stage failed" if config.enable_sparse
