@@ -32,7 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import write_result  # noqa: E402
 from embedder.io.edge_store import EdgeStore
 from embedder.io.qdrant import point_id
-from embedder.io.store import HybridQuery, IndexLayout, PointBatch, VectorStore, open_store
+from embedder.io.store import HybridQuery, IndexLayout, PointBatch, VectorStore
+from embedder.io.stores import open_store
 from embedder.schemas import SparseVector
 
 DIM = 384

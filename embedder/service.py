@@ -26,7 +26,8 @@ from embedder.errors import (
     UnknownCollectionError,
     VectorIndexError,
 )
-from embedder.io.store import VectorStore, open_store
+from embedder.io.store import VectorStore
+from embedder.io.stores import open_store
 from embedder.settings import EmbedderSettings, ServiceSettings, validate_collection_name
 from embedder.summary import ProcessingSummary, load_summary
 
@@ -145,8 +146,8 @@ def search_collection(root: Path, req: SearchRequest, store: VectorStore | None 
         StageError: The collection's run produced no dense vectors.
         IndexNotFoundError: No published index exists for it.
     """
-    from embedder.io.qdrant import DENSE_VECTOR, point_id, sparse_vector_name
-    from embedder.io.store import HybridQuery, hybrid_search
+    from embedder.io.qdrant import point_id, sparse_vector_name
+    from embedder.io.store import DENSE_VECTOR, HybridQuery, hybrid_search
     from embedder.models.engine import plan_token_budget
     from embedder.models.registry import resolve_model
     from embedder.models.rerank import RerankEncoder, rerank

@@ -152,7 +152,7 @@ def open_run_store(config: RunConfig) -> Any:
     The URL and API key are read here from the environment, never passed as
     parameters: Prefect stores parameters, and the key is a secret.
     """
-    from embedder.io.store import open_store
+    from embedder.io.stores import open_store
 
     service = ServiceSettings()
     api_key = service.qdrant_api_key.get_secret_value() if service.qdrant_api_key else None

@@ -49,9 +49,16 @@ from typing import Any
 from embedder.errors import IndexDamagedError, IndexNotFoundError, VectorIndexError
 from embedder.io.atomic import atomic_write_text
 from embedder.io.integrity import CheckReport, Damage, Depth, check_dir, describe, write_checksums
-from embedder.io.qdrant import DENSE_VECTOR
 from embedder.io.runset import CURRENT, RUNS, publish_run, run_dir
-from embedder.io.store import HybridQuery, IndexLayout, IndexStatus, PointBatch, PublishedIndex, SearchMode
+from embedder.io.store import (
+    DENSE_VECTOR,
+    HybridQuery,
+    IndexLayout,
+    IndexStatus,
+    PointBatch,
+    PublishedIndex,
+    SearchMode,
+)
 from embedder.procs import owner, owner_dead
 from embedder.schemas import ScoredCandidate, SparseVector
 

@@ -13,10 +13,9 @@ from typing import Any
 
 import numpy as np
 
-from embedder.io.store import PointBatch
+from embedder.io.store import DENSE_VECTOR, PointBatch
 from embedder.schemas import Chunk, SparseVector
 
-DENSE_VECTOR = "dense"
 POINT_NAMESPACE = uuid.UUID("6f1c0de5-8a8e-4c55-9f5e-3e9d6b1b2a11")
 
 

@@ -14,8 +14,8 @@ from typing import Any
 
 from embedder.errors import IndexLayoutError, IndexNotFoundError, VectorIndexError
 from embedder.io.atomic import atomic_write_text
-from embedder.io.qdrant import DENSE_VECTOR
-from embedder.io.store import HybridQuery, IndexLayout, IndexStatus, PointBatch, PublishedIndex
+from embedder.io.integrity import CheckReport, Depth
+from embedder.io.store import DENSE_VECTOR, HybridQuery, IndexLayout, IndexStatus, PointBatch, PublishedIndex
 from embedder.schemas import ScoredCandidate, SparseVector
 
 
@@ -259,6 +259,10 @@ class ServerStore:
             resp = self.call(lambda c: c.query_points(collection_name=collection, prefetch=prefetch, query=fusion,
                                                       limit=query.limit, with_payload=["chunk_id"]))
         return [ScoredCandidate(id=p.payload["chunk_id"], score=float(p.score)) for p in resp.points]
+
+    def verify(self, collection: str, depth: Depth = "quick") -> CheckReport | None:
+        """None: the server owns its storage and its checks; the index stage still reads points back."""
+        return None
 
     def vectors(self, collection: str, point_ids: Sequence[str],
                 build_id: str | None = None) -> dict[str, dict[str, Any]]:

@@ -3,7 +3,8 @@
 Everything above this module (the index stage, ``search``, the service) talks
 to a store through these types only; the backends are
 :mod:`embedder.io.edge_store` and :mod:`embedder.io.server_store`, the only
-modules that import ``qdrant_edge`` or ``qdrant_client``.
+modules that import ``qdrant_edge`` or ``qdrant_client``. This module imports
+no backend: :func:`embedder.io.stores.open_store` picks one.
 
 A store publishes an index per collection. Writers build a whole index through
 an :class:`IndexWriter` and make it visible with :meth:`IndexWriter.publish`;
@@ -13,15 +14,19 @@ readers only ever see a published index.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
 import numpy as np
 
+from embedder.fusion import fuse_dbsf
+from embedder.io.integrity import CheckReport, Depth
 from embedder.schemas import ScoredCandidate, SparseVector
 
 SearchMode = Literal["exact", "hnsw", "server"]
+# The named dense vector of every point (sparse vectors are named per model: ``sparse-<model>``).
+DENSE_VECTOR = "dense"
 FusionMethod = Literal["rrf", "dbsf"]
 
 
@@ -95,8 +100,6 @@ class HybridQuery:
 
     def lists(self) -> list[tuple[str, np.ndarray | SparseVector]]:
         """``(vector name, query)`` for every list this query searches."""
-        from embedder.io.qdrant import DENSE_VECTOR
-
         out: list[tuple[str, np.ndarray | SparseVector]] = []
         if self.dense is not None:
             out.append((DENSE_VECTOR, np.asarray(self.dense, dtype=np.float32)))
@@ -206,6 +209,14 @@ class VectorStore(Protocol):
         """Point id -> the ``point_digest`` payload of every point in the published index (empty if none)."""
         ...
 
+    def verify(self, collection: str, depth: Depth = "quick") -> CheckReport | None:
+        """Check the published index's files against the checksums it was sealed with.
+
+        Returns:
+            What the check found, or None when the store keeps no checksums (a server owns its storage).
+        """
+        ...
+
     def keep_published(self, collection: str, run_path: Path) -> None:
         """Name the published index, unchanged, in a new run set."""
         ...
@@ -242,28 +253,6 @@ class VectorStore(Protocol):
         ...
 
 
-def open_store(output_dir: str | Path, *, url: str | None = None, api_key: str | None = None,
-               timeout_s: float = 30.0, hnsw_min_points: int | None = None,
-               client: Any | None = None) -> VectorStore:
-    """The store for a run or a reader: a Qdrant server when ``url`` (or ``client``) is given, else Edge.
-
-    Args:
-        output_dir: The run's output dir; Edge keeps ``<output_dir>/<collection>/index/`` there.
-        url: A Qdrant server URL (``QDRANT_URL``).
-        api_key: The server's API key (``QDRANT_API_KEY``).
-        timeout_s: Server request timeout.
-        hnsw_min_points: Edge builds an HNSW graph at or above this many points, else searches exactly.
-        client: An already constructed ``QdrantClient`` (tests use one in local mode as a stand-in).
-    """
-    if url or client is not None:
-        from embedder.io.server_store import ServerStore
-
-        return ServerStore(url=url, api_key=api_key, timeout_s=timeout_s, client=client)
-    from embedder.io.edge_store import DEFAULT_HNSW_MIN_POINTS, EdgeStore
-
-    return EdgeStore(output_dir, hnsw_min_points=hnsw_min_points or DEFAULT_HNSW_MIN_POINTS)
-
-
 def hybrid_search(store: VectorStore, collection: str, query: HybridQuery,
                   run_set: Path | None = None) -> list[ScoredCandidate]:
     """Search ``store`` with ``query``'s fusion exactly as :mod:`embedder.fusion` scores it.
@@ -280,10 +269,6 @@ def hybrid_search(store: VectorStore, collection: str, query: HybridQuery,
     Raises:
         IndexNotFoundError: No published index for ``collection``.
     """
-    from dataclasses import replace
-
-    from embedder.fusion import fuse_dbsf
-
     pinned: dict[str, Any] = {"run_set": run_set} if run_set is not None else {}
     lists = query.lists()
     weights = query.list_weights()

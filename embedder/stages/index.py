@@ -12,7 +12,7 @@ from pydantic import BaseModel, Field
 
 from embedder.cancel import raise_if_stopped
 from embedder.errors import StageError
-from embedder.io.store import IndexStatus
+from embedder.io.store import IndexLayout, IndexStatus, VectorStore
 from embedder.io.writers import iter_chunk_windows, iter_dense_windows
 from embedder.models.registry import get_spec
 from embedder.schemas import SparseVector, StageRef, StageTelemetry
@@ -96,16 +96,14 @@ def iter_collection_points(config: RunConfig, collection: str, chunks: StageRef,
             yield build_points(collection, items, vectors, sparse_map, start=start, stop=start + batch)
 
 
-def index_layout(dense: DenseStageResult, sparse: SparseStageResult) -> Any:
+def index_layout(dense: DenseStageResult, sparse: SparseStageResult) -> IndexLayout:
     """The index layout: the dense dimension, and per sparse model its vector name and IDF flag (registry)."""
-    from embedder.io.store import IndexLayout
-
     return IndexLayout(dense.dim, tuple((o.vector_name, get_spec(o.model_name, "sparse").requires_idf)
                                         for o in sparse.outputs))
 
 
 def index_stage(config: RunConfig, collection: str, chunks: StageRef, dense: DenseStageResult,
-                sparse: SparseStageResult, store: Any, run_path: str | Path | None = None, *,
+                sparse: SparseStageResult, store: VectorStore, run_path: str | Path | None = None, *,
                 progress: Callable[[int, int], None] | None = None) -> IndexResult:
     """Bring the collection's published index in line with this run's points, and prove it holds them.
 
@@ -124,7 +122,7 @@ def index_stage(config: RunConfig, collection: str, chunks: StageRef, dense: Den
     index until the new one is complete and proven.
 
     Args:
-        store: A :class:`embedder.io.store.VectorStore`.
+        store: Where the collection's index lives (Edge shards or a Qdrant server).
         run_path: The run set the new index belongs to (published with it); None publishes the index alone.
         progress: Called with ``(points written, points to write)`` after each batch.
 
@@ -154,7 +152,7 @@ def index_stage(config: RunConfig, collection: str, chunks: StageRef, dense: Den
     except IndexDamagedError as exc:
         distrust(store.location(collection), str(exc))
         status = IndexStatus(exists=False, location=store.location(collection))
-    report = store.verify(collection, "quick") if status.exists and hasattr(store, "verify") else None
+    report = store.verify(collection, "quick") if status.exists else None
     if report is not None:
         integrity["checked"] = report.files_checked
         for d in report.damaged or []:
@@ -259,11 +257,11 @@ def index_stage(config: RunConfig, collection: str, chunks: StageRef, dense: Den
         collection=collection, warnings=warnings)
 
 
-def _prove(store: Any, collection: str, sample: list[tuple[str, np.ndarray, dict[str, SparseVector | None]]],
+def _prove(store: VectorStore, collection: str, sample: list[tuple[str, np.ndarray, dict[str, SparseVector | None]]],
            build_id: str | None, integrity: dict[str, Any]) -> int:
     """Read the sampled points back from the index; return how many differ from the stored vectors."""
     from embedder.errors import IndexDamagedError
-    from embedder.io.qdrant import DENSE_VECTOR
+    from embedder.io.store import DENSE_VECTOR
 
     if not sample:
         return 0

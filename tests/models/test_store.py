@@ -20,7 +20,8 @@ from embedder import stages as st
 from embedder.errors import IndexNotFoundError, VectorIndexError
 from embedder.fusion import DenseIndex, SparseIndex, fuse_dbsf, fuse_rrf
 from embedder.io.edge_store import MANIFEST, SHARDS, EdgeIndexWriter, EdgeStore, index_root
-from embedder.io.store import HybridQuery, hybrid_search, open_store
+from embedder.io.store import HybridQuery, hybrid_search
+from embedder.io.stores import open_store
 from embedder.io.writers import read_dense_parquet, read_jsonl_records
 from embedder.schemas import ScoredCandidate, SparseVector
 from embedder.settings import CollectionInput, RunConfig
