@@ -25,7 +25,7 @@ from typing import Any, Literal
 
 import pyarrow.parquet as pq
 
-from embedder.io.integrity import QUARANTINE, Depth, check_dir, describe, quarantine
+from embedder.io.integrity import QUARANTINE, Depth, check_dir, quarantine
 from embedder.io.runset import current_run
 from embedder.io.vector_cache import (
     _READ_ERRORS,
@@ -34,6 +34,7 @@ from embedder.io.vector_cache import (
     _VectorParts,
     digest_array,
 )
+from embedder.stages.common import seal_damage
 
 Kind = Literal["stage directory", "vector part", "index", "run set"]
 _STAGES = ("load", "dense", "sparse", "fuse", "rerank")
@@ -89,15 +90,6 @@ def scrub_part(path: Path) -> str | None:
     return None
 
 
-def _stage_dir_damage(path: Path, depth: Depth) -> str | None:
-    try:
-        json.loads((path / "result.json").read_bytes())
-    except (OSError, ValueError) as exc:
-        return f"its result (result.json) is unreadable: {exc}"
-    report = check_dir(path, depth)
-    return None if report is None or report.ok else describe(report.damaged or [])
-
-
 def verify_collection(output_dir: str | Path, collection: str, depth: Depth = "full") -> CollectionReport:
     """Check everything a collection keeps under ``output_dir``; nothing is changed."""
     from embedder.io.edge_store import EdgeStore
@@ -111,7 +103,7 @@ def verify_collection(output_dir: str | Path, collection: str, depth: Depth = "f
             if not (path / "result.json").exists() and not (path / "checksums.json").exists():
                 continue  # never sealed (a crashed run's leftovers): nothing trusts it
             n += 1
-            if (problem := _stage_dir_damage(path, depth)) is not None:
+            if (problem := seal_damage(path, depth, require_checksums=False)) is not None:
                 report.damaged.append(Finding("stage directory", str(path), problem))
     report.checked["stage directories"] = n
     parts = sorted((stages / "vectors").glob("*/part-*.parquet"))
@@ -134,12 +126,12 @@ def verify_collection(output_dir: str | Path, collection: str, depth: Depth = "f
     if backend == "edge":
         shard = EdgeStore(output_dir).verify(collection, depth)
         report.checked["index files"] = shard.files_checked if shard is not None else 0
-        for d in (shard.damaged or []) if shard is not None else []:
+        for d in shard.damaged if shard is not None else []:
             report.damaged.append(Finding("index", d.file, d.reason))
     if current is not None:
         sealed = check_dir(current, depth)
         report.checked["run set files"] = sealed.files_checked if sealed is not None else 0
-        for d in (sealed.damaged or []) if sealed is not None else []:
+        for d in sealed.damaged if sealed is not None else []:
             report.damaged.append(Finding("run set", d.file, d.reason))
     return report
 

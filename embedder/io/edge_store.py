@@ -515,7 +515,7 @@ class EdgeStore:
             if report is not None and not report.ok:
                 raise IndexDamagedError(
                     f"the published index of collection {collection!r} is damaged "
-                    f"({describe(report.damaged or [])}); nothing is served from it; {_FIX}")
+                    f"({describe(report.damaged)}); nothing is served from it; {_FIX}")
             where = shard_dir
             if not os.access(shard_dir, os.W_OK) or not _writable_files(shard_dir):
                 where = self._private_copy(collection, shard_dir)
@@ -543,7 +543,7 @@ class EdgeStore:
         if report is not None and not report.ok:
             shutil.rmtree(dest, ignore_errors=True)
             raise IndexDamagedError(f"the copy of read-only shard {shard_dir} is damaged "
-                                    f"({describe(report.damaged or [])}); {_FIX}")
+                                    f"({describe(report.damaged)}); {_FIX}")
         self._copies[str(shard_dir)] = dest
         note = (f"the index of {collection!r} lies in read-only storage ({shard_dir}); Qdrant Edge opens its files "
                 f"for writing, so this process searches a private copy at {dest}")

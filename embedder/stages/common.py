@@ -26,7 +26,7 @@ from pydantic import BaseModel
 
 import embedder
 from embedder.io.atomic import atomic_write_text, file_digest
-from embedder.io.integrity import CHECKSUMS, QUARANTINE, check_dir, describe, quarantine, write_checksums
+from embedder.io.integrity import CHECKSUMS, QUARANTINE, Depth, check_dir, describe, quarantine, write_checksums
 from embedder.models.registry import resolve_model
 from embedder.settings import RunConfig
 
@@ -250,7 +250,7 @@ def sealed(config: RunConfig, collection: str, stage: StageName, key: str,
     path = stages_dir(config, collection) / stage / key
     if not (path / SEAL).is_file():
         return False
-    problem = _seal_damage(path)
+    problem = seal_damage(path)
     if problem is not None:
         reason = f"stage directory {stage}/{key[:12]}: {problem}"
         try:
@@ -273,18 +273,23 @@ def sealed(config: RunConfig, collection: str, stage: StageName, key: str,
     return True
 
 
-def _seal_damage(path: Path) -> str | None:
-    """Why a sealed stage directory cannot be trusted, or None when its check passed."""
+def seal_damage(path: Path, depth: Depth = "quick", *, require_checksums: bool = True) -> str | None:
+    """Why a sealed stage directory cannot be trusted, or None when its check passed.
+
+    Args:
+        depth: ``quick`` before a run reuses it; ``full`` for ``verify``.
+        require_checksums: A directory without checksums is damage (a run: only this code
+            version's directories match its keys, and it always records them), or unjudged
+            (``verify``: an earlier version's directory, kept until pruned).
+    """
     try:
         json.loads((path / SEAL).read_bytes())
     except (OSError, ValueError) as exc:
         return f"its result ({SEAL}) is unreadable: {exc}"
-    report = check_dir(path)
+    report = check_dir(path, depth)
     if report is None:
-        # Only a directory this code version sealed can match a key (the key holds the code version),
-        # and this version always records checksums: one without them lost them.
-        return f"its checksums ({CHECKSUMS}) are missing"
-    return None if report.ok else describe(report.damaged or [])
+        return f"its checksums ({CHECKSUMS}) are missing" if require_checksums else None
+    return None if report.ok else describe(report.damaged)
 
 
 def touch_space(root: Path) -> None:

@@ -155,7 +155,7 @@ def index_stage(config: RunConfig, collection: str, chunks: StageRef, dense: Den
     report = store.verify(collection, "quick") if status.exists else None
     if report is not None:
         integrity["checked"] = report.files_checked
-        for d in report.damaged or []:
+        for d in report.damaged:
             distrust(d.file, d.reason)
     previous: dict[str, str | None] = {}
     if status.exists and not integrity["damaged"]:
