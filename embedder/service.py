@@ -28,15 +28,19 @@ from embedder.errors import (
 )
 from embedder.io.store import VectorStore
 from embedder.io.stores import open_store
-from embedder.settings import EmbedderSettings, ServiceSettings, validate_collection_name
+from embedder.settings import ServiceSettings, resolve_run_config, validate_collection_name
 from embedder.summary import ProcessingSummary, load_summary
+
+QUERY_PATTERN = r"^[^\u0000]*[^\s\u0000][^\u0000]*$"
 
 
 class SearchRequest(BaseModel):
     """A search over one collection."""
 
     collection: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-    query: str = Field(min_length=1, max_length=4096)
+    # The pattern only documents, for clients and contract tests, what ``_text`` checks: no NUL and
+    # not only whitespace (\s as Python's str.isspace reads it). The validator's messages are clearer.
+    query: str = Field(min_length=1, max_length=4096, json_schema_extra={"pattern": QUERY_PATTERN})
     top_k: int = Field(10, ge=1, le=100)
     rerank: bool = True
 
@@ -169,8 +173,9 @@ def search_collection(root: Path, req: SearchRequest, store: VectorStore | None 
             raise IndexNotFoundError(status.reason or f"no index for {req.collection!r}")
         indexed_sparse = {name for name, _ in status.layout.sparse} if status.layout else set()
         warnings: list[str] = []
-        local_only = bool(cfg.get("local_files_only", False))
+        # The run's own settings; a key an older summary lacks takes its default from the one definition.
         run_config = RunConfig.model_validate({k: v for k, v in cfg.items() if k in RunConfig.model_fields})
+        local_only = run_config.local_files_only
         qvec = query_vector(run_config, req.query)
         sparse_q = {}
         if summary.sparse_run and summary.sparse_run.executed:
@@ -182,21 +187,20 @@ def search_collection(root: Path, req: SearchRequest, store: VectorStore | None 
                     sparse_q[sparse_vector_name(name)] = model.query_embed([req.query])[0]
                 except ModelUnavailableError as exc:
                     warnings.append(f"sparse model {name!r} unavailable, dense-only retrieval: {exc}")
-        fusion = cfg.get("fusion", "rrf")
-        n = max(req.top_k, int(cfg.get("rerank_top_k_candidates", 100)) if req.rerank else req.top_k)
+        n = max(req.top_k, run_config.rerank_top_k_candidates) if req.rerank else req.top_k
         # The run's own fusion weights (a tuned file read with --config), by vector name.
-        by_list = cfg.get("fusion_weights") or {}
+        by_list = run_config.fusion_weights
         weights = {(DENSE_VECTOR if name == "dense" else sparse_vector_name(name)): float(w)
                    for name, w in by_list.items()} or None
         # Search ranks as the run's fusion stage and eval score it: hybrid_search fuses weighted DBSF
         # itself (the engine's DBSF has no weights), and each list goes as deep as the stage took it,
         # since fused scores depend on depth (RRF on who is in a list, DBSF on its score spread).
-        depth = max(n, int(cfg.get("retrieval_top_n", 100)))
-        cands = hybrid_search(store, req.collection, HybridQuery(dense=qvec, sparse=sparse_q, fusion=fusion,
-                                                                 k=int(cfg.get("rrf_k", 60)), weights=weights,
+        depth = max(n, run_config.retrieval_top_n)
+        cands = hybrid_search(store, req.collection, HybridQuery(dense=qvec, sparse=sparse_q, fusion=run_config.fusion,
+                                                                 k=run_config.rrf_k, weights=weights,
                                                                  prefetch_limit=depth, limit=n), run_set)
         reranked = False
-        rerank_model = cfg.get("rerank_model") if req.rerank else None
+        rerank_model = run_config.rerank_model if req.rerank else None
         if req.rerank and cands:
             # The published set's own chunk table (the stable link): a carried summary's paths may name a
             # set that was pruned since.
@@ -206,8 +210,8 @@ def search_collection(root: Path, req: SearchRequest, store: VectorStore | None 
                 if not chunks_path or not Path(chunks_path).is_file():
                     raise ModelUnavailableError("the collection's chunk table is missing; re-run the pipeline")
                 texts = _chunk_texts(chunks_path, Path(chunks_path).stat().st_mtime)
-                enc = RerankEncoder(resolve_model(cfg["rerank_model"], "rerank", local_files_only=local_only), "cpu",
-                                    local_files_only=local_only)
+                enc = RerankEncoder(resolve_model(run_config.rerank_model, "rerank", local_files_only=local_only),
+                                    "cpu", local_files_only=local_only)
                 res = rerank([Query(id="q", text=req.query)], {"q": cands}, texts, enc,
                              top_k_candidates=len(cands), top_k=req.top_k,
                              budget=lambda: plan_token_budget(enc.shape(), "cpu", "fp32", 0.0, cpu_items=32))
@@ -226,7 +230,7 @@ def search_collection(root: Path, req: SearchRequest, store: VectorStore | None 
     by_chunk = {p.get("chunk_id"): p for p in payloads.values()}
     hits = [SearchHit(id=c.id, score=c.score, text_preview=by_chunk.get(c.id, {}).get("text_preview", ""),
                       metadata=by_chunk.get(c.id, {}).get("metadata", {})) for c in top]
-    return SearchResponse(collection=req.collection, fusion=fusion, reranked=reranked,
+    return SearchResponse(collection=req.collection, fusion=run_config.fusion, reranked=reranked,
                           rerank_model=rerank_model if reranked else None, warnings=warnings, hits=hits)
 
 
@@ -260,7 +264,7 @@ def create_app(output_dir: str | Path | None = None) -> FastAPI:
     requests and threads; the Edge store notices a newer published index by
     itself, so a run that re-indexes never disturbs a request.
     """
-    root = Path(output_dir or EmbedderSettings().output_dir)
+    root = Path(output_dir or resolve_run_config().output_dir)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import shutil
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -58,6 +59,9 @@ _VECTOR_SOURCES = ("models", "batching.py", "gpu.py", "io/vector_cache.py")
 VECTOR_SCHEMA = 1
 
 
+_AST_LOCK = threading.Lock()
+
+
 def _code_form(path: Path) -> bytes:
     """What of a source file decides what it computes: Python without comments, docstrings and the
     annotations of functions (their signatures and local variables).
@@ -71,21 +75,25 @@ def _code_form(path: Path) -> bytes:
 
     if path.suffix != ".py":
         return path.read_bytes()
-    tree = ast.parse(path.read_bytes())
-    for node in ast.walk(tree):
-        body = getattr(node, "body", None)
-        if (isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and body
-                and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant)
-                and isinstance(body[0].value.value, str)):
-            node.body = body[1:] or [ast.Pass()]
-        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
-            node.returns = None
-            for inner in ast.walk(node):
-                if isinstance(inner, ast.arg):
-                    inner.annotation = None
-                elif isinstance(inner, ast.AnnAssign):
-                    inner.annotation = ast.Constant(None)
-    return ast.dump(tree).encode()
+    source = path.read_bytes()
+    # CPython 3.11's AST conversion is not thread-safe: dense and sparse digest the code side by side,
+    # and two parses at once failed with "AST constructor recursion depth mismatch" (gh-106905).
+    with _AST_LOCK:
+        tree = ast.parse(source)
+        for node in ast.walk(tree):
+            body = getattr(node, "body", None)
+            if (isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and body
+                    and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant)
+                    and isinstance(body[0].value.value, str)):
+                node.body = body[1:] or [ast.Pass()]
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                node.returns = None
+                for inner in ast.walk(node):
+                    if isinstance(inner, ast.arg):
+                        inner.annotation = None
+                    elif isinstance(inner, ast.AnnAssign):
+                        inner.annotation = ast.Constant(None)
+        return ast.dump(tree).encode()
 
 
 def _digest(seed: str, sources: tuple[str, ...], libraries: tuple[str, ...]) -> str:

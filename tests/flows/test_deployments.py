@@ -156,7 +156,7 @@ def test_manual_run_then_failed_run_retried_from_cache(prefect_server, deployed,
     stages = summary["telemetry"]["stages"]
     assert stages["dense"]["cached"] and stages["sparse"]["cached"] and stages["rerank"]["cached"], (
         {k: v["cached"] for k, v in stages.items()}, r.stdout[-4000:])
-    assert summary["status"] == "completed"
+    assert summary["status"] == "completed", summary["warnings"]
 
 
 def test_auto_fanout_runs_collections_in_process_when_the_collection_deployment_is_missing(prefect_server, deployed):

@@ -134,7 +134,7 @@ def test_an_interval_schedule_fires_by_itself_and_its_run_completes_through_the_
             client.delete_deployment_schedule(manual.id, created.id)
     assert final.state.is_completed(), (final.state, live.server_log.read_text()[-2000:])
     summary = json.loads((out / "sample" / "processing_summary.json").read_text())
-    assert summary["status"] == "completed" and summary["chunk_count"] == 50
+    assert summary["status"] == "completed" and summary["chunk_count"] == 50, summary["warnings"]
     assert summary["run_id"] == str(first.id)
 
 

@@ -64,7 +64,7 @@ def test_sigkill_during_rerank_then_rerun_resumes_identically(tmp_path, tiny_cro
     summary = json.loads((out / "crash" / "processing_summary.json").read_text())
     stages = summary["telemetry"]["stages"]
     assert stages["dense"]["cached"] and stages["sparse"]["cached"] and not stages["rerank"]["cached"]
-    assert summary["status"] == "completed" and summary["rerank_run"]["status"] == "executed"
+    assert summary["status"] == "completed" and summary["rerank_run"]["status"] == "executed", summary["warnings"]
 
     clean_out, _ = clean.communicate(timeout=400)
     assert clean.returncode == 0, clean_out[-3000:]

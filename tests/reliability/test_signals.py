@@ -97,7 +97,7 @@ def test_sigterm_mid_dense_publishes_a_cancelled_summary_and_the_rerun_keeps_its
     assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
     summary = json.loads((out / "sig" / "processing_summary.json").read_text())
     dense = summary["dense_run"]
-    assert summary["status"] == "completed" and summary["chunk_count"] == N_DOCS
+    assert summary["status"] == "completed" and summary["chunk_count"] == N_DOCS, summary["warnings"]
     # The two finished batches were stored by the stopped run: only the rest is embedded again.
     assert dense["reused"] > 0 and dense["total_embeddings_generated"] + dense["reused"] == N_DOCS, dense
     assert not [w for w in summary["warnings"] if "lease" in w and "released" in w], summary["warnings"]
