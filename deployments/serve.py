@@ -25,6 +25,7 @@ sys.path.insert(0, str(ROOT))
 from prefect.runner import Runner  # noqa: E402
 
 from flows.embed_collections import embed_collection, embed_collections  # noqa: E402
+from tasks.lease import use_shared_lease_storage  # noqa: E402
 
 
 def build_deployments() -> list[Any]:
@@ -69,6 +70,7 @@ class _Runner(Runner):
 
 def main() -> None:
     """Serve until SIGTERM or SIGINT."""
+    use_shared_lease_storage()  # the served runs inherit it, should this serve on the ephemeral server
     runner = _Runner(pause_on_shutdown=True)
     for deployment in build_deployments():
         runner.add_deployment(deployment)

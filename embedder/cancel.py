@@ -8,12 +8,18 @@ released, a summary is published, and the interpreter exits normally.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import threading
+from collections.abc import Callable, Iterator
 
 from embedder.errors import RunCancelledError
 
 _requested = threading.Event()
 _reason: list[str] = []
+# Checks of the calling context (a lease that must still be held) run wherever a stop is checked.
+_guards: contextvars.ContextVar[tuple[Callable[[], None], ...]] = contextvars.ContextVar("embedder_guards",
+                                                                                          default=())
 
 
 def request_stop(reason: str) -> None:
@@ -37,9 +43,29 @@ def raise_if_stopped() -> None:
 
     Raises:
         RunCancelledError: Naming the reason.
+        Exception: Whatever a :func:`guarded` check raises.
     """
     if _requested.is_set():
         raise RunCancelledError(f"run stopped by {stop_reason()}")
+    for check in _guards.get():
+        check()
+
+
+@contextlib.contextmanager
+def guarded(check: Callable[[], None]) -> Iterator[None]:
+    """Run ``check`` at every :func:`raise_if_stopped` of this context (thread) while inside.
+
+    The GPU lease uses it: a lease that could not be renewed must stop the
+    stage at its next batch, since the slot may already be another run's.
+
+    Args:
+        check: Raises when the work must stop.
+    """
+    token = _guards.set((*_guards.get(), check))
+    try:
+        yield
+    finally:
+        _guards.reset(token)
 
 
 def clear() -> None:

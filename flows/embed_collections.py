@@ -76,8 +76,8 @@ def embed_collection(config: RunConfig, collection: CollectionInput, run_id: uui
     """
     with collection_lease(config.output_dir, collection.name, timeout_s=config.collection_lock_timeout_s,
                           lease_duration_s=config.gpu_lease_duration_s) as lock:
-        if lock.get("wait_s", 0) > 1:
-            get_run_logger().info("waited %.1f s for another run of collection %r to finish", lock["wait_s"],
+        if lock.wait_s > 1:
+            get_run_logger().info("waited %.1f s for another run of collection %r to finish", lock.wait_s,
                                   collection.name)
         return _embed_collection(config, collection, run_id, preflight_error)
 

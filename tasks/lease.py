@@ -35,17 +35,16 @@ from datetime import UTC, datetime
 from typing import Any, Literal
 from uuid import UUID
 
-from prefect.client.orchestration import get_client
+import httpx
+from prefect.client.orchestration import SyncPrefectClient, get_client
 from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate, VariableCreate, VariableUpdate
-from prefect.concurrency._asyncio import AcquireConcurrencySlotTimeoutError
-from prefect.concurrency._leases import maintain_concurrency_lease
-from prefect.concurrency._sync import acquire_concurrency_slots_with_lease, release_concurrency_slots_with_lease
 from prefect.exceptions import MissingContextError, ObjectAlreadyExists, ObjectNotFound
 from prefect.logging import get_logger, get_run_logger
 from prefect.settings import PREFECT_API_URL
 
-from embedder.cancel import raise_if_stopped
+from embedder.cancel import guarded, raise_if_stopped
 from embedder.errors import StageError
+from embedder.lease import LeaseHolding
 from embedder.procs import owner, owner_dead
 from embedder.settings import host_name
 
@@ -53,8 +52,10 @@ LEASE_STORAGE_ENV = "PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE"
 FILESYSTEM_LEASES = "prefect.server.concurrency.lease_storage.filesystem"
 RECORD_PREFIX = "embedder-lease-"
 RECHECK_S = 5.0
-# Prefect renews a lease at 75% of its duration; the registry's expiry follows the same beat.
+# A lease is renewed at 75% of its duration (as Prefect's own holders do), the registry's expiry with it.
 RENEWAL_FRACTION = 0.75
+# A renewal that fails is retried this many times, 1, 2, 4 s apart, before the lease counts as lost.
+RENEWAL_ATTEMPTS = 3
 # Prefect's repossession runs every few seconds: a record this long past its expiry names a freed slot.
 STALE_RECORD_S = 60.0
 
@@ -78,14 +79,13 @@ def use_shared_lease_storage() -> None:
     """On the ephemeral server, keep leases on disk under ``PREFECT_HOME`` instead of in its memory.
 
     Must run before the process's ephemeral server starts (it inherits the
-    environment). An explicit setting is left alone.
+    environment): the CLI and ``serve.py`` call it first thing. A program that
+    calls the flows itself on the ephemeral server calls it too (or sets
+    ``PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE``), else a holder killed hard
+    keeps its slot until that server stops. An explicit setting is left alone.
     """
     if recovery_mode() == "embedder":
         os.environ.setdefault(LEASE_STORAGE_ENV, FILESYSTEM_LEASES)
-
-
-# Importing the lease (flows and the CLI do, before any run) is early enough.
-use_shared_lease_storage()
 
 
 def ensure_gpu_limit(limit_name: str, slots: int = 1) -> None:
@@ -152,7 +152,7 @@ def recover_dead_holders(limit_name: str) -> list[str]:
                     client.delete_variable_by_name(_record_name(record["lease_id"]))
                 except ObjectNotFound:
                     continue  # another waiting run claimed it first
-            release_concurrency_slots_with_lease(UUID(str(record["lease_id"])))
+            _release(UUID(str(record["lease_id"])))
             freed.append(str(record["lease_id"]))
         elif mode == "prefect" and state in ("dead", "expired") and _expired_for(record) > STALE_RECORD_S:
             _deregister(record["lease_id"])
@@ -166,28 +166,96 @@ def _expired_for(record: dict[str, Any]) -> float:
         return 0.0
 
 
+def _acquire(limit_name: str, lease_duration_s: float, wait_s: float) -> UUID | None:
+    """Take one slot of ``limit_name`` under a lease; None when it stayed taken for ``wait_s``.
+
+    While the limit is full the server answers 423 with a ``Retry-After``; the
+    wait follows it, cut short by the slice's end and checked for a stop request.
+    """
+    deadline = time.monotonic() + wait_s
+    with get_client(sync_client=True) as client:
+        while True:
+            raise_if_stopped()
+            try:
+                response = client.increment_concurrency_slots_with_lease(
+                    names=[limit_name], slots=1, mode="concurrency", lease_duration=lease_duration_s)
+            except httpx.HTTPStatusError as exc:
+                if exc.response.status_code != httpx.codes.LOCKED:
+                    raise StageError(f"could not take a slot of {limit_name!r}: the Prefect server answered "
+                                     f"{exc.response.status_code} {exc.response.text[:200]}") from exc
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return None
+                retry_after = float(exc.response.headers.get("Retry-After", 1.0))
+                time.sleep(max(0.05, min(retry_after, left, 1.0)))
+                continue
+            body = response.json()
+            if not body.get("limits"):
+                # The limit vanished between ensure_gpu_limit and here (deleted in the UI): never run unguarded.
+                raise StageError(f"the concurrency limit {limit_name!r} does not exist on the Prefect server")
+            return UUID(str(body["lease_id"]))
+
+
+def _release(lease_id: UUID) -> None:
+    with get_client(sync_client=True) as client:
+        client.release_concurrency_slots_with_lease(lease_id)
+
+
+def _renew(client: SyncPrefectClient, lease_id: UUID, lease_duration_s: float, stop: threading.Event) -> str | None:
+    """Renew the lease, retrying a transient failure; the last error's text, or None once renewed (or stopped)."""
+    error = ""
+    for attempt in range(RENEWAL_ATTEMPTS):
+        try:
+            client.renew_concurrency_lease(lease_id=lease_id, lease_duration=lease_duration_s)
+            return None
+        except Exception as exc:  # noqa: BLE001 - any failure to reach the server counts; the last one is reported
+            error = f"{type(exc).__name__}: {exc}"
+        if stop.wait(2.0 ** attempt):
+            return None
+    return error
+
+
 @contextlib.contextmanager
-def _registered(record: dict[str, Any], lease_duration_s: float) -> Iterator[None]:
-    """Keep the holder's record on the server, its expiry refreshed on the lease's renewal beat."""
-    name = _record_name(record["lease_id"])
+def _held(record: dict[str, Any], lease_duration_s: float, log: Any) -> Iterator[None]:
+    """Keep the lease renewed and the holder's record on the server while the stage runs.
+
+    A lease that cannot be renewed is lost: the server may hand the slot to
+    another run. The stage then stops at its next batch boundary with an error
+    (:func:`embedder.cancel.guarded`) rather than share the GPU unguarded.
+    """
+    lease_id = UUID(record["lease_id"])
+    name = _record_name(lease_id)
     with get_client(sync_client=True) as client:
         client.create_variable(VariableCreate(name=name, value=record))
     stop = threading.Event()
+    lost: list[str] = []
 
     def beat() -> None:
         with get_client(sync_client=True) as client:
             while not stop.wait(lease_duration_s * RENEWAL_FRACTION):
+                error = _renew(client, lease_id, lease_duration_s, stop)
+                if error is not None:
+                    lost.append(error)
+                    log.error("the lease %s on %r could not be renewed (%s): the stage stops", lease_id,
+                              record["limit_name"], error)
+                    return
                 record["expires_at"] = datetime.fromtimestamp(time.time() + lease_duration_s, UTC).isoformat()
-                with contextlib.suppress(Exception):  # display only: the lease itself is Prefect's
+                with contextlib.suppress(Exception):  # display only: the lease itself is what holds the slot
                     client.update_variable(VariableUpdate(name=name, value=record))
+
+    def check() -> None:
+        if lost:
+            raise StageError(f"the lease on {record['limit_name']!r} was lost ({lost[0]}); the slot may already "
+                             "be another run's, so this stage stopped")
 
     thread = threading.Thread(target=beat, name=f"{name}-beat", daemon=True)
     thread.start()
     try:
-        yield
+        with guarded(check):
+            yield
     finally:
         stop.set()
-        thread.join(timeout=2)
+        thread.join(timeout=5)
 
 
 def _deregister(lease_id: UUID | str) -> None:
@@ -197,8 +265,8 @@ def _deregister(lease_id: UUID | str) -> None:
 
 @contextlib.contextmanager
 def gpu_lease(limit_name: str, stage: str, *, timeout_s: float, lease_duration_s: float,
-              busy: str | None = None) -> Iterator[dict[str, Any]]:
-    """Hold the GPU slot for one stage and yield its lease event (filled in on release).
+              busy: str | None = None) -> Iterator[LeaseHolding]:
+    """Hold the GPU slot for one stage and yield its holding (its release time filled in on exit).
 
     The wait is cut into slices of at most ``RECHECK_S`` seconds; on the
     ephemeral server, dead holders' leases are released between slices, so a
@@ -208,51 +276,46 @@ def gpu_lease(limit_name: str, stage: str, *, timeout_s: float, lease_duration_s
         busy: The error's text when the slot stays taken (default: the GPU slot's).
 
     Raises:
-        StageError: If the slot is not acquired within ``timeout_s``.
+        StageError: If the slot is not acquired within ``timeout_s``, or its lease is lost.
     """
     ensure_gpu_limit(limit_name)
     try:
         log: Any = get_run_logger()
     except MissingContextError:  # outside a flow run (the CLI's gpu-slots, a script)
         log = get_logger("embedder.lease")
-    mode = recovery_mode()
-    event: dict[str, Any] = {"stage": stage, "limit_name": limit_name, "host": host_name(), "requested_at": _now(),
-                             "recovery": mode}
+    holding = LeaseHolding(stage=stage, limit_name=limit_name, host=host_name(), requested_at=_now(),
+                           recovery=recovery_mode())
     t0 = time.monotonic()
     while True:
-        raise_if_stopped()  # a run stopped while it queued for the slot
         remaining = timeout_s - (time.monotonic() - t0)
         if remaining <= 0:
             raise StageError(busy or (
                 f"the GPU slot {limit_name!r} was not free within {timeout_s:.0f} s; another run holds it "
                 "(`embed-collections gpu-slots` lists the holders)"))
-        for lease_id in recover_dead_holders(limit_name):
-            log.warning("released GPU lease %s of %r: its holder's process is gone", lease_id, limit_name)
-        try:
-            granted = acquire_concurrency_slots_with_lease([limit_name], 1, timeout_seconds=min(remaining, RECHECK_S),
-                                                           lease_duration=lease_duration_s, strict=True)
-        except AcquireConcurrencySlotTimeoutError:
-            continue
-        break
-    lease_id = granted.lease_id
+        for freed in recover_dead_holders(limit_name):
+            log.warning("released GPU lease %s of %r: its holder's process is gone", freed, limit_name)
+        lease_id = _acquire(limit_name, lease_duration_s, min(remaining, RECHECK_S))
+        if lease_id is not None:
+            break
+    holding.lease_id = str(lease_id)
+    holding.acquired_at = _now()
+    holding.wait_s = round(time.monotonic() - t0, 3)
     record = {**owner(), "lease_id": str(lease_id), "limit_name": limit_name, "stage": stage,
-              "acquired_at": _now(), "lease_duration_s": lease_duration_s,
+              "acquired_at": holding.acquired_at, "lease_duration_s": lease_duration_s,
               "expires_at": datetime.fromtimestamp(time.time() + lease_duration_s, UTC).isoformat()}
-    event.update(lease_id=str(lease_id), acquired_at=record["acquired_at"], wait_s=round(time.monotonic() - t0, 3))
     held_from = time.monotonic()
     try:
-        with (_registered(record, lease_duration_s),
-              maintain_concurrency_lease(lease_id, lease_duration_s, raise_on_lease_renewal_failure=True)):
-            yield event
+        with _held(record, lease_duration_s, log):
+            yield holding
     finally:
         # The holding ends where the release starts: from then on the server may grant the slot to
         # another holder, so [acquired_at, released_at] of two holders never overlap.
-        event["released_at"] = _now()
-        event["held_s"] = round(time.monotonic() - held_from, 3)
+        holding.released_at = _now()
+        holding.held_s = round(time.monotonic() - held_from, 3)
         # Release before deregistering: a record without a lease is harmless, a lease without
         # a record could not be recovered.
         try:
-            release_concurrency_slots_with_lease(lease_id)
+            _release(lease_id)
         finally:
             _deregister(lease_id)
 
@@ -268,7 +331,7 @@ def collection_limit_name(output_dir: str, collection: str) -> str:
 
 @contextlib.contextmanager
 def collection_lease(output_dir: str, collection: str, *, timeout_s: float,
-                     lease_duration_s: float) -> Iterator[dict[str, Any]]:
+                     lease_duration_s: float) -> Iterator[LeaseHolding]:
     """Hold a collection of an output dir for one flow run: a second run of it queues here.
 
     Two runs of the same collection into the same output dir (a retry beside the
@@ -293,5 +356,5 @@ def collection_lease(output_dir: str, collection: str, *, timeout_s: float,
         # And the lock on the output dir itself: a run on another Prefect server (or none) queues there.
         left = max(1.0, timeout_s - (time.monotonic() - t0))
         with hold_collection(output_dir, collection, timeout_s=left) as waited:
-            event["wait_s"] = event.get("wait_s", 0) + waited
+            event.wait_s += waited
             yield event

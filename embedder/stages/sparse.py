@@ -18,6 +18,7 @@ from embedder.gpu import cuda_context_gb, resolve_device
 from embedder.io.readers import read_queries
 from embedder.io.vector_cache import text_digest
 from embedder.io.writers import iter_chunk_windows, iter_jsonl_windows, iter_table_windows, write_jsonl
+from embedder.lease import GpuLease
 from embedder.models.engine import resolve_precision
 from embedder.models.registry import get_spec, resolve_model
 from embedder.models.sparse import SparseInference, load_sparse_model
@@ -39,7 +40,7 @@ from embedder.stages.common import (
     touch_space,
     vector_space,
 )
-from embedder.summary import SparsePayload, SparseRun, SparseVectorsStats
+from embedder.summary import LeaseEvent, SparsePayload, SparseRun, SparseVectorsStats
 
 
 class SparseModelOutput(BaseModel):
@@ -65,7 +66,7 @@ class SparseStageResult(BaseModel):
     outputs: list[SparseModelOutput] = Field(default_factory=list)
     warnings: list[str] = Field(default_factory=list)
     reason: str | None = None
-    lease_event: dict[str, Any] | None = Field(None, description="Set when a model ran on the GPU, under the lease.")
+    lease_event: LeaseEvent | None = Field(None, description="Set when a model ran on the GPU, under the lease.")
     integrity: dict[str, Any] = Field(
         default_factory=dict, description="What the vector stores' checks found: parts checked, and each part "
         "quarantined as damaged (file, reason); its vectors were embedded again.")
@@ -79,7 +80,7 @@ def sparse_key(config: RunConfig, collection: str, chunks: StageRef) -> str:
 
 
 def sparse_stage(config: RunConfig, collection: str, chunks: StageRef, key: str,
-                 run_id: uuid.UUID | None = None, *, gpu: Callable[[], Any] | None = None,
+                 run_id: uuid.UUID | None = None, *, gpu: GpuLease | None = None,
                  progress: Callable[[str, int, int], None] | None = None) -> SparseStageResult:
     """Live sparse inference per model, with the per-chunk metadata fallback.
 
@@ -109,7 +110,7 @@ def sparse_stage(config: RunConfig, collection: str, chunks: StageRef, key: str,
     outputs: list[SparseModelOutput] = []
     warnings: list[str] = []
     spaces: list[str] = []
-    lease_event = None
+    lease_event: LeaseEvent | None = None
     healed: list[dict[str, str]] = []
     checked = 0
 
@@ -154,18 +155,18 @@ def sparse_stage(config: RunConfig, collection: str, chunks: StageRef, key: str,
 
                 placed: Callable[[], Any] | None = getattr(model, "placed", None)
                 checkpoint_s = config.vector_checkpoint_s
-                with (gpu() if on_gpu and gpu is not None else contextlib.nullcontext()) as event, \
+                with (gpu() if on_gpu and gpu is not None else contextlib.nullcontext()) as holding, \
                         (placed() if placed is not None else contextlib.nullcontext()), \
                         cache.writer(roll_after_s=checkpoint_s) as new_part:
                     t_gpu = time.perf_counter()
                     ref = write_jsonl(path / f"{tag}.jsonl", _records(
                         chunks, window, keys, gids, index, inference, new_part if model is not None else None, name))
                     query_vectors = inference.queries(queries)
-                    if event is not None:
+                    if holding is not None:
                         engine = getattr(model, "_engine", None)
-                        event["gpu_work_s"] = round(engine.stats.device_s if engine is not None
-                                                    else time.perf_counter() - t_gpu, 3)
-                lease_event = event or lease_event
+                        holding.gpu_work_s = round(engine.stats.device_s if engine is not None
+                                                   else time.perf_counter() - t_gpu, 3)
+                lease_event = (holding.event() if holding is not None else None) or lease_event
                 run, telemetry, model_warnings = inference.finish(
                     run_id, str(collection_dir(config, collection) / "sparse.jsonl"))
                 cache.compact(np.unique(keys))

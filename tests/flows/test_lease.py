@@ -57,7 +57,7 @@ def test_three_concurrent_runs_with_three_homes_never_overlap_on_the_gpu(prefect
     intervals, waits = [], []
     for name in ("a", "b", "c"):
         summary = json.loads((tmp_path / name / f"run_{name}" / "processing_summary.json").read_text())
-        assert summary["status"] == "completed" and summary["rerank_run"]["status"] == "executed"
+        assert summary["status"] == "completed" and summary["rerank_run"]["status"] == "executed", summary["warnings"]
         assert summary["chunk_count"] == 600 and summary["index_run"]["points_count"] == 600
         for e in summary["telemetry"]["lease_events"]:
             assert e["recovery"] == "prefect" and e["lease_id"]  # a running server repossesses, not us
@@ -74,18 +74,20 @@ def test_three_concurrent_runs_with_three_homes_never_overlap_on_the_gpu(prefect
 # t0 and t1 are the holding interval as the lease records it: from the acquisition's return to the
 # start of the release (after that the server may grant the slot to the next holder).
 HOLDER = """
-import json, os, signal, sys, time
+import dataclasses, json, os, signal, sys, time
 from datetime import datetime
-from tasks.lease import gpu_lease
+from tasks.lease import gpu_lease, use_shared_lease_storage
 
+use_shared_lease_storage()  # as the CLI does first thing; a no-op against a running server
 stamp = lambda iso: datetime.fromisoformat(iso).timestamp()
 mode, hold, limit = sys.argv[1], float(sys.argv[2]), sys.argv[3]
 with gpu_lease(limit, "dense", timeout_s=400, lease_duration_s=60) as ev:
-    print("ACQUIRED " + json.dumps({"t0": stamp(ev["acquired_at"]), **ev}), flush=True)
+    print("ACQUIRED " + json.dumps({"t0": stamp(ev.acquired_at), **dataclasses.asdict(ev)}), flush=True)
     if mode == "kill":
         os.kill(os.getpid(), signal.SIGKILL)
     time.sleep(hold)
-print("RELEASED " + json.dumps({"t0": stamp(ev["acquired_at"]), "t1": stamp(ev["released_at"]), **ev}), flush=True)
+print("RELEASED " + json.dumps({"t0": stamp(ev.acquired_at), "t1": stamp(ev.released_at), **dataclasses.asdict(ev)}),
+      flush=True)
 """
 
 
@@ -125,7 +127,7 @@ class Holder:
 def _ephemeral_env(home: Path) -> dict[str, str]:
     env = {**os.environ, "PREFECT_HOME": str(home)}
     env.pop("PREFECT_API_URL", None)
-    env.pop("PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE", None)  # as a user's shell has it: the code sets it
+    env.pop("PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE", None)  # as a user's shell has it: the entry point sets it
     return env
 
 
@@ -222,6 +224,56 @@ def test_gpu_slots_lists_each_holder_with_its_lease(prefect_server, tmp_path):
     assert f"pid {holder.proc.pid}@" in row and "stage dense" in row and "expires 20" in row and "[alive]" in row
 
 
+# A stage's batch loop under the lease: it checks for a stop between batches, as dense, sparse and rerank do.
+WORKER = """
+import sys, time
+from embedder.cancel import raise_if_stopped
+from embedder.errors import StageError
+from tasks.lease import gpu_lease
+
+try:
+    with gpu_lease(sys.argv[1], "dense", timeout_s=120, lease_duration_s=60) as ev:
+        print("ACQUIRED " + ev.lease_id, flush=True)
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 400:
+            raise_if_stopped()
+            time.sleep(0.5)
+    print("NEVER STOPPED", flush=True)
+except StageError as exc:
+    print("STOPPED " + str(exc), flush=True)
+    sys.exit(1)
+"""
+
+
+def test_a_stage_whose_lease_is_taken_away_stops_at_its_next_batch(prefect_server, tmp_path):
+    """The server repossesses the lease (a holder cut off from it, an admin's reset): the holder must stop.
+
+    Its renewal fails, and its next batch boundary raises rather than keep using a slot the server may
+    already have granted to another run. The slot count never goes below zero.
+    """
+    import httpx
+
+    log = tmp_path / "worker.log"
+    with open(log, "w") as fh:
+        proc = subprocess.Popen([sys.executable, "-c", WORKER, "gpu-revoked"],
+                                env=_server_env(prefect_server, tmp_path / "home"), cwd=REPO, stdout=fh,
+                                stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 180
+        while "ACQUIRED" not in log.read_text() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.2)
+        [lease_id] = [ln.split()[1] for ln in log.read_text().splitlines() if ln.startswith("ACQUIRED ")]
+        httpx.post(f"{prefect_server}/v2/concurrency_limits/decrement-with-lease", json={"lease_id": lease_id},
+                   timeout=30).raise_for_status()
+        proc.wait(timeout=300)  # the renewal comes at 45 s; its retries take 7 s more
+    finally:
+        proc.kill()
+    out = log.read_text()
+    assert proc.returncode == 1 and "STOPPED the lease on 'gpu-revoked' was lost" in out, out[-3000:]
+    limit = httpx.get(f"{prefect_server}/v2/concurrency_limits/gpu-revoked", timeout=30).json()
+    assert limit["active_slots"] == 0, limit
+
+
 def test_two_runs_of_one_collection_into_one_output_dir_queue_and_never_interleave(prefect_server, tmp_path):
     """A retry beside the nightly run: the second run waits for the first (collection lease), then runs."""
     data = _synthetic_collection(tmp_path / "synthetic.jsonl", 300)
@@ -248,4 +300,4 @@ def test_two_runs_of_one_collection_into_one_output_dir_queue_and_never_interlea
     (s1, f1), (s2, _) = sorted(sets)
     assert s2 >= f1, f"the second run started writing at {s2} before the first finished at {f1}"
     summary = json.loads((tmp_path / "out" / "shared" / "processing_summary.json").read_text())
-    assert summary["status"] == "completed" and summary["index_run"]["points_count"] == 300
+    assert summary["status"] == "completed" and summary["index_run"]["points_count"] == 300, summary["warnings"]
