@@ -7,6 +7,7 @@ is recorded so the run summary can say where each setting came from.
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 import tomllib
@@ -20,6 +21,7 @@ from pydantic import (
     Field,
     SecretStr,
     ValidationError,
+    create_model,
     field_validator,
     model_validator,
 )
@@ -105,13 +107,15 @@ class RunConfig(BaseModel):
         "vector scaled by the root of its weight, so its cosine is the weighted mean of the models' cosines.")
     sparse_models: list[str] = Field(default_factory=lambda: ["qdrant-bm25"], description="SPARSE_MODELS names.")
     rerank_model: str = Field("cross-encoder/ms-marco-MiniLM-L-6-v2", description="Registry name, HF id or local dir.")
-    enable_sparse: bool = True
-    enable_rerank: bool = True
-    rerank_top_k_candidates: int = Field(100, ge=1, le=10_000)
-    rerank_top_k: int = Field(20, ge=1, le=10_000)
+    enable_sparse: bool = Field(True, description="Compute sparse vectors (off: the index and fusion are dense-only).")
+    enable_rerank: bool = Field(True, description="Rerank the fused candidates of the run's queries.")
+    rerank_top_k_candidates: int = Field(100, ge=1, le=10_000,
+                                         description="Fused candidates per query the cross-encoder scores.")
+    rerank_top_k: int = Field(20, ge=1, le=10_000, description="Reranked results kept per query.")
     rerank_latency_budget_ms: float | None = Field(None, gt=0, description="Per-query budget; cuts candidates.")
-    fusion: Literal["rrf", "dbsf"] = "rrf"
-    rrf_k: int = Field(60, ge=1)
+    fusion: Literal["rrf", "dbsf"] = Field("rrf", description="How the dense and sparse lists are fused: "
+                                           "reciprocal rank fusion, or distribution-based score fusion.")
+    rrf_k: int = Field(60, ge=1, description="RRF's k: a larger k flattens the weight of the top ranks.")
     fusion_weights: dict[str, float] = Field(
         default_factory=dict, description="Per-list fusion weights by list name: 'dense' and each sparse model "
         "(a list not named weighs 1). `embed-collections tune` fits them on a training split.")
@@ -125,7 +129,7 @@ class RunConfig(BaseModel):
     gpu_lease_duration_s: float = Field(300.0, ge=60, description="Lease length; a dead holder frees after it.")
     query_policy: QueryPolicy = Field(default_factory=QueryPolicy)
     local_files_only: bool = Field(False, description="Never contact a model hub.")
-    force_cpu: bool = False
+    force_cpu: bool = Field(False, description="Never use the GPU, even where there is one.")
     max_chunk_chars: int = Field(32_768, ge=64, description="Longer chunks are truncated with a warning.")
     index_batch_size: int = Field(
         512, ge=1, le=100_000, description="Points per upsert (bench/index.py measures the choice)."
@@ -222,54 +226,23 @@ class RunConfig(BaseModel):
         return self
 
 
-class EmbedderSettings(BaseSettings):
-    """Environment settings (prefix ``EMBEDDER_``). Nested values use ``__``.
-
-    Only fields a user may set from the environment appear here; see
-    :class:`RunConfig` for their meaning.
-    """
-
+class _EnvironmentBase(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="EMBEDDER_", env_nested_delimiter="__", extra="ignore")
 
-    queries_path: str | None = None
-    qrels_path: str | None = None
-    output_dir: str = "output"
-    dense_model: str = "all-minilm-l6-v2"
-    dense_backend: Literal["torch", "onnx"] = "torch"
-    dense_blend: dict[str, float] = Field(default_factory=dict)
-    sparse_models: list[str] = Field(default_factory=lambda: ["qdrant-bm25"])
-    rerank_model: str = "cross-encoder/ms-marco-MiniLM-L-6-v2"
-    enable_sparse: bool = True
-    enable_rerank: bool = True
-    rerank_top_k_candidates: int = 100
-    rerank_top_k: int = 20
-    rerank_latency_budget_ms: float | None = None
-    fusion: Literal["rrf", "dbsf"] = "rrf"
-    rrf_k: int = 60
-    fusion_weights: dict[str, float] = Field(default_factory=dict)
-    retrieval_top_n: int = 100
-    gpu_memory_ceiling_gb: float = 12.0
-    gpu_concurrency_limit_name: str = "gpu"
-    collection_fanout: Literal["auto", "subflows", "deployments"] = "auto"
-    collection_deployment: str = "embed-collection/collection"
-    collection_lock_timeout_s: float = 6 * 3600.0
-    gpu_lease_timeout_s: float = 3600.0
-    gpu_lease_duration_s: float = 300.0
-    query_policy: QueryPolicy = Field(default_factory=QueryPolicy)
-    local_files_only: bool = False
-    force_cpu: bool = False
-    max_chunk_chars: int = 32_768
-    index_batch_size: int = 512
-    index_hnsw_min_points: int = 100_000
-    overlap_sparse: bool = True
-    stream_window: int = 4096
-    vector_checkpoint_s: float = 300.0
-    vector_retention_days: float | None = 30.0
-    dense_precision: Precision = "auto"
-    sparse_precision: Precision = "auto"
-    rerank_precision: Precision = "auto"
-    batch_policy: Literal["auto", "tokens", "items"] = "auto"
-    cpu_batch_items: int = 64
+
+# Set per run or by the config file only: the collections a run embeds, and the record of sources.
+_NOT_FROM_ENVIRONMENT = frozenset({"collections", "sources"})
+
+_environment_fields: dict[str, Any] = {name: (info.annotation, copy.copy(info))
+                                       for name, info in RunConfig.model_fields.items()
+                                       if name not in _NOT_FROM_ENVIRONMENT}
+EmbedderSettings: type[BaseSettings] = create_model(
+    "EmbedderSettings",
+    __base__=_EnvironmentBase,
+    __doc__="Environment settings (prefix ``EMBEDDER_``; nested values use ``__``): every RunConfig field but "
+            "the collections, with RunConfig's type, bounds and default, so each setting is defined once.",
+    **_environment_fields,
+)
 
 
 class ServiceSettings(BaseSettings):

@@ -40,6 +40,11 @@ def _prefect_defaults() -> None:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", str(EPHEMERAL_STARTUP_TIMEOUT_S))
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    # Before anything starts the ephemeral server, which inherits it: leases on disk, so a run
+    # can free the slot of one killed hard.
+    from tasks.lease import use_shared_lease_storage
+
+    use_shared_lease_storage()
     for name in ("prefect.flow_runs", "prefect.task_runs"):
         logging.getLogger(name).addFilter(_expected_errors_without_traceback)
 
@@ -107,6 +112,51 @@ def _blend(text: str | None) -> dict[str, float] | None:
         except ValueError:
             raise ConfigError(f"--dense-blend {part!r}: write name=weight, for example "
                               "multilingual-e5-small-q4=0.9") from None
+    return out
+
+
+# The flags of `run` and `eval` that set a run setting: the parameter's name, the RunConfig field it sets,
+# and how its text becomes the field's value. A flag's help is the field's own description, so a setting
+# is described once; tests/unit/test_cli_settings.py checks every flag against the model.
+def _split_models(text: str) -> list[str]:
+    return [m.strip() for m in text.split(",")]
+
+
+SETTING_FLAGS: dict[str, tuple[str, Any]] = {
+    "dense_model": ("dense_model", None),
+    "dense_blend": ("dense_blend", _blend),
+    "sparse_models": ("sparse_models", _split_models),
+    "rerank_model": ("rerank_model", None),
+    "enable_sparse": ("enable_sparse", None),
+    "enable_rerank": ("enable_rerank", None),
+    "rerank_candidates": ("rerank_top_k_candidates", None),
+    "rerank_top_k": ("rerank_top_k", None),
+    "fusion": ("fusion", None),
+    "force_cpu": ("force_cpu", None),
+    "local_files_only": ("local_files_only", None),
+}
+
+
+def _described(param: str, extra: str = "") -> str | None:
+    """The help of a setting's flag: its RunConfig field's description (and how to write it on the CLI)."""
+    from embedder.settings import RunConfig
+
+    description = RunConfig.model_fields[SETTING_FLAGS[param][0]].description or ""
+    return " ".join(filter(None, (description, extra))) or None
+
+
+def setting_overrides(given: dict[str, Any]) -> dict[str, Any]:
+    """RunConfig overrides from the setting flags given (a flag not given, or an off switch flag, sets nothing).
+
+    Args:
+        given: Parameter name -> value, for the command's setting flags.
+    """
+    out: dict[str, Any] = {}
+    for param, value in given.items():
+        field, parse = SETTING_FLAGS[param]
+        if value is None or (param in ("force_cpu", "local_files_only") and value is False):
+            continue
+        out[field] = parse(value) if parse is not None else value
     return out
 
 
@@ -272,19 +322,23 @@ def run(
     collection: Annotated[str | None, typer.Option("--collection", help="Collection name.")] = None,
     queries: Annotated[Path | None, typer.Option("--queries", help="JSONL of {_id, text}.")] = None,
     qrels: Annotated[Path | None, typer.Option("--qrels", help="BEIR qrels TSV.")] = None,
-    dense_model: Annotated[str | None, typer.Option("--dense-model")] = None,
+    dense_model: Annotated[str | None, typer.Option("--dense-model", help=_described("dense_model"))] = None,
     dense_blend: Annotated[str | None, typer.Option(
-        "--dense-blend", help="Further dense models blended into the dense vector: name=weight[,name=weight].")] = None,
-    sparse_models: Annotated[str | None, typer.Option("--sparse-models", help="Comma-separated.")] = None,
-    rerank_model: Annotated[str | None, typer.Option("--rerank-model")] = None,
-    enable_sparse: Annotated[bool | None, typer.Option("--enable-sparse/--disable-sparse")] = None,
-    enable_rerank: Annotated[bool | None, typer.Option("--enable-rerank/--disable-rerank")] = None,
-    rerank_candidates: Annotated[int | None, typer.Option("--rerank-candidates")] = None,
-    rerank_top_k: Annotated[int | None, typer.Option("--rerank-top-k")] = None,
-    fusion: Annotated[str | None, typer.Option("--fusion", help="rrf or dbsf.")] = None,
-    force_cpu: Annotated[bool | None, typer.Option("--force-cpu", help="Never use the GPU.")] = None,
+        "--dense-blend", help=_described("dense_blend", "Write name=weight[,name=weight]."))] = None,
+    sparse_models: Annotated[str | None, typer.Option(
+        "--sparse-models", help=_described("sparse_models", "Comma-separated."))] = None,
+    rerank_model: Annotated[str | None, typer.Option("--rerank-model", help=_described("rerank_model"))] = None,
+    enable_sparse: Annotated[bool | None, typer.Option("--enable-sparse/--disable-sparse",
+                                                       help=_described("enable_sparse"))] = None,
+    enable_rerank: Annotated[bool | None, typer.Option("--enable-rerank/--disable-rerank",
+                                                       help=_described("enable_rerank"))] = None,
+    rerank_candidates: Annotated[int | None, typer.Option("--rerank-candidates",
+                                                          help=_described("rerank_candidates"))] = None,
+    rerank_top_k: Annotated[int | None, typer.Option("--rerank-top-k", help=_described("rerank_top_k"))] = None,
+    fusion: Annotated[str | None, typer.Option("--fusion", help=_described("fusion", "rrf or dbsf."))] = None,
+    force_cpu: Annotated[bool | None, typer.Option("--force-cpu", help=_described("force_cpu"))] = None,
     local_files_only: Annotated[bool | None, typer.Option("--local-files-only",
-                                                             help="Never contact a model hub.")] = None,
+                                                             help=_described("local_files_only"))] = None,
     config: Annotated[Path | None, typer.Option("--config", help="TOML or JSON config file.")] = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print the summaries as JSON.")] = False,
 ) -> None:
@@ -294,14 +348,12 @@ def run(
         cfg = build_config(
             input_path=input, collection=collection, output_dir=output_dir, queries=queries, qrels=qrels,
             config_file=config,
-            overrides={
-                "dense_model": dense_model, "dense_blend": _blend(dense_blend), "rerank_model": rerank_model,
-                "enable_sparse": enable_sparse,
-                "enable_rerank": enable_rerank, "rerank_top_k_candidates": rerank_candidates,
-                "rerank_top_k": rerank_top_k, "fusion": fusion, "force_cpu": force_cpu or None,
-                "local_files_only": local_files_only or None,
-                "sparse_models": [m.strip() for m in sparse_models.split(",")] if sparse_models else None,
-            },
+            overrides=setting_overrides({
+                "dense_model": dense_model, "dense_blend": dense_blend, "sparse_models": sparse_models,
+                "rerank_model": rerank_model, "enable_sparse": enable_sparse, "enable_rerank": enable_rerank,
+                "rerank_candidates": rerank_candidates, "rerank_top_k": rerank_top_k, "fusion": fusion,
+                "force_cpu": force_cpu, "local_files_only": local_files_only,
+            }),
         )
     except EmbedderError as exc:
         _fail(str(exc), 2)
@@ -370,14 +422,18 @@ def eval_(
     beir_dir: Annotated[Path, typer.Option("--beir-dir", help="BEIR layout: corpus.jsonl, queries.jsonl, qrels/.")],
     split: Annotated[str, typer.Option("--split", help="qrels/<split>.tsv")],
     output_dir: Annotated[Path, typer.Option("--output-dir")] = Path("output/eval"),
-    dense_model: Annotated[str | None, typer.Option("--dense-model")] = None,
+    dense_model: Annotated[str | None, typer.Option("--dense-model", help=_described("dense_model"))] = None,
     dense_blend: Annotated[str | None, typer.Option(
-        "--dense-blend", help="Further dense models blended into the dense vector: name=weight[,name=weight].")] = None,
-    sparse_models: Annotated[str | None, typer.Option("--sparse-models")] = None,
-    rerank_model: Annotated[str | None, typer.Option("--rerank-model")] = None,
-    enable_rerank: Annotated[bool | None, typer.Option("--enable-rerank/--disable-rerank")] = None,
-    rerank_candidates: Annotated[int | None, typer.Option("--rerank-candidates")] = None,
-    local_files_only: Annotated[bool | None, typer.Option("--local-files-only")] = None,
+        "--dense-blend", help=_described("dense_blend", "Write name=weight[,name=weight]."))] = None,
+    sparse_models: Annotated[str | None, typer.Option(
+        "--sparse-models", help=_described("sparse_models", "Comma-separated."))] = None,
+    rerank_model: Annotated[str | None, typer.Option("--rerank-model", help=_described("rerank_model"))] = None,
+    enable_rerank: Annotated[bool | None, typer.Option("--enable-rerank/--disable-rerank",
+                                                       help=_described("enable_rerank"))] = None,
+    rerank_candidates: Annotated[int | None, typer.Option("--rerank-candidates",
+                                                          help=_described("rerank_candidates"))] = None,
+    local_files_only: Annotated[bool | None, typer.Option("--local-files-only",
+                                                             help=_described("local_files_only"))] = None,
     config: Annotated[Path | None, typer.Option("--config")] = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
     tune: Annotated[Path | None, typer.Option(
@@ -408,11 +464,12 @@ def eval_(
         cfg = resolve_run_config(config, {
             "collections": [{"name": name, "path": str(inputs.corpus_jsonl)}],
             "queries_path": str(inputs.queries_jsonl), "qrels_path": str(inputs.qrels_tsv),
-            "output_dir": str(output_dir.resolve()), "dense_model": dense_model, "dense_blend": _blend(dense_blend),
-            "rerank_model": rerank_model,
-            "enable_rerank": enable_rerank, "rerank_top_k_candidates": rerank_candidates,
-            "local_files_only": local_files_only or None,
-            "sparse_models": [m.strip() for m in sparse_models.split(",")] if sparse_models else None,
+            "output_dir": str(output_dir.resolve()),
+            **setting_overrides({
+                "dense_model": dense_model, "dense_blend": dense_blend, "sparse_models": sparse_models,
+                "rerank_model": rerank_model, "enable_rerank": enable_rerank, "rerank_candidates": rerank_candidates,
+                "local_files_only": local_files_only,
+            }),
         })
     except EmbedderError as exc:
         _fail(str(exc), 2)
