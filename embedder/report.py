@@ -48,6 +48,7 @@ from embedder.summary import (
     Telemetry,
     write_summary,
 )
+from embedder.tuning import list_label, query_lists
 
 _VERSIONED = ("torch", "sentence-transformers", "transformers", "fastembed", "qdrant-client", "prefect", "pyarrow")
 
@@ -132,15 +133,13 @@ def compute_quality(config: RunConfig, fusion: FusionResult | None,
     if not config.qrels_path or fusion is None or fusion.candidates is None:
         return None
     qrels = read_qrels(config.qrels_path)
-    rows = read_jsonl_records(fusion.candidates.path)
+    # Lists named as `eval` names them (dense, sparse:<model>), so the two reports share their keys.
     runs: dict[str, dict[str, list[str]]] = {"dense": {}, "fused_rrf": {}, "fused_dbsf": {}}
-    for row in rows:
-        q = row["query_id"]
-        runs["dense"][q] = [c["id"] for c in row["dense"]]
-        for i, (model, lst) in enumerate(row["sparse"].items()):
-            runs.setdefault("sparse" if i == 0 else f"sparse:{model}", {})[q] = [c["id"] for c in lst]
-        runs["fused_rrf"][q] = [c["id"] for c in row["rrf"]]
-        runs["fused_dbsf"][q] = [c["id"] for c in row["dbsf"]]
+    for q in query_lists(iter_jsonl_records(fusion.candidates.path)):
+        for name, lst in q.lists.items():
+            runs.setdefault(list_label(name), {})[q.query_id] = [c.id for c in lst]
+        for method, ids in q.fused.items():
+            runs[f"fused_{method}"][q.query_id] = ids
     if rerank is not None and rerank.status == "executed" and rerank.results is not None:
         # Reranked top-k first, then the rest of the fused list, so Recall@100 compares like with like.
         fused = runs["fused_rrf" if config.fusion == "rrf" else "fused_dbsf"]
@@ -180,10 +179,10 @@ class CollectionOutcome:
     cancelled: str | None = None
     healed: list[dict[str, str]] = field(default_factory=list)
 
-    def lease_events(self) -> list[dict[str, Any]]:
+    def lease_events(self) -> list[LeaseEvent]:
         """Lease events of the GPU stages that ran in this run (a cached stage took no lease)."""
         return [r.lease_event for stage, r in (("dense", self.dense), ("sparse", self.sparse), ("rerank", self.rerank))
-                if r is not None and r.lease_event and stage not in self.cached]
+                if r is not None and r.lease_event is not None and stage not in self.cached]
 
 
 def _export_section(outcome: CollectionOutcome) -> SummarySection:
@@ -287,7 +286,7 @@ def build_summary(config: RunConfig, outcome: CollectionOutcome,
         feature_toggles=FeatureToggles(enable_rerank=config.enable_rerank, enable_sparse=config.enable_sparse,
                                        sparse_models=config.sparse_models,
                                        sources={k: str(v) for k, v in toggles_sources.items()}),
-        telemetry=Telemetry(lease_events=[LeaseEvent(**e) for e in o.lease_events()], stages=stages),
+        telemetry=Telemetry(lease_events=o.lease_events(), stages=stages),
         performance_baseline=PerformanceBaseline(
             latency_seconds=o.latency_seconds,
             gpu=GpuBaseline(soft_limit_gb=config.gpu_memory_ceiling_gb, peak_memory_used_gb=gpu_peak,

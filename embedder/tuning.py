@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import itertools
 import random
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -33,16 +33,24 @@ class QueryLists:
 
     query_id: str
     lists: dict[str, list[ScoredCandidate]]
+    fused: dict[str, list[str]] = field(default_factory=dict)
+    """The fusion stage's own fused lists (``rrf``, ``dbsf``, with the run's weights), ids best first."""
 
 
-def query_lists(rows: Sequence[Mapping[str, Any]]) -> list[QueryLists]:
-    """The fusion stage's ``candidates.jsonl`` rows as :class:`QueryLists`."""
+def list_label(name: str) -> str:
+    """A single list's name in quality reports: ``dense``, or ``sparse:<model>`` for each sparse model."""
+    return name if name == "dense" else f"sparse:{name}"
+
+
+def query_lists(rows: Iterable[Mapping[str, Any]]) -> list[QueryLists]:
+    """The fusion stage's ``candidates.jsonl`` rows as :class:`QueryLists`: the one reader of that file."""
     out = []
     for row in rows:
         lists = {"dense": [ScoredCandidate(**c) for c in row["dense"]]}
         for model, lst in row["sparse"].items():
             lists[model] = [ScoredCandidate(**c) for c in lst]
-        out.append(QueryLists(str(row["query_id"]), lists))
+        fused = {method: [str(c["id"]) for c in row[method]] for method in ("rrf", "dbsf") if method in row}
+        out.append(QueryLists(str(row["query_id"]), lists, fused))
     return out
 
 
@@ -67,7 +75,7 @@ def every_fusion(queries: Sequence[QueryLists], qrels: Mapping[str, Mapping[str,
     if not queries:
         return {}
     names = list(queries[0].lists)
-    out = {(n if n == "dense" else f"sparse:{n}"): evaluate({q.query_id: [c.id for c in q.lists.get(n, [])]
+    out = {list_label(n): evaluate({q.query_id: [c.id for c in q.lists.get(n, [])]
                                                              for q in queries}, qrels) for n in names}
     for size in range(2, len(names) + 1):
         for combo in itertools.combinations(names, size):
@@ -208,9 +216,12 @@ def score_settings(queries: Sequence[QueryLists], qrels: Mapping[str, Mapping[st
     if missing:
         return (f"needs the list(s) {missing}, which this run did not produce "
                 f"(run with --sparse-models {','.join(settings.get('sparse_models', []))})")
-    method = settings.get("fusion", "rrf")
-    run = {q.query_id: fuse(q, names, method, int(settings.get("rrf_k", 60)), settings.get("fusion_weights"))
-           for q in queries}
+    from embedder.settings import RunConfig
+
+    # What the file leaves out is what a run would use: the defaults of the one definition.
+    method = settings.get("fusion", RunConfig.model_fields["fusion"].default)
+    k = int(settings.get("rrf_k", RunConfig.model_fields["rrf_k"].default))
+    run = {q.query_id: fuse(q, names, method, k, settings.get("fusion_weights")) for q in queries}
     return evaluate(run, qrels)
 
 

@@ -66,8 +66,8 @@ def test_full_run_executes_every_stage(full_config):
     assert dense_t["batch_policy"] == ("items" if resolve_device() == "cpu" else "tokens")
     assert dense_t["batches"] >= 1 and dense_t["padding_ratio"] >= 1.0
     assert s.telemetry.stages["rerank"]["precision"] == dense_t["precision"]
-    assert set(s.quality) >= {"dense", "sparse", "fused_rrf", "fused_dbsf", "reranked"}
-    assert s.quality["dense"]["ndcg@10"] > 0.7 and s.quality["sparse"]["ndcg@10"] > 0.5
+    assert set(s.quality) == {"dense", "sparse:qdrant-bm25", "fused_rrf", "fused_dbsf", "reranked"}
+    assert s.quality["dense"]["ndcg@10"] > 0.7 and s.quality["sparse:qdrant-bm25"]["ndcg@10"] > 0.5
     assert s.warnings == []
     assert s.feature_toggles.sources["enable_rerank"] == "default"
     assert s.versions["prefect"] == "3.8.8"

@@ -90,7 +90,7 @@ def test_unavailable_sparse_model_falls_back_to_metadata(sample_config, monkeypa
     assert s.sparse_run.payload.fallback_count == 50 and s.sparse_run.vectors.coverage_ratio == 1.0
     assert any("metadata fallback" in w for w in s.warnings)
     # fallback vectors live in the live model's index space: BM25 retrieval still finds the answers
-    assert s.quality["sparse"]["ndcg@10"] > 0.5
+    assert s.quality["sparse:qdrant-bm25"]["ndcg@10"] > 0.5
 
 
 class _FailsOn:
