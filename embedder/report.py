@@ -204,22 +204,24 @@ def _export_section(outcome: CollectionOutcome) -> SummarySection:
 def _integrity_section(outcome: CollectionOutcome) -> SummarySection:
     # A stage served from cache read no vector store this run: it has nothing to report.
     ran = [(stage, r.integrity) for stage, r in (("dense", outcome.dense), ("sparse", outcome.sparse))
-           if r is not None and stage not in outcome.cached and r.integrity]
-    quarantined = [{"stage": stage, **q} for stage, found in ran for q in found.get("quarantined", [])]
+           if r is not None and stage not in outcome.cached and r.integrity is not None]
+    quarantined = [{"stage": stage, **q} for stage, found in ran for q in found.quarantined]
     warnings = [f"{q['stage']}: a damaged vector-store part ({q['reason']}) was set aside in {q['file']}; "
                 "its vectors were embedded again" for q in quarantined]
     for q in outcome.healed:
         quarantined.append({k: q[k] for k in ("stage", "file", "reason")})
         warnings.append(f"{q['stage']}: its stored result was damaged ({q['reason']}); it was set aside in "
                         f"{q['file']} and the stage ran again")
-    checked = sum(found.get("checked", 0) for _stage, found in ran)
+    checked = sum(found.checked for _stage, found in ran)
     rebuilt = []
-    index = outcome.index.integrity if outcome.index is not None else {}
-    checked += int(index.get("checked", 0))
-    damaged = len(quarantined) + len(index.get("damaged", []))
-    if index.get("rebuilt") and outcome.index is not None:
-        # The index section's own warning says it; here is the record.
-        rebuilt.append({"what": "index", "reason": str(index["rebuilt"]), "build": str(outcome.index.build_id)})
+    damaged = len(quarantined)
+    if outcome.index is not None:
+        index = outcome.index.integrity
+        checked += index.checked
+        damaged += len(index.damaged)
+        if index.rebuilt:
+            # The index section's own warning says it; here is the record.
+            rebuilt.append({"what": "index", "reason": index.rebuilt, "build": str(outcome.index.build_id)})
     integrity = Integrity(files_checked=checked, damaged=damaged, quarantined=quarantined, rebuilt=rebuilt)
     return SummarySection(fields={"integrity": integrity}, warnings=warnings)
 

@@ -199,6 +199,48 @@ class Integrity(_Section):
         "reason, and the build that replaced it.")
 
 
+class IndexProof(_Section):
+    sampled: int = Field(0, description="Points read back from the index (a reservoir sample).")
+    mismatched: int = Field(0, description="Of those, points whose vectors differ from the stored ones.")
+
+
+class IndexIntegrity(_Section):
+    """The index stage's checks of the published index before it trusted it, and its read-back proof."""
+
+    checked: int = Field(0, description="Shard files checked against their checksums.")
+    damaged: list[dict[str, str]] = Field(default_factory=list, description="Each damaged file: file, reason.")
+    rebuilt: str | None = Field(None, description="Why the shard was rebuilt from the stored vectors (None: it "
+                                "was not).")
+    proof: IndexProof = Field(default_factory=IndexProof)
+
+
+class IndexRun(_Section):
+    """What the index stage did (``index_run``)."""
+
+    status: StageStatus | None = None
+    backend: str = "edge"
+    location: str = ""
+    collection: str = ""
+    action: Literal["rebuilt", "incremental", "unchanged"] | None = Field(
+        None, description="rebuilt: a new index from every point; incremental: only what changed was written; "
+        "unchanged: the published index already held exactly these points.")
+    points_count: int = Field(0, description="Points read back from the published index.")
+    upserted: int = Field(0, description="New and changed points written.")
+    deleted: int = Field(0, description="Points of chunks that are gone, removed after the upserts succeeded.")
+    unchanged: int = Field(0, description="Points the published index already held as they are.")
+    latency_ms: float = 0.0
+    points_per_s: float = 0.0
+    batch_size: int = 0
+    search_mode: str | None = Field(None, description="exact (brute force), hnsw (graph built) or server.")
+    hnsw_build_s: float = 0.0
+    build_id: str | None = None
+    segments: int | None = Field(None, description="Segments of the published index, where the store reports "
+                                 "them (Edge builds a large shard's graph a segment at a time).")
+    integrity: IndexIntegrity = Field(default_factory=IndexIntegrity)
+    warnings: list[str] = Field(default_factory=list)
+    reason: str | None = None
+
+
 class ProcessingSummary(_Section):
     """The per-collection run summary, as written (v4.1) or as read from any v4.x writer after normalisation."""
 
@@ -221,7 +263,7 @@ class ProcessingSummary(_Section):
     fusion_run: FusionRun | None = None
     model_fingerprints: dict[str, str] = Field(
         default_factory=dict, description="Model name -> sha256 of its files (or its hub id when not local).")
-    index_run: dict[str, Any] | None = None
+    index_run: IndexRun | None = None
     compatibility: Compatibility = Field(default_factory=Compatibility)
     telemetry: Telemetry = Field(default_factory=Telemetry)
     performance_baseline: PerformanceBaseline | None = None
@@ -519,10 +561,10 @@ def render_summary_lines(summary: ProcessingSummary) -> list[str]:
         lines.append(line)
     if s.index_run:
         ir = s.index_run
-        line = f"Index: {ir.get('backend', 'qdrant')} {ir.get('location', '')} points={ir.get('points_count', '?')}"
-        if ir.get("points_per_s"):
-            line += f", {ir['points_per_s']:.0f} points/s, {ir.get('search_mode') or '?'} search"
-        lines.append(f"{line} [{ir.get('status', '?')}]")
+        line = f"Index: {ir.backend} {ir.location} points={ir.points_count}"
+        if ir.points_per_s:
+            line += f", {ir.points_per_s:.0f} points/s, {ir.search_mode or '?'} search"
+        lines.append(f"{line} [{ir.status or '?'}]")
     if s.quality:
         for name, metrics in s.quality.items():
             figures = ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k != "queries")

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 import embedder
 from embedder.io.atomic import atomic_write_text, file_digest
@@ -350,6 +350,15 @@ def collect_stage_dirs(config: RunConfig, collection: str, cutoff: float) -> lis
 
 
 # --- summary sections --------------------------------------------------------------------------
+
+
+class StoreIntegrity(BaseModel):
+    """What a stage's checks of its per-chunk vector stores found."""
+
+    checked: int = Field(0, description="Vector-store parts checked before they were trusted.")
+    quarantined: list[dict[str, str]] = Field(
+        default_factory=list, description="Each part (or stage directory) set aside as damaged: file, reason; "
+        "its vectors were embedded again.")
 
 
 @dataclass

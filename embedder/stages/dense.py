@@ -25,6 +25,7 @@ from embedder.schemas import StageRef, StageTelemetry
 from embedder.settings import RunConfig
 from embedder.stages.common import (
     HEAL_ATTEMPTS,
+    StoreIntegrity,
     SummarySection,
     model_fingerprint,
     owner_parts,
@@ -54,9 +55,7 @@ class DenseStageResult(BaseModel):
     components: list[dict[str, Any]] = Field(
         default_factory=list, description="A blended vector's models: model, weight, computed, reused, device, "
         "precision, latency_ms. Empty for one model.")
-    integrity: dict[str, Any] = Field(
-        default_factory=dict, description="What the vector stores' checks found: parts checked, and each part "
-        "quarantined as damaged (file, reason); its vectors were embedded again.")
+    integrity: StoreIntegrity | None = Field(None, description="What the vector stores' checks found.")
 
 
 def dense_key(config: RunConfig, collection: str, chunks: StageRef) -> str:
@@ -208,8 +207,8 @@ def dense_stage(
     for c in parts:
         c.cache.compact(np.unique(np.concatenate([keys, c.qkeys])))
     record_spaces(path, [c.cache.root.name for c in parts])
-    integrity = {"checked": sum(c.cache.checked for c in parts),
-                 "quarantined": healed + [q for c in parts for q in c.cache.quarantined]}
+    integrity = StoreIntegrity(checked=sum(c.cache.checked for c in parts),
+                               quarantined=healed + [q for c in parts for q in c.cache.quarantined])
     # What this run embedded, in every round: a vector embedded in a round cut short is not "reused".
     computed = sum(c.computed for c in parts) + redone
     reused = max(0, sum(c.reused for c in parts) - redone)

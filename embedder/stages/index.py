@@ -5,10 +5,9 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
-from pydantic import BaseModel, Field
 
 from embedder.cancel import raise_if_stopped
 from embedder.errors import StageError
@@ -20,36 +19,13 @@ from embedder.settings import RunConfig
 from embedder.stages.common import Status, SummarySection
 from embedder.stages.dense import DenseStageResult
 from embedder.stages.sparse import SparseStageResult
+from embedder.summary import IndexIntegrity, IndexProof, IndexRun
 
 
-class IndexResult(BaseModel):
+class IndexResult(IndexRun):
     """What the index stage did, as ``index_run`` reports it."""
 
     status: Status
-    backend: str = "edge"
-    location: str = ""
-    collection: str = ""
-    action: Literal["rebuilt", "incremental", "unchanged"] | None = Field(
-        None, description="rebuilt: a new index from every point; incremental: only what changed was written; "
-        "unchanged: the published index already held exactly these points.")
-    points_count: int = Field(0, description="Points read back from the published index.")
-    upserted: int = Field(0, description="New and changed points written.")
-    deleted: int = Field(0, description="Points of chunks that are gone, removed after the upserts succeeded.")
-    unchanged: int = Field(0, description="Points the published index already held as they are.")
-    latency_ms: float = 0.0
-    points_per_s: float = 0.0
-    batch_size: int = 0
-    search_mode: str | None = Field(None, description="exact (brute force), hnsw (graph built) or server.")
-    hnsw_build_s: float = 0.0
-    build_id: str | None = None
-    segments: int | None = Field(None, description="Segments of the published index, where the store reports "
-                                 "them (Edge builds a large shard's graph a segment at a time).")
-    integrity: dict[str, Any] = Field(
-        default_factory=dict, description="checked: shard files checked against their checksums; damaged: each "
-        "damaged file (file, reason); rebuilt: why the shard was rebuilt from the stored vectors (or null); "
-        "proof: points read back from the index (sampled) and how many differed from the stored vectors.")
-    warnings: list[str] = Field(default_factory=list)
-    reason: str | None = None
 
 
 POINT_BATCH = 256
@@ -140,12 +116,11 @@ def index_stage(config: RunConfig, collection: str, chunks: StageRef, dense: Den
     if store.backend == "edge" and (note := legacy_index_note(config.output_dir, collection)):
         warnings.append(note)
     layout = index_layout(dense, sparse)
-    integrity: dict[str, Any] = {"checked": 0, "damaged": [], "rebuilt": None,
-                                 "proof": {"sampled": 0, "mismatched": 0}}
+    integrity = IndexIntegrity()
 
     def distrust(file: str, reason: str) -> None:
-        integrity["damaged"].append({"file": file, "reason": reason})
-        integrity["rebuilt"] = integrity["rebuilt"] or f"{Path(file).name}: {reason}"
+        integrity.damaged.append({"file": file, "reason": reason})
+        integrity.rebuilt = integrity.rebuilt or f"{Path(file).name}: {reason}"
 
     try:
         status = store.status(collection)
@@ -154,16 +129,16 @@ def index_stage(config: RunConfig, collection: str, chunks: StageRef, dense: Den
         status = IndexStatus(exists=False, location=store.location(collection))
     report = store.verify(collection, "quick") if status.exists else None
     if report is not None:
-        integrity["checked"] = report.files_checked
+        integrity.checked = report.files_checked
         for d in report.damaged:
             distrust(d.file, d.reason)
     previous: dict[str, str | None] = {}
-    if status.exists and not integrity["damaged"]:
+    if status.exists and not integrity.damaged:
         try:
             previous = store.point_digests(collection)
         except IndexDamagedError as exc:
             distrust(status.location, str(exc))
-    trusted = status.exists and not integrity["damaged"]
+    trusted = status.exists and not integrity.damaged
     window = config.stream_window
 
     def digest_of(i: int, items: list[Any], vectors: np.ndarray, sparse_map: dict[str, Any]) -> str:
@@ -241,8 +216,8 @@ def index_stage(config: RunConfig, collection: str, chunks: StageRef, dense: Den
         trusted = False
     rows_written = len(todo)
     elapsed = time.perf_counter() - t0
-    if integrity["rebuilt"]:
-        warnings.append(f"the published index was damaged ({integrity['rebuilt']}); it was rebuilt from the stored "
+    if integrity.rebuilt:
+        warnings.append(f"the published index was damaged ({integrity.rebuilt}); it was rebuilt from the stored "
                         f"vectors as build {published.build_id}")
     if published.points_count != n:
         warnings.append(f"the index holds {published.points_count} points but the collection has {n} "
@@ -258,7 +233,7 @@ def index_stage(config: RunConfig, collection: str, chunks: StageRef, dense: Den
 
 
 def _prove(store: VectorStore, collection: str, sample: list[tuple[str, np.ndarray, dict[str, SparseVector | None]]],
-           build_id: str | None, integrity: dict[str, Any]) -> int:
+           build_id: str | None, integrity: IndexIntegrity) -> int:
     """Read the sampled points back from the index; return how many differ from the stored vectors."""
     from embedder.errors import IndexDamagedError
     from embedder.io.store import DENSE_VECTOR
@@ -275,7 +250,7 @@ def _prove(store: VectorStore, collection: str, sample: list[tuple[str, np.ndarr
         if stored is None or not _same_dense(stored.get(DENSE_VECTOR), dense_row) or any(
                 not _same_sparse(stored.get(name), vec) for name, vec in sparse_row.items()):
             bad += 1
-    integrity["proof"] = {"sampled": len(sample), "mismatched": bad}
+    integrity.proof = IndexProof(sampled=len(sample), mismatched=bad)
     return bad
 
 
@@ -302,10 +277,11 @@ def _same_sparse(got: SparseVector | None, want: SparseVector | None) -> bool:
 def index_section(index: IndexResult | None, error: str | None, chunk_count: int) -> SummarySection:
     """``index_run``; a failed index fails the collection, a point count off ``chunk_count`` makes it partial."""
     if index is None:
-        return SummarySection(fields={"index_run": {"status": "error" if error else "skipped",
-                                                    "reason": error or "an earlier stage failed"}},
+        return SummarySection(fields={"index_run": IndexRun(status="error" if error else "skipped",
+                                                            reason=error or "an earlier stage failed")},
                               failed=error is not None)
     telemetry = StageTelemetry(stage="index", items=index.upserted, latency_ms=index.latency_ms,
                                items_per_s=index.points_per_s, batch_size=index.batch_size)
-    return SummarySection(fields={"index_run": index.model_dump()}, stages={"index": telemetry.model_dump()},
+    return SummarySection(fields={"index_run": IndexRun.model_validate(index.model_dump())},
+                          stages={"index": telemetry.model_dump()},
                           warnings=list(index.warnings), degraded=index.points_count != chunk_count)

@@ -27,6 +27,7 @@ from embedder.settings import RunConfig
 from embedder.stages.common import (
     HEAL_ATTEMPTS,
     Status,
+    StoreIntegrity,
     SummarySection,
     collection_dir,
     model_fingerprint,
@@ -67,9 +68,7 @@ class SparseStageResult(BaseModel):
     warnings: list[str] = Field(default_factory=list)
     reason: str | None = None
     lease_event: LeaseEvent | None = Field(None, description="Set when a model ran on the GPU, under the lease.")
-    integrity: dict[str, Any] = Field(
-        default_factory=dict, description="What the vector stores' checks found: parts checked, and each part "
-        "quarantined as damaged (file, reason); its vectors were embedded again.")
+    integrity: StoreIntegrity | None = Field(None, description="What the vector stores' checks found.")
 
 
 def sparse_key(config: RunConfig, collection: str, chunks: StageRef) -> str:
@@ -192,7 +191,7 @@ def sparse_stage(config: RunConfig, collection: str, chunks: StageRef, key: str,
             break
     record_spaces(path, spaces)
     result = SparseStageResult(status="executed", outputs=outputs, warnings=warnings, lease_event=lease_event,
-                               integrity={"checked": checked, "quarantined": healed})
+                               integrity=StoreIntegrity(checked=checked, quarantined=healed))
     # Chunks the model failed on (or every chunk, when it did not load) are on the metadata fallback.
     # Such a result serves this run but is not sealed, so the next run retries the model on exactly
     # those chunks (every live vector is reused from the store) instead of being served the fallback.

@@ -110,7 +110,7 @@ def test_blended_vectors_are_each_model_scaled_and_a_blend_change_embeds_with_th
     assert plain_vectors.shape == (50, 384)
     np.testing.assert_allclose(plain_vectors, own_minilm, atol=2e-4)
     # Another dimension: the index is rebuilt, never left holding 768-dim points.
-    assert (plain.index_run["action"], plain.index_run["points_count"]) == ("rebuilt", 50)
+    assert (plain.index_run.action, plain.index_run.points_count) == ("rebuilt", 50)
     assert search_collection(out, SearchRequest(collection="docs", query=query.text, top_k=5, rerank=False)).hits
 
     # Another weight: nothing is embedded again, every vector is rescaled from the stores.
@@ -120,5 +120,5 @@ def test_blended_vectors_are_each_model_scaled_and_a_blend_change_embeds_with_th
     _ids, again = read_dense_parquet(out / "docs" / "dense.parquet")
     np.testing.assert_allclose(again[:, 384:] / np.sqrt(0.8), own_e5, atol=2e-4)
     # Every point's vector changed, so every point is written again.
-    assert reweighted.index_run["points_count"] == 50
-    assert reweighted.index_run["upserted"] == 50, reweighted.index_run
+    assert reweighted.index_run.points_count == 50
+    assert reweighted.index_run.upserted == 50, reweighted.index_run

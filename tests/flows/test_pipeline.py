@@ -53,7 +53,7 @@ def test_full_run_executes_every_stage(full_config):
     assert s.fusion_run.status == "executed" and s.fusion_run.queries == 5
     assert s.rerank_run.status == "executed" and len(s.rerank_run.payload) == 5
     assert all(len(p.candidate_ids) == 50 for p in s.rerank_run.payload)  # 50 chunks < 100 candidates
-    assert s.index_run["points_count"] == 50
+    assert s.index_run.points_count == 50
     assert {e.stage for e in s.telemetry.lease_events} == {"dense", "rerank"}
     # Each lease says how long it was held and how much of that was the stage's device work.
     assert all(0 < e.gpu_work_s <= e.held_s for e in s.telemetry.lease_events)
@@ -94,7 +94,7 @@ def test_rerun_is_cached_idempotent_and_byte_identical(full_config):
     assert states["dense-embed"] == states["sparse-infer"] == states["fuse"] == states["rerank"] == "Cached"
     assert states["load-validate"] == "Cached"
     assert {n: (out / n).read_bytes() for n in EXPORTS} == before
-    assert s2.index_run["points_count"] == 50  # upserts, not duplicates
+    assert s2.index_run.points_count == 50  # upserts, not duplicates
     assert s2.telemetry.lease_events == []  # cached stages never took the GPU
     assert s2.telemetry.stages["dense"]["cached"] is True
     # The summary counts this run's work: a stage served from cache computed nothing.

@@ -53,7 +53,7 @@ def test_runs_into_a_b_b_then_rm_a_then_b_never_touch_a(tmp_path):
         assert _run(_config(src, out)).status == "completed"
     shutil.rmtree(a)
     s = _run(_config(src, b))
-    assert s.status == "completed" and s.index_run["points_count"] == 50
+    assert s.status == "completed" and s.index_run.points_count == 50
     assert s.telemetry.stages["dense"]["cached"]  # B's own cache, untouched by A's removal
     for f in b.rglob("*"):
         if f.is_file() and f.suffix in (".json", ".jsonl"):
@@ -68,7 +68,7 @@ def test_deleted_edited_and_added_chunks_leave_exactly_the_current_points(tmp_pa
     src = _write_jsonl(tmp_path / "docs.jsonl", records)
     out = tmp_path / "out"
     first = _run(_config(src, out))
-    assert (first.index_run["action"], first.index_run["points_count"]) == ("rebuilt", 50)
+    assert (first.index_run.action, first.index_run.points_count) == ("rebuilt", 50)
     exported = {r["id"]: r["sparse_vector"] for r in map(json.loads, (out / "docs" / "sparse.jsonl").open())}
 
     deleted = {r["id"] for r in records[5:15]}
@@ -80,7 +80,7 @@ def test_deleted_edited_and_added_chunks_leave_exactly_the_current_points(tmp_pa
     second = _run(_config(src, out))
     ir = second.index_run
     assert second.status == "completed" and second.chunk_count == 45
-    assert (ir["action"], ir["upserted"], ir["deleted"], ir["unchanged"], ir["points_count"]) == (
+    assert (ir.action, ir.upserted, ir.deleted, ir.unchanged, ir.points_count) == (
         "incremental", 6, 10, 39, 45)
     assert (second.dense_run.total_embeddings_generated, second.dense_run.reused) == (6, 39)
     assert (second.sparse_run.computed, second.sparse_run.reused) == ({"qdrant-bm25": 6}, {"qdrant-bm25": 39})
@@ -96,7 +96,7 @@ def test_deleted_edited_and_added_chunks_leave_exactly_the_current_points(tmp_pa
     assert hits and not hits & deleted
 
     third = _run(_config(src, out))
-    assert (third.index_run["action"], third.index_run["upserted"], third.index_run["deleted"]) == ("unchanged", 0, 0)
+    assert (third.index_run.action, third.index_run.upserted, third.index_run.deleted) == ("unchanged", 0, 0)
 
 
 @pytest.mark.slow
@@ -120,8 +120,8 @@ def test_a_small_edit_to_a_real_collection_costs_a_fraction_of_the_first_run(tmp
     second = _run(_config(src, out))
     assert (second.dense_run.total_embeddings_generated, second.dense_run.reused) == (6, 289)
     assert (second.sparse_run.computed, second.sparse_run.reused) == ({"qdrant-bm25": 6}, {"qdrant-bm25": 289})
-    assert second.index_run["points_count"] == second.chunk_count == 295
-    assert (second.index_run["upserted"], second.index_run["deleted"]) == (6, 10)
+    assert second.index_run.points_count == second.chunk_count == 295
+    assert (second.index_run.upserted, second.index_run.deleted) == (6, 10)
     assert second.performance_baseline.latency_seconds <= 0.5 * first.performance_baseline.latency_seconds, (
         second.performance_baseline.latency_seconds, first.performance_baseline.latency_seconds)
 
@@ -158,7 +158,7 @@ def test_a_model_change_builds_a_new_index_and_a_failed_switch_leaves_the_old_se
 
     monkeypatch.undo()
     changed = _run(_config(src, out, dense_model=str(tiny_dense_model)))
-    assert changed.status == "completed" and changed.index_run["action"] == "rebuilt"
+    assert changed.status == "completed" and changed.index_run.action == "rebuilt"
     status = EdgeStore(out).status("docs")
     assert status.layout.dense_dim == 64 and status.points_count == 50
     resp = search_collection(out, SearchRequest(collection="docs", query="sourdough", top_k=3, rerank=False))
@@ -236,7 +236,7 @@ def test_the_stage_store_keeps_what_retained_runs_used_and_a_reverted_input_stil
 
     _write_jsonl(src, versions["A"])
     again = _run(_config(src, out))
-    assert again.status == "completed" and again.index_run["points_count"] == 44
+    assert again.status == "completed" and again.index_run.points_count == 44
     assert not again.telemetry.stages["dense"]["cached"]  # its record named pruned files: recomputed
     assert again.dense_run.total_embeddings_generated == 0 and again.dense_run.reused == 44  # per-chunk reuse
     assert (stages / "dense" / next(iter(used["A"])) / "result.json").is_file()
@@ -313,7 +313,7 @@ def test_streaming_windows_change_nothing_but_memory(tmp_path):
     assert fused == [51, 51]
     # The same candidate lists from streamed retrieval: the same metrics for every list.
     assert whole.quality and whole.quality == windows.quality
-    assert windows.index_run["points_count"] == 51
+    assert windows.index_run.points_count == 51
 
     # An incremental re-run in windows: 3 chunks edited, 2 deleted.
     kept = [r | {"text": r["text"] + " (revised)"} if i in (2, 20, 40) else r
@@ -323,7 +323,7 @@ def test_streaming_windows_change_nothing_but_memory(tmp_path):
     assert again.dense_run.total_embeddings_generated == 3 and again.dense_run.reused == 46
     assert again.sparse_run.computed == {"qdrant-bm25": 3} and again.sparse_run.reused == {"qdrant-bm25": 46}
     ir = again.index_run
-    assert (ir["upserted"], ir["deleted"], ir["points_count"]) == (3, 2, 49)
+    assert (ir.upserted, ir.deleted, ir.points_count) == (3, 2, 49)
 
 
 def test_a_sparse_stage_that_reuses_every_vector_warns_of_no_fallback(sample_config):

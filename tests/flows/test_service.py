@@ -213,7 +213,7 @@ def test_searches_succeed_while_a_second_run_reindexes(two_services, run_output,
             i += 8
         [summary] = rerun.result()
     after = EdgeStore(cfg.output_dir).status("sample").build_id
-    assert summary.index_run["action"] == "incremental" and summary.index_run["upserted"] == 1
+    assert summary.index_run.action == "incremental" and summary.index_run.upserted == 1
     assert after != before  # a new shard was published
     assert codes == [200] * len(codes) and len(codes) >= 40
     assert _search(two_services[0], 1) == 200 and _search(two_services[1], 1) == 200  # both follow the switch
@@ -290,7 +290,7 @@ def test_a_dense_model_switch_under_load_never_pairs_one_runs_query_model_with_t
                 codes.extend(pool.map(lambda j: _search(two_services[j % 2], j), range(i, i + 8)))
                 i += 8
             [summary] = switch.result()
-            assert summary.status == "completed" and summary.index_run["action"] == "rebuilt"
+            assert summary.status == "completed" and summary.index_run.action == "rebuilt"
             dims.append(EdgeStore(cfg.output_dir).status("sample").layout.dense_dim)
     assert dims == [64, 384]
     assert codes == [200] * len(codes) and len(codes) >= 48

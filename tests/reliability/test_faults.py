@@ -52,7 +52,7 @@ def test_bad_input_every_good_chunk_exported_every_bad_one_explained(sample_conf
     exported = set(pq.read_table(out / "dense.parquet")["id"].to_pylist())
     assert exported == good_ids
     assert {r["id"] for r in read_jsonl_records(out / "sparse.jsonl")} == good_ids
-    assert len(read_jsonl_records(out / "qdrant.jsonl")) == len(good_ids) == s.index_run["points_count"]
+    assert len(read_jsonl_records(out / "qdrant.jsonl")) == len(good_ids) == s.index_run.points_count
     rejects = read_jsonl_records(out / "rejects.jsonl")
     reasons = sorted(r["reason"].split(":")[0].split(" (")[0] for r in rejects)
     assert reasons == sorted(["malformed JSON", "missing text", "empty text", "whitespace-only text",
@@ -135,7 +135,7 @@ def test_chunks_a_sparse_model_failed_on_are_retried_by_the_next_run_and_only_th
     assert second.dense_run.cached  # nothing but the failed sparse vectors is redone
     # What the exports hold now is what a clean run computes. (The sample's term weights hold every
     # term of each chunk, so its fallback vectors equal the live ones and the index has nothing to change.)
-    assert second.index_run["action"] == "unchanged"
+    assert second.index_run.action == "unchanged"
     [clean] = _run(config.model_copy(update={"output_dir": str(tmp_path / "clean")}))
     assert clean.status == "completed"
     vectors = {r["id"]: r["sparse_vector"] for r in read_jsonl_records(out / "sparse.jsonl")}
@@ -267,7 +267,7 @@ def test_qdrant_down_retries_then_fails_clearly_with_exports_written(sample_conf
     # The collection failed: its summary says why, and nothing it half-produced sits beside it.
     s = load_summary(out / "processing_summary.json")
     assert not (out / "dense.parquet").exists() and not (out / "qdrant.jsonl").exists()
-    assert s.index_run["status"] == "error" and s.status == "failed" and s.failed_stage == "index"
+    assert s.index_run.status == "error" and s.status == "failed" and s.failed_stage == "index"
     assert s.exports_run_id is None and set(s.exports) == {"rejects"}
     assert any("no earlier run was published" in w for w in s.warnings)
     assert any(w.startswith("index stage failed: VectorIndexError") for w in s.warnings)

@@ -102,7 +102,7 @@ def test_a_damaged_part_is_set_aside_its_vectors_recomputed_and_the_exports_equa
     assert np.allclose(va, vb, atol=1e-5) and np.allclose(np.linalg.norm(va, axis=1), 1.0, atol=1e-4)
     sa, sb = read_jsonl_records(healed / "sparse.jsonl"), read_jsonl_records(clean / "sparse.jsonl")
     assert [r["sparse_vector"] for r in sa] == [r["sparse_vector"] for r in sb]
-    assert summary.index_run["points_count"] == N + 1
+    assert summary.index_run.points_count == N + 1
 
     # And after the heal, nothing is damaged any more.
     again = _run(_config(_docs(tmp_path / "docs.jsonl", N + 2), out))

@@ -98,10 +98,10 @@ def test_a_damaged_index_is_refused_reported_and_rebuilt_from_the_stored_vectors
 
     summary = run_one(sample_config(out))
     assert summary.status == "completed", summary.warnings
-    assert summary.index_run["action"] == "rebuilt" and summary.index_run["points_count"] == 50
+    assert summary.index_run.action == "rebuilt" and summary.index_run.points_count == 50
     assert summary.dense_run.total_embeddings_generated == 0  # rebuilt from the stored vectors
     assert summary.integrity.damaged >= 1 and [r["what"] for r in summary.integrity.rebuilt] == ["index"]
-    assert summary.integrity.rebuilt[0]["build"] == summary.index_run["build_id"] != shard.name
+    assert summary.integrity.rebuilt[0]["build"] == summary.index_run.build_id != shard.name
     assert any("rebuilt from the stored vectors" in w for w in summary.warnings), summary.warnings
 
     assert answers(out) == clean_answers
@@ -129,10 +129,10 @@ def test_vectors_that_passed_their_checksums_but_differ_are_caught_by_the_read_b
 
     summary = run_one(sample_config(out))  # nothing changed in the input: an "unchanged" run, but it reads points back
     assert summary.status == "completed"
-    assert summary.index_run["action"] == "rebuilt"
-    damage = summary.index_run["integrity"]["damaged"]
+    assert summary.index_run.action == "rebuilt"
+    damage = summary.index_run.integrity.damaged
     assert any("1 of 50 points read back from the index differ" in d["reason"] for d in damage), damage
-    assert summary.index_run["integrity"]["proof"] == {"sampled": 50, "mismatched": 0}  # the new build
+    assert summary.index_run.integrity.proof.model_dump() == {"sampled": 50, "mismatched": 0}  # the new build
     assert answers(out) == clean_answers
 
 
@@ -172,7 +172,7 @@ def test_sigkill_during_the_shard_build_serves_the_old_index_and_the_next_run_cl
 
     assert answers(out) == clean_answers  # the killed build never reached readers
     summary = run_one(sample_config(out, edited))
-    assert summary.status == "completed" and summary.index_run["action"] == "incremental"
+    assert summary.status == "completed" and summary.index_run.action == "incremental"
     assert not any((shards / name).exists() or (shards / f"{name}.building").exists() for name in leftovers)
     back = run_one(sample_config(out))  # and back to the original input: the answers are the clean run's again
     assert back.status == "completed" and answers(out) == clean_answers

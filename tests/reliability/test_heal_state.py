@@ -183,7 +183,7 @@ def test_a_full_disk_in_export_after_a_model_switch_never_takes_the_last_good_in
 
     monkeypatch.undo()
     switched = run_one(sample_config(out, dense_model=str(tiny_dense_model)))
-    assert switched.status == "completed" and switched.index_run["action"] == "rebuilt"
+    assert switched.status == "completed" and switched.index_run.action == "rebuilt"
     assert len(answers(out)[0]) == 5
 
 
