@@ -44,7 +44,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/ruff check embedder tasks flows deployments tests bench
-	$(BIN)/mypy embedder
+	$(BIN)/mypy embedder tasks flows deployments
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -27,7 +28,7 @@ from prefect.exceptions import ObjectAlreadyExists  # noqa: E402
 
 
 def setup(pool: str = "embedding", limit_name: str = "gpu", gpus: int = 1, pool_concurrency: int = 4,
-          hosts: list[str] | None = None) -> dict:
+          hosts: list[str] | None = None) -> dict[str, Any]:
     """Create (or update) the pool and the limit(s); return what exists afterwards.
 
     Args:

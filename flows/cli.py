@@ -11,7 +11,6 @@ import json
 import logging
 import os
 import signal
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
@@ -243,11 +242,12 @@ def run_flow(cfg: Any) -> list[Any]:
     from flows.embed_collections import embed_collections
 
     try:
-        return run_in_thread(embed_collections, cfg)
+        summaries: list[Any] = run_in_thread(embed_collections, cfg)
     except RuntimeError as exc:
         if (message := _server_error(exc)) is None:
             raise
         _fail(message)
+    return summaries
 
 
 def _stopped_code() -> int | None:
@@ -255,7 +255,7 @@ def _stopped_code() -> int | None:
     from embedder.cancel import stop_reason
 
     reason = stop_reason()
-    return 128 + signal.Signals[reason].value if reason in signal.Signals.__members__ else None
+    return 128 + signal.Signals[reason].value if reason is not None and reason in signal.Signals.__members__ else None
 
 
 def _fail(message: str, code: int = 1) -> NoReturn:
@@ -652,4 +652,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -9,8 +9,8 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
+from prefect.client.schemas.objects import State
 from prefect.runtime import deployment, flow_run
-from prefect.states import State
 
 from embedder.cancel import stop_reason
 from embedder.errors import CollectionsFailedError
@@ -126,12 +126,12 @@ def _embed_collection(config: RunConfig, collection: CollectionInput, run_id: uu
             elif out.dense is not None:
                 out.sparse = outcome("sparse", call(sparse_infer_task, config, name, out.load.chunks, run_id,
                                                     healed=out.healed, return_state=True))
-        if out.dense is not None and out.sparse is not None and going():
+        if out.load is not None and out.dense is not None and out.sparse is not None and going():
             out.index = outcome("index", index_task(config, name, out.load.chunks, out.dense, out.sparse, run_path,
                                                     return_state=True))
             out.fusion = outcome("fuse", call(fuse_task, config, name, out.dense, out.sparse, healed=out.healed,
                                               return_state=True))
-        if out.fusion is not None and going():
+        if out.load is not None and out.fusion is not None and going():
             out.rerank = outcome("rerank", call(rerank_task, config, name, out.load.chunks, out.fusion, run_id,
                                                 healed=out.healed, return_state=True))
         # The exports and the summary beside them describe the published index: when the index

@@ -119,7 +119,7 @@ def run_collection_deployments(config: RunConfig, run_id: uuid.UUID,
             for fid, child in list(pending.items()):
                 state = client.read_flow_run(fid).state
                 if state is not None and state.is_final():
-                    child.state = state.name
+                    child.state = state.name or state.type.value
                     if not state.is_completed():
                         child.error = f"collection {child.collection!r}: flow run {fid} ended {state.name}" + (
                             f": {state.message}" if state.message else "")

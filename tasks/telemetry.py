@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from typing import Any
+from uuid import UUID
 
 from prefect.artifacts import create_progress_artifact, create_table_artifact, update_progress_artifact
 from prefect.events import emit_event
@@ -72,7 +73,8 @@ class ProgressReporter:
         # third of the stage (bench/stages.py, sparse), so updates are also spaced in time.
         self.artifact_every_s = artifact_every_s
         self._updated = time.monotonic()
-        self.artifact_id = create_progress_artifact(
+        # Called from sync code, Prefect's sync_compatible returns the id itself, never a coroutine.
+        self.artifact_id: UUID = create_progress_artifact(  # type: ignore[assignment]
             progress=0.0, key=artifact_key("progress", collection, stage),
             description=f"{stage} progress for {collection}",
         )
