@@ -36,6 +36,7 @@ import pyarrow.parquet as pq
 
 from embedder.errors import DamagedStoreError, RunCancelledError
 from embedder.io.atomic import atomic_path
+from embedder.io.integrity import quarantine
 from embedder.procs import owner, owner_dead
 from embedder.schemas import SparseVector
 
@@ -94,14 +95,12 @@ class _VectorParts(Generic[V]):
     def quarantine(self, part: Path, exc: BaseException) -> Path:
         """Move a damaged part to ``.stages/quarantine/vectors/<space>/``, with the reason beside it."""
         dest_dir = self.root.parent.parent / "quarantine" / self.root.parent.name / self.root.name
-        dest_dir.mkdir(parents=True, exist_ok=True)
-        dest = dest_dir / part.name
         reason = f"{type(exc).__name__}: {exc}"
         try:
-            os.replace(part, dest)
+            dest = quarantine(part, dest_dir, reason)
         except FileNotFoundError:  # another run set it aside first
-            pass
-        (dest_dir / f"{part.name}.reason.txt").write_text(reason + "\n")
+            kept = sorted(d for d in dest_dir.glob(f"{part.name}.*") if not d.name.endswith(".reason.txt"))
+            dest = kept[-1] if kept else dest_dir / part.name
         self.quarantined.append({"file": str(dest), "reason": reason})
         return dest
 
