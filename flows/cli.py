@@ -144,6 +144,19 @@ def _described(param: str, extra: str = "") -> str | None:
     return " ".join(filter(None, (description, extra))) or None
 
 
+# The setting flags `run` and `eval` share, declared once.
+DenseModelOpt = Annotated[str | None, typer.Option("--dense-model", help=_described("dense_model"))]
+DenseBlendOpt = Annotated[str | None, typer.Option(
+    "--dense-blend", help=_described("dense_blend", "Write name=weight[,name=weight]."))]
+SparseModelsOpt = Annotated[str | None, typer.Option(
+    "--sparse-models", help=_described("sparse_models", "Comma-separated."))]
+RerankModelOpt = Annotated[str | None, typer.Option("--rerank-model", help=_described("rerank_model"))]
+EnableRerankOpt = Annotated[bool | None, typer.Option("--enable-rerank/--disable-rerank",
+                                                      help=_described("enable_rerank"))]
+RerankCandidatesOpt = Annotated[int | None, typer.Option("--rerank-candidates", help=_described("rerank_candidates"))]
+LocalFilesOnlyOpt = Annotated[bool | None, typer.Option("--local-files-only", help=_described("local_files_only"))]
+
+
 def setting_overrides(given: dict[str, Any]) -> dict[str, Any]:
     """RunConfig overrides from the setting flags given (a flag not given, or an off switch flag, sets nothing).
 
@@ -322,23 +335,18 @@ def run(
     collection: Annotated[str | None, typer.Option("--collection", help="Collection name.")] = None,
     queries: Annotated[Path | None, typer.Option("--queries", help="JSONL of {_id, text}.")] = None,
     qrels: Annotated[Path | None, typer.Option("--qrels", help="BEIR qrels TSV.")] = None,
-    dense_model: Annotated[str | None, typer.Option("--dense-model", help=_described("dense_model"))] = None,
-    dense_blend: Annotated[str | None, typer.Option(
-        "--dense-blend", help=_described("dense_blend", "Write name=weight[,name=weight]."))] = None,
-    sparse_models: Annotated[str | None, typer.Option(
-        "--sparse-models", help=_described("sparse_models", "Comma-separated."))] = None,
-    rerank_model: Annotated[str | None, typer.Option("--rerank-model", help=_described("rerank_model"))] = None,
+    dense_model: DenseModelOpt = None,
+    dense_blend: DenseBlendOpt = None,
+    sparse_models: SparseModelsOpt = None,
+    rerank_model: RerankModelOpt = None,
     enable_sparse: Annotated[bool | None, typer.Option("--enable-sparse/--disable-sparse",
                                                        help=_described("enable_sparse"))] = None,
-    enable_rerank: Annotated[bool | None, typer.Option("--enable-rerank/--disable-rerank",
-                                                       help=_described("enable_rerank"))] = None,
-    rerank_candidates: Annotated[int | None, typer.Option("--rerank-candidates",
-                                                          help=_described("rerank_candidates"))] = None,
+    enable_rerank: EnableRerankOpt = None,
+    rerank_candidates: RerankCandidatesOpt = None,
     rerank_top_k: Annotated[int | None, typer.Option("--rerank-top-k", help=_described("rerank_top_k"))] = None,
     fusion: Annotated[str | None, typer.Option("--fusion", help=_described("fusion", "rrf or dbsf."))] = None,
     force_cpu: Annotated[bool | None, typer.Option("--force-cpu", help=_described("force_cpu"))] = None,
-    local_files_only: Annotated[bool | None, typer.Option("--local-files-only",
-                                                             help=_described("local_files_only"))] = None,
+    local_files_only: LocalFilesOnlyOpt = None,
     config: Annotated[Path | None, typer.Option("--config", help="TOML or JSON config file.")] = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print the summaries as JSON.")] = False,
 ) -> None:
@@ -422,18 +430,13 @@ def eval_(
     beir_dir: Annotated[Path, typer.Option("--beir-dir", help="BEIR layout: corpus.jsonl, queries.jsonl, qrels/.")],
     split: Annotated[str, typer.Option("--split", help="qrels/<split>.tsv")],
     output_dir: Annotated[Path, typer.Option("--output-dir")] = Path("output/eval"),
-    dense_model: Annotated[str | None, typer.Option("--dense-model", help=_described("dense_model"))] = None,
-    dense_blend: Annotated[str | None, typer.Option(
-        "--dense-blend", help=_described("dense_blend", "Write name=weight[,name=weight]."))] = None,
-    sparse_models: Annotated[str | None, typer.Option(
-        "--sparse-models", help=_described("sparse_models", "Comma-separated."))] = None,
-    rerank_model: Annotated[str | None, typer.Option("--rerank-model", help=_described("rerank_model"))] = None,
-    enable_rerank: Annotated[bool | None, typer.Option("--enable-rerank/--disable-rerank",
-                                                       help=_described("enable_rerank"))] = None,
-    rerank_candidates: Annotated[int | None, typer.Option("--rerank-candidates",
-                                                          help=_described("rerank_candidates"))] = None,
-    local_files_only: Annotated[bool | None, typer.Option("--local-files-only",
-                                                             help=_described("local_files_only"))] = None,
+    dense_model: DenseModelOpt = None,
+    dense_blend: DenseBlendOpt = None,
+    sparse_models: SparseModelsOpt = None,
+    rerank_model: RerankModelOpt = None,
+    enable_rerank: EnableRerankOpt = None,
+    rerank_candidates: RerankCandidatesOpt = None,
+    local_files_only: LocalFilesOnlyOpt = None,
     config: Annotated[Path | None, typer.Option("--config")] = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
     tune: Annotated[Path | None, typer.Option(
