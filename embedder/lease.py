@@ -7,7 +7,9 @@ and the summary turns the holding into a :class:`embedder.summary.LeaseEvent`.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import time
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Literal
@@ -43,3 +45,27 @@ class LeaseHolding:
 
 GpuLease = Callable[[], AbstractContextManager[LeaseHolding]]
 """Opens the GPU lease for the calling stage (the orchestrator binds the limit and its timeouts)."""
+
+
+@contextlib.contextmanager
+def gpu_work(gpu: GpuLease | None, needed: bool = True) -> Iterator[LeaseHolding | None]:
+    """Hold the GPU lease around a stage's GPU work and record how long that work took.
+
+    Yields None (and takes nothing) when there is no lease to take or no work
+    that needs it. A stage that knows its device time better (an engine's own
+    count) sets ``gpu_work_s`` itself; otherwise it is the time inside.
+
+    Args:
+        gpu: The lease factory the orchestrator passed, or None.
+        needed: Whether this call does GPU work at all.
+    """
+    if gpu is None or not needed:
+        yield None
+        return
+    with gpu() as holding:
+        t0 = time.perf_counter()
+        try:
+            yield holding
+        finally:
+            if holding.gpu_work_s is None:
+                holding.gpu_work_s = round(time.perf_counter() - t0, 3)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import threading
 import time
 import uuid
@@ -15,7 +14,7 @@ import numpy as np
 from embedder.batching import BatchPlan, run_batched
 from embedder.errors import ModelUnavailableError
 from embedder.gpu import PeakMeter, exclusive_device
-from embedder.lease import GpuLease
+from embedder.lease import GpuLease, gpu_work
 from embedder.models.engine import Engine, ModelShape, TokenBudget, cast_model, rerank_forward, rerank_preprocess
 from embedder.models.loading import LOAD_LOCK
 from embedder.models.registry import ResolvedModel
@@ -228,8 +227,7 @@ def rerank(
             work.append((query, cands))
     engine = None
     planned = None
-    with (gpu() if gpu is not None and work else contextlib.nullcontext()) as holding:
-        t_gpu = time.perf_counter()
+    with gpu_work(gpu, needed=bool(work)) as holding:
         with exclusive_device(model, encoder.device):
             planned = budget()
             if latency_budget_ms is None:
@@ -240,8 +238,6 @@ def rerank(
                 passes, final_batch, backoffs = _score_per_query(
                     work, texts, encoder, BatchPlan(planned.max_items), meter, latency_budget_ms)
                 meter.stop()
-        if holding is not None:
-            holding.gpu_work_s = round(time.perf_counter() - t_gpu, 3)
     for (query, cands), (scores, latency_ms) in zip(work, passes if work else []):
         scored_ids = [c.id for c in cands[: len(scores)]]
         dropped = len(cands) - len(scored_ids)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -17,7 +16,7 @@ from embedder.errors import DamagedStoreError, RunCancelledError, StageError
 from embedder.gpu import PeakMeter, cuda_context_gb, exclusive_device, resolve_device
 from embedder.io.readers import read_queries
 from embedder.io.writers import DenseParquetWriter, iter_chunk_texts, iter_table_windows, write_dense_parquet
-from embedder.lease import GpuLease, LeaseHolding
+from embedder.lease import GpuLease, LeaseHolding, gpu_work
 from embedder.models.dense import DenseEncoder, check_finite, embed_dense
 from embedder.models.engine import Drain, plan_on_device, resolve_precision
 from embedder.models.registry import resolve_model
@@ -359,8 +358,7 @@ def _embed_missing(config: RunConfig, encoder: Any, work: Iterable[tuple[list[by
         store: Drain[tuple[list[bytes], np.ndarray]] = Drain(
             lambda item: part.add([k.decode() for k in item[0]], list(item[1])), name="dense-store")
         try:
-            with (gpu() if gpu is not None else contextlib.nullcontext()) as holding:
-                t_gpu = time.perf_counter()
+            with gpu_work(gpu) as holding:
                 if encoder.backend == "torch":
                     with exclusive_device(encoder.load(), encoder.device):
                         budget = plan_on_device(encoder.shape(), encoder.device, encoder.precision,
@@ -390,8 +388,6 @@ def _embed_missing(config: RunConfig, encoder: Any, work: Iterable[tuple[list[by
                         memory_source=meter.memory_source(), warnings=warnings, **fields)
                 else:
                     telemetry = _embed_onnx(config, encoder, work, store, on_batch)
-                if holding is not None:
-                    holding.gpu_work_s = round(time.perf_counter() - t_gpu, 3)
         finally:
             store.close()
     latency_s = time.perf_counter() - t0

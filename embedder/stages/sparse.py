@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any, cast
@@ -18,7 +17,7 @@ from embedder.gpu import cuda_context_gb, resolve_device
 from embedder.io.readers import read_queries
 from embedder.io.vector_cache import text_digest
 from embedder.io.writers import iter_chunk_windows, iter_jsonl_windows, iter_table_windows, write_jsonl
-from embedder.lease import GpuLease
+from embedder.lease import GpuLease, gpu_work
 from embedder.models.engine import resolve_precision
 from embedder.models.registry import get_spec, resolve_model
 from embedder.models.sparse import SparseInference, load_sparse_model
@@ -154,17 +153,15 @@ def sparse_stage(config: RunConfig, collection: str, chunks: StageRef, key: str,
 
                 placed: Callable[[], Any] | None = getattr(model, "placed", None)
                 checkpoint_s = config.vector_checkpoint_s
-                with (gpu() if on_gpu and gpu is not None else contextlib.nullcontext()) as holding, \
+                with gpu_work(gpu, needed=on_gpu) as holding, \
                         (placed() if placed is not None else contextlib.nullcontext()), \
                         cache.writer(roll_after_s=checkpoint_s) as new_part:
-                    t_gpu = time.perf_counter()
                     ref = write_jsonl(path / f"{tag}.jsonl", _records(
                         chunks, window, keys, gids, index, inference, new_part if model is not None else None, name))
                     query_vectors = inference.queries(queries)
-                    if holding is not None:
-                        engine = getattr(model, "_engine", None)
-                        holding.gpu_work_s = round(engine.stats.device_s if engine is not None
-                                                   else time.perf_counter() - t_gpu, 3)
+                    engine = getattr(model, "_engine", None)
+                    if holding is not None and engine is not None:  # the engine counts device time itself
+                        holding.gpu_work_s = round(engine.stats.device_s, 3)
                 lease_event = (holding.event() if holding is not None else None) or lease_event
                 run, telemetry, model_warnings = inference.finish(
                     run_id, str(collection_dir(config, collection) / "sparse.jsonl"))
