@@ -210,8 +210,12 @@ def _integrity_section(outcome: CollectionOutcome) -> SummarySection:
                 "its vectors were embedded again" for q in quarantined]
     for q in outcome.healed:
         quarantined.append({k: q[k] for k in ("stage", "file", "reason")})
-        warnings.append(f"{q['stage']}: its stored result was damaged ({q['reason']}); it was set aside in "
-                        f"{q['file']} and the stage ran again")
+        if q.get("kind") == "vector part":
+            warnings.append(f"{q['stage']}: a damaged vector-store part under its stored result ({q['reason']}) "
+                            f"was set aside in {q['file']}; the stage ran again and embedded its vectors again")
+        else:
+            warnings.append(f"{q['stage']}: its stored result was damaged ({q['reason']}); it was set aside in "
+                            f"{q['file']} and the stage ran again")
     checked = sum(found.checked for _stage, found in ran)
     rebuilt = []
     damaged = len(quarantined)

@@ -23,17 +23,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import pyarrow.parquet as pq
-
 from embedder.io.integrity import QUARANTINE, Depth, check_dir, quarantine
 from embedder.io.runset import current_run
-from embedder.io.vector_cache import (
-    _READ_ERRORS,
-    DenseVectorCache,
-    SparseVectorCache,
-    _VectorParts,
-    digest_array,
-)
+from embedder.io.vector_cache import scrub_part
 from embedder.stages.common import seal_damage
 
 Kind = Literal["stage directory", "vector part", "index", "run set"]
@@ -68,26 +60,6 @@ def collections_in(output_dir: str | Path) -> list[str]:
     root = Path(output_dir)
     return sorted(p.name for p in root.iterdir() if p.is_dir() and ((p / ".stages").is_dir() or (p / "runs").is_dir())
                   ) if root.is_dir() else []
-
-
-def scrub_part(path: Path) -> str | None:
-    """Read a whole vector-store part as a stage would; return why it is damaged, or None when it is sound.
-
-    Every page checksum, every row group and every vector's values are checked
-    (the stages check a part's footer and digests when they open it, the rest as they read it).
-    """
-    try:
-        pf = pq.ParquetFile(path, page_checksum_verification=True)
-        store: _VectorParts[Any] = (DenseVectorCache(path.parent, unit=True) if "vector" in pf.schema_arrow.names
-                                    else SparseVectorCache(path.parent))
-        digest_array(pf.read(columns=["digest"])["digest"])
-        for group in range(pf.num_row_groups):
-            store._from_table(pf.read_row_group(group))
-    except FileNotFoundError:
-        raise
-    except _READ_ERRORS as exc:
-        return f"{type(exc).__name__}: {exc}"
-    return None
 
 
 def verify_collection(output_dir: str | Path, collection: str, depth: Depth = "full") -> CollectionReport:

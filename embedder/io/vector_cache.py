@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import random
 import socket
 import time
 import uuid
@@ -46,6 +47,9 @@ _DIGEST_BYTES = 64  # hex sha256
 _READ_ERRORS = (OSError, pa.ArrowException, ValueError)
 # A stored dense vector is a unit vector (every dense path normalises); a flipped bit in it is not.
 _UNIT_NORM_TOLERANCE = 1e-3
+# How much of a vector space a run reads in full before it reuses a stage result that stands on it:
+# all of a small store, a random choice of parts beyond this (a full scrub is ``verify``'s work).
+QUICK_SCRUB_BYTES = 32 * 1024 * 1024
 V = TypeVar("V")
 
 
@@ -92,10 +96,10 @@ class _VectorParts(Generic[V]):
         self.quarantined: list[dict[str, str]] = []
         self.checked = 0
 
-    def quarantine(self, part: Path, exc: BaseException) -> Path:
+    def quarantine(self, part: Path, exc: BaseException | str) -> Path:
         """Move a damaged part to ``.stages/quarantine/vectors/<space>/``, with the reason beside it."""
         dest_dir = self.root.parent.parent / "quarantine" / self.root.parent.name / self.root.name
-        reason = f"{type(exc).__name__}: {exc}"
+        reason = exc if isinstance(exc, str) else f"{type(exc).__name__}: {exc}"
         try:
             dest = quarantine(part, dest_dir, reason)
         except FileNotFoundError:  # another run set it aside first
@@ -490,3 +494,54 @@ class SparseVectorCache(_VectorParts[SparseVector]):
             raise ValueError("a stored sparse vector has a non-finite weight or an index outside uint32")
         return [SparseVector.model_construct(indices=idx, values=val) for idx, val in zip(
             indices.to_pylist(), weights.to_pylist())]
+
+
+def scrub_part(path: Path) -> str | None:
+    """Read a whole vector-store part as a stage would; return why it is damaged, or None when it is sound.
+
+    Every page checksum, every row group and every vector's values are checked
+    (a stage checks a part's footer and digests when it opens it, the rest as it reads it).
+
+    Raises:
+        FileNotFoundError: The part is gone (compacted or set aside meanwhile).
+    """
+    try:
+        pf = pq.ParquetFile(path, page_checksum_verification=True)
+        store: _VectorParts[Any] = (DenseVectorCache(path.parent, unit=True) if "vector" in pf.schema_arrow.names
+                                    else SparseVectorCache(path.parent))
+        digest_array(pf.read(columns=["digest"])["digest"])
+        for group in range(pf.num_row_groups):
+            store._from_table(pf.read_row_group(group))
+    except FileNotFoundError:
+        raise
+    except _READ_ERRORS as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def scrub_space(root: Path, budget: int = QUICK_SCRUB_BYTES) -> list[dict[str, str]]:
+    """Scrub a vector space's parts (all of them within ``budget`` bytes, a random choice beyond); set the
+    damaged ones aside.
+
+    A stage result served from cache reads no vector, so without this a damaged
+    part under it would stay until some later run happened to embed through it.
+
+    Returns:
+        Each part set aside: ``{"file": where it went, "reason": why}``.
+    """
+    store: _VectorParts[Any] = _VectorParts(root)
+    parts = store._parts()
+    random.shuffle(parts)
+    spent = 0
+    for part in parts:
+        try:
+            size = part.stat().st_size
+            if spent and spent + size > budget:
+                break
+            spent += size
+            problem = scrub_part(part)
+        except FileNotFoundError:
+            continue
+        if problem is not None:
+            store.quarantine(part, problem)
+    return store.quarantined

@@ -28,6 +28,7 @@ from pydantic import BaseModel, Field
 import embedder
 from embedder.io.atomic import atomic_write_text, file_digest
 from embedder.io.integrity import CHECKSUMS, QUARANTINE, Depth, check_dir, describe, quarantine, write_checksums
+from embedder.io.vector_cache import scrub_space
 from embedder.models.registry import resolve_model
 from embedder.settings import RunConfig
 
@@ -254,6 +255,11 @@ def sealed(config: RunConfig, collection: str, stage: StageName, key: str,
     a directory used since the oldest retained run set started is kept. The
     vector spaces the stage read (:func:`record_spaces`) count as used too: a
     collection served from cache night after night keeps its stored vectors.
+
+    Those spaces are scrubbed too (:func:`~embedder.io.vector_cache.scrub_space`):
+    a cached result reads no stored vector, so a damaged part under it would
+    outlive every unchanged re-run. A damaged part is set aside and the stage
+    runs again, which embeds only the vectors that part held.
     """
     path = stages_dir(config, collection) / stage / key
     if not (path / SEAL).is_file():
@@ -276,9 +282,14 @@ def sealed(config: RunConfig, collection: str, stage: StageName, key: str,
         spaces = json.loads((path / SPACES).read_text(encoding="utf-8"))
     except FileNotFoundError:
         spaces = []
+    damaged = []
     for space in spaces:
-        touch_space(stages_dir(config, collection) / "vectors" / space)
-    return True
+        root = stages_dir(config, collection) / "vectors" / space
+        touch_space(root)
+        damaged += scrub_space(root)
+    if healed is not None:
+        healed += [{"stage": stage, "kind": "vector part", **d} for d in damaged]
+    return not damaged
 
 
 def seal_damage(path: Path, depth: Depth = "quick", *, require_checksums: bool = True) -> str | None:

@@ -130,3 +130,41 @@ def test_an_old_part_without_page_checksums_is_still_caught_by_its_vectors(tmp_p
     norms = np.linalg.norm(np.stack(pq.read_table(out / "heal" / "dense.parquet")["vector"].to_numpy(
         zero_copy_only=False)), axis=1)
     assert np.allclose(norms, 1.0, atol=1e-4), norms.max()
+
+
+@pytest.mark.parametrize("kind", ["dense", "sparse"])
+def test_a_damaged_part_under_a_cached_stage_is_healed_by_the_unchanged_rerun(kind, tmp_path):
+    """The nightly re-run with nothing changed serves every stage from cache, so it reads no vector:
+    the parts those results stand on are scrubbed all the same, and a damaged one is set aside and
+    its vectors embedded again, so ``verify`` finds nothing after the run."""
+    from embedder.verify import verify_collection
+
+    out = tmp_path / "out"
+    config = _config(_docs(tmp_path / "docs.jsonl", N), out)
+    first = _run(config)
+    assert first.status == "completed"
+    before = pq.read_table(out / "heal" / "dense.parquet")
+    [part] = _parts(out, kind)
+    _damage(part, "flipped bytes")
+    assert [f.kind for f in verify_collection(out, "heal").damaged] == ["vector part"]
+
+    summary = _run(config)
+    assert summary.status == "completed", summary.warnings
+    assert summary.integrity.damaged == 1, summary.integrity
+    [q] = summary.integrity.quarantined
+    assert q["stage"] == kind and Path(q["file"]).exists() and not part.exists()
+    assert any("under its stored result" in w and "embedded its vectors again" in w for w in summary.warnings), \
+        summary.warnings
+    # Everything the part held (the whole collection here) came from the model again.
+    reused = summary.dense_run.reused if kind == "dense" else sum(summary.sparse_run.reused.values())
+    assert reused == 0
+    assert verify_collection(out, "heal").damaged == []
+    after = pq.read_table(out / "heal" / "dense.parquet")
+    assert after["id"].to_pylist() == before["id"].to_pylist()
+    assert np.allclose(np.stack(after["vector"].to_numpy(zero_copy_only=False)),
+                       np.stack(before["vector"].to_numpy(zero_copy_only=False)), atol=1e-5)
+
+    # The run after the heal reuses everything and finds nothing to heal.
+    again = _run(config)
+    assert again.status == "completed" and again.integrity.damaged == 0
+    assert again.dense_run.total_embeddings_generated == 0
