@@ -8,7 +8,7 @@ metadata for every SciFact abstract the same way, then compares, over the train
 queries with Qdrant's IDF scoring (``embedder.fusion.SparseIndex``):
 
 - ``live``: fastembed's BM25 document vectors, the real model;
-- ``fallback``: :meth:`embedder.models.sparse.Bm25Hasher.from_term_weights`, the
+- ``fallback``: :meth:`embedder.models.sparse.Bm25Terms.from_term_weights`, the
   vectors the pipeline derives from that metadata when the model is unavailable
   (the same tokenising, stemming and hashing, length-normalised by ``total_terms``);
 - ``fallback+share^a``: the fallback with each vector scaled by
@@ -76,13 +76,13 @@ def main() -> None:
     from embedder.fusion import SparseIndex
     from embedder.io.readers import read_qrels
     from embedder.models.registry import BUNDLED_DATA, resolve_model
-    from embedder.models.sparse import FALLBACK_SHARE_EXPONENT, Bm25Hasher, _to_sparse
+    from embedder.models.sparse import FALLBACK_SHARE_EXPONENT, _to_sparse, bm25_terms
     from embedder.quality import evaluate
 
     docs = scifact_docs()
     qrels = read_qrels(str(SCIFACT / "qrels" / "train.tsv"))
     queries = [(q, t) for q, t in scifact_queries() if q in qrels]
-    hasher = Bm25Hasher(BUNDLED_DATA / "bm25")
+    hasher = bm25_terms(str(BUNDLED_DATA / "bm25"))
     bm25 = SparseTextEmbedding("Qdrant/bm25", specific_model_path=resolve_model("qdrant-bm25", "sparse").location,
                                local_files_only=True)
     ids = [d for d, _ in docs]

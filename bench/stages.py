@@ -24,7 +24,7 @@ Sparse (BM25) takes half a second on 1,000 abstracts, too short to say much, so
 ``--sparse-docs N`` also measures it on N abstracts: raw fastembed against the
 sparse task run of a flow whose dense model is a small local encoder (the dense
 stage's cost does not enter the sparse task's duration) with rerank off. The
-stage encodes BM25 documents with ``Bm25DocumentEncoder`` (fastembed's own
+stage encodes BM25 documents with ``Bm25Terms`` (fastembed's own
 vectors, batch-encoded), so two more arms split its ratio: that encoder alone,
 load included (``encoder_s``), and the library's ``sparse_stage`` without
 Prefect (``stage_alone_s``).

@@ -88,80 +88,122 @@ def check_stopwords(model_dir: str | Path) -> Path:
     return path
 
 
+# Non-word, non-space characters: fastembed's remove_non_alphanumeric replaces them with a space.
+_NOT_WORD_OR_SPACE = re.compile(r"[^\w\s]", flags=re.UNICODE)
 _WORD = re.compile(r"\w+")
 
 
-class Bm25DocumentEncoder:
-    """fastembed's BM25 document vectors, computed a batch at a time instead of a token at a time.
+@lru_cache(maxsize=4)
+def _stopwords(path: str) -> frozenset[str]:
+    return frozenset(Path(path).read_text(encoding="utf-8").splitlines())
 
-    fastembed's ``Bm25.raw_embed`` tokenises with three regex passes, then runs
-    its stopword and length checks, the Snowball stemmer and ``mmh3`` once per
-    token occurrence, in Python: most of a BM25 stage's time. This encoder
-    calls the same fastembed pieces (``remove_non_alphanumeric``, ``_stem``,
-    ``compute_token_id``, ``k``, ``b``, ``avg_len``) once per distinct token,
-    memoised, counts a batch's occurrences in numpy, and evaluates fastembed's
-    term-frequency expression in the same order of IEEE operations, so every
-    vector is the same numbers. :meth:`checked` compares it with fastembed's own
-    loop before it is used; a fastembed release whose BM25 differs makes the
-    model keep fastembed's loop.
 
-    ``\\w+`` over the lower-cased text splits exactly where fastembed's
+class Bm25Terms:
+    """fastembed's BM25 pipeline, in one place: documents, queries and the metadata fallback.
+
+    The steps are fastembed's ``Bm25`` (``remove_non_alphanumeric``,
+    ``SimpleTokenizer``, ``_stem``, ``compute_token_id``, ``_term_frequency``,
+    ``query_embed``) over the same stopword list, Snowball stemmer and
+    ``abs(mmh3.hash)`` ids, so its vectors are fastembed's numbers. What differs
+    is the cost: a distinct token is stemmed and hashed once (memoised) and a
+    batch's occurrences are counted in numpy, where fastembed runs the stemmer
+    and the hash once per occurrence, in Python. :func:`bm25_checked` compares
+    it with fastembed's own loop before a model trusts it.
+
+    ``\\w+`` over the cleaned, lower-cased text splits exactly where fastembed's
     ``SimpleTokenizer`` does: that replaces every non-word character with a
     space and splits on whitespace, and no word character is whitespace.
+
+    Args:
+        model_dir: The BM25 model directory holding the ``english.txt`` stopword list.
     """
 
     # Distinct tokens remembered; past it the memo starts again (a million chunks can hold millions).
     MEMO_LIMIT = 1_000_000
-    # Texts compared with fastembed's loop before the encoder is trusted.
-    CHECK_TEXTS = 32
 
-    def __init__(self, bm25: Any) -> None:
-        from fastembed.common.utils import remove_non_alphanumeric
+    def __init__(self, model_dir: str | Path) -> None:
+        from py_rust_stemmers import SnowballStemmer
 
-        self._bm25 = bm25
-        self._clean = remove_non_alphanumeric
-        # A loaded model is shared across threads; a batch's stem numbers must outlive its own lookups.
+        self.stopwords = _stopwords(str(check_stopwords(model_dir)))
+        self._stemmer = SnowballStemmer("english")
+        # One instance serves every thread of a process; a batch's stem numbers must outlive its own lookups.
         self._lock = threading.Lock()
         self._reset()
 
     def _reset(self) -> None:
         self._token: dict[str, int] = {}  # token -> its stem's number, -1 where fastembed drops it
         self._stem: dict[str, int] = {}  # stem -> its number
-        self._ids: list[int] = []  # stem number -> fastembed's token id
+        self._ids: list[int] = []  # stem number -> its token id
         self._ids_np = np.zeros(0, dtype=np.int64)  # the ids as an array; the first _filled are set
         self._filled = 0
 
-    @classmethod
-    def checked(cls, bm25: Any, texts: Sequence[str]) -> Bm25DocumentEncoder | bool:
-        """The encoder if it reproduces ``bm25.raw_embed`` on the first texts exactly, else False."""
-        sample = list(texts[:cls.CHECK_TEXTS])
-        try:
-            expected = [_to_sparse(e.indices, e.values) for e in bm25.raw_embed(sample)]
-            encoder = cls(bm25)
-            got = encoder.embed(sample)
-        except (AttributeError, TypeError, ImportError) as exc:  # fastembed's internals moved
-            log.warning("BM25: fastembed's own loop is used (its internals differ: %s)", exc)
-            return False
-        if got != expected:
-            log.warning("BM25: fastembed's own loop is used (the batch encoder gave other vectors)")
-            return False
-        return encoder
+    @staticmethod
+    def token_id(stem: str) -> int:
+        """fastembed's ``Bm25.compute_token_id``."""
+        import mmh3
 
-    def _stems_of(self, distinct: list[str]) -> np.ndarray:
+        return abs(mmh3.hash(stem))
+
+    @staticmethod
+    def tokens(text: str) -> list[str]:
+        """``remove_non_alphanumeric`` then ``SimpleTokenizer.tokenize``."""
+        return _WORD.findall(_NOT_WORD_OR_SPACE.sub(" ", text).lower())
+
+    def _stem_of(self, token: str) -> str | None:
+        """``Bm25._stem`` for one token: None where fastembed drops it."""
+        lower = token.lower()
+        # fastembed's punctuation set holds single code points of a Unicode "P*" category; "_" is one.
+        if len(token) == 1 and unicodedata.category(token).startswith("P"):
+            return None
+        if lower in self.stopwords or len(token) > BM25_TOKEN_MAX_LENGTH:
+            return None
+        return self._stemmer.stem_word(lower) or None
+
+    def stems(self, text: str) -> list[str]:
+        """The stemmed tokens of a text that fastembed counts, in order."""
+        return [s for s in map(self._stem_of, self.tokens(text)) if s is not None]
+
+    @staticmethod
+    def tf_vector(counts: dict[str, float], doc_len: float) -> SparseVector:
+        """``Bm25._term_frequency`` for counted stems, in first-seen order.
+
+        Two stems with one id keep the later stem's value, as fastembed's dict does.
+        """
+        values: dict[int, float] = {}
+        for stem, count in counts.items():
+            value = count * (BM25_K + 1)
+            values[Bm25Terms.token_id(stem)] = value / (count + BM25_K * (1 - BM25_B + BM25_B * doc_len
+                                                                          / BM25_AVG_LEN))
+        return _to_sparse(values.keys(), values.values())
+
+    def document_vector(self, text: str) -> SparseVector:
+        """One document's vector, a token at a time (fastembed's loop, for one text)."""
+        stems = self.stems(text)
+        counts: dict[str, float] = {}
+        for stem in stems:
+            counts[stem] = counts.get(stem, 0) + 1
+        return self.tf_vector(counts, len(stems))
+
+    def query_vector(self, text: str) -> SparseVector:
+        """``Bm25.query_embed``: each distinct stem's id, with weight 1."""
+        ids = sorted({self.token_id(s) for s in self.stems(text)})
+        return SparseVector.model_construct(indices=ids, values=[1.0] * len(ids))
+
+    def _numbers(self, distinct: list[str]) -> np.ndarray:
         """Each token's stem number (-1: dropped), stemming and hashing the tokens not seen before."""
         if len(self._token) + len(distinct) > self.MEMO_LIMIT:
             self._reset()
-        memo, stems = self._token, self._stem
+        memo, numbers = self._token, self._stem
         for token in distinct:
             if token not in memo:
-                kept = self._bm25._stem([token])
-                if not kept:
+                stem = self._stem_of(token)
+                if stem is None:
                     memo[token] = -1
                     continue
-                number = stems.get(kept[0])
+                number = numbers.get(stem)
                 if number is None:
-                    number = stems[kept[0]] = len(self._ids)
-                    self._ids.append(self._bm25.compute_token_id(kept[0]))
+                    number = numbers[stem] = len(self._ids)
+                    self._ids.append(self.token_id(stem))
                 memo[token] = number
         filled, total = self._filled, len(self._ids)
         if total > filled:
@@ -174,32 +216,32 @@ class Bm25DocumentEncoder:
             self._filled = total
         return np.fromiter((memo[t] for t in distinct), dtype=np.int64, count=len(distinct))
 
-    def embed(self, texts: Sequence[str]) -> list[SparseVector]:
-        """Document vectors, indices ascending and values float32 (as :func:`_to_sparse` gives them)."""
+    def document_vectors(self, texts: Sequence[str]) -> list[SparseVector]:
+        """Document vectors for a batch, indices ascending and values float32 (as :func:`_to_sparse` gives)."""
         if not texts:
             return []
         with self._lock:
-            return self._embed(texts)
+            return self._batch(texts)
 
-    def _embed(self, texts: Sequence[str]) -> list[SparseVector]:
+    def _batch(self, texts: Sequence[str]) -> list[SparseVector]:
         import pyarrow as pa
         import pyarrow.compute as pc
 
         n = len(texts)
-        k, b, avg_len = self._bm25.k, self._bm25.b, self._bm25.avg_len
-        tokens = [_WORD.findall(self._clean(text).lower()) for text in texts]
+        tokens = [self.tokens(text) for text in texts]
         flat = pa.array(itertools.chain.from_iterable(tokens), type=pa.large_string())
         encoded = pc.dictionary_encode(flat)
-        stem = self._stems_of(encoded.dictionary.to_pylist())[encoded.indices.to_numpy(zero_copy_only=False)]
+        stem = self._numbers(encoded.dictionary.to_pylist())[encoded.indices.to_numpy(zero_copy_only=False)]
         doc = np.repeat(np.arange(n, dtype=np.int64), [len(t) for t in tokens])
         keep = stem >= 0
         doc, stem = doc[keep], stem[keep]
         doc_len = np.bincount(doc, minlength=n)
         # Occurrences per (document, stem), then fastembed's _term_frequency, operation for operation.
-        pairs, counts = np.unique(doc * len(self._ids_np) + stem, return_counts=True)
-        pdoc, pstem = np.divmod(pairs, len(self._ids_np)) if len(pairs) else (pairs, pairs)
-        values = counts * (k + 1)
-        values = values / (counts + k * (1 - b + b * doc_len[pdoc] / avg_len))
+        width = max(len(self._ids_np), 1)
+        pairs, counts = np.unique(doc * width + stem, return_counts=True)
+        pdoc, pstem = np.divmod(pairs, width)
+        values = counts * (BM25_K + 1)
+        values = values / (counts + BM25_K * (1 - BM25_B + BM25_B * doc_len[pdoc] / BM25_AVG_LEN))
         token_id = self._ids_np[pstem]
         order = np.lexsort((token_id, pdoc))
         pdoc, token_id, values = pdoc[order], token_id[order], values[order]
@@ -208,23 +250,97 @@ class Bm25DocumentEncoder:
         ids_list, values_list = token_id.tolist(), values.astype(np.float32).tolist()
         out = [SparseVector.model_construct(indices=ids_list[lo:hi], values=values_list[lo:hi])
                for lo, hi in zip(bounds[:-1].tolist(), bounds[1:].tolist())]
-        # Two stems of one document with one hash id: fastembed keeps the later stem's value, in
-        # first-seen order, which numpy's counting does not track. Rare (32-bit ids); redone its way.
+        # Two stems of one document with one id: the later-seen stem's value wins, an order numpy's
+        # counting does not keep. Rare (32-bit ids); those documents are redone a token at a time.
         for d in sorted({int(pdoc[i]) for i in clash}):
-            e = self._bm25.raw_embed([texts[d]])[0]
-            out[d] = _to_sparse(e.indices, e.values)
+            out[d] = self.document_vector(texts[d])
         return out
+
+    def from_term_weights(self, term_weights: list[dict[str, Any]], total_terms: int | None, *,
+                          share_exponent: float = FALLBACK_SHARE_EXPONENT) -> SparseVector | None:
+        """A chunk's vector from rag_clean ``term_weights`` (``tf`` counts; ``weight`` when tf is absent).
+
+        The kept terms get exactly the live model's weights (same tokens, stems,
+        ids, and BM25 length normalisation from ``total_terms``). The terms the
+        metadata dropped cannot be recovered; a chunk whose kept terms cover a
+        share ``s`` of its ``total_terms`` is scaled by ``(1 / s) ** share_exponent``,
+        crediting it for the matches it lost (bench/fallback.py measures it).
+        """
+        counts: dict[str, float] = {}
+        for entry in term_weights:
+            if not isinstance(entry, dict) or not isinstance(entry.get("term"), str):
+                continue
+            tf = entry.get("tf")
+            if not isinstance(tf, (int, float)) or isinstance(tf, bool) or not tf > 0:
+                weight = entry.get("weight")
+                if not isinstance(weight, (int, float)) or isinstance(weight, bool) or not weight > 0:
+                    continue
+                tf = weight
+            if not math.isfinite(tf):
+                continue
+            # A rag_clean "term" may hold several tokens; each gets the pipeline live text gets.
+            for stem in self.stems(entry["term"]):
+                counts[stem] = counts.get(stem, 0.0) + float(tf)
+        if not counts:
+            return None
+        kept = sum(counts.values())
+        doc_len = float(total_terms) if isinstance(total_terms, (int, float)) and total_terms > 0 else kept
+        vec = self.tf_vector(counts, doc_len)
+        if share_exponent and doc_len > kept > 0:
+            factor = (doc_len / kept) ** share_exponent
+            vec = SparseVector.model_construct(indices=vec.indices, values=[v * factor for v in vec.values])
+        return vec
+
+
+@lru_cache(maxsize=4)
+def bm25_terms(model_dir: str) -> Bm25Terms:
+    """The process's one :class:`Bm25Terms` for a model directory (its memo is shared)."""
+    return Bm25Terms(model_dir)
+
+
+# Texts where a shortcut would part from fastembed: lower-casing that grows a character, a lone
+# connector punctuation, an over-long token, stopwords only, digits, non-Latin scripts, no text.
+_BM25_PROBES = ("İstanbul KELVIN \u212a ß straße", "_ __ a_b -x- 'quoted' «guillemets»", "x" * 41 + " " + "y" * 40,
+                "the and of to a", "covid-19 2.5mg 10^6 α-synuclein", "Ωμέγα 東京 данные", "", "   ")
+
+
+def bm25_checked(terms: Bm25Terms, model: Any, texts: Sequence[str]) -> bool:
+    """Whether ``terms`` gives fastembed's document and query vectors on ``texts`` and the edge probes.
+
+    Args:
+        terms: The pipeline to trust.
+        model: fastembed's loaded ``SparseTextEmbedding``.
+        texts: The first texts of the run (a few are enough).
+    """
+    sample = [*texts[:Bm25Model.CHECK_TEXTS], *_BM25_PROBES]
+    try:
+        docs = [_to_sparse(e.indices, e.values) for e in model.embed(sample, batch_size=256)]
+        queries = [_to_sparse(e.indices, e.values) for e in model.query_embed(sample)]
+        same = terms.document_vectors(sample) == docs and [terms.query_vector(t) for t in sample] == queries
+    except (AttributeError, TypeError, ImportError, ValueError) as exc:  # fastembed's pipeline moved
+        log.warning("BM25: fastembed's own loop is used (this pipeline failed beside it: %s)", exc)
+        return False
+    if not same:
+        log.warning("BM25: fastembed's own loop is used (this pipeline gave other vectors than fastembed's)")
+    return same
 
 
 class Bm25Model:
-    """fastembed's ``Qdrant/bm25`` loaded offline from the bundled directory."""
+    """fastembed's ``Qdrant/bm25`` loaded offline from the bundled directory.
+
+    Vectors come from :class:`Bm25Terms` once it has given fastembed's own on
+    the run's first texts; fastembed's loop otherwise.
+    """
+
+    # Texts of the first batch compared with fastembed's loop before the pipeline is trusted.
+    CHECK_TEXTS = 32
 
     def __init__(self, resolved: ResolvedModel) -> None:
         self.name = resolved.spec.name
         self.location = resolved.location
         self._model: Any = None
-        # Set on the first embed: the batch encoder, or False where it did not reproduce fastembed.
-        self._encoder: Bm25DocumentEncoder | bool | None = None
+        self._checked = False
+        self._terms: Bm25Terms | None = None  # set by the first embed when it agrees with fastembed
 
     def load(self) -> Any:
         """Load once; later calls are no-ops."""
@@ -237,17 +353,26 @@ class Bm25Model:
             )
         return self._model
 
+    def _pipeline(self, texts: Sequence[str]) -> Bm25Terms | None:
+        model = self.load()
+        if not self._checked:
+            terms = bm25_terms(str(self.location))
+            self._terms = terms if bm25_checked(terms, model, texts) else None
+            self._checked = True
+        return self._terms
+
     def embed(self, texts: Sequence[str]) -> list[SparseVector]:
         """BM25 term-frequency vectors (IDF is applied by Qdrant's ``Modifier.IDF``)."""
-        model = self.load()
-        if self._encoder is None:
-            self._encoder = Bm25DocumentEncoder.checked(model.model, texts)
-        if isinstance(self._encoder, Bm25DocumentEncoder):
-            return self._encoder.embed(texts)
-        return [_to_sparse(e.indices, e.values) for e in model.embed(list(texts), batch_size=256)]
+        terms = self._pipeline(texts)
+        if terms is not None:
+            return terms.document_vectors(texts)
+        return [_to_sparse(e.indices, e.values) for e in self.load().embed(list(texts), batch_size=256)]
 
     def query_embed(self, texts: Sequence[str]) -> list[SparseVector]:
         """Query vectors: each distinct stemmed token with weight 1."""
+        terms = self._pipeline(texts)
+        if terms is not None:
+            return [terms.query_vector(t) for t in texts]
         return [_to_sparse(e.indices, e.values) for e in self.load().query_embed(list(texts))]
 
 
@@ -375,103 +500,6 @@ def load_sparse_model(resolved: ResolvedModel, device: str = "cpu", *, local_fil
 # --- the metadata fallback -------------------------------------------------------------------
 
 
-@lru_cache(maxsize=1)
-def _punctuation() -> frozenset[str]:
-    # fastembed's get_all_punctuation(): every code point in a Unicode "P*" category.
-    return frozenset(chr(i) for i in range(0x110000) if unicodedata.category(chr(i)).startswith("P"))
-
-
-@lru_cache(maxsize=4)
-def _stopwords(path: str) -> frozenset[str]:
-    return frozenset(Path(path).read_text(encoding="utf-8").splitlines())
-
-
-class Bm25Hasher:
-    """fastembed's BM25 tokenising, stemming and hashing, reproduced without loading fastembed."""
-
-    def __init__(self, stopwords_dir: str | Path) -> None:
-        from py_rust_stemmers import SnowballStemmer
-
-        self.stopwords = _stopwords(str(check_stopwords(stopwords_dir)))
-        self.punctuation = _punctuation()
-        self.stemmer = SnowballStemmer("english")
-
-    @staticmethod
-    def token_id(token: str) -> int:
-        """fastembed's ``Bm25.compute_token_id``."""
-        import mmh3
-
-        return abs(mmh3.hash(token))
-
-    def stem_tokens(self, text: str) -> list[str]:
-        """``remove_non_alphanumeric`` + ``SimpleTokenizer.tokenize`` + ``Bm25._stem``."""
-        text = re.sub(r"[^\w\s]", " ", text, flags=re.UNICODE)
-        text = re.sub(r"[^\w]", " ", text.lower())
-        out = []
-        for token in re.sub(r"\s+", " ", text).strip().split():
-            lower = token.lower()
-            if token in self.punctuation or lower in self.stopwords or len(token) > BM25_TOKEN_MAX_LENGTH:
-                continue
-            stemmed = self.stemmer.stem_word(lower)
-            if stemmed:
-                out.append(stemmed)
-        return out
-
-    def tf_vector(self, counts: dict[str, float], doc_len: float) -> SparseVector:
-        """``Bm25._term_frequency`` for pre-counted stemmed tokens."""
-        norm = BM25_K * (1 - BM25_B + BM25_B * doc_len / BM25_AVG_LEN)
-        merged: dict[int, float] = defaultdict(float)
-        for token, tf in counts.items():
-            merged[self.token_id(token)] += tf
-        return _to_sparse(merged.keys(), (tf * (BM25_K + 1) / (tf + norm) for tf in merged.values()))
-
-    def text_vector(self, text: str) -> SparseVector:
-        """The live model's document vector, computed here."""
-        tokens = self.stem_tokens(text)
-        counts: dict[str, float] = defaultdict(float)
-        for t in tokens:
-            counts[t] += 1
-        return self.tf_vector(counts, len(tokens))
-
-    def query_vector(self, text: str) -> SparseVector:
-        """``Bm25.query_embed``: each distinct stemmed token with weight 1."""
-        ids = sorted({self.token_id(t) for t in self.stem_tokens(text)})
-        return SparseVector(indices=ids, values=[1.0] * len(ids))
-
-    def from_term_weights(self, term_weights: list[dict[str, Any]], total_terms: int | None, *,
-                          share_exponent: float = FALLBACK_SHARE_EXPONENT) -> SparseVector | None:
-        """A chunk's vector from rag_clean ``term_weights`` (``tf`` counts; ``weight`` when tf is absent).
-
-        The kept terms get exactly the live model's weights (same tokens, stems,
-        hashes, and BM25 length normalisation from ``total_terms``). The terms the
-        metadata dropped cannot be recovered; a chunk whose kept terms cover a
-        share ``s`` of its ``total_terms`` is scaled by ``(1 / s) ** share_exponent``,
-        crediting it for the matches it lost (bench/fallback.py measures it).
-        """
-        counts: dict[str, float] = defaultdict(float)
-        for entry in term_weights:
-            if not isinstance(entry, dict) or not isinstance(entry.get("term"), str):
-                continue
-            tf = entry.get("tf")
-            if not isinstance(tf, (int, float)) or isinstance(tf, bool) or tf <= 0:
-                weight = entry.get("weight")
-                if not isinstance(weight, (int, float)) or isinstance(weight, bool) or weight <= 0:
-                    continue
-                tf = weight
-            # A rag_clean "term" may hold several tokens; each gets the same pipeline as live text.
-            for token in self.stem_tokens(entry["term"]):
-                counts[token] += float(tf)
-        if not counts:
-            return None
-        kept = sum(counts.values())
-        doc_len = float(total_terms) if isinstance(total_terms, (int, float)) and total_terms > 0 else kept
-        vec = self.tf_vector(counts, doc_len)
-        if share_exponent and doc_len > kept > 0:
-            factor = (doc_len / kept) ** share_exponent
-            vec = SparseVector.model_construct(indices=vec.indices, values=[v * factor for v in vec.values])
-        return vec
-
-
 def _term_weights(chunk: Chunk) -> tuple[list[dict[str, Any]], int | None] | None:
     features = chunk.metadata.get("sparse_features")
     if not isinstance(features, dict):
@@ -549,7 +577,7 @@ class SparseInference:
         self.docs: list[SparseVector] = []
         self.warnings: list[str] = []
         self.query_vectors: dict[str, SparseVector] = {}
-        self._hasher: Bm25Hasher | None = None
+        self._terms: Bm25Terms | None = None
         self._vocab: dict[str, int] | None = None
         self._fallback_ready = False
         self.load_error = load_error
@@ -561,12 +589,12 @@ class SparseInference:
         if not self._fallback_ready:
             self._fallback_ready = True
             if self.spec.kind == "sparse-bm25" and self.bm25_dir is not None:
-                self._hasher = Bm25Hasher(self.bm25_dir)
+                self._terms = bm25_terms(str(self.bm25_dir))
             elif isinstance(self.model, SpladeModel):
                 self._vocab = self.model.vocab()
-        if self._hasher is not None:
+        if self._terms is not None:
             tw = _term_weights(chunk)
-            return self._hasher.from_term_weights(*tw) if tw else None
+            return self._terms.from_term_weights(*tw) if tw else None
         if self._vocab is not None:
             return splade_fallback_vector(chunk, self._vocab)
         return None
@@ -624,14 +652,14 @@ class SparseInference:
         return vectors, fallback
 
     def queries(self, queries: Sequence[Query]) -> dict[str, SparseVector]:
-        """Query vectors from ``query_embed`` (BM25's own hasher when the model is unavailable)."""
+        """Query vectors from ``query_embed`` (BM25's pipeline without fastembed when the model is unavailable)."""
         if not queries:
             return {}
         if self.model is not None:
             qv = self.model.query_embed([q.text for q in queries])
         elif self.spec.kind == "sparse-bm25" and self.bm25_dir is not None:
-            hasher = Bm25Hasher(self.bm25_dir)
-            qv = [hasher.query_vector(q.text) for q in queries]
+            terms = bm25_terms(str(self.bm25_dir))
+            qv = [terms.query_vector(q.text) for q in queries]
         else:
             qv = []
             self.warnings.append(f"no query vectors for {self.spec.name!r}: the model is unavailable")
@@ -649,7 +677,7 @@ class SparseInference:
             elif self.load_error is None:  # no model was given, and no load failed: say so where it mattered
                 warnings.append(f"sparse model {self.spec.name!r} was not loaded; {self.failed} chunk(s) use the "
                                 "metadata fallback")
-            elif self.fallback_count < self.failed and self._hasher is None and self._vocab is None:
+            elif self.fallback_count < self.failed and self._terms is None and self._vocab is None:
                 warnings.append(f"no metadata fallback exists in the index space of {self.spec.name!r}")
             if self.fallback_count < self.failed:
                 warnings.append(f"{self.failed - self.fallback_count} chunk(s) have no sparse vector (no usable "

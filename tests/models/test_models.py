@@ -18,10 +18,10 @@ from embedder.models.engine import TokenBudget
 from embedder.models.registry import BUNDLED_DATA, get_spec, resolve_model
 from embedder.models.rerank import RerankEncoder, rerank
 from embedder.models.sparse import (
-    Bm25DocumentEncoder,
-    Bm25Hasher,
     Bm25Model,
+    Bm25Terms,
     _to_sparse,
+    bm25_terms,
     check_stopwords,
     infer_sparse,
     load_sparse_model,
@@ -103,19 +103,15 @@ def _sample_chunks(n: int = 10) -> list[Chunk]:
 def test_bm25_fallback_matches_live_index_space():
     resolved = resolve_model("qdrant-bm25", "sparse")
     live = load_sparse_model(resolved)
-    hasher = Bm25Hasher(resolved.location)
+    terms = bm25_terms(str(resolved.location))
     for chunk in _sample_chunks():
         live_vec = live.embed([chunk.text])[0]
         features = chunk.metadata["sparse_features"]
-        fb = hasher.from_term_weights(features["term_weights"], features["total_terms"])
+        fb = terms.from_term_weights(features["term_weights"], features["total_terms"])
         overlap = len(set(live_vec.indices) & set(fb.indices)) / len(set(live_vec.indices))
         assert overlap >= 0.9, (chunk.id, overlap)
-        # The reproduction of fastembed's pipeline is exact on raw text.
-        mine = hasher.text_vector(chunk.text)
-        assert mine.indices == live_vec.indices
-        assert np.allclose(mine.values, live_vec.values)
     q = "how do plants turn sunlight into sugar"
-    assert live.query_embed([q])[0].indices == hasher.query_vector(q).indices
+    assert live.query_embed([q])[0].indices == terms.query_vector(q).indices
 
 
 # Texts where a tokeniser shortcut would part from fastembed's: lower-casing that grows a character
@@ -142,39 +138,49 @@ def _fastembed_vectors(model: Bm25Model, texts: list[str]) -> list[SparseVector]
     return [_to_sparse(e.indices, e.values) for e in model.load().embed(texts, batch_size=256)]
 
 
-def test_bm25_batch_encoder_gives_fastembeds_vectors_bit_for_bit(bm25_texts, monkeypatch):
+def _fastembed_queries(model: Bm25Model, texts: list[str]) -> list[SparseVector]:
+    return [_to_sparse(e.indices, e.values) for e in model.load().query_embed(texts)]
+
+
+def test_one_bm25_pipeline_gives_fastembeds_vectors_bit_for_bit(bm25_texts, monkeypatch):
+    """Documents (a batch, and a text at a time) and queries, on SciFact, the sample and the edge texts."""
     model = Bm25Model(resolve_model("qdrant-bm25", "sparse"))
     expected = _fastembed_vectors(model, bm25_texts)
-    encoder = Bm25DocumentEncoder(model.load().model)
+    terms = Bm25Terms(model.location)
     # Odd batch sizes, then the same texts again through a warm memo.
-    assert [v for i in range(0, len(bm25_texts), 97) for v in encoder.embed(bm25_texts[i:i + 97])] == expected
-    assert encoder.embed(bm25_texts) == expected
-    monkeypatch.setattr(Bm25DocumentEncoder, "MEMO_LIMIT", 50)  # the memo starts again inside every batch
-    assert Bm25DocumentEncoder(model.load().model).embed(bm25_texts) == expected
-    assert model.embed(bm25_texts) == expected and isinstance(model._encoder, Bm25DocumentEncoder)
+    assert [v for i in range(0, len(bm25_texts), 97) for v in terms.document_vectors(bm25_texts[i:i + 97])] \
+        == expected
+    assert terms.document_vectors(bm25_texts) == expected
+    assert [terms.document_vector(t) for t in bm25_texts] == expected
+    assert [terms.query_vector(t) for t in bm25_texts] == _fastembed_queries(model, bm25_texts)
+    monkeypatch.setattr(Bm25Terms, "MEMO_LIMIT", 50)  # the memo starts again inside every batch
+    assert Bm25Terms(model.location).document_vectors(bm25_texts) == expected
+    assert model.embed(bm25_texts) == expected and model._terms is not None
+    assert model.query_embed(bm25_texts) == _fastembed_queries(model, bm25_texts)
 
 
-def test_bm25_batch_encoder_resolves_a_hash_clash_as_fastembed_does():
+def test_bm25_resolves_a_hash_clash_as_fastembed_does():
     model = Bm25Model(resolve_model("qdrant-bm25", "sparse"))
-    bm25 = model.load().model
+    terms = Bm25Terms(model.location)
     a, b = "bvxqgjh", "kvzxvdh"  # two stems with one abs(mmh3) id, found by search
-    assert bm25._stem([a, b]) == [a, b] and bm25.compute_token_id(a) == bm25.compute_token_id(b)
+    assert terms.stems(f"{a} {b}") == [a, b] and terms.token_id(a) == terms.token_id(b)
     texts = [f"{a} {b} {b} plant", f"{b} {a} {a} plant", f"{a} plant"]
-    got = Bm25DocumentEncoder(bm25).embed(texts)
+    got = terms.document_vectors(texts)
     assert got == _fastembed_vectors(model, texts)
     assert len(got[0].indices) == 2  # the clash stays one entry, holding the later stem's value
 
 
-def test_bm25_keeps_fastembeds_loop_when_the_batch_encoder_disagrees(monkeypatch, caplog, bm25_texts):
+def test_bm25_keeps_fastembeds_loop_when_this_pipeline_disagrees(monkeypatch, caplog, bm25_texts):
     def wrong(self, texts):
         return [SparseVector(indices=[1], values=[1.0]) for _ in texts]
 
     model = Bm25Model(resolve_model("qdrant-bm25", "sparse"))
     expected = _fastembed_vectors(model, bm25_texts)
-    monkeypatch.setattr(Bm25DocumentEncoder, "embed", wrong)
+    monkeypatch.setattr(Bm25Terms, "document_vectors", wrong)
     with caplog.at_level("WARNING"):
         assert model.embed(bm25_texts) == expected
-    assert model._encoder is False and "fastembed's own loop is used" in caplog.text
+    assert model._terms is None and "fastembed's own loop is used" in caplog.text
+    assert model.query_embed(bm25_texts) == _fastembed_queries(model, bm25_texts)
 
 
 def test_missing_stopwords_fails_loudly(tmp_path):
