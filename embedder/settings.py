@@ -28,6 +28,7 @@ from pydantic import (
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from embedder.errors import ConfigError, UnsafeNameError
+from embedder.io.atomic import file_digest
 
 SettingSource = Literal["default", "file", "env", "cli"]
 Precision = Literal["auto", "fp32", "fp16", "bf16"]
@@ -224,6 +225,67 @@ class RunConfig(BaseModel):
             raise ValueError(f"fusion_weights names {unknown}, which are not lists of this run "
                              f"(use 'dense' or one of sparse_models: {self.sparse_models})")
         return self
+
+
+# --- what each stage's stored result depends on -------------------------------------------------
+
+KeyedStage = Literal["load", "dense", "sparse", "fuse", "rerank"]
+
+# The settings each stage reads to compute its stored result. A stage's cache key is a digest of
+# exactly these (stage_settings), its inputs' digests and the code version: a setting is never
+# listed in a key by hand, so none can be left out of one. Every field is here or in NOT_IN_KEYS.
+SETTINGS_READ: dict[KeyedStage, frozenset[str]] = {
+    "load": frozenset({"max_chunk_chars"}),
+    "dense": frozenset({"dense_model", "dense_backend", "dense_blend", "dense_precision", "force_cpu",
+                        "local_files_only", "queries_path"}),
+    "sparse": frozenset({"sparse_models", "enable_sparse", "sparse_precision", "force_cpu", "local_files_only",
+                         "queries_path"}),
+    "fuse": frozenset({"fusion", "rrf_k", "fusion_weights", "retrieval_top_n"}),
+    "rerank": frozenset({"enable_rerank", "rerank_model", "rerank_top_k_candidates", "rerank_top_k",
+                         "rerank_latency_budget_ms", "fusion", "query_policy", "queries_path", "force_cpu",
+                         "rerank_precision", "local_files_only"}),
+}
+
+_BATCHING = ("cuts batches; vectors and scores are the same up to float rounding (padding differs), so a "
+             "stored result stays valid")
+_WHERE_AND_WHEN = "says where or when a stage runs, not what it computes"
+_INDEX = ("is read by the index stage, which keeps no result by key: every run compares the points' digests "
+          "with the published index")
+
+# Settings that move no stage key, each with the reason.
+NOT_IN_KEYS: dict[str, str] = {
+    "collections": "a collection's name starts every key of its stages, and load keys the digest of its files",
+    "output_dir": "every key starts with the output dir and its store's id: another output dir is another store",
+    "sources": "records where each value came from, not a value",
+    "qrels_path": "is read by the quality report, which every run computes from the stages' stored lists",
+    "gpu_memory_ceiling_gb": f"caps device memory and so {_BATCHING}",
+    "batch_policy": _BATCHING,
+    "cpu_batch_items": _BATCHING,
+    "stream_window": f"sets how many chunks a stage holds at once and so {_BATCHING}",
+    "gpu_concurrency_limit_name": _WHERE_AND_WHEN,
+    "gpu_lease_timeout_s": _WHERE_AND_WHEN,
+    "gpu_lease_duration_s": _WHERE_AND_WHEN,
+    "collection_fanout": _WHERE_AND_WHEN,
+    "collection_deployment": _WHERE_AND_WHEN,
+    "collection_lock_timeout_s": _WHERE_AND_WHEN,
+    "overlap_sparse": _WHERE_AND_WHEN,
+    "vector_checkpoint_s": "sets how often vectors are saved while a stage runs, not which vectors",
+    "vector_retention_days": "sets which unused vector spaces a publish deletes, not what a stage computes",
+    "index_batch_size": _INDEX,
+    "index_hnsw_min_points": _INDEX,
+}
+
+# Settings naming a file whose contents a stage reads: the key takes the file's digest, not its path.
+_FILE_SETTINGS = frozenset({"queries_path"})
+
+
+def stage_settings(config: RunConfig, stage: KeyedStage) -> dict[str, Any]:
+    """The settings ``stage`` reads, as its cache key takes them (a file setting by its contents' digest)."""
+    values = config.model_dump(mode="json", include=set(SETTINGS_READ[stage]))
+    for name in _FILE_SETTINGS & values.keys():
+        if values[name]:
+            values[name] = f"sha256:{file_digest(values[name])}"
+    return values
 
 
 class _EnvironmentBase(BaseSettings):

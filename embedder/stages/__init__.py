@@ -19,7 +19,6 @@ from embedder.stages.common import (
     collection_dir,
     input_digest,
     model_fingerprint,
-    queries_digest,
     seal,
     sealed,
     stage_dir,
@@ -62,7 +61,7 @@ __all__ = [
     "collect_vector_spaces",
     "collection_dir", "dense_encoder", "dense_key", "dense_section", "dense_stage", "fuse_key", "fuse_stage",
     "fusion_section", "index_layout", "index_section", "index_stage", "input_digest", "iter_collection_points",
-    "load_key", "iter_point_windows", "load_section", "load_stage", "model_fingerprint", "queries_digest",
+    "load_key", "iter_point_windows", "load_section", "load_stage", "model_fingerprint",
     "query_vector", "rerank_key", "rerank_section", "rerank_stage", "seal", "sealed", "sparse_key",
     "sparse_section", "sparse_stage", "stage_dir", "stage_key", "stages_dir", "store_id", "vector_space",
 ]

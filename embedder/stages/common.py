@@ -30,10 +30,10 @@ from embedder.io.atomic import atomic_write_text, file_digest
 from embedder.io.integrity import CHECKSUMS, QUARANTINE, Depth, check_dir, describe, quarantine, write_checksums
 from embedder.io.vector_cache import scrub_space
 from embedder.models.registry import resolve_model
-from embedder.settings import RunConfig
+from embedder.settings import KeyedStage, RunConfig, stage_settings
 
 Status = Literal["executed", "disabled", "skipped", "error"]
-StageName = Literal["load", "dense", "sparse", "fuse", "rerank"]
+StageName = KeyedStage  # the stages that keep a result by key
 R = TypeVar("R", bound=BaseModel)
 
 SEAL = "result.json"
@@ -139,9 +139,20 @@ def encoder_version() -> str:
     return _digest(f"vector-schema-{VECTOR_SCHEMA}", _VECTOR_SOURCES, _VECTOR_LIBRARIES)
 
 
-def stage_key(stage: str, *parts: Any) -> str:
-    """A stable cache key for a stage: its name, the code version and its inputs."""
-    payload = json.dumps([stage, code_version(), *parts], sort_keys=True, default=str)
+def stage_key(config: RunConfig, collection: str, stage: KeyedStage, *inputs: Any) -> str:
+    """A stage's cache key: the store it belongs to, the code version, the settings it reads, its inputs.
+
+    The settings come from :data:`~embedder.settings.SETTINGS_READ`, never from
+    a list kept here, so a setting a stage reads cannot be missing from its key.
+
+    Args:
+        config: The run's settings.
+        collection: The collection.
+        stage: The stage.
+        inputs: Digests of what the stage reads besides settings (earlier stages' files, model files).
+    """
+    payload = json.dumps([stage, code_version(), *owner_parts(config, collection), stage_settings(config, stage),
+                          *inputs], sort_keys=True, default=str)
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
@@ -191,11 +202,6 @@ def input_digest(path: str | Path) -> str:
         h.update(f.name.encode())
         h.update(file_digest(f).encode())
     return h.hexdigest()
-
-
-def queries_digest(config: RunConfig) -> str | None:
-    """Digest of the query set, or None when the run has none."""
-    return file_digest(config.queries_path) if config.queries_path else None
 
 
 def model_fingerprint(name: str, role: Literal["dense", "sparse", "rerank"], local_files_only: bool) -> str:

@@ -27,8 +27,6 @@ from embedder.stages.common import (
     StoreIntegrity,
     SummarySection,
     model_fingerprint,
-    owner_parts,
-    queries_digest,
     record_spaces,
     seal,
     stage_dir,
@@ -58,16 +56,9 @@ class DenseStageResult(BaseModel):
 
 
 def dense_key(config: RunConfig, collection: str, chunks: StageRef) -> str:
-    """Cache key of the dense stage."""
-    components = config.dense_components()
-    parts: list[Any] = [config.dense_model, config.dense_backend, queries_digest(config), config.force_cpu,
-                        config.gpu_memory_ceiling_gb, config.dense_precision,
-                        model_fingerprint(config.dense_model, "dense", config.local_files_only)]
-    if len(components) > 1:
-        # Each blended model by its files; a single model keeps the key it always had.
-        parts.append([(name, weight, model_fingerprint(name, "dense", config.local_files_only))
-                      for name, weight in components])
-    return stage_key("dense", *owner_parts(config, collection), chunks.digest, *parts)
+    """Cache key of the dense stage: its settings, the chunks and each dense model by its files."""
+    models = [model_fingerprint(name, "dense", config.local_files_only) for name, _ in config.dense_components()]
+    return stage_key(config, collection, "dense", chunks.digest, models)
 
 
 def dense_encoder(config: RunConfig, resolved: Any) -> Any:

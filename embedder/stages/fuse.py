@@ -12,7 +12,7 @@ from embedder.io.writers import iter_dense_windows, read_dense_parquet, read_jso
 from embedder.models.registry import get_spec
 from embedder.schemas import SparseVector, StageRef, StageTelemetry
 from embedder.settings import RunConfig
-from embedder.stages.common import Status, SummarySection, owner_parts, seal, stage_dir, stage_key
+from embedder.stages.common import Status, SummarySection, seal, stage_dir, stage_key
 from embedder.stages.dense import DenseStageResult
 from embedder.stages.sparse import SparseStageResult, iter_sparse_windows
 from embedder.summary import FusionRun
@@ -79,9 +79,8 @@ def fuse_key(config: RunConfig, collection: str, dense: DenseStageResult, sparse
     """Cache key of the fusion stage."""
     sparse_digests = [(o.model_name, o.vectors.digest, o.query_vectors.digest if o.query_vectors else None)
                       for o in sparse.outputs]
-    return stage_key("fuse", *owner_parts(config, collection), dense.vectors.digest,
-                     dense.query_vectors.digest if dense.query_vectors else None, sparse_digests,
-                     config.retrieval_top_n, config.rrf_k, config.fusion, sorted(config.fusion_weights.items()))
+    return stage_key(config, collection, "fuse", dense.vectors.digest,
+                     dense.query_vectors.digest if dense.query_vectors else None, sparse_digests)
 
 
 def fusion_section(config: RunConfig, fusion: FusionResult | None, error: str | None,

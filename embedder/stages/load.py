@@ -4,13 +4,12 @@ from __future__ import annotations
 
 from embedder.io.load import LoadResult, load_collection
 from embedder.settings import CollectionInput, RunConfig
-from embedder.stages.common import SummarySection, input_digest, owner_parts, seal, stage_dir, stage_key
+from embedder.stages.common import SummarySection, input_digest, seal, stage_dir, stage_key
 
 
 def load_key(config: RunConfig, collection: CollectionInput) -> str:
     """Cache key of the load stage."""
-    return stage_key("load", *owner_parts(config, collection.name), input_digest(collection.path),
-                     config.max_chunk_chars)
+    return stage_key(config, collection.name, "load", input_digest(collection.path))
 
 
 def load_stage(config: RunConfig, collection: CollectionInput, key: str) -> LoadResult:

@@ -16,7 +16,7 @@ from embedder.models.registry import resolve_model
 from embedder.models.rerank import RerankEncoder, rerank
 from embedder.schemas import CrossEncoderRerankRun, ScoredCandidate, StageRef, StageTelemetry
 from embedder.settings import RunConfig
-from embedder.stages.common import Status, SummarySection, model_fingerprint, owner_parts, seal, stage_dir, stage_key
+from embedder.stages.common import Status, SummarySection, model_fingerprint, seal, stage_dir, stage_key
 from embedder.stages.fuse import FusionResult
 from embedder.summary import LeaseEvent, RerankPayload, RerankRun
 
@@ -93,11 +93,8 @@ def rerank_stage(config: RunConfig, collection: str, chunks: StageRef, fusion: F
 
 def rerank_key(config: RunConfig, collection: str, chunks: StageRef, fusion: FusionResult) -> str:
     """Cache key of the rerank stage."""
-    return stage_key("rerank", *owner_parts(config, collection), chunks.digest,
+    return stage_key(config, collection, "rerank", chunks.digest,
                      fusion.candidates.digest if fusion.candidates else fusion.reason,
-                     config.enable_rerank, config.rerank_model, config.fusion, config.rerank_top_k_candidates,
-                     config.rerank_top_k, config.rerank_latency_budget_ms, config.query_policy.model_dump(),
-                     config.force_cpu, config.gpu_memory_ceiling_gb, config.rerank_precision,
                      model_fingerprint(config.rerank_model, "rerank", config.local_files_only))
 
 

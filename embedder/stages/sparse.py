@@ -30,8 +30,6 @@ from embedder.stages.common import (
     SummarySection,
     collection_dir,
     model_fingerprint,
-    owner_parts,
-    queries_digest,
     record_spaces,
     seal,
     stage_dir,
@@ -71,10 +69,9 @@ class SparseStageResult(BaseModel):
 
 
 def sparse_key(config: RunConfig, collection: str, chunks: StageRef) -> str:
-    """Cache key of the sparse stage."""
-    models = [(m, model_fingerprint(m, "sparse", config.local_files_only)) for m in config.sparse_models]
-    return stage_key("sparse", *owner_parts(config, collection), chunks.digest, config.enable_sparse, models,
-                     queries_digest(config), config.sparse_precision, config.force_cpu)
+    """Cache key of the sparse stage: its settings, the chunks and each sparse model by its files."""
+    models = [model_fingerprint(m, "sparse", config.local_files_only) for m in config.sparse_models]
+    return stage_key(config, collection, "sparse", chunks.digest, models)
 
 
 def sparse_stage(config: RunConfig, collection: str, chunks: StageRef, key: str,
