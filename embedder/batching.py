@@ -1,4 +1,11 @@
-"""Batched execution with out-of-memory back-off, shared by the dense and rerank stages."""
+"""Batched execution with out-of-memory back-off.
+
+:func:`back_off` is the one answer to a failed batch, used by :func:`run_batched`
+(rows at a time: the CPU paths, rerank) and by the token-budget engine
+(:mod:`embedder.models.engine`): anything but an out-of-memory error goes up
+unchanged; an OOM frees the device cache and the caller retries with half the
+batch, until the floor, where the stage fails naming the settings to change.
+"""
 
 from __future__ import annotations
 
@@ -14,6 +21,34 @@ from embedder.gpu import free_device_cache, is_oom
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+
+def back_off(exc: BaseException, *, device: str, size: int, backoffs: list[int], at_floor: bool,
+             floor: str) -> None:
+    """Decide about a batch that raised ``exc``: re-raise it, or record an OOM back-off from ``size``.
+
+    On return the caller retries with a smaller batch.
+
+    Args:
+        exc: What the batch raised.
+        device: Whose cache to free.
+        size: The batch size (rows or padded tokens) that ran out of memory; appended to ``backoffs``.
+        backoffs: The stage's back-off record.
+        at_floor: The batch was already the smallest the caller will try.
+        floor: That smallest batch, in words, for the error.
+
+    Raises:
+        BaseException: ``exc`` itself, when it is not an out-of-memory error.
+        StageError: When an out-of-memory error happened at the floor.
+    """
+    if not is_oom(exc):
+        raise exc
+    backoffs.append(size)
+    free_device_cache(device)
+    if at_floor:
+        raise StageError(f"out of memory even at {floor}; lower the model's max length or raise "
+                         "gpu_memory_ceiling_gb") from exc
+    log.warning("out of memory at a batch of %d; retrying with half", size)
 
 
 @dataclass(frozen=True)
@@ -70,17 +105,9 @@ def run_batched(
         try:
             out = fn(start, end)
         except Exception as exc:
-            if not is_oom(exc):
-                raise
-            backoffs.append(size)
-            free_device_cache(device)
-            if size <= plan.floor:
-                raise StageError(
-                    f"out of memory even at the minimum batch size {plan.floor}; lower the model's max length "
-                    "or raise gpu_memory_ceiling_gb"
-                ) from exc
+            back_off(exc, device=device, size=size, backoffs=backoffs, at_floor=size <= plan.floor,
+                     floor=f"the minimum batch size {plan.floor}")
             size = max(plan.floor, size // 2)
-            log.warning("out of memory at batch %d; retrying with %d", backoffs[-1], size)
             continue
         if len(out) != end - start:
             raise StageError(f"batch returned {len(out)} outputs for {end - start} inputs")

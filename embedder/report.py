@@ -138,8 +138,8 @@ def compute_quality(config: RunConfig, fusion: FusionResult | None,
     for q in query_lists(iter_jsonl_records(fusion.candidates.path)):
         for name, lst in q.lists.items():
             runs.setdefault(list_label(name), {})[q.query_id] = [c.id for c in lst]
-        for method, ids in q.fused.items():
-            runs[f"fused_{method}"][q.query_id] = ids
+        for method, fused_list in q.fused.items():
+            runs[f"fused_{method}"][q.query_id] = [c.id for c in fused_list]
     if rerank is not None and rerank.status == "executed" and rerank.results is not None:
         # Reranked top-k first, then the rest of the fused list, so Recall@100 compares like with like.
         fused = runs["fused_rrf" if config.fusion == "rrf" else "fused_dbsf"]

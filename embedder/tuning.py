@@ -33,8 +33,8 @@ class QueryLists:
 
     query_id: str
     lists: dict[str, list[ScoredCandidate]]
-    fused: dict[str, list[str]] = field(default_factory=dict)
-    """The fusion stage's own fused lists (``rrf``, ``dbsf``, with the run's weights), ids best first."""
+    fused: dict[str, list[ScoredCandidate]] = field(default_factory=dict)
+    """The fusion stage's own fused lists (``rrf``, ``dbsf``, with the run's weights), best first."""
 
 
 def list_label(name: str) -> str:
@@ -49,7 +49,7 @@ def query_lists(rows: Iterable[Mapping[str, Any]]) -> list[QueryLists]:
         lists = {"dense": [ScoredCandidate(**c) for c in row["dense"]]}
         for model, lst in row["sparse"].items():
             lists[model] = [ScoredCandidate(**c) for c in lst]
-        fused = {method: [str(c["id"]) for c in row[method]] for method in ("rrf", "dbsf") if method in row}
+        fused = {method: [ScoredCandidate(**c) for c in row[method]] for method in ("rrf", "dbsf") if method in row}
         out.append(QueryLists(str(row["query_id"]), lists, fused))
     return out
 

@@ -36,9 +36,10 @@ from typing import Any, Generic, Literal, TypeVar
 import numpy as np
 import torch
 
+from embedder.batching import back_off
 from embedder.cancel import raise_if_stopped
-from embedder.errors import RunCancelledError, StageError
-from embedder.gpu import apply_memory_ceiling, cuda_context_gb, free_device_cache, is_oom
+from embedder.errors import RunCancelledError
+from embedder.gpu import apply_memory_ceiling, cuda_context_gb
 
 Precision = Literal["auto", "fp32", "fp16", "bf16"]
 BatchPolicy = Literal["auto", "tokens", "items"]
@@ -494,14 +495,9 @@ class Engine(Generic[X]):
                         exc.partial = (None, window.order[:start], _concat(outputs).to("cpu"))
                     raise
                 except Exception as exc:
-                    if not is_oom(exc):
-                        raise
-                    self.stats.backoffs.append(self.budget.size)
-                    free_device_cache(self.device)
-                    if self.budget.tokens <= self.budget.floor_tokens and end - start <= 1:
-                        raise StageError(
-                            "out of memory even at one sequence of the model's maximum length; lower the "
-                            "model's max length or raise gpu_memory_ceiling_gb") from exc
+                    back_off(exc, device=self.device, size=self.budget.size, backoffs=self.stats.backoffs,
+                             at_floor=self.budget.tokens <= self.budget.floor_tokens and end - start <= 1,
+                             floor="one sequence of the model's maximum length")
                     self.budget = self.budget.halved()
                     # Re-cut what is left of the window under the smaller budget.
                     rest = self.budget.cut(window.lengths[start:])

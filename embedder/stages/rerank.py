@@ -9,16 +9,17 @@ from pydantic import BaseModel, Field
 from embedder.errors import ModelUnavailableError
 from embedder.gpu import cuda_context_gb, resolve_device
 from embedder.io.readers import read_queries
-from embedder.io.writers import iter_table_windows, read_jsonl_records, write_jsonl
+from embedder.io.writers import iter_jsonl_records, iter_table_windows, write_jsonl
 from embedder.lease import GpuLease
 from embedder.models.engine import TokenBudget, plan_on_device, resolve_precision
 from embedder.models.registry import resolve_model
 from embedder.models.rerank import RerankEncoder, rerank
-from embedder.schemas import CrossEncoderRerankRun, ScoredCandidate, StageRef, StageTelemetry
+from embedder.schemas import CrossEncoderRerankRun, StageRef, StageTelemetry
 from embedder.settings import RunConfig
 from embedder.stages.common import Status, SummarySection, model_fingerprint, seal, stage_dir, stage_key
 from embedder.stages.fuse import FusionResult
 from embedder.summary import LeaseEvent, RerankPayload, RerankRun
+from embedder.tuning import query_lists
 
 
 class RerankStageResult(BaseModel):
@@ -64,9 +65,7 @@ def rerank_stage(config: RunConfig, collection: str, chunks: StageRef, fusion: F
                                  warnings=[f"rerank failed, the run continued without it: {exc}"])
     cuda_context_gb(device)  # CUDA starts before the lease: the slot is for GPU work
     queries = read_queries(config.queries_path) if config.queries_path else []
-    rows = read_jsonl_records(fusion.candidates.path)
-    fused_key = "rrf" if config.fusion == "rrf" else "dbsf"
-    candidates = {r["query_id"]: [ScoredCandidate(**c) for c in r[fused_key]] for r in rows}
+    candidates = {q.query_id: q.fused[config.fusion] for q in query_lists(iter_jsonl_records(fusion.candidates.path))}
     wanted = {c.id for lst in candidates.values() for c in lst[: config.rerank_top_k_candidates]}
     texts = {i: t for table in iter_table_windows(chunks.path, config.stream_window, columns=["id", "text"])
              for i, t in zip(table["id"].to_pylist(), table["text"].to_pylist()) if i in wanted}
