@@ -178,3 +178,43 @@ def test_peak_meter_on_the_host_device():
     # The device figure includes the CUDA context, so it is never below torch's own.
     assert meter.torch_peak_gb() >= 0.25 and meter.peak_gb() >= meter.torch_peak_gb()
     del x
+
+
+def test_engine_halves_its_budget_on_oom_and_gives_the_same_vectors(minilm, scifact_texts):
+    """An injected OOM on any batch over 600 padded tokens: the engine backs off (as run_batched does, through
+    the same batching.back_off), every row is still embedded, and the report says so."""
+    from embedder.errors import StageError
+
+    model = minilm.load()
+    shape = ModelShape.of(model, max_length=model.max_seq_length)
+    budget = plan_token_budget(shape, "cpu", "fp32", 12.0, cpu_items=32, policy="tokens")
+    reference = minilm.engine(budget).run_window(minilm.engine(budget).tokenise(scifact_texts)).numpy()
+    engine = minilm.engine(budget)
+    forward = engine.forward
+
+    def tight(batch):
+        rows, width = batch["input_ids"].shape
+        if rows > 1 and rows * width > 600:  # a fault injected for the test: the device "runs out" here
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return forward(batch)
+
+    engine.forward = tight
+    out = engine.run_window(engine.tokenise(scifact_texts)).numpy()
+    assert np.allclose(out, reference, atol=1e-5)
+    fields, warnings = engine.report("dense")
+    assert fields["backoffs"] and fields["token_budget"] < budget.tokens
+    assert warnings and warnings[0].startswith("dense batch backed off after OOM:")
+
+    def never(batch):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+    engine.forward = never
+    with pytest.raises(StageError, match="out of memory even at one sequence of the model's maximum length"):
+        engine.run_window(engine.tokenise(scifact_texts[:3]))
+
+    def broken(batch):
+        raise ValueError("not an OOM")
+
+    engine.forward = broken
+    with pytest.raises(ValueError, match="not an OOM"):  # anything else goes up unchanged, no back-off
+        engine.run_window(engine.tokenise(scifact_texts[:3]))
