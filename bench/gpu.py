@@ -195,13 +195,10 @@ def flow_run(cfg: Any, collection: str) -> tuple[Any, dict[str, dict[str, float]
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, FlowRunFilterName
     from prefect.client.schemas.sorting import FlowRunSort
 
-    import embedder.models.dense as dense
-    import embedder.models.rerank as rerank
-    import embedder.models.sparse as sparse
+    from embedder.models.loading import forget_models
     from flows.embed_collections import embed_collections
 
-    for cache in (dense._CACHE, rerank._CACHE, sparse._LOADED):
-        cache.clear()  # model loads belong inside the measured tasks, as they do in the raw calls
+    forget_models()  # model loads belong inside the measured tasks, as they do in the raw calls
     [summary] = embed_collections(cfg)
     with get_client(sync_client=True) as client:
         [subflow] = client.read_flow_runs(

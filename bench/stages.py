@@ -71,13 +71,9 @@ def build_minilm_cross_encoder(out: Path) -> Path:
 
 
 def _clear_model_caches() -> None:
-    import embedder.models.dense as dense
-    import embedder.models.rerank as rerank
-    import embedder.models.sparse as sparse
+    from embedder.models.loading import forget_models
 
-    dense._CACHE.clear()
-    rerank._CACHE.clear()
-    sparse._LOADED.clear()
+    forget_models()
 
 
 def raw_round(texts: list[str], queries: list[str], ce_dir: Path, candidates: int) -> dict[str, float]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -14,12 +13,9 @@ from embedder.batching import BatchPlan, run_batched
 from embedder.errors import ModelUnavailableError, StageError
 from embedder.gpu import PeakMeter, exclusive_device
 from embedder.models.engine import Engine, ModelShape, TokenBudget, cast_model, dense_forward
-from embedder.models.loading import LOAD_LOCK
+from embedder.models.loading import loaded
 from embedder.models.registry import ResolvedModel
 from embedder.schemas import StageTelemetry
-
-_CACHE: dict[tuple[str, str, str, str], Any] = {}
-_CACHE_LOCK = threading.Lock()
 
 
 class DenseEncoder:
@@ -47,23 +43,21 @@ class DenseEncoder:
         """
         if self._model is not None:
             return self._model
-        key = (self.resolved.location, self.backend, "dense", self.precision)
-        with _CACHE_LOCK:
-            if key not in _CACHE:
-                from sentence_transformers import SentenceTransformer
+        def build() -> Any:
+            from sentence_transformers import SentenceTransformer
 
-                try:
-                    # Load on the CPU: exclusive_device moves it to the GPU only inside the lease.
-                    with LOAD_LOCK:
-                        _CACHE[key] = cast_model(SentenceTransformer(
-                            self.resolved.location, device="cpu", backend=cast(Any, self.backend),
-                            local_files_only=self.local_files_only or self.resolved.is_local,
-                        ), self.precision)
-                except Exception as exc:
-                    raise ModelUnavailableError(
-                        f"dense model {self.name!r} could not be loaded from {self.resolved.location}: {exc}"
-                    ) from exc
-            self._model = _CACHE[key]
+            try:
+                # Load on the CPU: exclusive_device moves it to the GPU only inside the lease.
+                return cast_model(SentenceTransformer(
+                    self.resolved.location, device="cpu", backend=cast(Any, self.backend),
+                    local_files_only=self.local_files_only or self.resolved.is_local,
+                ), self.precision)
+            except Exception as exc:
+                raise ModelUnavailableError(
+                    f"dense model {self.name!r} could not be loaded from {self.resolved.location}: {exc}"
+                ) from exc
+
+        self._model = loaded(("dense", self.resolved.location, self.backend, self.precision), build)
         return self._model
 
     @property

