@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import Any
 
 from embedder.errors import IndexDamagedError, IndexNotFoundError, VectorIndexError
-from embedder.io.atomic import atomic_write_text
+from embedder.io.atomic import atomic_write_text, copy_sparse
 from embedder.io.integrity import CheckReport, Damage, Depth, check_dir, describe, write_checksums
 from embedder.io.runset import CURRENT, RUNS, publish_run, run_dir
 from embedder.io.store import (
@@ -201,7 +201,7 @@ class EdgeIndexWriter:
         config = _config(layout, indexing_threshold_kb=threshold)
         try:
             if self.incremental and base is not None:
-                shutil.copytree(base, self.path)
+                shutil.copytree(base, self.path, copy_function=copy_sparse)
                 self._shard: Any = _edge().EdgeShard.load(str(self.path), config)
             else:
                 self._shard = _edge().EdgeShard.create(str(self.path), config)
@@ -536,7 +536,7 @@ class EdgeStore:
         """Copy a read-only shard where this process may write (Edge opens its files read-write)."""
         base = os.environ.get("EMBEDDER_SHARD_COPY_DIR") or None
         dest = Path(tempfile.mkdtemp(prefix=f"embedder-{collection}-{shard_dir.name}-", dir=base))
-        shutil.copytree(shard_dir, dest, dirs_exist_ok=True)
+        shutil.copytree(shard_dir, dest, dirs_exist_ok=True, copy_function=copy_sparse)
         for path in [dest, *dest.rglob("*")]:
             path.chmod(path.stat().st_mode | 0o200)
         report = check_dir(dest, "full")

@@ -76,3 +76,28 @@ def test_quarantine_keeps_the_damaged_thing_with_its_reason(sealed, tmp_path):
     dest = quarantine(sealed, tmp_path / "q" / "dense", "block 3 differs")
     assert not sealed.exists() and (dest / "big.bin").is_file()
     assert (dest.parent / f"{dest.name}.reason.txt").read_text() == "block 3 differs\n"
+
+
+def test_copy_sparse_keeps_bytes_and_holes(tmp_path):
+    """A hole-keeping copy: same bytes and length, holes and zero runs left unallocated, metadata kept."""
+    import os
+
+    from embedder.io.atomic import copy_sparse
+
+    src = tmp_path / "mmap.dat"
+    with open(src, "wb") as fh:
+        fh.write(b"head" * 1000)
+        fh.seek(8 << 20)  # a hole, as Edge leaves in its mmap files
+        fh.write(bytes(1 << 20))  # written zeros: a non-sparse copy of such a file has them too
+        fh.write(b"tail")
+        fh.truncate(32 << 20)
+    os.utime(src, (1_000_000, 1_000_000))
+    dst = tmp_path / "copy.dat"
+    assert copy_sparse(src, dst) == str(dst)
+    assert dst.read_bytes() == src.read_bytes()
+    assert dst.stat().st_size == 32 << 20 and dst.stat().st_mtime == 1_000_000
+    assert dst.stat().st_blocks * 512 < 1 << 20  # the 1 MiB of zeros is a hole in the copy too
+    empty = tmp_path / "empty"
+    empty.write_bytes(b"")
+    copy_sparse(empty, tmp_path / "empty-copy")
+    assert (tmp_path / "empty-copy").read_bytes() == b""
