@@ -36,6 +36,7 @@ from embedder.stages import (
     rerank_section,
     sparse_section,
 )
+from embedder.startup import startup_telemetry
 from embedder.summary import (
     FeatureToggles,
     GpuBaseline,
@@ -292,7 +293,7 @@ def build_summary(config: RunConfig, outcome: CollectionOutcome,
         feature_toggles=FeatureToggles(enable_rerank=config.enable_rerank, enable_sparse=config.enable_sparse,
                                        sparse_models=config.sparse_models,
                                        sources={k: str(v) for k, v in toggles_sources.items()}),
-        telemetry=Telemetry(lease_events=o.lease_events(), stages=stages),
+        telemetry=Telemetry(lease_events=o.lease_events(), stages=stages, startup=startup_telemetry()),
         performance_baseline=PerformanceBaseline(
             latency_seconds=o.latency_seconds,
             gpu=GpuBaseline(soft_limit_gb=config.gpu_memory_ceiling_gb, peak_memory_used_gb=gpu_peak,

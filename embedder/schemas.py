@@ -156,6 +156,8 @@ class StageTelemetry(BaseModel):
     batches: int | None = None
     padding_ratio: float | None = Field(None, description="Padded tokens per real token.")
     gpu_work_s: float | None = Field(None, description="Time the device spent on this stage's batches.")
+    model_load_s: float | None = Field(None, description="Time this stage spent loading its model (0 when the "
+                                       "process had it loaded; None when the stage needed no model).")
     tokenise_s: float | None = Field(None, description="Tokenisation time, overlapped with the device's work.")
     fallback: bool = False
     cached: bool = False

@@ -158,9 +158,22 @@ class LeaseEvent(_Section):
         "repossession) or embedder (its recovery on the ephemeral server, by lease id, once the pid is gone).")
 
 
+class StartupTelemetry(_Section):
+    """The run's fixed cost outside its stages; None where this process could not tell."""
+
+    process_to_flow_s: float | None = Field(None, description="From the process's start (to the second) to the "
+                                            "flow's first line: imports, the Prefect server, the flow run's creation.")
+    imports_s: float | None = Field(None, description="From the process's start to the CLI command's first line.")
+    server_start_s: float | None = Field(None, description="Starting the temporary Prefect server (the CLI, when no "
+                                         "PREFECT_API_URL names one).")
+    flow_s: float | None = Field(None, description="From the flow's first line to this summary: every stage, "
+                                 "model loads and Prefect's own bookkeeping included.")
+
+
 class Telemetry(_Section):
     lease_events: list[LeaseEvent] = Field(default_factory=list)
     stages: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    startup: StartupTelemetry | None = Field(None, description="Where the run's time went outside its stages.")
 
 
 class GpuBaseline(_Section):
@@ -357,7 +370,7 @@ def normalize_processing_summary(data: dict[str, Any]) -> dict[str, Any]:
         raise SummaryValidationError(
             f"schema_version {out['schema_version']!r} is a major version this reader does not know; it reads v4.x")
     if not isinstance(out.get("telemetry"), dict):
-        out["telemetry"] = Telemetry().model_dump()
+        out["telemetry"] = Telemetry().model_dump(exclude_none=True)
     if not isinstance(out.get("compatibility"), dict):
         out["compatibility"] = {"current": CURRENT_VERSION, "legacy": list(LEGACY_VERSIONS)}
     if not isinstance(out.get("warnings"), list):
@@ -502,6 +515,23 @@ def _gb(value: float | None) -> str:
     return "not recorded" if value is None else f"{value:.2f} GB"
 
 
+def _startup_line(telemetry: Telemetry) -> str | None:
+    """Where the run's time went outside its stages, and each model load: the fixed cost of a re-run."""
+    parts = []
+    st = telemetry.startup
+    if st is not None:
+        for label, value in (("process start to flow", st.process_to_flow_s), ("of it imports", st.imports_s),
+                             ("Prefect server start", st.server_start_s), ("flow", st.flow_s)):
+            if value is not None:
+                parts.append(f"{label} {value:.1f} s")
+    loads = [f"{name} {row['model_load_s']:.1f} s" for name, row in telemetry.stages.items()
+             if isinstance(row, dict) and not row.get("cached") and isinstance(row.get("model_load_s"), (int, float))
+             and row["model_load_s"]]
+    if loads:
+        parts.append("model loads: " + ", ".join(loads))
+    return "Time: " + "; ".join(parts) if parts else None
+
+
 def render_summary_lines(summary: ProcessingSummary) -> list[str]:
     """Human-readable lines for ``embed-collections summary``. Absent sections are not printed.
 
@@ -579,6 +609,8 @@ def render_summary_lines(summary: ProcessingSummary) -> list[str]:
     if s.telemetry.lease_events:
         waits = ", ".join(f"{e.stage} waited {e.wait_s:.2f}s" for e in s.telemetry.lease_events)
         lines.append(f"GPU lease: {waits}")
+    if (startup_line := _startup_line(s.telemetry)) is not None:
+        lines.append(startup_line)
     if s.rejects.count:
         lines.append(f"Rejects: {s.rejects.count} -> {s.rejects.path}")
     for warning in s.warnings:

@@ -12,6 +12,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.client.schemas.objects import State
 from prefect.runtime import deployment, flow_run
 
+from embedder import startup
 from embedder.cancel import stop_reason
 from embedder.errors import CollectionsFailedError
 from embedder.report import CollectionOutcome, build_summary, close_run_set, new_run_set, write_collection_summary
@@ -84,6 +85,7 @@ def embed_collection(config: RunConfig, collection: CollectionInput, run_id: uui
 
 def _embed_collection(config: RunConfig, collection: CollectionInput, run_id: uuid.UUID,
                       preflight_error: str | None) -> ProcessingSummary:
+    startup.mark(startup.FLOW)  # a collection's own flow run (fan-out) starts its process's clock here
     log = get_run_logger()
     t0 = time.perf_counter()
     name = collection.name
@@ -205,6 +207,7 @@ def embed_collections(
     Raises:
         CollectionsFailedError: When any collection failed (carrying every summary).
     """
+    startup.mark(startup.FLOW)
     if config_file is not None:
         config = resolve_run_config(config_file, config.model_dump(exclude_unset=True))
     preflight_error = outcome_error(preflight_task(config, return_state=True))

@@ -208,6 +208,7 @@ def dense_stage(
         "model": name, "items": computed, "reused": reused,
         "latency_ms": sum(c.telemetry.latency_ms for c in worked) if worked else elapsed * 1000,
         "warnings": [w for c in parts for w in c.telemetry.warnings],
+        "model_load_s": (round(sum(c.telemetry.model_load_s or 0.0 for c in worked), 3) if worked else None),
     })
     components = ([{"model": c.name, "weight": c.weight, "computed": c.computed, "reused": c.reused,
                     "device": c.telemetry.device, "precision": c.telemetry.precision,
@@ -302,13 +303,16 @@ def _embed_component(config: RunConfig, collection: str, chunks: StageRef, keys:
     telemetry = StageTelemetry(stage="dense", model=resolved.spec.name, device=device, precision=precision)
     lease_event = None
     if todo.count:
+        loading = time.perf_counter()
         encoder.load()
+        load_s = round(time.perf_counter() - loading, 3)
         cuda_context_gb(encoder.device)  # CUDA starts before the lease: the slot is for GPU work
         # Few texts to embed: read them now, so the lease covers only the GPU's work.
         work: Any = list(todo) if todo.count <= window else todo
         # An engine that never uses the GPU does not hold its slot.
         telemetry, lease_event, part = _embed_missing(config, encoder, work, cache, todo.count, progress,
                                                       None if native else gpu)
+        telemetry = telemetry.model_copy(update={"model_load_s": load_s})
         # The store as pass 1 saw it plus this run's part, both held open: a concurrent run's compaction
         # cannot take a vector from under pass 3.
         index = cache.index_with(index, part)

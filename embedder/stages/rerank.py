@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import uuid
 
 from pydantic import BaseModel, Field
@@ -55,11 +56,13 @@ def rerank_stage(config: RunConfig, collection: str, chunks: StageRef, fusion: F
         return seal(stage_dir(config, collection, "rerank", key), RerankStageResult(
             status="skipped", model_name=config.rerank_model, reason=fusion.reason or "fusion produced no candidates"))
     device = resolve_device(config.force_cpu)
+    loading = time.perf_counter()
     try:
         resolved = resolve_model(config.rerank_model, "rerank", local_files_only=config.local_files_only)
         encoder = RerankEncoder(resolved, device, local_files_only=config.local_files_only,
                                 precision=resolve_precision(config.rerank_precision, device))
         encoder.load()
+        load_s = round(time.perf_counter() - loading, 3)
     except ModelUnavailableError as exc:
         return RerankStageResult(status="error", model_name=config.rerank_model, device=device, reason=str(exc),
                                  warnings=[f"rerank failed, the run continued without it: {exc}"])
@@ -85,8 +88,9 @@ def rerank_stage(config: RunConfig, collection: str, chunks: StageRef, fusion: F
         {"query_id": q.id, "model": encoder.name, "results": [c.model_dump() for c in result.results.get(q.id, [])]}
         for q in queries
     ))
+    telemetry = result.telemetry.model_copy(update={"model_load_s": load_s}) if result.telemetry else None
     return seal(path, RerankStageResult(status="executed", model_name=encoder.name, device=device, results=ref,
-                                        runs=result.runs, telemetry=result.telemetry, warnings=result.warnings,
+                                        runs=result.runs, telemetry=telemetry, warnings=result.warnings,
                                         lease_event=result.lease_event))
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any, cast
@@ -130,7 +131,9 @@ def sparse_stage(config: RunConfig, collection: str, chunks: StageRef, key: str,
                 reused = int((gids >= 0).sum())
                 model = None
                 load_error = None
+                load_s: float | None = None
                 if reused < len(keys) or queries:
+                    loading = time.perf_counter()
                     try:
                         resolved = resolve_model(name, "sparse", local_files_only=config.local_files_only)
                         model = load_sparse_model(
@@ -139,6 +142,7 @@ def sparse_stage(config: RunConfig, collection: str, chunks: StageRef, key: str,
                             cpu_items=max(1, config.cpu_batch_items // 2), policy=config.batch_policy)
                     except ModelUnavailableError as exc:
                         load_error = str(exc)
+                    load_s = round(time.perf_counter() - loading, 3)
                 on_gpu = device_of(name).startswith("cuda") and gpu is not None and model is not None
                 if on_gpu:
                     cuda_context_gb(device_of(name))  # CUDA starts before the lease: the slot is for GPU work
@@ -162,6 +166,7 @@ def sparse_stage(config: RunConfig, collection: str, chunks: StageRef, key: str,
                 lease_event = (holding.event() if holding is not None else None) or lease_event
                 run, telemetry, model_warnings = inference.finish(
                     run_id, str(collection_dir(config, collection) / "sparse.jsonl"))
+                telemetry = telemetry.model_copy(update={"model_load_s": load_s})
                 cache.compact(np.unique(keys))
                 qref = None
                 if queries:

@@ -89,12 +89,22 @@ def test_a_collection_without_valid_chunks_fails_alone_and_the_run_exits_non_zer
     assert gamma.rejects.count == 1
     [reject] = [json.loads(line) for line in (out / "gamma" / "rejects.jsonl").read_text().splitlines()]
     assert "notes_chunks.json" in reject["source"]
+    # Where the run's fixed cost went, as the summary and the CLI's "Time:" line say it: the temporary server
+    # was started (and timed) before the flow, each model load is its stage's.
+    startup = statuses["alpha"].telemetry.startup
+    assert startup is not None and startup.imports_s is not None
+    assert startup.server_start_s and startup.flow_s and startup.process_to_flow_s >= startup.server_start_s
+    loads = [statuses[c].telemetry.stages["dense"]["model_load_s"] for c in ("alpha", "beta")]
+    assert max(loads) > 0 and min(loads) >= 0  # one process: the first collection loads, the second reuses
+    assert "Prefect server start" in r.stdout and "model loads: dense" in r.stdout
     # The same run again: completed and partial collections exit 0, so only gamma keeps it at 1.
     shutil.rmtree(src / "gamma")
     r = subprocess.run([sys.executable, "-m", "flows.cli", "run", "--input", str(src), "--output-dir", str(out),
                         "--local-files-only", "--disable-rerank"], env=env, cwd=REPO, capture_output=True,
                        text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
+    # Served from cache, nothing was loaded: the line says what this run spent, not what the first did.
+    assert "Time: process start to flow" in r.stdout and "model loads" not in r.stdout, r.stdout
 
 
 def test_the_prefect_flow_run_ends_failed_while_the_other_collections_ran(tmp_path):
