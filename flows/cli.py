@@ -36,6 +36,11 @@ EXIT_INDEX_UNAVAILABLE = 3
 
 
 def _prefect_defaults() -> None:
+    # First, before Prefect is imported (it reads its settings once): the warm server of this Prefect home.
+    from flows.warm_server import use_warm_server
+
+    if (url := use_warm_server()) is not None:
+        console.print(f"using the warm Prefect server at {escape(url)} (`embed-collections server stop` stops it)")
     # Offline machines log telemetry errors otherwise.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", str(EPHEMERAL_STARTUP_TIMEOUT_S))
@@ -668,6 +673,47 @@ def gpu_slots(
     for h in list_holders(limit_name):
         typer.echo(f"  lease {h.get('lease_id')}  stage {h.get('stage')}  pid {h.get('pid')}@{h.get('host')}  "
                    f"acquired {h.get('acquired_at')}  expires {h.get('expires_at')}  [{holder_state(h)}]")
+
+
+server_app = typer.Typer(no_args_is_help=True, help=(
+    "A Prefect server kept running between runs: runs in the same PREFECT_HOME use it instead of starting a "
+    "temporary one each (their runs show in its UI)."))
+app.add_typer(server_app, name="server")
+
+
+@server_app.command(name="start")
+def server_start() -> None:
+    """Start the warm server of this PREFECT_HOME on a free loopback port (or name the one running)."""
+    from flows import warm_server
+
+    try:
+        record, new = warm_server.start()
+    except RuntimeError as exc:
+        _fail(str(exc))
+    typer.echo(f"{'started' if new else 'already running'}: warm Prefect server at {record.url} (pid "
+               f"{record.pid}); runs with PREFECT_HOME={warm_server.prefect_home()} use it; "
+               "`embed-collections server stop` stops it")
+
+
+@server_app.command(name="status")
+def server_status() -> None:
+    """Say whether runs in this PREFECT_HOME find a warm server (exit 0) or start a temporary one (exit 1)."""
+    from flows import warm_server
+
+    record, line = warm_server.status()
+    typer.echo(line)
+    if record is None:
+        raise typer.Exit(1)
+
+
+@server_app.command(name="stop")
+def server_stop() -> None:
+    """Stop the warm server of this PREFECT_HOME; later runs start a temporary server again."""
+    from flows import warm_server
+
+    record = warm_server.stop()
+    typer.echo(f"stopped the warm Prefect server at {record.url} (pid {record.pid})" if record is not None
+               else f"no warm server in {warm_server.prefect_home()}")
 
 
 def main() -> None:
