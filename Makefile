@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 # The exact dependency set make venv installs and CI tests (hashes checked); `make lock` refreshes it.
 LOCK := requirements.lock
-EXTRAS := test,splade,onnx,fleet,e5
+EXTRAS := test,splade,onnx,fleet,e5,docs
 # Where the CPU build of torch lies (torch==2.13.0+cpu is not on PyPI): a local wheel dir or a find-links page.
 TORCH_FIND_LINKS ?= $(or $(PIP_FIND_LINKS),https://download.pytorch.org/whl/cpu/torch)
 # Keep Prefect's database and results out of the home directory for the demo and tests.
@@ -17,7 +17,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 TEST_WORKERS ?= 2
 comma := ,
 
-.PHONY: demo test venv lock clean
+.PHONY: demo test test-fast docs venv lock clean
 
 $(STAMP): pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
@@ -43,10 +43,23 @@ demo: $(STAMP)
 		--qrels examples/qrels.tsv --output-dir output/demo
 
 test: $(STAMP)
-	$(BIN)/ruff check embedder tasks flows deployments tests bench
+	$(BIN)/ruff check embedder tasks flows deployments tests bench docs
 	$(BIN)/mypy embedder tasks flows deployments
+	$(MAKE) docs
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15
+
+# The inner loop: the library's unit and model tests, no Prefect server, worker or CLI subprocess
+# (those carry the `slow` or `live` mark).
+test-fast: $(STAMP)
+	$(BIN)/ruff check embedder tasks flows deployments tests bench docs
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not slow and not live" tests/unit tests/models \
+		--durations=10
+
+# The documentation site: the reference pages generated from the code, then a strict build into site/.
+docs: $(STAMP)
+	$(BIN)/python docs/gen_reference.py
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
 
 
 clean:
-	rm -rf $(VENV) output .prefect
+	rm -rf $(VENV) output .prefect site

@@ -3,7 +3,7 @@
 One engine serves the three model families the pipeline runs on a device (a
 ``SentenceTransformer`` for dense vectors, a ``SparseEncoder`` for SPLADE and a
 ``CrossEncoder`` for rerank). What it does differently from their ``encode``/
-``predict`` loops, and why (``../shared/GPU_NOTES.md`` has the measurements):
+``predict`` loops, and why (``bench/batching.py`` and ``bench/gpu.py`` measure it):
 
 - **Precision.** ``auto`` runs bf16 on a GPU that supports it, else fp16, and
   fp32 on the CPU. The weights are cast once, on the CPU before the lease; the

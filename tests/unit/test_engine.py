@@ -82,6 +82,7 @@ def test_model_shape_and_budget_come_from_the_loaded_model(minilm):
     assert plan_token_budget(shape, "cpu", "fp32", 12.0, cpu_items=8, policy="tokens").policy == "tokens"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("policy", ["items", "tokens"])
 def test_engine_gives_sentence_transformers_vectors(minilm, scifact_texts, policy):
     model = minilm.load()
@@ -96,6 +97,7 @@ def test_engine_gives_sentence_transformers_vectors(minilm, scifact_texts, polic
     assert engine.stats.items == len(scifact_texts) and engine.stats.padding_ratio >= 1.0
 
 
+@pytest.mark.slow
 def test_token_budget_pads_less_than_item_batches_on_mixed_lengths(minilm, scifact_texts):
     model = minilm.load()
     shape = ModelShape.of(model, max_length=model.max_seq_length)
@@ -124,6 +126,7 @@ def test_half_precision_copy_never_serves_fp32(scifact_texts):
     assert float((half * full).sum(axis=1).min()) > 0.999
 
 
+@pytest.mark.slow
 def test_engine_splade_matches_encode_document(scifact_texts):
     from embedder.models.engine import Engine
     from embedder.models.sparse import load_sparse_model
@@ -180,6 +183,7 @@ def test_peak_meter_on_the_host_device():
     del x
 
 
+@pytest.mark.slow
 def test_engine_halves_its_budget_on_oom_and_gives_the_same_vectors(minilm, scifact_texts):
     """An injected OOM on any batch over 600 padded tokens: the engine backs off (as run_batched does, through
     the same batching.back_off), every row is still embedded, and the report says so."""

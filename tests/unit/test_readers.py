@@ -130,6 +130,7 @@ def test_queries_and_qrels_errors_name_the_line(tmp_path):
         read_qrels(qrels)
 
 
+@pytest.mark.slow
 def test_jsonl_reader_streams_200k_lines_in_bounded_memory(tmp_path):
     path = tmp_path / "big.jsonl"
     line = {"text": "streaming keeps memory flat " * 8, "metadata": {"document_id": "d"}}

@@ -194,6 +194,7 @@ def test_a_stage_key_holds_its_settings_and_nothing_else(tmp_path, tiny_cross_en
             assert moved == (name in SETTINGS_READ[stage]), (name, stage)
 
 
+@pytest.mark.slow
 def test_each_setting_changed_alone_recomputes_exactly_its_readers_and_matches_a_fresh_run(
         tmp_path, tiny_cross_encoder, tiny_dense_model, other_queries):
     base_cfg = _config(tmp_path / "kept", tiny_cross_encoder)

