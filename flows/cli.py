@@ -67,8 +67,13 @@ def _start_temporary_server() -> None:
     if PREFECT_API_URL.value():
         return
     startup.mark(startup.SERVER_START)
-    with get_client(sync_client=True) as client:
-        client.api_healthcheck()
+    try:
+        with get_client(sync_client=True) as client:
+            client.api_healthcheck()
+    except RuntimeError as exc:
+        if (message := _server_error(exc)) is None:
+            raise
+        _fail(message)
     startup.mark(startup.SERVER_READY)
 
 
