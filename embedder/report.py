@@ -15,8 +15,10 @@ from typing import Any
 
 from embedder.errors import StageError
 from embedder.gpu import process_peak_rss_gb
+from embedder.io.atomic import file_digest
 from embedder.io.load import LoadResult
 from embedder.io.readers import read_qrels
+from embedder.io.runset import current_run
 from embedder.io.writers import iter_jsonl_records, read_jsonl_records, write_jsonl
 from embedder.quality import evaluate
 from embedder.settings import RunConfig
@@ -125,7 +127,28 @@ def write_exports(
     if rerank is not None and rerank.status == "executed" and rerank.results is not None:
         _link_atomic(rerank.results.path, cdir / "rerank.jsonl")
         out["rerank"] = str(cdir / "rerank.jsonl")
+    _share_unchanged(cdir, current_run(config.output_dir, collection), ("sparse.jsonl", "qdrant.jsonl"))
     return out
+
+
+def _share_unchanged(run_dir: Path, published: Path | None, names: tuple[str, ...]) -> None:
+    """Make each export that equals the published set's a hard link to it: an unchanged night costs no disk.
+
+    The exports written (not linked from the stage store) are most of a run
+    set's bytes; kept run sets would otherwise hold one copy each of the same
+    file. Files are never rewritten in place, so sharing one is safe.
+    """
+    if published is None or published.resolve() == run_dir.resolve():
+        return
+    for name in names:
+        new, old = run_dir / name, published / name
+        try:
+            same = (new.stat().st_size == old.stat().st_size and not os.path.samefile(new, old)
+                    and file_digest(new) == file_digest(old))
+        except OSError:  # not written this run, or not in the published set
+            continue
+        if same:
+            _link_atomic(str(old), new)
 
 
 def compute_quality(config: RunConfig, fusion: FusionResult | None,

@@ -213,6 +213,13 @@ def test_each_run_publishes_one_whole_set_and_old_sets_are_pruned(tmp_path):
     left = sorted(os.listdir(cdir / "runs"))
     assert left == sorted(sets[1:])  # the published set and the one before it
     assert len(list((cdir / "index" / "shards").iterdir())) == 2
+    # An unchanged night: its exports equal the published set's and share their bytes on disk.
+    before = (cdir / "current").resolve()
+    _run(_config(src, out))
+    after = (cdir / "current").resolve()
+    assert after != before
+    for name in ("sparse.jsonl", "qdrant.jsonl"):
+        assert os.path.samefile(after / name, before / name), name
 
 
 def test_the_stage_store_keeps_what_retained_runs_used_and_a_reverted_input_still_runs(tmp_path):
