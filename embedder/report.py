@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import filecmp
 import os
 import platform
 import shutil
@@ -15,7 +16,6 @@ from typing import Any
 
 from embedder.errors import StageError
 from embedder.gpu import process_peak_rss_gb
-from embedder.io.atomic import file_digest
 from embedder.io.load import LoadResult
 from embedder.io.readers import read_qrels
 from embedder.io.runset import current_run
@@ -143,8 +143,9 @@ def _share_unchanged(run_dir: Path, published: Path | None, names: tuple[str, ..
     for name in names:
         new, old = run_dir / name, published / name
         try:
-            same = (new.stat().st_size == old.stat().st_size and not os.path.samefile(new, old)
-                    and file_digest(new) == file_digest(old))
+            # Byte for byte (sizes first, stopping at the first difference), so a published file that was
+            # damaged since is never linked in its place.
+            same = not os.path.samefile(new, old) and filecmp.cmp(new, old, shallow=False)
         except OSError:  # not written this run, or not in the published set
             continue
         if same:
