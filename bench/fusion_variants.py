@@ -97,7 +97,7 @@ def main() -> None:
     queries = [q for q in query_lists([json.loads(line) for line in args.candidates.open()]) if qrels.get(q.query_id)]
     names = list(queries[0].lists)
     shipped_file = Path(__file__).resolve().parent.parent / "embedder" / "data" / "recommended_fusion.toml"
-    shipped = tomllib.loads(shipped_file.read_text())["embedder"]["fusion_weights"]
+    shipped = tomllib.loads(shipped_file.read_text())["embedder"]["fuse"]["weights"]
     grid = [float(x) for x in args.grid.split(",")]
     variants: dict[str, tuple[Normalise, int]] = {
         **{f"dbsf_sd{c:g}": (dbsf(c), 100) for c in (1, 1.5, 2, 3)},

@@ -239,9 +239,10 @@ def bench_size(size: str, args: argparse.Namespace, tmp: Path, device: str) -> d
     raw_dense_s, raw_vectors = raw_dense(dense_dir, texts, device, raw_batch)
     out = tmp / f"{size}-out"
     cfg = RunConfig(collections=[CollectionInput(name="scifact", path=str(src))], queries_path=str(qpath),
-                    output_dir=str(out), local_files_only=True, dense_model=dense_dir, rerank_model=ce_dir,
-                    sparse_models=["qdrant-bm25", "splade-tiny"], rerank_top_k_candidates=args.candidates,
-                    rerank_top_k=args.candidates, gpu_memory_ceiling_gb=args.ceiling_gb)
+                    output_dir=str(out), local_files_only=True, dense={"model": dense_dir},
+                    sparse={"models": ["qdrant-bm25", "splade-tiny"]},
+                    rerank={"model": ce_dir, "top_k_candidates": args.candidates, "top_k": args.candidates},
+                    gpu={"memory_ceiling_gb": args.ceiling_gb})
     sampler = NvmlSampler(interval_s=0.1)
     t0 = time.time()
     summary, spans = flow_run(cfg, "scifact")

@@ -206,9 +206,9 @@ def main() -> None:
     # Round 0 warms the server's database and the OS file cache.
     for r in range(0 if args.sparse_only else args.rounds + 1):
         cfg = RunConfig(collections=[CollectionInput(name="scifact", path=str(src))], queries_path=str(qpath),
-                        output_dir=str(tmp / f"out-{r}"), local_files_only=True, rerank_model=str(ce_dir),
-                        rerank_top_k_candidates=args.candidates)
-        serial = cfg.model_copy(update={"output_dir": str(tmp / f"out-serial-{r}"), "overlap_sparse": False})
+                        output_dir=str(tmp / f"out-{r}"), local_files_only=True,
+                        rerank={"model": str(ce_dir), "top_k_candidates": args.candidates})
+        serial = cfg.model_copy(update={"output_dir": str(tmp / f"out-serial-{r}"), "sparse.overlap": False})
         steps = [lambda: raw.append(raw_round(texts, qtexts, ce_dir, args.candidates)),
                  lambda cfg=cfg: flow.append(flow_round(cfg)),
                  lambda serial=serial: sequential.append(flow_round(serial))]
@@ -231,7 +231,7 @@ def main() -> None:
         for r in range(args.rounds + 1):
             cfg = RunConfig(collections=[CollectionInput(name="scifact", path=str(big_src))],
                             queries_path=str(qpath), output_dir=str(tmp / f"out-sparse-{r}"), local_files_only=True,
-                            dense_model=str(small), enable_rerank=False, overlap_sparse=False)
+                            dense={"model": str(small)}, rerank={"enabled": False}, sparse={"overlap": False})
             alone = cfg.model_copy(update={"output_dir": str(tmp / f"out-sparse-alone-{r}")})
             arms = [lambda: sparse_big["raw"].append(raw_sparse([t for _, t in big], qtexts)),
                     lambda: sparse_big["encoder"].append(raw_encoder([t for _, t in big], qtexts)),

@@ -7,7 +7,7 @@ Usage (from the project root, against a running server):
 `prefect.serve` needs no work pool; each run executes in a subprocess of this
 one. It serves `nightly` (cron 02:00 UTC), `manual` (the UI's run form) and
 `collection`, the per-collection flow a run fans its collections out to
-(``collection_fanout = "auto"``), so a served run behaves as a worker's does.
+(``orchestration.collection_fanout = "auto"``), so a served run behaves as a worker's does.
 SIGTERM or SIGINT stops it: runs in flight are cancelled, schedules paused.
 """
 

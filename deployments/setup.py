@@ -8,7 +8,7 @@ Run it once per Prefect server (again is harmless). A fleet has two choices:
 one shared limit of N slots (``--gpus N``: any N GPU stages at once, wherever
 they run), or a budget per host (``--limit-name 'gpu-{host}' --hosts ...``: one
 limit per host, each of ``--gpus`` slots; every worker then sets
-``EMBEDDER_HOST`` to its name, and runs use ``gpu_concurrency_limit_name =
+``EMBEDDER_HOST`` to its name, and runs use ``gpu.concurrency_limit_name =
 "gpu-{host}"``).
 """
 

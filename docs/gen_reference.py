@@ -35,38 +35,64 @@ def _bounds(info: Any) -> str:
 
 
 def configuration() -> str:
-    """Every run setting: its environment variable, type, default, bounds, description and cache-key role."""
+    """Every run setting, section by section: its environment variables, type, default, bounds, description, keys."""
     from pydantic_core import PydanticUndefined
 
-    from embedder.settings import NOT_IN_KEYS, SETTINGS_READ, HostSettings, RunConfig, ServiceSettings
+    from embedder.settings import (
+        NOT_IN_KEYS,
+        SECTIONS,
+        SETTING_PATHS,
+        SETTINGS_READ,
+        HostSettings,
+        ServiceSettings,
+        flat_name,
+        setting_field,
+    )
 
     lines = [
         "# Configuration reference",
         "",
         "Generated from `embedder/settings.py` by `docs/gen_reference.py`. Values resolve in the order "
-        "defaults, config file (`--config`, TOML or JSON), environment (`EMBEDDER_<NAME>`; nested values "
-        "use `__`), then explicit values (CLI flags, the flow's parameters). The summary records where each "
-        "value came from (`feature_toggles.sources`).",
+        "defaults, config file (`--config`, TOML or JSON), environment, then explicit values (CLI flags, the "
+        "flow's parameters). The summary records where each value came from (`feature_toggles.sources`, by "
+        "path).",
+        "",
+        "Settings sit in sections: in a TOML file a section is a table (`[embedder.fuse]` then `rrf_k = 10`), "
+        "in a flow parameter or JSON file an object (`{\"fuse\": {\"rrf_k\": 10}}`), in the environment "
+        "`EMBEDDER_<SECTION>__<NAME>` (`EMBEDDER_FUSE__RRF_K=10`). Each section setting also has the flat name "
+        "of earlier releases (`rrf_k`, `EMBEDDER_RRF_K`): the environment keeps it as a short form; a config "
+        "file or flow parameter that uses it still works and the run's summary carries a deprecation warning.",
         "",
         "**Keys** says which stages' stored results a setting shapes: changing it re-runs exactly those "
         "stages (the others are served from their keys); a setting that moves no key says why.",
-        "",
-        "| setting | environment | type | default | bounds | description | keys |",
-        "|---|---|---|---|---|---|---|",
     ]
-    for name, info in RunConfig.model_fields.items():
-        if name == "sources":
-            continue
-        default = (info.default_factory() if info.default_factory is not None  # type: ignore[call-arg]
-                   else info.default)
-        default_text = "" if default is PydanticUndefined else f"`{_cell(default)}`"
-        annotation = (info.annotation.__name__ if isinstance(info.annotation, type)
-                      else re.sub(r"\b(?:[A-Za-z_]\w*\.)+(\w+)", r"\1", str(info.annotation)))
-        stages = [stage for stage, fields in SETTINGS_READ.items() if name in fields]
-        keys = ", ".join(stages) if stages else f"none: {NOT_IN_KEYS.get(name, '')}"
-        env = "" if name == "collections" else f"`EMBEDDER_{name.upper()}`"
-        lines.append(f"| `{name}` | {env} | `{_cell(annotation)}` | {default_text} | {_bounds(info)} | "
-                     f"{_cell(info.description or '')} | {_cell(keys)} |")
+    section_of = {path: path.partition(".")[0] if "." in path else "" for path in SETTING_PATHS}
+    for section in ["", *SECTIONS]:
+        if section:
+            doc = (SECTIONS[section].__doc__ or "").strip().split("\n\n")[0]
+            lines += ["", f"## `{section}`", "", _cell(doc)]
+        else:
+            lines += ["", "## Run", "", "The collections and files a run reads and writes, and run-wide switches."]
+        lines += ["", "| setting | environment | type | default | bounds | description | keys |",
+                  "|---|---|---|---|---|---|---|"]
+        for path in (p for p in SETTING_PATHS if section_of[p] == section):
+            info = setting_field(path)
+            default = (info.default_factory() if info.default_factory is not None  # type: ignore[call-arg]
+                       else info.default)
+            default_text = "" if default is PydanticUndefined else f"`{_cell(default)}`"
+            annotation = (info.annotation.__name__ if isinstance(info.annotation, type)
+                          else re.sub(r"\b(?:[A-Za-z_]\w*\.)+(\w+)", r"\1", str(info.annotation)))
+            stages = [stage for stage, paths in SETTINGS_READ.items() if path in paths]
+            keys = ", ".join(stages) if stages else f"none: {NOT_IN_KEYS.get(path, '')}"
+            if path == "collections":
+                env = ""
+            elif section:
+                env = f"`EMBEDDER_{path.replace('.', '__').upper()}`, `EMBEDDER_{flat_name(path).upper()}`"
+            else:
+                env = f"`EMBEDDER_{path.upper()}`"
+            name = f"`{path}`" + (f" (was `{flat_name(path)}`)" if section else "")
+            lines.append(f"| {name} | {env} | `{_cell(annotation)}` | {default_text} | {_bounds(info)} | "
+                         f"{_cell(info.description or '')} | {_cell(keys)} |")
     lines += ["", "## Connection and host settings", "",
               "Read from the environment only (they may hold secrets, or differ between the hosts of a fleet); "
               "never flow parameters.", "", "| environment | default | description |", "|---|---|---|"]

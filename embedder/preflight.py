@@ -22,10 +22,10 @@ def preflight(config: RunConfig) -> None:
     """
     if not config.collections:
         raise EmbedderError("the run names no collections")
-    get_spec(config.rerank_model, "rerank")
-    for name in config.sparse_models:
+    get_spec(config.rerank.model, "rerank")
+    for name in config.sparse.models:
         get_spec(name, "sparse")
-    for name, _weight in config.dense_components():
+    for name, _weight in config.dense.components():
         resolve_model(name, "dense", local_files_only=config.local_files_only)
     for collection in config.collections:
         if not Path(collection.path).exists():

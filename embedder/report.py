@@ -21,7 +21,7 @@ from embedder.io.readers import read_qrels
 from embedder.io.runset import current_run
 from embedder.io.writers import iter_jsonl_records, read_jsonl_records, write_jsonl
 from embedder.quality import evaluate
-from embedder.settings import RunConfig
+from embedder.settings import FLAT_NAMES, SETTING_PATHS, RunConfig
 from embedder.stages import (
     DenseStageResult,
     FusionResult,
@@ -167,7 +167,7 @@ def compute_quality(config: RunConfig, fusion: FusionResult | None,
             runs[f"fused_{method}"][q.query_id] = [c.id for c in fused_list]
     if rerank is not None and rerank.status == "executed" and rerank.results is not None:
         # Reranked top-k first, then the rest of the fused list, so Recall@100 compares like with like.
-        fused = runs["fused_rrf" if config.fusion == "rrf" else "fused_dbsf"]
+        fused = runs["fused_rrf" if config.fuse.method == "rrf" else "fused_dbsf"]
         reranked = {}
         for rec in read_jsonl_records(rerank.results.path):
             head = [c["id"] for c in rec["results"]]
@@ -306,28 +306,30 @@ def build_summary(config: RunConfig, outcome: CollectionOutcome,
     gpu_peak = max([s.get("gpu_peak_gb", 0.0) for s in stages.values()] + [0.0])
     # A config built without resolve_run_config (a UI form, a test) has no recorded sources:
     # explicitly given values count as overrides, the rest as defaults.
-    toggles_sources = {
-        name: config.sources.get(name, "cli" if name in config.model_fields_set else "default")
-        for name in RunConfig.model_fields if name != "sources"
-    }
+    toggles_sources = {path: config.sources.get(path, "cli" if config.is_set(path) else "default")
+                       for path in SETTING_PATHS}
+    if config.flat_names:
+        renamed = ", ".join(f"{name} -> {FLAT_NAMES[name]}" for name in config.flat_names)
+        warnings.append(f"settings given by their flat names of earlier releases ({renamed}): they still work, "
+                        "and will be refused by the next major release; write them in their sections")
     return ProcessingSummary(
         collection=o.collection,
         run_id=o.run_id,
         status="cancelled" if o.cancelled else "failed" if failed else ("partial" if degraded else "completed"),
-        feature_toggles=FeatureToggles(enable_rerank=config.enable_rerank, enable_sparse=config.enable_sparse,
-                                       sparse_models=config.sparse_models,
+        feature_toggles=FeatureToggles(enable_rerank=config.rerank.enabled, enable_sparse=config.sparse.enabled,
+                                       sparse_models=config.sparse.models,
                                        sources={k: str(v) for k, v in toggles_sources.items()}),
         telemetry=Telemetry(lease_events=o.lease_events(), stages=stages, startup=startup_telemetry()),
         performance_baseline=PerformanceBaseline(
             latency_seconds=o.latency_seconds,
-            gpu=GpuBaseline(soft_limit_gb=config.gpu_memory_ceiling_gb, peak_memory_used_gb=gpu_peak,
-                            soft_limit_exceeded=gpu_peak > config.gpu_memory_ceiling_gb),
+            gpu=GpuBaseline(soft_limit_gb=config.gpu.memory_ceiling_gb, peak_memory_used_gb=gpu_peak,
+                            soft_limit_exceeded=gpu_peak > config.gpu.memory_ceiling_gb),
             system=SystemBaseline(peak_memory_gb=process_peak_rss_gb()),
         ),
         quality=quality,
         versions=library_versions(),
         model_fingerprints=_fingerprints(config),
-        config=config.model_dump(mode="json", exclude={"sources"}),
+        config=config.model_dump(mode="json", exclude={"sources", "flat_names"}),
         warnings=list(dict.fromkeys(warnings)),
         **fields,
     )
@@ -336,9 +338,9 @@ def build_summary(config: RunConfig, outcome: CollectionOutcome,
 def _fingerprints(config: RunConfig) -> dict[str, str]:
     from embedder.stages import model_fingerprint
 
-    roles: list[tuple[str, Any]] = [(name, "dense") for name, _weight in config.dense_components()]
-    roles += [(m, "sparse") for m in config.sparse_models] if config.enable_sparse else []
-    roles += [(config.rerank_model, "rerank")] if config.enable_rerank else []
+    roles: list[tuple[str, Any]] = [(name, "dense") for name, _weight in config.dense.components()]
+    roles += [(m, "sparse") for m in config.sparse.models] if config.sparse.enabled else []
+    roles += [(config.rerank.model, "rerank")] if config.rerank.enabled else []
     return {name: model_fingerprint(name, role, config.local_files_only) for name, role in roles}
 
 
@@ -438,9 +440,10 @@ def publish_run_set(config: RunConfig, collection: str, run_path: str | Path) ->
     EdgeStore(config.output_dir).collect_garbage(collection)
     cutoff = retention_cutoff(config.output_dir, collection)
     collect_stage_dirs(config, collection, cutoff)
-    if config.vector_retention_days is not None:
+    if config.stream.vector_retention_days is not None:
         # A space the retained run sets used stays, however old: their re-runs must stay cheap.
-        collect_vector_spaces(config, collection, min(cutoff, time.time() - config.vector_retention_days * 86400))
+        retained_s = config.stream.vector_retention_days * 86400
+        collect_vector_spaces(config, collection, min(cutoff, time.time() - retained_s))
     return collection_dir(config, collection) / "processing_summary.json"
 
 

@@ -174,7 +174,7 @@ def search_collection(root: Path, req: SearchRequest, store: VectorStore | None 
         indexed_sparse = {name for name, _ in status.layout.sparse} if status.layout else set()
         warnings: list[str] = []
         # The run's own settings; a key an older summary lacks takes its default from the one definition.
-        run_config = RunConfig.model_validate({k: v for k, v in cfg.items() if k in RunConfig.model_fields})
+        run_config = RunConfig.from_recorded(cfg)
         local_only = run_config.local_files_only
         qvec = query_vector(run_config, req.query)
         sparse_q = {}
@@ -187,20 +187,21 @@ def search_collection(root: Path, req: SearchRequest, store: VectorStore | None 
                     sparse_q[sparse_vector_name(name)] = model.query_embed([req.query])[0]
                 except ModelUnavailableError as exc:
                     warnings.append(f"sparse model {name!r} unavailable, dense-only retrieval: {exc}")
-        n = max(req.top_k, run_config.rerank_top_k_candidates) if req.rerank else req.top_k
+        n = max(req.top_k, run_config.rerank.top_k_candidates) if req.rerank else req.top_k
         # The run's own fusion weights (a tuned file read with --config), by vector name.
-        by_list = run_config.fusion_weights
+        by_list = run_config.fuse.weights
         weights = {(DENSE_VECTOR if name == "dense" else sparse_vector_name(name)): float(w)
                    for name, w in by_list.items()} or None
         # Search ranks as the run's fusion stage and eval score it: hybrid_search fuses weighted DBSF
         # itself (the engine's DBSF has no weights), and each list goes as deep as the stage took it,
         # since fused scores depend on depth (RRF on who is in a list, DBSF on its score spread).
-        depth = max(n, run_config.retrieval_top_n)
-        cands = hybrid_search(store, req.collection, HybridQuery(dense=qvec, sparse=sparse_q, fusion=run_config.fusion,
-                                                                 k=run_config.rrf_k, weights=weights,
+        depth = max(n, run_config.fuse.retrieval_top_n)
+        fuse = run_config.fuse
+        cands = hybrid_search(store, req.collection, HybridQuery(dense=qvec, sparse=sparse_q, fusion=fuse.method,
+                                                                 k=fuse.rrf_k, weights=weights,
                                                                  prefetch_limit=depth, limit=n), run_set)
         reranked = False
-        rerank_model = run_config.rerank_model if req.rerank else None
+        rerank_model = run_config.rerank.model if req.rerank else None
         if req.rerank and cands:
             # The published set's own chunk table (the stable link): a carried summary's paths may name a
             # set that was pruned since.
@@ -210,7 +211,7 @@ def search_collection(root: Path, req: SearchRequest, store: VectorStore | None 
                 if not chunks_path or not Path(chunks_path).is_file():
                     raise ModelUnavailableError("the collection's chunk table is missing; re-run the pipeline")
                 texts = _chunk_texts(chunks_path, Path(chunks_path).stat().st_mtime)
-                enc = RerankEncoder(resolve_model(run_config.rerank_model, "rerank", local_files_only=local_only),
+                enc = RerankEncoder(resolve_model(run_config.rerank.model, "rerank", local_files_only=local_only),
                                     "cpu", local_files_only=local_only)
                 res = rerank([Query(id="q", text=req.query)], {"q": cands}, texts, enc,
                              top_k_candidates=len(cands), top_k=req.top_k,
@@ -230,7 +231,7 @@ def search_collection(root: Path, req: SearchRequest, store: VectorStore | None 
     by_chunk = {p.get("chunk_id"): p for p in payloads.values()}
     hits = [SearchHit(id=c.id, score=c.score, text_preview=by_chunk.get(c.id, {}).get("text_preview", ""),
                       metadata=by_chunk.get(c.id, {}).get("metadata", {})) for c in top]
-    return SearchResponse(collection=req.collection, fusion=run_config.fusion, reranked=reranked,
+    return SearchResponse(collection=req.collection, fusion=run_config.fuse.method, reranked=reranked,
                           rerank_model=rerank_model if reranked else None, warnings=warnings, hits=hits)
 
 

@@ -110,8 +110,9 @@ class FusionFit:
     def settings(self) -> dict[str, Any]:
         """The run settings this fit stands for (what ``--config`` reads)."""
         sparse = [n for n in self.lists if n != "dense"]
-        return {"fusion": self.method, "rrf_k": self.k, "sparse_models": sparse,
-                "fusion_weights": {n: self.weights[n] for n in self.lists}}
+        return {"sparse": {"models": sparse},
+                "fuse": {"method": self.method, "rrf_k": self.k,
+                         "weights": {n: self.weights[n] for n in self.lists}}}
 
 
 def _fit_one(queries: Sequence[QueryLists], qrels: Mapping[str, Mapping[str, int]], names: Sequence[str],
@@ -188,14 +189,6 @@ def fit_fusion(queries: Sequence[QueryLists], qrels: Mapping[str, Mapping[str, i
                      folds=folds if cv is not None else 0, queries=len(judged), history=history)
 
 
-def dense_name_of(settings: Mapping[str, Any]) -> str:
-    """The dense vector's model name that a config's ``dense_model`` and ``dense_blend`` make."""
-    from embedder.settings import RunConfig
-
-    fields = {k: settings[k] for k in ("dense_model", "dense_blend") if k in settings}
-    return RunConfig.model_validate(fields).dense_name()
-
-
 def score_settings(queries: Sequence[QueryLists], qrels: Mapping[str, Mapping[str, int]],
                    settings: Mapping[str, Any], dense_model: str | None = None) -> dict[str, float] | str:
     """nDCG@10 and Recall@100 of a fusion configuration on these lists, or why it cannot be scored here.
@@ -204,46 +197,50 @@ def score_settings(queries: Sequence[QueryLists], qrels: Mapping[str, Mapping[st
         dense_model: The run's dense vector model (``dense_run.model_name``); a configuration that
             names another dense model or blend is not scored on this run's dense list.
     """
-    if dense_model is not None and ("dense_model" in settings or "dense_blend" in settings):
-        wanted = dense_name_of(settings)
+    from embedder.settings import RunConfig
+
+    # What the file leaves out is what a run would use: the defaults of the one definition.
+    config = RunConfig.from_recorded(settings)
+    if dense_model is not None and (config.is_set("dense.model") or config.is_set("dense.blend")):
+        wanted = config.dense.name()
         if wanted != dense_model:
-            blend = ",".join(f"{k}={v:g}" for k, v in (settings.get("dense_blend") or {}).items())
+            blend = ",".join(f"{k}={v:g}" for k, v in config.dense.blend.items())
             return (f"needs the dense list of {wanted!r}, and this run's is {dense_model!r} "
                     f"(run with --config of this file, or --dense-blend {blend})")
-    names = ["dense", *settings.get("sparse_models", [])]
+    names = ["dense", *config.sparse.models]
     have = set(queries[0].lists) if queries else set()
     missing = [n for n in names if n not in have]
     if missing:
         return (f"needs the list(s) {missing}, which this run did not produce "
-                f"(run with --sparse-models {','.join(settings.get('sparse_models', []))})")
-    from embedder.settings import RunConfig
-
-    # What the file leaves out is what a run would use: the defaults of the one definition.
-    method = settings.get("fusion", RunConfig.model_fields["fusion"].default)
-    k = int(settings.get("rrf_k", RunConfig.model_fields["rrf_k"].default))
-    run = {q.query_id: fuse(q, names, method, k, settings.get("fusion_weights")) for q in queries}
+                f"(run with --sparse-models {','.join(config.sparse.models)})")
+    fuse_settings = config.fuse
+    run = {q.query_id: fuse(q, names, fuse_settings.method, fuse_settings.rrf_k, fuse_settings.weights)
+           for q in queries}
     return evaluate(run, qrels)
 
 
 def fit_to_toml(fit: FusionFit, meta: Mapping[str, Any], dense: Mapping[str, Any] | None = None) -> str:
-    """A config file holding the fit: ``[embedder]`` settings (what ``--config`` reads) and ``[tuning]`` provenance.
+    """A config file holding the fit: ``[embedder.*]`` settings (what ``--config`` reads) and ``[tuning]`` provenance.
 
     Args:
-        dense: The run's ``dense_model`` and ``dense_blend``; written when a blend made the dense
-            list, since the weights were fitted on that list and mean little on another.
+        dense: The run's recorded config (or its ``dense`` section); its dense model and blend are written
+            when a blend made the dense list, since the weights were fitted on that list and mean little
+            on another.
     """
     import json
 
+    from embedder.settings import RunConfig
+
     settings = fit.settings()
-    weights = ", ".join(f"{json.dumps(n)} = {w}" for n, w in settings["fusion_weights"].items())
-    lines = ["# Fusion fitted by `embed-collections eval --tune` on a training split; read with --config.",
-             "[embedder]"]
-    if dense and dense.get("dense_blend"):
-        blend = ", ".join(f"{json.dumps(n)} = {w}" for n, w in dense["dense_blend"].items())
-        lines += [f"dense_model = {json.dumps(dense['dense_model'])}", f"dense_blend = {{ {blend} }}"]
-    lines += [f"fusion = {json.dumps(settings['fusion'])}", f"rrf_k = {settings['rrf_k']}",
-              f"sparse_models = {json.dumps(settings['sparse_models'])}", f"fusion_weights = {{ {weights} }}", "",
-              "[tuning]"]
+    weights = ", ".join(f"{json.dumps(n)} = {w}" for n, w in settings["fuse"]["weights"].items())
+    lines = ["# Fusion fitted by `embed-collections eval --tune` on a training split; read with --config."]
+    run_dense = RunConfig.from_recorded(dense or {}).dense
+    if run_dense.blend:
+        blend = ", ".join(f"{json.dumps(n)} = {w}" for n, w in run_dense.blend.items())
+        lines += ["[embedder.dense]", f"model = {json.dumps(run_dense.model)}", f"blend = {{ {blend} }}", ""]
+    lines += ["[embedder.sparse]", f"models = {json.dumps(settings['sparse']['models'])}", "",
+              "[embedder.fuse]", f"method = {json.dumps(settings['fuse']['method'])}",
+              f"rrf_k = {settings['fuse']['rrf_k']}", f"weights = {{ {weights} }}", "", "[tuning]"]
     provenance = {**meta, "queries": fit.queries, "train_ndcg@10": round(fit.train_ndcg, 4),
                   "cv_ndcg@10": round(fit.cv_ndcg, 4) if fit.cv_ndcg is not None else None, "cv_folds": fit.folds}
     lines += [f"{json.dumps(k)} = {json.dumps(v)}" for k, v in provenance.items() if v is not None]

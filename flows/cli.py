@@ -151,15 +151,15 @@ def _split_models(text: str) -> list[str]:
 
 
 SETTING_FLAGS: dict[str, tuple[str, Any]] = {
-    "dense_model": ("dense_model", None),
-    "dense_blend": ("dense_blend", _blend),
-    "sparse_models": ("sparse_models", _split_models),
-    "rerank_model": ("rerank_model", None),
-    "enable_sparse": ("enable_sparse", None),
-    "enable_rerank": ("enable_rerank", None),
-    "rerank_candidates": ("rerank_top_k_candidates", None),
-    "rerank_top_k": ("rerank_top_k", None),
-    "fusion": ("fusion", None),
+    "dense_model": ("dense.model", None),
+    "dense_blend": ("dense.blend", _blend),
+    "sparse_models": ("sparse.models", _split_models),
+    "rerank_model": ("rerank.model", None),
+    "enable_sparse": ("sparse.enabled", None),
+    "enable_rerank": ("rerank.enabled", None),
+    "rerank_candidates": ("rerank.top_k_candidates", None),
+    "rerank_top_k": ("rerank.top_k", None),
+    "fusion": ("fuse.method", None),
     "force_cpu": ("force_cpu", None),
     "local_files_only": ("local_files_only", None),
 }
@@ -167,9 +167,9 @@ SETTING_FLAGS: dict[str, tuple[str, Any]] = {
 
 def _described(param: str, extra: str = "") -> str | None:
     """The help of a setting's flag: its RunConfig field's description (and how to write it on the CLI)."""
-    from embedder.settings import RunConfig
+    from embedder.settings import setting_field
 
-    description = RunConfig.model_fields[SETTING_FLAGS[param][0]].description or ""
+    description = setting_field(SETTING_FLAGS[param][0]).description or ""
     return " ".join(filter(None, (description, extra))) or None
 
 
@@ -573,7 +573,7 @@ def _fusion_report(summary: Any, qrels_tsv: Path, split: str, beir_dir: Path, tu
     if tune is not None:
         fit = fit_fusion(queries, qrels, split)
         text = fit_to_toml(fit, {"dataset": beir_dir.resolve().name, "split": split},
-                           {k: (summary.config or {}).get(k) for k in ("dense_model", "dense_blend")})
+                           summary.config or {})
         tune.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(tune, text)
         out["tuned"] = {"settings": fit.settings(), "file": str(tune), "train_ndcg@10": round(fit.train_ndcg, 4),
@@ -636,8 +636,7 @@ def _repair_runs(output_dir: Path, names: list[str]) -> None:
     for name in names:
         try:
             recorded = summary_for(output_dir, name).config or {}
-            cfg = RunConfig.model_validate({**{k: v for k, v in recorded.items() if k in RunConfig.model_fields},
-                                            "output_dir": str(output_dir.resolve())})
+            cfg = RunConfig.from_recorded({**recorded, "output_dir": str(output_dir.resolve())})
         except (EmbedderError, ValueError) as exc:
             _fail(f"{name}: its last run's settings cannot be read ({exc}); run `embed-collections run` for it")
         cfg = cfg.model_copy(update={"collections": [c for c in cfg.collections if c.name == name]})

@@ -75,8 +75,8 @@ def embed_collection(config: RunConfig, collection: CollectionInput, run_id: uui
     then raises, so the subflow run ends Failed. One run at a time writes a
     collection of an output dir: a second one queues (see `tasks.lease.collection_lease`).
     """
-    with collection_lease(config.output_dir, collection.name, timeout_s=config.collection_lock_timeout_s,
-                          lease_duration_s=config.gpu_lease_duration_s) as lock:
+    with collection_lease(config.output_dir, collection.name, timeout_s=config.orchestration.collection_lock_timeout_s,
+                          lease_duration_s=config.gpu.lease_duration_s) as lock:
         if lock.wait_s > 1:
             get_run_logger().info("waited %.1f s for another run of collection %r to finish", lock.wait_s,
                                   collection.name)
@@ -119,7 +119,7 @@ def _embed_collection(config: RunConfig, collection: CollectionInput, run_id: uu
         if out.load is not None and not out.errors and going():
             # Sparse (CPU first) needs nothing from dense (GPU): they run side by side.
             sparse_run = (call(sparse_infer_task, config, name, out.load.chunks, run_id, submit=True, healed=out.healed)
-                          if config.overlap_sparse else None)
+                          if config.sparse.overlap else None)
             out.dense = outcome("dense", call(dense_embed_task, config, name, out.load.chunks, healed=out.healed,
                                               return_state=True))
             if sparse_run is not None:
@@ -212,7 +212,7 @@ def embed_collections(
         config = resolve_run_config(config_file, config.model_dump(exclude_unset=True))
     preflight_error = outcome_error(preflight_task(config, return_state=True))
     if preflight_error is None:
-        ensure_gpu_limit(resolve_limit_name(config.gpu_concurrency_limit_name))
+        ensure_gpu_limit(resolve_limit_name(config.gpu.concurrency_limit_name))
     run_id = uuid.UUID(flow_run.get_id()) if flow_run.get_id() else uuid.uuid4()
     summaries: list[ProcessingSummary] = []
     failures: list[str] = []

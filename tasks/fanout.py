@@ -61,20 +61,20 @@ def fan_out_to_deployments(config: RunConfig, deployment_id: str | None) -> bool
     ``prefect deploy``) runs its collections in-process, with a log line, rather
     than failing every collection on submission.
     """
-    if config.collection_fanout == "subflows":
+    if config.orchestration.collection_fanout == "subflows":
         return False
-    if config.collection_fanout == "deployments":
+    if config.orchestration.collection_fanout == "deployments":
         return True
     if deployment_id is None:
         return False
     with get_client(sync_client=True) as client:
         try:
-            client.read_deployment_by_name(config.collection_deployment)
+            client.read_deployment_by_name(config.orchestration.collection_deployment)
         except ObjectNotFound:
             get_run_logger().warning(
                 "collection_fanout is auto but the deployment %r does not exist on this server: running the "
                 "collections in-process (deploy it with `prefect deploy --all` or serve it with "
-                "deployments/serve.py to spread them over workers)", config.collection_deployment)
+                "deployments/serve.py to spread them over workers)", config.orchestration.collection_deployment)
             return False
     return True
 
@@ -82,7 +82,7 @@ def fan_out_to_deployments(config: RunConfig, deployment_id: str | None) -> bool
 def _submit(config: RunConfig, collection: CollectionInput, run_id: uuid.UUID,
             preflight_error: str | None) -> Any:
     return run_deployment(
-        name=config.collection_deployment,
+        name=config.orchestration.collection_deployment,
         parameters={"config": config.model_dump(mode="json"), "collection": collection.model_dump(mode="json"),
                     "run_id": str(run_id), "preflight_error": preflight_error},
         timeout=0,  # submit and return; the parent waits for all of them below
@@ -107,11 +107,11 @@ def run_collection_deployments(config: RunConfig, run_id: uuid.UUID,
             child = _submit(config, collection, run_id, preflight_error)
             children.append(ChildRun(collection.name, child.id, "Scheduled"))
             log.info("collection %r submitted as flow run %s of %s", collection.name, child.id,
-                     config.collection_deployment)
+                     config.orchestration.collection_deployment)
         except Exception as exc:  # a missing deployment, an unreachable server: that collection fails, others go on
             children.append(ChildRun(collection.name, None, "NotSubmitted",
                                      error=f"collection {collection.name!r}: could not be submitted to "
-                                     f"{config.collection_deployment!r}: {type(exc).__name__}: {exc}"))
+                                     f"{config.orchestration.collection_deployment!r}: {type(exc).__name__}: {exc}"))
     pending = {c.flow_run_id: c for c in children if c.flow_run_id is not None}
     last_report = time.monotonic()
     with get_client(sync_client=True) as client:

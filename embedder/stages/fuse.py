@@ -37,11 +37,11 @@ def fuse_stage(config: RunConfig, collection: str, dense: DenseStageResult, spar
     """Retrieve dense and sparse candidates per real query and fuse them with RRF and DBSF."""
     if not config.queries_path or dense.query_vectors is None:
         return seal(stage_dir(config, collection, "fuse", key), FusionResult(
-            status="skipped", method=config.fusion, k=config.rrf_k,
+            status="skipped", method=config.fuse.method, k=config.fuse.rrf_k,
             reason="no query set was given (--queries); fusion never invents queries"))
     t0 = time.perf_counter()
-    window = config.stream_window
-    n = config.retrieval_top_n
+    window = config.stream.window
+    n = config.fuse.retrieval_top_n
     qids, qvecs = read_dense_parquet(dense.query_vectors.path)
     # Each list streams the collection a window at a time: only the queries' best candidates are held.
     lists_per_model = [stream_dense_candidates(iter_dense_windows(dense.vectors.path, window), qvecs, n)]
@@ -54,11 +54,11 @@ def fuse_stage(config: RunConfig, collection: str, dense: DenseStageResult, spar
     rows = []
     # Weights follow the lists (dense, then each sparse model that ran).
     names = ["dense", *(o.model_name for o in sparse.outputs)]
-    weights = [config.fusion_weights.get(name, 1.0) for name in names]
-    weights_or_none = weights if config.fusion_weights else None
+    weights = [config.fuse.weights.get(name, 1.0) for name in names]
+    weights_or_none = weights if config.fuse.weights else None
     for qi, qid in enumerate(qids):
         lists = [per_model[qi] for per_model in lists_per_model]
-        rrf = fuse_rrf([[c.id for c in lst] for lst in lists], k=config.rrf_k, weights=weights_or_none)[:n]
+        rrf = fuse_rrf([[c.id for c in lst] for lst in lists], k=config.fuse.rrf_k, weights=weights_or_none)[:n]
         dbsf = fuse_dbsf(lists, weights=weights_or_none)[:n]
         rows.append({
             "query_id": qid,
@@ -69,8 +69,8 @@ def fuse_stage(config: RunConfig, collection: str, dense: DenseStageResult, spar
         })
     path = stage_dir(config, collection, "fuse", key)
     ref = write_jsonl(path / "candidates.jsonl", rows)
-    return seal(path, FusionResult(status="executed", method=config.fusion,
-                                   k=config.rrf_k if config.fusion == "rrf" else None, queries=len(rows),
+    return seal(path, FusionResult(status="executed", method=config.fuse.method,
+                                   k=config.fuse.rrf_k if config.fuse.method == "rrf" else None, queries=len(rows),
                                    latency_ms=(time.perf_counter() - t0) * 1000, candidates=ref, lists=names,
                                    weights=dict(zip(names, weights)) if weights_or_none else None))
 
@@ -88,7 +88,7 @@ def fusion_section(config: RunConfig, fusion: FusionResult | None, error: str | 
     """``fusion_run``: the method, its k and how many real queries were fused."""
     if fusion is None:
         return SummarySection(fields={"fusion_run": FusionRun(
-            method=config.fusion, k=config.rrf_k, status="error" if error else "skipped",
+            method=config.fuse.method, k=config.fuse.rrf_k, status="error" if error else "skipped",
             reason=error or "an earlier stage failed")})
     run = FusionRun(method=fusion.method, k=fusion.k, queries=fusion.queries, latency_ms=fusion.latency_ms,
                     status=fusion.status, reason=fusion.reason, lists=fusion.lists, weights=fusion.weights,

@@ -67,7 +67,7 @@ def iter_collection_points(config: RunConfig, collection: str, chunks: StageRef,
     """
     from embedder.io.qdrant import build_points
 
-    for items, vectors, sparse_map in iter_point_windows(chunks, dense, sparse, config.stream_window):
+    for items, vectors, sparse_map in iter_point_windows(chunks, dense, sparse, config.stream.window):
         for start in range(0, len(items), batch):
             yield build_points(collection, items, vectors, sparse_map, start=start, stop=start + batch)
 
@@ -139,7 +139,7 @@ def index_stage(config: RunConfig, collection: str, chunks: StageRef, dense: Den
         except IndexDamagedError as exc:
             distrust(status.location, str(exc))
     trusted = status.exists and not integrity.damaged
-    window = config.stream_window
+    window = config.stream.window
 
     def digest_of(i: int, items: list[Any], vectors: np.ndarray, sparse_map: dict[str, Any]) -> str:
         return point_digest(vectors[i], {n: v[i] for n, v in sparse_map.items()}, payload_for(items[i]))
@@ -173,7 +173,7 @@ def index_stage(config: RunConfig, collection: str, chunks: StageRef, dense: Den
             return IndexResult(status="executed", action="unchanged", backend=store.backend,
                                location=status.location, points_count=status.points_count or 0, unchanged=n,
                                build_id=status.build_id, search_mode=None, latency_ms=elapsed * 1000,
-                               integrity=integrity, batch_size=config.index_batch_size, collection=collection,
+                               integrity=integrity, batch_size=config.index.batch_size, collection=collection,
                                warnings=warnings)
         distrust(status.location, f"{mismatched} of {len(sample)} points read back from the index differ "
                                   "from the stored vectors")
@@ -189,17 +189,17 @@ def index_stage(config: RunConfig, collection: str, chunks: StageRef, dense: Den
             for items, vectors, sparse_map in iter_point_windows(chunks, dense, sparse, window):
                 stop = start + len(items)
                 rows = (todo[np.searchsorted(todo, start):np.searchsorted(todo, stop)] - start).tolist()
-                for b in range(0, len(rows), config.index_batch_size):
+                for b in range(0, len(rows), config.index.batch_size):
                     raise_if_stopped()
-                    part = rows[b:b + config.index_batch_size]
+                    part = rows[b:b + config.index.batch_size]
                     digests = {r: digest_of(r, items, vectors, sparse_map) for r in part}
                     upserted += writer.upsert(point_batch(collection, items, vectors, sparse_map, part, digests))
                     if progress is not None:
                         progress(upserted, len(todo))
                 start = stop
             if writer.incremental:  # a fresh index never held the gone points
-                for b in range(0, len(gone), config.index_batch_size):
-                    deleted += writer.delete(gone[b:b + config.index_batch_size])
+                for b in range(0, len(gone), config.index.batch_size):
+                    deleted += writer.delete(gone[b:b + config.index.batch_size])
             published = writer.publish()
         except BaseException:
             writer.abort()
@@ -228,7 +228,7 @@ def index_stage(config: RunConfig, collection: str, chunks: StageRef, dense: Den
         deleted=deleted if writer.incremental else len(gone), unchanged=n - rows_written,
         latency_ms=elapsed * 1000, points_per_s=rows_written / elapsed if elapsed > 0 else 0.0,
         search_mode=published.search_mode, hnsw_build_s=published.hnsw_build_s, build_id=published.build_id,
-        segments=published.segments, integrity=integrity, batch_size=config.index_batch_size,
+        segments=published.segments, integrity=integrity, batch_size=config.index.batch_size,
         collection=collection, warnings=warnings)
 
 

@@ -49,39 +49,40 @@ def rerank_stage(config: RunConfig, collection: str, chunks: StageRef, fusion: F
     Args:
         gpu: A factory of the GPU lease context manager, entered only around scoring.
     """
-    if not config.enable_rerank:
+    if not config.rerank.enabled:
         return seal(stage_dir(config, collection, "rerank", key), RerankStageResult(
-            status="disabled", model_name=config.rerank_model, reason="disabled by enable_rerank=false"))
+            status="disabled", model_name=config.rerank.model, reason="disabled by rerank.enabled=false"))
     if fusion.status != "executed" or fusion.candidates is None:
         return seal(stage_dir(config, collection, "rerank", key), RerankStageResult(
-            status="skipped", model_name=config.rerank_model, reason=fusion.reason or "fusion produced no candidates"))
+            status="skipped", model_name=config.rerank.model, reason=fusion.reason or "fusion produced no candidates"))
     device = resolve_device(config.force_cpu)
     loading = time.perf_counter()
     try:
-        resolved = resolve_model(config.rerank_model, "rerank", local_files_only=config.local_files_only)
+        resolved = resolve_model(config.rerank.model, "rerank", local_files_only=config.local_files_only)
         encoder = RerankEncoder(resolved, device, local_files_only=config.local_files_only,
-                                precision=resolve_precision(config.rerank_precision, device))
+                                precision=resolve_precision(config.rerank.precision, device))
         encoder.load()
         load_s = round(time.perf_counter() - loading, 3)
     except ModelUnavailableError as exc:
-        return RerankStageResult(status="error", model_name=config.rerank_model, device=device, reason=str(exc),
+        return RerankStageResult(status="error", model_name=config.rerank.model, device=device, reason=str(exc),
                                  warnings=[f"rerank failed, the run continued without it: {exc}"])
     cuda_context_gb(device)  # CUDA starts before the lease: the slot is for GPU work
     queries = read_queries(config.queries_path) if config.queries_path else []
-    candidates = {q.query_id: q.fused[config.fusion] for q in query_lists(iter_jsonl_records(fusion.candidates.path))}
-    wanted = {c.id for lst in candidates.values() for c in lst[: config.rerank_top_k_candidates]}
-    texts = {i: t for table in iter_table_windows(chunks.path, config.stream_window, columns=["id", "text"])
+    method = config.fuse.method
+    candidates = {q.query_id: q.fused[method] for q in query_lists(iter_jsonl_records(fusion.candidates.path))}
+    wanted = {c.id for lst in candidates.values() for c in lst[: config.rerank.top_k_candidates]}
+    texts = {i: t for table in iter_table_windows(chunks.path, config.stream.window, columns=["id", "text"])
              for i, t in zip(table["id"].to_pylist(), table["text"].to_pylist()) if i in wanted}
 
     def plan() -> TokenBudget:
-        return plan_on_device(encoder.shape(), device, encoder.precision, config.gpu_memory_ceiling_gb,
-                              cpu_items=max(1, config.cpu_batch_items // 2), policy=config.batch_policy)
+        return plan_on_device(encoder.shape(), device, encoder.precision, config.gpu.memory_ceiling_gb,
+                              cpu_items=max(1, config.gpu.cpu_batch_items // 2), policy=config.gpu.batch_policy)
 
     result = rerank(
-        queries, candidates, texts, encoder, budget=plan, top_k_candidates=config.rerank_top_k_candidates,
-        top_k=config.rerank_top_k, latency_budget_ms=config.rerank_latency_budget_ms,
+        queries, candidates, texts, encoder, budget=plan, top_k_candidates=config.rerank.top_k_candidates,
+        top_k=config.rerank.top_k, latency_budget_ms=config.rerank.latency_budget_ms,
         query_policy_mode=config.query_policy.mode, query_max_chars=config.query_policy.max_chars, run_id=run_id,
-        window=config.stream_window, gpu=gpu,
+        window=config.stream.window, gpu=gpu,
     )
     path = stage_dir(config, collection, "rerank", key)
     ref = write_jsonl(path / "rerank.jsonl", (
@@ -98,7 +99,7 @@ def rerank_key(config: RunConfig, collection: str, chunks: StageRef, fusion: Fus
     """Cache key of the rerank stage."""
     return stage_key(config, collection, "rerank", chunks.digest,
                      fusion.candidates.digest if fusion.candidates else fusion.reason,
-                     model_fingerprint(config.rerank_model, "rerank", config.local_files_only))
+                     model_fingerprint(config.rerank.model, "rerank", config.local_files_only))
 
 
 def rerank_section(config: RunConfig, rerank_: RerankStageResult | None, error: str | None,
@@ -110,19 +111,19 @@ def rerank_section(config: RunConfig, rerank_: RerankStageResult | None, error: 
             section.stages["rerank"] = rerank_.telemetry.model_copy(update={"cached": cached}).model_dump()
         section.warnings.extend(rerank_.warnings)
         run = RerankRun(
-            enabled=config.enable_rerank, executed=rerank_.status == "executed", status=rerank_.status,
-            model_name=rerank_.model_name, device=rerank_.device, top_k_candidates=config.rerank_top_k_candidates,
-            rerank_top_k=config.rerank_top_k,
+            enabled=config.rerank.enabled, executed=rerank_.status == "executed", status=rerank_.status,
+            model_name=rerank_.model_name, device=rerank_.device, top_k_candidates=config.rerank.top_k_candidates,
+            rerank_top_k=config.rerank.top_k,
             payload=[RerankPayload.model_validate(r.model_dump(mode="json")) for r in rerank_.runs],
             reason=rerank_.reason, cached=cached,
         )
     else:
         status: Status = "error" if error else "skipped"
-        run = RerankRun(enabled=config.enable_rerank, executed=False,
-                        status=status if config.enable_rerank else "disabled", model_name=config.rerank_model,
-                        top_k_candidates=config.rerank_top_k_candidates, rerank_top_k=config.rerank_top_k,
-                        reason=error or ("an earlier stage failed" if config.enable_rerank
-                                         else "disabled by enable_rerank=false"))
+        run = RerankRun(enabled=config.rerank.enabled, executed=False,
+                        status=status if config.rerank.enabled else "disabled", model_name=config.rerank.model,
+                        top_k_candidates=config.rerank.top_k_candidates, rerank_top_k=config.rerank.top_k,
+                        reason=error or ("an earlier stage failed" if config.rerank.enabled
+                                         else "disabled by rerank.enabled=false"))
     if run.enabled and not run.payload:
         section.warnings.append("rerank is enabled but the rerank_run payload is missing"
                                 + (f": {run.reason}" if run.reason else ""))

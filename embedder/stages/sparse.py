@@ -71,7 +71,7 @@ class SparseStageResult(BaseModel):
 
 def sparse_key(config: RunConfig, collection: str, chunks: StageRef) -> str:
     """Cache key of the sparse stage: its settings, the chunks and each sparse model by its files."""
-    models = [model_fingerprint(m, "sparse", config.local_files_only) for m in config.sparse_models]
+    models = [model_fingerprint(m, "sparse", config.local_files_only) for m in config.sparse.models]
     return stage_key(config, collection, "sparse", chunks.digest, models)
 
 
@@ -95,9 +95,9 @@ def sparse_stage(config: RunConfig, collection: str, chunks: StageRef, key: str,
     from embedder.models.registry import BUNDLED_DATA
 
     path = stage_dir(config, collection, "sparse", key)
-    if not config.enable_sparse:
-        return seal(path, SparseStageResult(status="disabled", reason="disabled by enable_sparse=false"))
-    window = config.stream_window
+    if not config.sparse.enabled:
+        return seal(path, SparseStageResult(status="disabled", reason="disabled by sparse.enabled=false"))
+    window = config.stream.window
     queries = read_queries(config.queries_path) if config.queries_path else []
 
     keys = np.concatenate([digest_array([_chunk_digest(t, m) for t, m in zip(
@@ -115,9 +115,9 @@ def sparse_stage(config: RunConfig, collection: str, chunks: StageRef, key: str,
         return resolve_device(config.force_cpu) if get_spec(name, "sparse").preferred_device == "cuda" else "cpu"
 
     def precision_of(name: str) -> str:
-        return resolve_precision(config.sparse_precision, device_of(name))
+        return resolve_precision(config.sparse.precision, device_of(name))
 
-    for name in config.sparse_models:
+    for name in config.sparse.models:
         spec = get_spec(name, "sparse")
         space = vector_space(config, "sparse", name, model_fingerprint(name, "sparse", config.local_files_only),
                              *((device_of(name), precision_of(name)) if spec.kind == "sparse-splade" else ()))
@@ -138,8 +138,8 @@ def sparse_stage(config: RunConfig, collection: str, chunks: StageRef, key: str,
                         resolved = resolve_model(name, "sparse", local_files_only=config.local_files_only)
                         model = load_sparse_model(
                             resolved, device_of(name), local_files_only=config.local_files_only,
-                            precision=precision_of(name), ceiling_gb=config.gpu_memory_ceiling_gb,
-                            cpu_items=max(1, config.cpu_batch_items // 2), policy=config.batch_policy)
+                            precision=precision_of(name), ceiling_gb=config.gpu.memory_ceiling_gb,
+                            cpu_items=max(1, config.gpu.cpu_batch_items // 2), policy=config.gpu.batch_policy)
                     except ModelUnavailableError as exc:
                         load_error = str(exc)
                     load_s = round(time.perf_counter() - loading, 3)
@@ -153,7 +153,7 @@ def sparse_stage(config: RunConfig, collection: str, chunks: StageRef, key: str,
                 tag = sparse_vector_name(name)
 
                 placed: Callable[[], Any] | None = getattr(model, "placed", None)
-                checkpoint_s = config.vector_checkpoint_s
+                checkpoint_s = config.stream.vector_checkpoint_s
                 with gpu_work(gpu, needed=on_gpu) as holding, \
                         (placed() if placed is not None else contextlib.nullcontext()), \
                         cache.writer(roll_after_s=checkpoint_s) as new_part:
@@ -278,14 +278,14 @@ def sparse_section(config: RunConfig, sparse: SparseStageResult | None, error: s
             reused={o.model_name: o.reused + (o.computed if cached else 0) for o in sparse.outputs},
         )
     elif sparse is not None:
-        run = SparseRun(enabled=config.enable_sparse, executed=False, status=sparse.status,
-                        model_names=config.sparse_models, reason=sparse.reason)
+        run = SparseRun(enabled=config.sparse.enabled, executed=False, status=sparse.status,
+                        model_names=config.sparse.models, reason=sparse.reason)
     else:
         status: Status = "error" if error else "skipped"
-        run = SparseRun(enabled=config.enable_sparse, executed=False,
-                        status=status if config.enable_sparse else "disabled", model_names=config.sparse_models,
-                        reason=error or ("an earlier stage failed" if config.enable_sparse
-                                         else "disabled by enable_sparse=false"))
+        run = SparseRun(enabled=config.sparse.enabled, executed=False,
+                        status=status if config.sparse.enabled else "disabled", model_names=config.sparse.models,
+                        reason=error or ("an earlier stage failed" if config.sparse.enabled
+                                         else "disabled by sparse.enabled=false"))
     if run.enabled and run.payload is None:
         section.warnings.append("sparse is enabled but the sparse_run payload is missing"
                                 + (f": {run.reason}" if run.reason else ""))

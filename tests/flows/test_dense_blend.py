@@ -24,7 +24,7 @@ E5 = "multilingual-e5-small-q4"
 
 def _config(out, **updates) -> RunConfig:
     return RunConfig(collections=[CollectionInput(name="docs", path=str(SAMPLE_DIR))], queries_path=str(SAMPLE_QUERIES),
-                     output_dir=str(out), local_files_only=True, enable_rerank=False, **updates)
+                     output_dir=str(out), local_files_only=True, rerank={"enabled": False}).model_copy(update=updates)
 
 
 def _run(cfg: RunConfig):
@@ -44,14 +44,14 @@ def _texts(out) -> dict[str, str]:
 
 def test_blend_weights_are_checked():
     with pytest.raises(ValueError, match="strictly between 0 and 1"):
-        RunConfig(dense_blend={E5: 1.0})
+        RunConfig(dense={"blend": {E5: 1.0}})
     with pytest.raises(ValueError, match="sum below 1"):
-        RunConfig(dense_blend={E5: 0.6, "BAAI/bge-small-en-v1.5": 0.5})
+        RunConfig(dense={"blend": {E5: 0.6, "BAAI/bge-small-en-v1.5": 0.5}})
     with pytest.raises(ValueError, match="names dense_model"):
-        RunConfig(dense_blend={"all-minilm-l6-v2": 0.5})
-    cfg = RunConfig(dense_blend={E5: 0.9})
-    assert cfg.dense_components() == [("all-minilm-l6-v2", 0.1), (E5, 0.9)]
-    assert cfg.dense_name() == f"all-minilm-l6-v2*0.1+{E5}*0.9"
+        RunConfig(dense={"blend": {"all-minilm-l6-v2": 0.5}})
+    cfg = RunConfig(dense={"blend": {E5: 0.9}})
+    assert cfg.dense.components() == [("all-minilm-l6-v2", 0.1), (E5, 0.9)]
+    assert cfg.dense.name() == f"all-minilm-l6-v2*0.1+{E5}*0.9"
     from flows.cli import _blend
 
     assert _blend(f"{E5}=0.9") == {E5: 0.9}

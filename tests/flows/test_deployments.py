@@ -114,6 +114,8 @@ def test_manual_run_then_failed_run_retried_from_cache(prefect_server, deployed,
     from prefect.states import Scheduled
 
     out = tmp_path / "out"
+    # Written by the flat names of earlier releases, as a run form or script of theirs submits it: the run
+    # reads them into their sections, and its summary says which to rewrite.
     config = {"collections": [{"name": "manual_sample", "path": str(SAMPLE_DIR)}],
               "queries_path": str(SAMPLE_QUERIES), "output_dir": str(out), "local_files_only": True,
               "rerank_model": str(tiny_cross_encoder),
@@ -132,7 +134,12 @@ def test_manual_run_then_failed_run_retried_from_cache(prefect_server, deployed,
         sub_ids = [s.id for s in sub if s.name == "embed-collection-manual_sample"]
         arts = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=sub_ids)))
     assert {"summary-manual-sample", "stage-manual-sample-dense"} <= {a.key for a in arts}
-    assert json.loads((out / "manual_sample" / "processing_summary.json").read_text())["status"] == "completed"
+    written = json.loads((out / "manual_sample" / "processing_summary.json").read_text())
+    assert written["status"] == "completed"
+    assert written["config"]["rerank"]["model"] == str(tiny_cross_encoder)
+    assert written["rerank_run"]["status"] == "executed"
+    assert any("rerank_model -> rerank.model" in w and "collection_fanout -> orchestration.collection_fanout" in w
+               for w in written["warnings"]), written["warnings"]
 
     # A run that fails after its stages finished: the summary path is blocked by a directory.
     out2 = tmp_path / "out2"
@@ -168,11 +175,13 @@ def test_auto_fanout_runs_collections_in_process_when_the_collection_deployment_
 
     @flow
     def fans_out(collection_deployment: str) -> bool:
-        return fan_out_to_deployments(RunConfig(collection_deployment=collection_deployment), "a-deployment-run")
+        config = RunConfig(orchestration={"collection_deployment": collection_deployment})
+        return fan_out_to_deployments(config, "a-deployment-run")
 
     with temporary_settings(updates={PREFECT_API_URL: prefect_server, PREFECT_LOGGING_TO_API_ENABLED: False}):
         assert fans_out("embed-collection/collection") is True  # deployed by `prefect deploy --all`
         assert fans_out("embed-collection/not-deployed") is False
         # Outside a deployment, and when the config says so, no server lookup decides it.
         assert fan_out_to_deployments(RunConfig(), None) is False
-        assert fan_out_to_deployments(RunConfig(collection_fanout="subflows"), "a-deployment-run") is False
+        subflows = RunConfig(orchestration={"collection_fanout": "subflows"})
+        assert fan_out_to_deployments(subflows, "a-deployment-run") is False

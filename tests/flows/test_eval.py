@@ -95,10 +95,10 @@ def test_eval_fuses_every_list_tunes_on_train_only_and_reads_the_tuned_file(beir
     r2 = _eval(beir_dir, tmp_path, "--split", "train", "--config", str(tuned))
     assert r2.returncode == 0, r2.stderr[-3000:]
     again = json.loads(r2.stdout)
-    method = fit["settings"]["fusion"]
+    method = fit["settings"]["fuse"]["method"]
     assert again[f"fused_{method}"]["ndcg@10"] == pytest.approx(fit["train_ndcg@10"], abs=1e-4)
     summary = json.loads((tmp_path / "out" / "beir-sample-beir-train" / "processing_summary.json").read_text())
-    assert summary["fusion_run"]["weights"] == fit["settings"]["fusion_weights"]
+    assert summary["fusion_run"]["weights"] == fit["settings"]["fuse"]["weights"]
 
     # Fitting on a split that is not for training is refused before anything runs.
     r3 = _eval(beir_dir, tmp_path / "refused", "--split", "test", "--tune", str(tmp_path / "never.toml"))

@@ -117,7 +117,7 @@ def test_the_prefect_flow_run_ends_failed_while_the_other_collections_ran(tmp_pa
     bad.write_text('{"id": "x", "text": ""}\n')  # one record, rejected: no valid chunk
     cfg = RunConfig(collections=[CollectionInput(name="empty", path=str(bad)),
                                  CollectionInput(name="good", path=str(SAMPLE_DIR))],
-                    output_dir=str(tmp_path / "out"), local_files_only=True, enable_rerank=False)
+                    output_dir=str(tmp_path / "out"), local_files_only=True, rerank={"enabled": False})
     from flows.embed_collections import embed_collections
 
     state = embed_collections(cfg, return_state=True)

@@ -142,8 +142,8 @@ def test_four_collections_fan_out_over_two_workers_with_a_gpu_budget_per_host(fl
     out = tmp_path / "out"
     collections = _collections(tmp_path)
     config = {"collections": collections, "queries_path": str(SAMPLE_QUERIES), "output_dir": str(out),
-              "local_files_only": True, "rerank_model": str(tiny_cross_encoder),
-              "gpu_concurrency_limit_name": "gpu-{host}", "gpu_lease_duration_s": 60}
+              "local_files_only": True, "rerank": {"model": str(tiny_cross_encoder)},
+              "gpu": {"concurrency_limit_name": "gpu-{host}", "lease_duration_s": 60}}
     with _client(fleet["url"]) as client:
         manual = client.read_deployment_by_name("embed-collections/manual")
         child_dep = client.read_deployment_by_name("embed-collection/collection")

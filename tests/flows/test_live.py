@@ -95,7 +95,7 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
 
 def _sample_config(out: Path) -> dict[str, Any]:
     return {"collections": [{"name": "sample", "path": str(SAMPLE_DIR)}], "output_dir": str(out),
-            "local_files_only": True, "enable_rerank": False}
+            "local_files_only": True, "rerank": {"enabled": False}}
 
 
 def test_the_scheduler_creates_runs_for_the_nightly_cron(live):

@@ -69,7 +69,7 @@ def test_full_run_executes_every_stage(full_config):
     assert set(s.quality) == {"dense", "sparse:qdrant-bm25", "fused_rrf", "fused_dbsf", "reranked"}
     assert s.quality["dense"]["ndcg@10"] > 0.7 and s.quality["sparse:qdrant-bm25"]["ndcg@10"] > 0.5
     assert s.warnings == []
-    assert s.feature_toggles.sources["enable_rerank"] == "default"
+    assert s.feature_toggles.sources["rerank.enabled"] == "default"
     assert s.versions["prefect"] == "3.8.8"
 
     dense = pq.read_table(out / "dense.parquet")

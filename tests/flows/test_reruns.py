@@ -36,7 +36,7 @@ def _write_jsonl(path: Path, records: list[dict]) -> Path:
 
 def _config(input_path: Path, out: Path, **updates) -> RunConfig:
     return RunConfig(collections=[CollectionInput(name="docs", path=str(input_path))], queries_path=str(SAMPLE_QUERIES),
-                     output_dir=str(out), local_files_only=True, enable_rerank=False, **updates)
+                     output_dir=str(out), local_files_only=True, rerank={"enabled": False}).model_copy(update=updates)
 
 
 def _run(cfg: RunConfig):

@@ -71,7 +71,7 @@ def test_serve_runs_a_manual_run_with_default_settings_and_stops_on_sigterm(tmp_
                 dst.write(json.dumps({"id": doc["_id"], "text": f"{doc['title']}. {doc['text']}"}) + "\n")
         with SyncPrefectClient(api) as client:
             busy = client.create_flow_run_from_deployment(manual.id, parameters={"config": {
-                **config, "collections": [{"name": "big", "path": str(big)}], "enable_rerank": False}})
+                **config, "collections": [{"name": "big", "path": str(big)}], "rerank": {"enabled": False}}})
             deadline = time.monotonic() + 600
             while "big dense: " not in log.read_text():
                 assert serve.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]

@@ -32,7 +32,7 @@ def run_output(tmp_path_factory: pytest.TempPathFactory, _tiny_ce_master: Path, 
     cfg = RunConfig(collections=[CollectionInput(name="sample", path=str(SAMPLE_DIR))],
                     queries_path=str(SAMPLE_QUERIES), qrels_path=str(SAMPLE_QRELS),
                     output_dir=str(tmp_path_factory.mktemp("service") / "out"), local_files_only=True,
-                    rerank_model=str(_tiny_ce_master))
+                    rerank={"model": str(_tiny_ce_master)})
     [summary] = embed_collections(cfg)
     return cfg, summary
 
@@ -283,7 +283,7 @@ def test_a_dense_model_switch_under_load_never_pairs_one_runs_query_model_with_t
     dims = []
     with ThreadPoolExecutor(9) as pool:
         codes: list[int] = []
-        for model in (str(tiny_dense_model), cfg.dense_model):
+        for model in (str(tiny_dense_model), cfg.dense.model):
             switch = pool.submit(embed_collections, cfg.model_copy(update={"dense_model": model}))
             i = 0
             while not switch.done() or i < 24:

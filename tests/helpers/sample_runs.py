@@ -12,9 +12,9 @@ QUERIES = ["how do bees make honey", "volcano eruption and lava", "tides and the
 
 
 def sample_config(out: Path, src: Path = SAMPLE_DIR, **settings: Any) -> RunConfig:
-    """The sample collection (named ``sample``) into ``out``, offline, without rerank."""
+    """The sample collection (named ``sample``) into ``out``, offline, without rerank; ``settings`` by path."""
     return RunConfig(collections=[CollectionInput(name="sample", path=str(src))], output_dir=str(out),
-                     local_files_only=True, enable_rerank=False, **settings)
+                     local_files_only=True, rerank={"enabled": False}).model_copy(update=settings)
 
 
 def run_one(config: RunConfig) -> Any:

@@ -382,7 +382,7 @@ def test_splade_runs_on_the_gpu_under_the_lease_when_there_is_one(tmp_path):
     from tests.conftest import SAMPLE_DIR
 
     cfg = RunConfig(collections=[CollectionInput(name="s", path=str(SAMPLE_DIR))], output_dir=str(tmp_path),
-                    sparse_models=["qdrant-bm25", "splade-tiny"], local_files_only=True)
+                    sparse={"models": ["qdrant-bm25", "splade-tiny"]}, local_files_only=True)
     load = load_stage(cfg, cfg.collections[0], load_key(cfg, cfg.collections[0]))
     entered = []
 

@@ -460,7 +460,7 @@ def three_lists(tmp_path_factory: pytest.TempPathFactory):
     out = tmp_path_factory.mktemp("three")
     cfg = RunConfig(collections=[CollectionInput(name="sample", path=str(SAMPLE_DIR))],
                     queries_path=str(SAMPLE_QUERIES), output_dir=str(out / "run"), local_files_only=True,
-                    sparse_models=["qdrant-bm25", "splade-tiny"], force_cpu=True)
+                    sparse={"models": ["qdrant-bm25", "splade-tiny"]}, force_cpu=True)
     col = cfg.collections[0]
     load = st.load_stage(cfg, col, st.load_key(cfg, col))
     dense = st.dense_stage(cfg, col.name, load.chunks, st.dense_key(cfg, col.name, load.chunks))

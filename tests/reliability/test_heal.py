@@ -31,7 +31,7 @@ def _docs(path: Path, n: int) -> Path:
 
 def _config(data: Path, out: Path) -> RunConfig:
     return RunConfig(collections=[CollectionInput(name="heal", path=str(data))], output_dir=str(out),
-                     local_files_only=True, enable_rerank=False)
+                     local_files_only=True, rerank={"enabled": False})
 
 
 def _run(config: RunConfig):  # noqa: ANN202

@@ -21,7 +21,14 @@ from typing import Any
 import pytest
 
 from embedder import stages as st
-from embedder.settings import NOT_IN_KEYS, SETTINGS_READ, CollectionInput, RunConfig, stage_settings
+from embedder.settings import (
+    NOT_IN_KEYS,
+    SETTING_PATHS,
+    SETTINGS_READ,
+    CollectionInput,
+    RunConfig,
+    stage_settings,
+)
 from tests.conftest import SAMPLE_DIR, SAMPLE_QRELS, SAMPLE_QUERIES
 
 STAGES = ("load", "dense", "sparse", "fuse", "rerank")
@@ -39,47 +46,47 @@ def _changes(tiny_dense_model: Path, other_queries: Path) -> dict[str, Any]:
     return {
         "queries_path": str(other_queries),
         "qrels_path": str(SAMPLE_QRELS),
-        "dense_model": str(tiny_dense_model),
-        "dense_backend": "onnx",
-        "dense_blend": {str(tiny_dense_model): 0.25},
-        "sparse_models": ["qdrant-bm25", "splade-tiny"],
-        "rerank_model": "BAAI/bge-reranker-base",  # not on this disk: the stage reports it unavailable
-        "enable_sparse": False,
-        "enable_rerank": False,
-        "rerank_top_k_candidates": 7,
-        "rerank_top_k": 3,
-        "rerank_latency_budget_ms": 600_000.0,
-        "fusion": "dbsf",
-        "rrf_k": 10,
-        "fusion_weights": {"dense": 2.0},
-        "retrieval_top_n": 9,
-        "gpu_memory_ceiling_gb": 6.0,
-        "gpu_concurrency_limit_name": "gpu-other",
-        "gpu_lease_timeout_s": 60.0,
-        "gpu_lease_duration_s": 120.0,
+        "dense.model": str(tiny_dense_model),
+        "dense.backend": "onnx",
+        "dense.blend": {str(tiny_dense_model): 0.25},
+        "sparse.models": ["qdrant-bm25", "splade-tiny"],
+        "rerank.model": "BAAI/bge-reranker-base",  # not on this disk: the stage reports it unavailable
+        "sparse.enabled": False,
+        "rerank.enabled": False,
+        "rerank.top_k_candidates": 7,
+        "rerank.top_k": 3,
+        "rerank.latency_budget_ms": 600_000.0,
+        "fuse.method": "dbsf",
+        "fuse.rrf_k": 10,
+        "fuse.weights": {"dense": 2.0},
+        "fuse.retrieval_top_n": 9,
+        "gpu.memory_ceiling_gb": 6.0,
+        "gpu.concurrency_limit_name": "gpu-other",
+        "gpu.lease_timeout_s": 60.0,
+        "gpu.lease_duration_s": 120.0,
         "query_policy": {"mode": "hash"},
         "local_files_only": False,
         "force_cpu": True,
         "max_chunk_chars": 200,
-        "index_batch_size": 7,
-        "index_hnsw_min_points": 10,
-        "collection_fanout": "subflows",
-        "collection_deployment": "other/collection",
-        "collection_lock_timeout_s": 60.0,
-        "overlap_sparse": False,
-        "stream_window": 7,
-        "vector_checkpoint_s": 0.0,
-        "vector_retention_days": None,
-        "dense_precision": "fp32",
-        "sparse_precision": "fp32",
-        "rerank_precision": "fp32",
-        "batch_policy": "tokens",
-        "cpu_batch_items": 3,
+        "index.batch_size": 7,
+        "index.hnsw_min_points": 10,
+        "orchestration.collection_fanout": "subflows",
+        "orchestration.collection_deployment": "other/collection",
+        "orchestration.collection_lock_timeout_s": 60.0,
+        "sparse.overlap": False,
+        "stream.window": 7,
+        "stream.vector_checkpoint_s": 0.0,
+        "stream.vector_retention_days": None,
+        "dense.precision": "fp32",
+        "sparse.precision": "fp32",
+        "rerank.precision": "fp32",
+        "gpu.batch_policy": "tokens",
+        "gpu.cpu_batch_items": 3,
     }
 
 
 # Settings that name the run itself: another collection or output dir is another store, keyed apart.
-_OWNER = {"collections", "output_dir", "sources"}
+_OWNER = {"collections", "output_dir"}
 
 
 def _pipeline(cfg: RunConfig, cache: dict[str, Any]) -> tuple[dict[str, Any], set[str]]:
@@ -167,13 +174,15 @@ def other_queries(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _config(out: Path, tiny_cross_encoder: Path, **changes: Any) -> RunConfig:
-    return RunConfig(**{
-        "collections": [CollectionInput(name="sample", path=str(SAMPLE_DIR))], "queries_path": str(SAMPLE_QUERIES),
-        "output_dir": str(out), "local_files_only": True, "rerank_model": str(tiny_cross_encoder), **changes})
+    """The base config, with ``changes`` (by setting path) applied."""
+    base = RunConfig(collections=[CollectionInput(name="sample", path=str(SAMPLE_DIR))],
+                     queries_path=str(SAMPLE_QUERIES), output_dir=str(out), local_files_only=True,
+                     rerank={"model": str(tiny_cross_encoder)})
+    return base.model_copy(update=changes) if changes else base
 
 
 def test_every_setting_moves_the_keys_of_the_stages_that_read_it_or_says_why_not(tiny_dense_model, other_queries):
-    fields = set(RunConfig.model_fields)
+    fields = set(SETTING_PATHS)
     assert set(SETTINGS_READ) == set(STAGES)
     read = set().union(*SETTINGS_READ.values())
     assert read <= fields and set(NOT_IN_KEYS) <= fields
@@ -188,7 +197,8 @@ def test_a_stage_key_holds_its_settings_and_nothing_else(tmp_path, tiny_cross_en
                                                           other_queries):
     base = _config(tmp_path / "out", tiny_cross_encoder)
     for name, value in _changes(tiny_dense_model, other_queries).items():
-        changed = base.model_copy(update={name: RunConfig.model_validate({name: value}).__dict__[name]})
+        changed = base.model_copy(update={name: value})
+        assert changed.setting(name) != base.setting(name), name
         for stage in STAGES:
             moved = stage_settings(changed, stage) != stage_settings(base, stage)
             assert moved == (name in SETTINGS_READ[stage]), (name, stage)

@@ -171,7 +171,7 @@ def test_dense_stage_survives_a_concurrent_compaction_of_its_own_part(tmp_path: 
         if tag == "calm":
             monkeypatch.setattr(DenseVectorCache, "index_with", real)
         cfg = RunConfig(collections=[CollectionInput(name="s", path=str(SAMPLE_DIR))], output_dir=str(tmp_path / tag),
-                        local_files_only=True, stream_window=16)
+                        local_files_only=True, stream={"window": 16})
         col = cfg.collections[0]
         load = st.load_stage(cfg, col, st.load_key(cfg, col))
         dense = st.dense_stage(cfg, col.name, load.chunks, st.dense_key(cfg, col.name, load.chunks))
@@ -261,7 +261,8 @@ def test_a_cpu_engine_reports_and_checkpoints_every_batch_so_a_failure_midway_ke
 
     def run(out: Path, progress: list[tuple[int, int]] | None = None) -> st.DenseStageResult:
         cfg = RunConfig(collections=[CollectionInput(name="s", path=str(SAMPLE_DIR))], output_dir=str(out),
-                        local_files_only=True, dense_backend="onnx", cpu_batch_items=8, vector_checkpoint_s=0)
+                        local_files_only=True, dense={"backend": "onnx"}, gpu={"cpu_batch_items": 8},
+                        stream={"vector_checkpoint_s": 0})
         col = cfg.collections[0]
         load = st.load_stage(cfg, col, st.load_key(cfg, col))
         return st.dense_stage(cfg, col.name, load.chunks, st.dense_key(cfg, col.name, load.chunks),

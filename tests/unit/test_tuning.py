@@ -71,17 +71,17 @@ def test_a_fit_file_round_trips_into_a_run_config(tmp_path):
     settings = load_config_file(path)
     assert settings == fit.settings()
     config = resolve_run_config(path, read_env=False)
-    assert config.fusion == fit.method and config.fusion_weights == fit.weights
-    assert config.sources["fusion_weights"] == "file"
+    assert config.fuse.method == fit.method and config.fuse.weights == fit.weights
+    assert config.sources["fuse.weights"] == "file" and config.flat_names == []
 
 
 def test_weights_must_name_lists_of_the_run():
     with pytest.raises(ValueError, match="not lists of this run"):
-        RunConfig(fusion_weights={"splade-tiny": 1.0})
+        RunConfig(fuse={"weights": {"splade-tiny": 1.0}})
     with pytest.raises(ValueError, match="non-negative"):
-        RunConfig(fusion_weights={"dense": -1.0})
+        RunConfig(fuse={"weights": {"dense": -1.0}})
     with pytest.raises(ConfigError):
-        resolve_run_config(None, {"fusion_weights": {"nope": 1.0}}, read_env=False)
+        resolve_run_config(None, {"fuse.weights": {"nope": 1.0}}, read_env=False)
 
 
 def test_the_packaged_recommendation_loads_and_says_where_it_was_fitted():
@@ -92,8 +92,8 @@ def test_the_packaged_recommendation_loads_and_says_where_it_was_fitted():
     config = resolve_run_config("recommended", read_env=False)
     meta = tomllib.loads(RECOMMENDED_CONFIG.read_text())["tuning"]
     assert meta["split"] == "train" and meta["dataset"] == "scifact"
-    assert set(config.fusion_weights) == {"dense", *config.sparse_models}
-    assert config.dense_blend == {"multilingual-e5-small-q4": 0.9}
+    assert set(config.fuse.weights) == {"dense", *config.sparse.models}
+    assert config.dense.blend == {"multilingual-e5-small-q4": 0.9}
 
 
 def test_settings_of_another_dense_list_are_not_scored_on_this_one():
@@ -115,10 +115,12 @@ def test_a_fit_on_a_blended_dense_list_writes_the_blend_into_its_file(tmp_path):
                        {"dense_model": "all-minilm-l6-v2", "dense_blend": {"multilingual-e5-small-q4": 0.9}})
     (tmp_path / "tuned.toml").write_text(text)
     loaded = load_config_file(tmp_path / "tuned.toml")
-    assert loaded["dense_blend"] == {"multilingual-e5-small-q4": 0.9} and loaded["dense_model"] == "all-minilm-l6-v2"
-    assert tomllib.loads(text)["embedder"]["fusion_weights"] == fit.settings()["fusion_weights"]
-    plain = fit_to_toml(fit, {"split": "train"}, {"dense_model": "all-minilm-l6-v2", "dense_blend": {}})
-    assert "dense_blend" not in plain
+    assert loaded["dense"] == {"model": "all-minilm-l6-v2", "blend": {"multilingual-e5-small-q4": 0.9}}
+    assert tomllib.loads(text)["embedder"]["fuse"]["weights"] == fit.settings()["fuse"]["weights"]
+    # The run's recorded config, as a summary of this release writes it (sectioned) or an earlier one (flat).
+    for recorded in ({"dense": {"model": "all-minilm-l6-v2", "blend": {}}},
+                     {"dense_model": "all-minilm-l6-v2", "dense_blend": {}}):
+        assert "blend" not in fit_to_toml(fit, {"split": "train"}, recorded)
 
 
 def test_scoring_settings_that_need_a_missing_list_says_so():
