@@ -58,6 +58,7 @@ test-fast: $(STAMP)
 # The documentation site: the reference pages generated from the code, then a strict build into site/.
 docs: $(STAMP)
 	$(BIN)/python docs/gen_reference.py
+	$(BIN)/python bench/plot.py
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
 
 

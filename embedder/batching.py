@@ -47,7 +47,7 @@ def back_off(exc: BaseException, *, device: str, size: int, backoffs: list[int],
     free_device_cache(device)
     if at_floor:
         raise StageError(f"out of memory even at {floor}; lower the model's max length or raise "
-                         "gpu_memory_ceiling_gb") from exc
+                         "gpu.memory_ceiling_gb") from exc
     log.warning("out of memory at a batch of %d; retrying with half", size)
 
 

@@ -21,7 +21,7 @@ from embedder.io.readers import read_qrels
 from embedder.io.runset import current_run
 from embedder.io.writers import iter_jsonl_records, read_jsonl_records, write_jsonl
 from embedder.quality import evaluate
-from embedder.settings import FLAT_NAMES, SETTING_PATHS, RunConfig
+from embedder.settings import SETTING_PATHS, RunConfig
 from embedder.stages import (
     DenseStageResult,
     FusionResult,
@@ -308,10 +308,7 @@ def build_summary(config: RunConfig, outcome: CollectionOutcome,
     # explicitly given values count as overrides, the rest as defaults.
     toggles_sources = {path: config.sources.get(path, "cli" if config.is_set(path) else "default")
                        for path in SETTING_PATHS}
-    if config.flat_names:
-        renamed = ", ".join(f"{name} -> {FLAT_NAMES[name]}" for name in config.flat_names)
-        warnings.append(f"settings given by their flat names of earlier releases ({renamed}): they still work, "
-                        "and will be refused by the next major release; write them in their sections")
+    warnings.extend(config.warnings())
     return ProcessingSummary(
         collection=o.collection,
         run_id=o.run_id,
@@ -329,7 +326,7 @@ def build_summary(config: RunConfig, outcome: CollectionOutcome,
         quality=quality,
         versions=library_versions(),
         model_fingerprints=_fingerprints(config),
-        config=config.model_dump(mode="json", exclude={"sources", "flat_names"}),
+        config=config.model_dump(mode="json", exclude={"sources"}),
         warnings=list(dict.fromkeys(warnings)),
         **fields,
     )

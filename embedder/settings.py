@@ -343,9 +343,10 @@ class RunConfig(BaseModel):
     sources: dict[str, SettingSource] = Field(
         default_factory=dict, description="Where each setting came from, by path (filled in by resolve_run_config)."
     )
+    # Not a setting: neither in the form, nor in dumps (a deployment's schema would refuse it).
     flat_names: SkipJsonSchema[list[str]] = Field(
-        default_factory=list, description="Settings this config was given by their flat names of earlier releases "
-        "(the summary's warnings name them); not a setting.")
+        default_factory=list, exclude=True, description="Settings this config was given by their flat names of "
+        "earlier releases (the summary's warnings name them).")
 
     @model_validator(mode="before")
     @classmethod
@@ -398,6 +399,14 @@ class RunConfig(BaseModel):
                 known[key] = value
         nested, _ = nest(known)
         return cls.model_validate(nested)
+
+    def warnings(self) -> list[str]:
+        """What the run's summaries say about how this config was written (flat names of earlier releases)."""
+        if not self.flat_names:
+            return []
+        renamed = ", ".join(f"{name} -> {FLAT_NAMES[name]}" for name in self.flat_names)
+        return [f"settings given by their flat names of earlier releases ({renamed}): they still work, and will "
+                "be refused by the next major release; write them in their sections"]
 
     def setting(self, path: str) -> Any:
         """The value of the setting at ``path`` (``dense.model``, ``output_dir``)."""
@@ -711,6 +720,8 @@ def resolve_run_config(
             merged.update(from_env)
             sources.update(dict.fromkeys(from_env, "env"))
         given, flat = by_path({k: v for k, v in (overrides or {}).items() if v is not None})
+    except ConfigError:
+        raise
     except ValueError as exc:
         raise ConfigError(f"invalid run configuration: {exc}") from exc
     given = {k: v for k, v in given.items() if v is not None}

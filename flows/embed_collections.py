@@ -67,29 +67,32 @@ def outcome_error(state: State) -> str | None:
 @flow(name="embed-collection", flow_run_name="embed-collection-{collection.name}", validate_parameters=True,
       persist_result=False, result_serializer="json")
 def embed_collection(config: RunConfig, collection: CollectionInput, run_id: uuid.UUID,
-                     preflight_error: str | None = None) -> ProcessingSummary:
+                     preflight_error: str | None = None, run_warnings: list[str] | None = None) -> ProcessingSummary:
     """Load, embed, index, fuse, rerank and export one collection, then write and publish its v4.1 summary.
 
     Every run that starts publishes a summary. A failed one publishes it beside
     the last good run's exports and index (see `embedder.report.carry_forward`),
     then raises, so the subflow run ends Failed. One run at a time writes a
     collection of an output dir: a second one queues (see `tasks.lease.collection_lease`).
+
+    ``run_warnings`` are the parent run's own (a fanned-out collection's config carries no record of
+    how it was written), added to the summary's warnings.
     """
     with collection_lease(config.output_dir, collection.name, timeout_s=config.orchestration.collection_lock_timeout_s,
                           lease_duration_s=config.gpu.lease_duration_s) as lock:
         if lock.wait_s > 1:
             get_run_logger().info("waited %.1f s for another run of collection %r to finish", lock.wait_s,
                                   collection.name)
-        return _embed_collection(config, collection, run_id, preflight_error)
+        return _embed_collection(config, collection, run_id, preflight_error, run_warnings or [])
 
 
 def _embed_collection(config: RunConfig, collection: CollectionInput, run_id: uuid.UUID,
-                      preflight_error: str | None) -> ProcessingSummary:
+                      preflight_error: str | None, run_warnings: list[str]) -> ProcessingSummary:
     startup.mark(startup.FLOW)  # a collection's own flow run (fan-out) starts its process's clock here
     log = get_run_logger()
     t0 = time.perf_counter()
     name = collection.name
-    out = CollectionOutcome(collection=name, run_id=run_id)
+    out = CollectionOutcome(collection=name, run_id=run_id, warnings=list(run_warnings))
 
     def outcome(stage: str, state: State) -> Any:
         result, err, was_cached = _outcome(state)

@@ -84,7 +84,7 @@ def _submit(config: RunConfig, collection: CollectionInput, run_id: uuid.UUID,
     return run_deployment(
         name=config.orchestration.collection_deployment,
         parameters={"config": config.model_dump(mode="json"), "collection": collection.model_dump(mode="json"),
-                    "run_id": str(run_id), "preflight_error": preflight_error},
+                    "run_id": str(run_id), "preflight_error": preflight_error, "run_warnings": config.warnings()},
         timeout=0,  # submit and return; the parent waits for all of them below
         as_subflow=True,  # the child shows under the parent in the UI
         flow_run_name=f"embed-collection-{collection.name}",

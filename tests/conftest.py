@@ -12,6 +12,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -191,3 +192,62 @@ def clean_sample_run(tmp_path_factory: pytest.TempPathFactory, prefect_harness) 
     out = tmp_path_factory.mktemp("clean-sample") / "out"
     assert run_one(sample_config(out)).status == "completed"
     return out, answers(out)
+
+
+# --- the fast tier stays fast, checked without a clock ------------------------------------------------
+
+# What makes a test take more than a few seconds here: a Prefect server or flow, a worker, a CLI process.
+# A test in the fast tier (`make test-fast`: tests/unit and tests/models without slow or live) that uses
+# one must say so with a mark; a timing check would fail on a loaded machine, this one cannot.
+_HEAVY_FIXTURES = frozenset({"prefect_harness", "prefect_server", "clean_sample_run", "live", "deployed", "fleet"})
+_HEAVY_CALLS = ("embed_collections", "run_one", "run_flow", "start_prefect_server", "_cli", "wrapped_cli")
+_FAST_TIER = ("tests/unit/", "tests/models/")
+
+
+def _heavy_use(item: pytest.Item) -> str | None:
+    """What ``item`` starts that the fast tier must not, or None."""
+    import inspect
+    import re
+
+    used = _HEAVY_FIXTURES & set(getattr(item, "fixturenames", ()))
+    if used:
+        return f"uses {sorted(used)}"
+    function = getattr(item, "function", None)
+    try:
+        source = inspect.getsource(function) if function is not None else ""
+    except (OSError, TypeError):
+        return None
+    body = source.split(":", 1)[-1]  # not the test's own name
+    calls = [call for call in _HEAVY_CALLS if re.search(rf"(?<![\w.]){call}\(", body)]
+    return f"calls {calls}" if calls else None
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    offenders = []
+    for item in items:
+        where = str(Path(str(item.fspath)).relative_to(REPO))
+        if not where.startswith(_FAST_TIER) or item.get_closest_marker("slow") or item.get_closest_marker("live"):
+            continue
+        if (why := _heavy_use(item)) is not None:
+            offenders.append(f"{item.nodeid} {why}")
+    if offenders:
+        raise pytest.UsageError("tests in the fast tier that start a server, flow or CLI process must be marked "
+                                "slow or live:\n  " + "\n  ".join(offenders))
+
+
+_SLOW_S = 10.0
+_unmarked_slow: list[tuple[float, str]] = []
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    # Reported, never failed on: a loaded machine runs anything past any limit (the check above is the gate).
+    if report.when == "call" and report.duration > _SLOW_S and report.nodeid.startswith(_FAST_TIER):
+        if not {"slow", "live"} & set(report.keywords):
+            _unmarked_slow.append((report.duration, report.nodeid))
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if _unmarked_slow:
+        terminalreporter.write_sep("-", f"fast-tier tests over {_SLOW_S:.0f} s without a slow mark (mark them)")
+        for duration, nodeid in sorted(_unmarked_slow, reverse=True):
+            terminalreporter.write_line(f"{duration:6.1f} s  {nodeid}")

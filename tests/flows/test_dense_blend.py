@@ -47,7 +47,7 @@ def test_blend_weights_are_checked():
         RunConfig(dense={"blend": {E5: 1.0}})
     with pytest.raises(ValueError, match="sum below 1"):
         RunConfig(dense={"blend": {E5: 0.6, "BAAI/bge-small-en-v1.5": 0.5}})
-    with pytest.raises(ValueError, match="names dense_model"):
+    with pytest.raises(ValueError, match="names the dense model"):
         RunConfig(dense={"blend": {"all-minilm-l6-v2": 0.5}})
     cfg = RunConfig(dense={"blend": {E5: 0.9}})
     assert cfg.dense.components() == [("all-minilm-l6-v2", 0.1), (E5, 0.9)]

@@ -87,6 +87,14 @@ def test_deploy_registers_both_with_schedules_and_forms(prefect_server, deployed
     assert "config" in schema["properties"] and "RunConfig" in json.dumps(schema)
     assert {"embedding", "gpu"} <= set(nightly.tags) and nightly.work_pool_name == "embedding"
     assert gpu.limit == 1
+    # The run form shows the settings in sections, each a described fieldset of its own model.
+    defs = schema.get("definitions") or schema.get("$defs") or {}
+    run_config = defs["RunConfig"]["properties"]
+    for section in ("dense", "sparse", "fuse", "rerank", "index", "gpu", "stream", "orchestration"):
+        ref = run_config[section].get("$ref") or run_config[section]["allOf"][0]["$ref"]
+        model = defs[ref.rsplit("/", 1)[-1]]
+        assert model["properties"] and model.get("description"), section
+    assert "flat_names" not in run_config and "rrf_k" in defs["FuseSettings"]["properties"]
 
 
 def _run_worker_once(env: dict[str, str]) -> subprocess.CompletedProcess:
@@ -114,16 +122,21 @@ def test_manual_run_then_failed_run_retried_from_cache(prefect_server, deployed,
     from prefect.states import Scheduled
 
     out = tmp_path / "out"
-    # Written by the flat names of earlier releases, as a run form or script of theirs submits it: the run
-    # reads them into their sections, and its summary says which to rewrite.
+    # The run's settings file is written with the flat names of earlier releases: the run reads them into
+    # their sections and its summary says which to rewrite. The form's own values are sectioned.
+    old_file = tmp_path / "old-settings.toml"
+    old_file.write_text(f'[embedder]\nrerank_model = "{tiny_cross_encoder}"\nqueries_path = "{SAMPLE_QUERIES}"\n')
     config = {"collections": [{"name": "manual_sample", "path": str(SAMPLE_DIR)}],
-              "queries_path": str(SAMPLE_QUERIES), "output_dir": str(out), "local_files_only": True,
-              "rerank_model": str(tiny_cross_encoder),
+              "output_dir": str(out), "local_files_only": True,
               # One `--run-once` worker below: the collection runs in-process (tests/flows/test_fleet.py fans out).
-              "collection_fanout": "subflows"}
+              "orchestration": {"collection_fanout": "subflows"}}
     with _client(prefect_server) as client:
         dep = client.read_deployment_by_name("embed-collections/manual")
-        run = client.create_flow_run_from_deployment(dep.id, parameters={"config": config})
+        # A script that still sends flat names to the redeployed form is refused, naming them.
+        with pytest.raises(Exception, match="rerank_model"):
+            client.create_flow_run_from_deployment(dep.id, parameters={"config": {**config, "rerank_model": "x"}})
+        run = client.create_flow_run_from_deployment(dep.id, parameters={"config": config,
+                                                                         "config_file": str(old_file)})
     r = _run_worker_once(deployed)
     with _client(prefect_server) as client:
         final = _wait_final(client, run.id)
@@ -138,14 +151,15 @@ def test_manual_run_then_failed_run_retried_from_cache(prefect_server, deployed,
     assert written["status"] == "completed"
     assert written["config"]["rerank"]["model"] == str(tiny_cross_encoder)
     assert written["rerank_run"]["status"] == "executed"
-    assert any("rerank_model -> rerank.model" in w and "collection_fanout -> orchestration.collection_fanout" in w
+    assert any("rerank_model -> rerank.model" in w and "queries_path" not in w
                for w in written["warnings"]), written["warnings"]
 
     # A run that fails after its stages finished: the summary path is blocked by a directory.
     out2 = tmp_path / "out2"
     blocker = out2 / "manual_sample" / "processing_summary.json"
     blocker.mkdir(parents=True)
-    config2 = {**config, "output_dir": str(out2)}
+    config2 = {**config, "output_dir": str(out2), "queries_path": str(SAMPLE_QUERIES),
+               "rerank": {"model": str(tiny_cross_encoder)}}
     with _client(prefect_server) as client:
         run2 = client.create_flow_run_from_deployment(dep.id, parameters={"config": config2})
     _run_worker_once(deployed)

@@ -95,6 +95,7 @@ def test_summaries_of_the_earlier_pipeline_validate_and_normalise(name):
         assert s.rerank_run is None and s.sparse_run is None and summary_notes(s) == []
 
 
+@pytest.mark.live
 def test_a_v40_of_the_earlier_pipeline_validates(tmp_path):
     raw = json.loads((ORIGIN / "full_v41.json").read_text())
     for key in ("feature_toggles", "rerank_run", "sparse_run", "compatibility", "telemetry"):
@@ -107,6 +108,7 @@ def test_a_v40_of_the_earlier_pipeline_validates(tmp_path):
     assert "Dense: all-MiniLM-L6-v2 on cuda:0" in r.stdout
 
 
+@pytest.mark.live
 def test_summary_warns_softly_when_a_toggle_is_on_but_its_section_is_missing(tmp_path):
     raw = json.loads((ORIGIN / "full_v41.json").read_text())
     del raw["rerank_run"]
@@ -119,6 +121,7 @@ def test_summary_warns_softly_when_a_toggle_is_on_but_its_section_is_missing(tmp
     assert "Dense:" in r.stdout and "Sparse:" in r.stdout
 
 
+@pytest.mark.live
 def test_corrupt_summaries_are_rejected_naming_the_field(tmp_path):
     raw = json.loads((ORIGIN / "full_v41.json").read_text())
     cases = {"chunk_count": ("many", "chunk_count"), "dense_run": ({"device": "cpu"}, "dense_run.model_name")}
@@ -143,6 +146,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "flows.cli", *args], capture_output=True, text=True, cwd=REPO)
 
 
+@pytest.mark.live
 def test_cli_validate_accepts_fixtures_and_rejects_corruption(tmp_path):
     for f in (V40, V41):
         r = _cli("validate", str(f))
@@ -160,6 +164,7 @@ def test_cli_validate_accepts_fixtures_and_rejects_corruption(tmp_path):
     assert r.returncode != 0 and "strict: schema_version must be 'v4.1'" in r.stderr
 
 
+@pytest.mark.live
 def test_cli_summary_prints_present_sections_only():
     r = _cli("summary", str(V40))
     assert r.returncode == 0
