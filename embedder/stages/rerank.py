@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 import uuid
 
 from pydantic import BaseModel, Field
@@ -17,7 +16,15 @@ from embedder.models.registry import resolve_model
 from embedder.models.rerank import RerankEncoder, rerank
 from embedder.schemas import CrossEncoderRerankRun, StageRef, StageTelemetry
 from embedder.settings import RunConfig
-from embedder.stages.common import Status, SummarySection, model_fingerprint, seal, stage_dir, stage_key
+from embedder.stages.common import (
+    Status,
+    SummarySection,
+    model_fingerprint,
+    seal,
+    stage_dir,
+    stage_key,
+    timed_load,
+)
 from embedder.stages.fuse import FusionResult
 from embedder.summary import LeaseEvent, RerankPayload, RerankRun
 from embedder.tuning import query_lists
@@ -56,13 +63,15 @@ def rerank_stage(config: RunConfig, collection: str, chunks: StageRef, fusion: F
         return seal(stage_dir(config, collection, "rerank", key), RerankStageResult(
             status="skipped", model_name=config.rerank.model, reason=fusion.reason or "fusion produced no candidates"))
     device = resolve_device(config.force_cpu)
-    loading = time.perf_counter()
-    try:
+    def load() -> RerankEncoder:
         resolved = resolve_model(config.rerank.model, "rerank", local_files_only=config.local_files_only)
         encoder = RerankEncoder(resolved, device, local_files_only=config.local_files_only,
                                 precision=resolve_precision(config.rerank.precision, device))
         encoder.load()
-        load_s = round(time.perf_counter() - loading, 3)
+        return encoder
+
+    try:
+        encoder, load_s = timed_load(load)
     except ModelUnavailableError as exc:
         return RerankStageResult(status="error", model_name=config.rerank.model, device=device, reason=str(exc),
                                  warnings=[f"rerank failed, the run continued without it: {exc}"])

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any, cast
@@ -36,6 +35,7 @@ from embedder.stages.common import (
     stage_dir,
     stage_key,
     stages_dir,
+    timed_load,
     touch_space,
     vector_space,
 )
@@ -67,6 +67,18 @@ class SparseStageResult(BaseModel):
     reason: str | None = None
     lease_event: LeaseEvent | None = Field(None, description="Set when a model ran on the GPU, under the lease.")
     integrity: StoreIntegrity | None = Field(None, description="What the vector stores' checks found.")
+
+
+def _load_model(config: RunConfig, name: str, device: str, precision: str) -> tuple[Any, str | None]:
+    """The sparse model, or None and why it cannot load (the stage then falls back, it does not fail)."""
+    try:
+        resolved = resolve_model(name, "sparse", local_files_only=config.local_files_only)
+        return load_sparse_model(resolved, device, local_files_only=config.local_files_only, precision=precision,
+                                 ceiling_gb=config.gpu.memory_ceiling_gb,
+                                 cpu_items=max(1, config.gpu.cpu_batch_items // 2),
+                                 policy=config.gpu.batch_policy), None
+    except ModelUnavailableError as exc:
+        return None, str(exc)
 
 
 def sparse_key(config: RunConfig, collection: str, chunks: StageRef) -> str:
@@ -129,20 +141,12 @@ def sparse_stage(config: RunConfig, collection: str, chunks: StageRef, key: str,
                 index = cache.open_index()
                 gids = index.find(keys)
                 reused = int((gids >= 0).sum())
-                model = None
-                load_error = None
+                model: Any = None
+                load_error: str | None = None
                 load_s: float | None = None
                 if reused < len(keys) or queries:
-                    loading = time.perf_counter()
-                    try:
-                        resolved = resolve_model(name, "sparse", local_files_only=config.local_files_only)
-                        model = load_sparse_model(
-                            resolved, device_of(name), local_files_only=config.local_files_only,
-                            precision=precision_of(name), ceiling_gb=config.gpu.memory_ceiling_gb,
-                            cpu_items=max(1, config.gpu.cpu_batch_items // 2), policy=config.gpu.batch_policy)
-                    except ModelUnavailableError as exc:
-                        load_error = str(exc)
-                    load_s = round(time.perf_counter() - loading, 3)
+                    (model, load_error), load_s = timed_load(functools.partial(
+                        _load_model, config, name, device_of(name), precision_of(name)))
                 on_gpu = device_of(name).startswith("cuda") and gpu is not None and model is not None
                 if on_gpu:
                     cuda_context_gb(device_of(name))  # CUDA starts before the lease: the slot is for GPU work

@@ -72,14 +72,14 @@ def test_dense_order_is_preserved_despite_length_sorting(minilm):
 
 
 def test_dense_injected_oom_halves_batch(minilm, monkeypatch):
-    real = minilm.encode_batch
+    real = minilm.encode_documents
 
     def flaky(texts):
         if len(texts) > 4:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected)")
         return real(texts)
 
-    monkeypatch.setattr(minilm, "encode_batch", flaky)
+    monkeypatch.setattr(minilm, "encode_documents", flaky)
     texts = [f"sentence number {i}" for i in range(10)]
     res = embed_dense(texts, minilm, batch=BatchPlan(16))
     assert res.telemetry.batch_size == 4 and res.telemetry.backoffs == [16, 8]
@@ -430,3 +430,24 @@ def test_models_loaded_on_two_threads_at_once_both_load():
         for t in threads:
             t.join()
     assert errors == []
+
+
+def test_a_search_query_vector_is_the_one_the_dense_stage_stored(tmp_path):
+    # One path for chunk and query vectors: the engine. The stage embeds the run's queries inside windows
+    # of chunks (other lengths, other batches); search embeds one query alone. Both must give its vector.
+    from embedder import stages as st
+    from embedder.io.readers import read_queries
+    from embedder.io.writers import read_dense_parquet
+    from embedder.settings import CollectionInput, RunConfig
+    from tests.conftest import SAMPLE_QUERIES
+
+    cfg = RunConfig(collections=[CollectionInput(name="s", path=str(SAMPLE_DIR))], queries_path=str(SAMPLE_QUERIES),
+                    output_dir=str(tmp_path), local_files_only=True)
+    col = cfg.collections[0]
+    load = st.load_stage(cfg, col, st.load_key(cfg, col))
+    dense = st.dense_stage(cfg, "s", load.chunks, st.dense_key(cfg, "s", load.chunks))
+    qids, stored = read_dense_parquet(dense.query_vectors.path)
+    texts = {q.id: q.text for q in read_queries(SAMPLE_QUERIES)}
+    assert len(qids) == len(texts) > 1
+    for qid, vector in zip(qids, stored):
+        np.testing.assert_allclose(st.query_vector(cfg, texts[qid]), vector, atol=1e-6)

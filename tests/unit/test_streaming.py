@@ -250,7 +250,7 @@ def test_a_cpu_engine_reports_and_checkpoints_every_batch_so_a_failure_midway_ke
     from embedder.settings import CollectionInput, RunConfig
     from tests.conftest import SAMPLE_DIR
 
-    real = OnnxDenseEncoder.encode_batch
+    real = OnnxDenseEncoder.encode_documents
     calls = [0]
 
     def fails_on_the_third_batch(self, texts):
@@ -268,7 +268,7 @@ def test_a_cpu_engine_reports_and_checkpoints_every_batch_so_a_failure_midway_ke
         return st.dense_stage(cfg, col.name, load.chunks, st.dense_key(cfg, col.name, load.chunks),
                               progress=None if progress is None else lambda d, t: progress.append((d, t)))
 
-    monkeypatch.setattr(OnnxDenseEncoder, "encode_batch", fails_on_the_third_batch)
+    monkeypatch.setattr(OnnxDenseEncoder, "encode_documents", fails_on_the_third_batch)
     progress: list[tuple[int, int]] = []
     with pytest.raises(StageError, match="third batch"):
         run(tmp_path / "out", progress)
@@ -278,7 +278,7 @@ def test_a_cpu_engine_reports_and_checkpoints_every_batch_so_a_failure_midway_ke
     parts = sorted((tmp_path / "out" / "s" / ".stages" / "vectors").glob("*/part-*.parquet"))
     assert sum(pq.ParquetFile(p).metadata.num_rows for p in parts) == 16
 
-    monkeypatch.setattr(OnnxDenseEncoder, "encode_batch", real)
+    monkeypatch.setattr(OnnxDenseEncoder, "encode_documents", real)
     progress = []
     resumed = run(tmp_path / "out", progress)
     assert (resumed.computed, resumed.reused) == (total - 16, 16)
