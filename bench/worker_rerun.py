@@ -2,8 +2,8 @@
 
 Starts `prefect server start`, sets up the pool and the GPU limit (`deployments/setup.py`), registers the
 deployments (`prefect deploy --all`) and starts one worker, as docs/prefect.md says. Then, for each
-fan-out (``subflows``: the collection runs in the parent's process; ``deployments``: it is a flow run of
-the `collection` deployment, which the worker starts in a process of its own), it runs the `manual`
+fan-out (``auto``, the default: one collection runs in the parent's process; ``deployments``: it is a
+flow run of the `collection` deployment, which the worker starts in a process of its own), it runs the `manual`
 deployment on N SciFact abstracts: a first run, then R unchanged re-runs, the two fan-outs interleaved.
 
 For each run it reports, from the server's own records:
@@ -95,7 +95,7 @@ def main() -> None:
             configs = {fanout: {"collections": [{"name": "docs", "path": str(src)}], "output_dir": str(tmp / fanout),
                                 "local_files_only": True, "rerank": {"enabled": False},
                                 "orchestration": {"collection_fanout": fanout}}
-                       for fanout in ("subflows", "deployments")}
+                       for fanout in ("auto", "deployments")}
             for fanout, config in configs.items():
                 results[fanout] = {"first": _run(client, manual.id, config), "unchanged": []}
             for r in range(args.rounds):

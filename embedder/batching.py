@@ -9,6 +9,7 @@ batch, until the floor, where the stage fails naming the settings to change.
 
 from __future__ import annotations
 
+import gc
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -44,6 +45,7 @@ def back_off(exc: BaseException, *, device: str, size: int, backoffs: list[int],
     if not is_oom(exc):
         raise exc
     backoffs.append(size)
+    gc.collect()  # the failed batch's tensors, on either device, before the smaller retry
     free_device_cache(device)
     if at_floor:
         raise StageError(f"out of memory even at {floor}; lower the model's max length or raise "

@@ -176,9 +176,13 @@ class PeakMeter:
 
 
 def free_device_cache(device: str) -> None:
-    """Return cached blocks to the driver so the next stage (or process) can use them."""
-    gc.collect()
+    """Return cached blocks to the driver so the next stage (or process) can use them.
+
+    A no-op on the CPU: there is no cache to return, and a full ``gc.collect()``
+    after every stage cost a third of a second each on a large heap.
+    """
     if device.startswith("cuda"):
+        gc.collect()  # the model's dropped tensors must be unreachable before the cache can shrink
         torch.cuda.empty_cache()
 
 

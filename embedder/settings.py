@@ -233,9 +233,9 @@ class OrchestrationSettings(_Section):
     """Where a run's collections execute and how runs of one collection take turns."""
 
     collection_fanout: Literal["auto", "subflows", "deployments"] = Field(
-        "auto", description="How a run's collections execute. auto: under a deployment, each collection is its "
-        "own flow run of the collection deployment, placed on any worker of the pool; otherwise in-process "
-        "subflows.")
+        "auto", description="How a run's collections execute. auto: under a deployment, a run of two or more "
+        "collections makes each its own flow run of the collection deployment, placed on any worker of the "
+        "pool; otherwise (one collection, the CLI) in-process subflows. deployments fans out even one.")
     collection_deployment: str = Field(
         "embed-collection/collection", min_length=3, description="The per-collection deployment fan-out submits to.")
     collection_lock_timeout_s: float = Field(

@@ -199,11 +199,11 @@ def embed_collections(
         config_file: A TOML/JSON settings file (scheduled deployments name their
             collections there); values set explicitly in ``config`` win over it.
 
-    Under a deployment (``collection_fanout`` auto), each collection is its own
-    flow run of the per-collection deployment, so the work pool places them on
-    any worker; this run waits for all of them and rolls their summaries up.
-    Otherwise (the CLI, ``serve``) collections run one after another as in-process
-    subflows: they would only queue on one GPU slot if run side by side, and
+    Under a deployment (``collection_fanout`` auto) with two or more collections,
+    each collection is its own flow run of the per-collection deployment, so the
+    work pool places them on any worker; this run waits for all of them and rolls
+    their summaries up. Otherwise (the CLI, one collection) collections run one
+    after another as in-process subflows: they would only queue on one GPU slot if run side by side, and
     sequential runs keep memory bounded. A failed collection never stops or
     cancels the others; the run ends Failed when any failed.
 

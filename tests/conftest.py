@@ -98,7 +98,9 @@ def start_prefect_server(home: Path, extra_env: dict[str, str] | None = None, ti
 
     port = free_port()
     url = f"http://127.0.0.1:{port}/api"
-    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    from tests.helpers.homes import seeded_home
+
+    env = {**os.environ, "PREFECT_HOME": str(seeded_home(home)), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
            "PREFECT_UI_ENABLED": "true" if ui else "false", "PREFECT_UI_API_URL": url, **(extra_env or {})}
     env.pop("PREFECT_API_URL", None)
     env.pop("PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE", None)  # a server as users start it: Prefect's defaults

@@ -184,16 +184,23 @@ def test_auto_fanout_runs_collections_in_process_when_the_collection_deployment_
     from prefect import flow
     from prefect.settings import PREFECT_API_URL, PREFECT_LOGGING_TO_API_ENABLED, temporary_settings
 
-    from embedder.settings import RunConfig
+    from embedder.settings import CollectionInput, RunConfig
     from tasks.fanout import fan_out_to_deployments
+
+    two = [CollectionInput(name=name, path=str(SAMPLE_DIR)) for name in ("one", "two")]
 
     @flow
     def fans_out(collection_deployment: str) -> bool:
-        config = RunConfig(orchestration={"collection_deployment": collection_deployment})
+        config = RunConfig(collections=two, orchestration={"collection_deployment": collection_deployment})
         return fan_out_to_deployments(config, "a-deployment-run")
 
     with temporary_settings(updates={PREFECT_API_URL: prefect_server, PREFECT_LOGGING_TO_API_ENABLED: False}):
         assert fans_out("embed-collection/collection") is True  # deployed by `prefect deploy --all`
+        # One collection has nothing to spread over workers: it runs in the deployment's own flow run.
+        one = RunConfig(collections=two[:1])
+        assert fan_out_to_deployments(one, "a-deployment-run") is False
+        assert fan_out_to_deployments(
+            one.model_copy(update={"orchestration.collection_fanout": "deployments"}), "a-deployment-run") is True
         assert fans_out("embed-collection/not-deployed") is False
         # Outside a deployment, and when the config says so, no server lookup decides it.
         assert fan_out_to_deployments(RunConfig(), None) is False

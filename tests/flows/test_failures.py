@@ -19,6 +19,7 @@ import pytest
 from embedder.errors import CollectionsFailedError
 from embedder.summary import load_summary
 from tests.conftest import REPO, SAMPLE_DIR, SAMPLE_QRELS, SAMPLE_QUERIES
+from tests.helpers.homes import seeded_home
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 
@@ -71,7 +72,7 @@ def test_a_collection_without_valid_chunks_fails_alone_and_the_run_exits_non_zer
             shutil.copy(SAMPLE_DIR / f, src / name / f)
     (src / "gamma").mkdir()
     (src / "gamma" / "notes_chunks.json").write_text("this is not JSON {")
-    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "home")}
+    env = {**os.environ, "PREFECT_HOME": str(seeded_home(tmp_path / "home"))}
     env.pop("PREFECT_API_URL", None)
     out = tmp_path / "out"
     r = subprocess.run([sys.executable, "-m", "flows.cli", "run", "--input", str(src), "--output-dir", str(out),

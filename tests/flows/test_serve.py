@@ -43,8 +43,9 @@ def test_serve_runs_a_manual_run_with_default_settings_and_stops_on_sigterm(tmp_
                     assert serve.poll() is None, log.read_text()[-3000:]
                     assert time.monotonic() < deadline, log.read_text()[-3000:]
                     time.sleep(1)
-            # Default settings but the input: collection_fanout "auto" fans the collection out.
-            config = {"collections": [{"name": "served", "path": str(SAMPLE_DIR)}],
+            # Default settings but the input: collection_fanout "auto" fans two collections out.
+            config = {"collections": [{"name": "served", "path": str(SAMPLE_DIR)},
+                                      {"name": "served-too", "path": str(SAMPLE_DIR)}],
                       "output_dir": str(tmp_path / "out"), "local_files_only": True}
             run = client.create_flow_run_from_deployment(manual.id, parameters={"config": config})
             deadline = time.monotonic() + 900
@@ -57,10 +58,12 @@ def test_serve_runs_a_manual_run_with_default_settings_and_stops_on_sigterm(tmp_
                 flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[run.id])))
             child_deployments = {c.deployment_id for c in children}
             collection = client.read_deployment_by_name("embed-collection/collection")
-        summary = json.loads((tmp_path / "out" / "served" / "processing_summary.json").read_text())
-        assert summary["status"] in ("completed", "partial") and summary["chunk_count"] == 50
-        assert summary["run_id"] == str(run.id)
-        assert child_deployments == {collection.id}, "the collection did not run as the served deployment"
+        for name in ("served", "served-too"):
+            summary = json.loads((tmp_path / "out" / name / "processing_summary.json").read_text())
+            assert summary["status"] in ("completed", "partial") and summary["chunk_count"] == 50
+            assert summary["run_id"] == str(run.id)
+        assert len(children) == 2 and child_deployments == {collection.id}, \
+            "the collections did not run as the served deployment"
 
         # SIGTERM while a run is in its dense stage: serve.py cancels it (and its collection's run), pauses
         # its schedules and exits; nothing it started is left running.
@@ -71,7 +74,9 @@ def test_serve_runs_a_manual_run_with_default_settings_and_stops_on_sigterm(tmp_
                 dst.write(json.dumps({"id": doc["_id"], "text": f"{doc['title']}. {doc['text']}"}) + "\n")
         with SyncPrefectClient(api) as client:
             busy = client.create_flow_run_from_deployment(manual.id, parameters={"config": {
-                **config, "collections": [{"name": "big", "path": str(big)}], "rerank": {"enabled": False}}})
+                **config, "collections": [{"name": "big", "path": str(big)}], "rerank": {"enabled": False},
+                # One collection runs in-process under auto; fan it out so serve.py must stop its child too.
+                "orchestration": {"collection_fanout": "deployments"}}})
             deadline = time.monotonic() + 600
             while "big dense: " not in log.read_text():
                 assert serve.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]

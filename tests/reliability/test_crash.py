@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO, SAMPLE_DIR, SAMPLE_QUERIES
+from tests.helpers.homes import seeded_home
 from tests.helpers.wrapped_cli import cli_with_dense_hook, run_until_killed
 
 pytestmark = pytest.mark.slow
@@ -39,7 +40,7 @@ def _args(out: Path, ce: Path) -> list[str]:
 
 
 def _env(home: Path) -> dict[str, str]:
-    env = {**os.environ, "PREFECT_HOME": str(home), "EMBEDDER_GPU_LEASE_DURATION_S": "60"}
+    env = {**os.environ, "PREFECT_HOME": str(seeded_home(home)), "EMBEDDER_GPU_LEASE_DURATION_S": "60"}
     env.pop("PREFECT_API_URL", None)
     return env
 

@@ -19,6 +19,7 @@ import pytest
 
 from embedder.errors import VectorIndexError
 from tests.conftest import SAMPLE_DIR
+from tests.helpers.homes import seeded_home
 from tests.helpers.sample_runs import answers, run_one, sample_config
 from tests.helpers.wrapped_cli import run_until_killed
 
@@ -160,7 +161,7 @@ def test_sigkill_during_the_shard_build_serves_the_old_index_and_the_next_run_cl
     chunks = json.loads((edited / "tides_chunks.json").read_text())
     chunks[0]["text"] += " Spring tides follow the new and the full moon."
     (edited / "tides_chunks.json").write_text(json.dumps(chunks))
-    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "home")}
+    env = {**os.environ, "PREFECT_HOME": str(seeded_home(tmp_path / "home"))}
     env.pop("PREFECT_API_URL", None)
     killed = run_until_killed(KILL_IN_INDEX_BUILD, ["run", "--input", str(edited), "--collection", "sample",
                                                     "--output-dir", str(out), "--local-files-only",

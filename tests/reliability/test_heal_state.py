@@ -24,6 +24,7 @@ import pytest
 from embedder.errors import EmbedderError
 from embedder.io.writers import read_jsonl_records
 from tests.conftest import REPO, SAMPLE_DIR
+from tests.helpers.homes import seeded_home
 from tests.helpers.sample_runs import answers, ranked, run_one, sample_config
 from tests.helpers.wrapped_cli import cli_with_dense_hook
 
@@ -205,7 +206,7 @@ def test_search_answers_from_a_read_only_output_dir_and_a_run_into_it_fails_in_o
     out = tmp_path / "out"
     shutil.copytree(clean_out, out, symlinks=True)
     before = os.readlink(out / "sample" / "current")
-    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "home"), "TMPDIR": str(tmp_path)}
+    env = {**os.environ, "PREFECT_HOME": str(seeded_home(tmp_path / "home")), "TMPDIR": str(tmp_path)}
     env.pop("PREFECT_API_URL", None)
     cli = [sys.executable, "-m", "flows.cli"]
 
@@ -232,7 +233,7 @@ def test_two_runs_with_separate_prefect_homes_queue_on_the_output_dir(tmp_path):
             "--local-files-only", "--disable-rerank"]
 
     def env(home: str) -> dict[str, str]:
-        e = {**os.environ, "PREFECT_HOME": str(tmp_path / home)}
+        e = {**os.environ, "PREFECT_HOME": str(seeded_home(tmp_path / home))}
         e.pop("PREFECT_API_URL", None)
         return e
 
@@ -275,7 +276,7 @@ def test_verify_names_the_damage_and_repair_heals_it_through_a_run(clean_sample_
     """`embed-collections verify` as a user runs it: a table and exit 1; `--repair`; then sound, exit 0."""
     clean_out, clean_answers = clean_sample_run
     out = tmp_path / "out"
-    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "home")}
+    env = {**os.environ, "PREFECT_HOME": str(seeded_home(tmp_path / "home"))}
     env.pop("PREFECT_API_URL", None)
     cli = [sys.executable, "-m", "flows.cli"]
     first = subprocess.run([*cli, "run", "--input", str(SAMPLE_DIR), "--collection", "sample", "--output-dir",
