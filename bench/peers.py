@@ -102,8 +102,14 @@ def measured(cmd: list[str], env: dict[str, str]) -> tuple[dict[str, float], str
 
 
 def disk_bytes(path: Path) -> int:
-    """Bytes allocated on disk under ``path`` (holes excluded, as ``du`` counts)."""
-    return sum(p.stat().st_blocks * 512 for p in path.rglob("*") if p.is_file() and not p.is_symlink())
+    """Bytes allocated on disk under ``path`` as ``du`` counts them: holes excluded, each file once however
+    many hard links name it (an unchanged night links its exports to the published set's)."""
+    seen: dict[tuple[int, int], int] = {}
+    for p in path.rglob("*"):
+        if p.is_file() and not p.is_symlink():
+            st = p.stat()
+            seen[(st.st_dev, st.st_ino)] = st.st_blocks * 512
+    return sum(seen.values())
 
 
 class Project:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -173,9 +174,23 @@ def other_queries(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def _config(out: Path, tiny_cross_encoder: Path, **changes: Any) -> RunConfig:
+# Half the sample: the five documents the sample queries are about (25 chunks), still more than every
+# window, batch and top-n the changes below set, so each change still moves what it moves.
+_SUBSET = ("photosynthesis", "gpus", "volcanoes", "vector_search", "sourdough")
+
+
+@pytest.fixture(scope="module")
+def collection(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A copy of the sample collection's files about the sample queries."""
+    root = tmp_path_factory.mktemp("subset")
+    for name in _SUBSET:
+        shutil.copyfile(SAMPLE_DIR / f"{name}_chunks.json", root / f"{name}_chunks.json")
+    return root
+
+
+def _config(out: Path, tiny_cross_encoder: Path, collection: Path = SAMPLE_DIR, **changes: Any) -> RunConfig:
     """The base config, with ``changes`` (by setting path) applied."""
-    base = RunConfig(collections=[CollectionInput(name="sample", path=str(SAMPLE_DIR))],
+    base = RunConfig(collections=[CollectionInput(name="sample", path=str(collection))],
                      queries_path=str(SAMPLE_QUERIES), output_dir=str(out), local_files_only=True,
                      rerank={"model": str(tiny_cross_encoder)})
     return base.model_copy(update=changes) if changes else base
@@ -206,19 +221,22 @@ def test_a_stage_key_holds_its_settings_and_nothing_else(tmp_path, tiny_cross_en
 
 @pytest.mark.slow
 def test_each_setting_changed_alone_recomputes_exactly_its_readers_and_matches_a_fresh_run(
-        tmp_path, tiny_cross_encoder, tiny_dense_model, other_queries):
-    base_cfg = _config(tmp_path / "kept", tiny_cross_encoder)
+        tmp_path, tiny_cross_encoder, tiny_dense_model, other_queries, collection):
+    base_cfg = _config(tmp_path / "kept", tiny_cross_encoder, collection)
     cache: dict[str, Any] = {}
     base, served = _pipeline(base_cfg, cache)
     assert not served and base["rerank"].status == "executed" and base["fuse"].status == "executed"
     base_results = _results(base)
     # Another output dir computes the same results: what the comparison below relies on.
-    assert _results(_pipeline(_config(tmp_path / "fresh-base", tiny_cross_encoder), {})[0]) == base_results
+    assert _results(_pipeline(_config(tmp_path / "fresh-base", tiny_cross_encoder, collection), {})[0]) \
+        == base_results
 
     for name, value in _changes(tiny_dense_model, other_queries).items():
         kept_cache = dict(cache)  # every change starts from the base run's stored results
-        results, served = _pipeline(_config(tmp_path / "kept", tiny_cross_encoder, **{name: value}), kept_cache)
-        fresh, _ = _pipeline(_config(tmp_path / f"fresh-{name}", tiny_cross_encoder, **{name: value}), {})
+        results, served = _pipeline(_config(tmp_path / "kept", tiny_cross_encoder, collection, **{name: value}),
+                                    kept_cache)
+        fresh, _ = _pipeline(_config(tmp_path / f"fresh-{name}", tiny_cross_encoder, collection, **{name: value}),
+                             {})
         got = _results(results)
         for stage in STAGES:
             differs = _agree(_contents(results[stage].model_dump(mode="json")),
