@@ -45,8 +45,11 @@ def back_off(exc: BaseException, *, device: str, size: int, backoffs: list[int],
     if not is_oom(exc):
         raise exc
     backoffs.append(size)
-    gc.collect()  # the failed batch's tensors, on either device, before the smaller retry
-    free_device_cache(device)
+    # The failed batch's tensors must be gone before the smaller retry (on CUDA, freeing the cache collects).
+    if device.startswith("cuda"):
+        free_device_cache(device)
+    else:
+        gc.collect()
     if at_floor:
         raise StageError(f"out of memory even at {floor}; lower the model's max length or raise "
                          "gpu.memory_ceiling_gb") from exc

@@ -203,8 +203,8 @@ def embed_collections(
     each collection is its own flow run of the per-collection deployment, so the
     work pool places them on any worker; this run waits for all of them and rolls
     their summaries up. Otherwise (the CLI, one collection) collections run one
-    after another as in-process subflows: they would only queue on one GPU slot if run side by side, and
-    sequential runs keep memory bounded. A failed collection never stops or
+    after another as in-process subflows: they would only queue on one GPU slot
+    if run side by side, and sequential runs keep memory bounded. A failed collection never stops or
     cancels the others; the run ends Failed when any failed.
 
     Raises:

@@ -3,22 +3,19 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 from embedder.gpu import resolve_device
-from tests.helpers.homes import seeded_home
+from tests.helpers.homes import cli_env
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 def test_gpu_bench_tiny_run_reports_every_figure(tmp_path):
     out = tmp_path / "gpu.json"
-    env = {**os.environ, "PREFECT_HOME": str(seeded_home(tmp_path / "home")),
-           "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
-    env.pop("PREFECT_API_URL", None)
+    env = cli_env(tmp_path / "home", PREFECT_SERVER_ANALYTICS_ENABLED="false")
     proc = subprocess.run([sys.executable, "bench/gpu.py", "--tiny", "--out", str(out)], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -12,7 +12,7 @@ from embedder.errors import InputFormatError
 from embedder.io.beir import prepare_beir
 from embedder.io.readers import read_collection
 from tests.conftest import REPO, SAMPLE_DIR, SAMPLE_QRELS, SAMPLE_QUERIES
-from tests.helpers.homes import seeded_home
+from tests.helpers.homes import cli_env
 
 
 @pytest.fixture
@@ -45,7 +45,7 @@ def test_eval_json_reports_every_stage(beir_dir, tmp_path, tiny_cross_encoder):
         [sys.executable, "-m", "flows.cli", "eval", "--beir-dir", str(beir_dir), "--split", "test", "--output-dir",
          str(tmp_path / "out"), "--json", "--local-files-only", "--rerank-model", str(tiny_cross_encoder)],
         cwd=REPO, capture_output=True, text=True, timeout=600,
-        env={**__import__("os").environ, "PREFECT_HOME": str(seeded_home(env_home))},
+        env=cli_env(env_home),
     )
     assert r.returncode == 0, r.stderr[-3000:]
     report = json.loads(r.stdout)
@@ -63,7 +63,7 @@ def _eval(beir_dir, tmp_path, *args: str) -> subprocess.CompletedProcess:
         [sys.executable, "-m", "flows.cli", "eval", "--beir-dir", str(beir_dir), "--output-dir",
          str(tmp_path / "out"), "--json", "--local-files-only", "--disable-rerank", *args],
         cwd=REPO, capture_output=True, text=True, timeout=600,
-        env={**__import__("os").environ, "PREFECT_HOME": str(seeded_home(tmp_path / "home"))})
+        env=cli_env(tmp_path / "home"))
 
 
 @pytest.mark.slow

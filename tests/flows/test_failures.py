@@ -7,7 +7,6 @@ in-process otherwise) and asserts on what they leave behind.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -19,7 +18,7 @@ import pytest
 from embedder.errors import CollectionsFailedError
 from embedder.summary import load_summary
 from tests.conftest import REPO, SAMPLE_DIR, SAMPLE_QRELS, SAMPLE_QUERIES
-from tests.helpers.homes import seeded_home
+from tests.helpers.homes import cli_env
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 
@@ -72,8 +71,7 @@ def test_a_collection_without_valid_chunks_fails_alone_and_the_run_exits_non_zer
             shutil.copy(SAMPLE_DIR / f, src / name / f)
     (src / "gamma").mkdir()
     (src / "gamma" / "notes_chunks.json").write_text("this is not JSON {")
-    env = {**os.environ, "PREFECT_HOME": str(seeded_home(tmp_path / "home"))}
-    env.pop("PREFECT_API_URL", None)
+    env = cli_env(tmp_path / "home")
     out = tmp_path / "out"
     r = subprocess.run([sys.executable, "-m", "flows.cli", "run", "--input", str(src), "--output-dir", str(out),
                         "--local-files-only", "--disable-rerank"], env=env, cwd=REPO, capture_output=True,

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO, SAMPLE_QUERIES
-from tests.helpers.homes import seeded_home
+from tests.helpers.homes import cli_env
 
 pytestmark = pytest.mark.slow
 
@@ -126,8 +126,7 @@ class Holder:
 
 
 def _ephemeral_env(home: Path) -> dict[str, str]:
-    env = {**os.environ, "PREFECT_HOME": str(seeded_home(home))}
-    env.pop("PREFECT_API_URL", None)
+    env = cli_env(home)
     env.pop("PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE", None)  # as a user's shell has it: the entry point sets it
     return env
 

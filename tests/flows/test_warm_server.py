@@ -19,12 +19,11 @@ import httpx
 
 from embedder.summary import load_summary
 from tests.conftest import REPO, SAMPLE_DIR, process_group_gone
-from tests.helpers.homes import seeded_home
+from tests.helpers.homes import cli_env
 
 
 def _cli(home: Path, *args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PREFECT_HOME": str(seeded_home(home))}
-    env.pop("PREFECT_API_URL", None)
+    env = cli_env(home)
     return subprocess.run([sys.executable, "-m", "flows.cli", *args], env=env, cwd=REPO, capture_output=True,
                           text=True, timeout=timeout)
 

@@ -50,6 +50,16 @@ def _migrated_template() -> Path:
     return home
 
 
+def cli_env(home: Path, **extra: str) -> dict[str, str]:
+    """The environment of a CLI process with its own seeded Prefect ``home`` and a temporary server.
+
+    ``extra`` variables are added; ``PREFECT_API_URL`` is dropped, so no server of the caller's is used.
+    """
+    env = {**os.environ, "PREFECT_HOME": str(seeded_home(home)), **extra}
+    env.pop("PREFECT_API_URL", None)
+    return env
+
+
 def seeded_home(path: Path) -> Path:
     """``path`` as a new Prefect home with a migrated, empty database; returns ``path``."""
     path.mkdir(parents=True, exist_ok=True)

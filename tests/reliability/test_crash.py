@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO, SAMPLE_DIR, SAMPLE_QUERIES
-from tests.helpers.homes import seeded_home
+from tests.helpers.homes import cli_env
 from tests.helpers.wrapped_cli import cli_with_dense_hook, run_until_killed
 
 pytestmark = pytest.mark.slow
@@ -40,9 +40,7 @@ def _args(out: Path, ce: Path) -> list[str]:
 
 
 def _env(home: Path) -> dict[str, str]:
-    env = {**os.environ, "PREFECT_HOME": str(seeded_home(home)), "EMBEDDER_GPU_LEASE_DURATION_S": "60"}
-    env.pop("PREFECT_API_URL", None)
-    return env
+    return cli_env(home, EMBEDDER_GPU_LEASE_DURATION_S="60")
 
 
 def test_sigkill_during_rerank_then_rerun_resumes_identically(tmp_path, tiny_cross_encoder):

@@ -8,7 +8,6 @@ run ends ``completed``, says what it healed, and search answers as before the da
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 from pathlib import Path
@@ -19,7 +18,7 @@ import pytest
 
 from embedder.errors import VectorIndexError
 from tests.conftest import SAMPLE_DIR
-from tests.helpers.homes import seeded_home
+from tests.helpers.homes import cli_env
 from tests.helpers.sample_runs import answers, run_one, sample_config
 from tests.helpers.wrapped_cli import run_until_killed
 
@@ -161,8 +160,7 @@ def test_sigkill_during_the_shard_build_serves_the_old_index_and_the_next_run_cl
     chunks = json.loads((edited / "tides_chunks.json").read_text())
     chunks[0]["text"] += " Spring tides follow the new and the full moon."
     (edited / "tides_chunks.json").write_text(json.dumps(chunks))
-    env = {**os.environ, "PREFECT_HOME": str(seeded_home(tmp_path / "home"))}
-    env.pop("PREFECT_API_URL", None)
+    env = cli_env(tmp_path / "home")
     killed = run_until_killed(KILL_IN_INDEX_BUILD, ["run", "--input", str(edited), "--collection", "sample",
                                                     "--output-dir", str(out), "--local-files-only",
                                                     "--disable-rerank"], env, tmp_path / "crash.log")

@@ -24,7 +24,7 @@ import pytest
 from embedder.errors import EmbedderError
 from embedder.io.writers import read_jsonl_records
 from tests.conftest import REPO, SAMPLE_DIR
-from tests.helpers.homes import seeded_home
+from tests.helpers.homes import cli_env
 from tests.helpers.sample_runs import answers, ranked, run_one, sample_config
 from tests.helpers.wrapped_cli import cli_with_dense_hook
 
@@ -206,8 +206,7 @@ def test_search_answers_from_a_read_only_output_dir_and_a_run_into_it_fails_in_o
     out = tmp_path / "out"
     shutil.copytree(clean_out, out, symlinks=True)
     before = os.readlink(out / "sample" / "current")
-    env = {**os.environ, "PREFECT_HOME": str(seeded_home(tmp_path / "home")), "TMPDIR": str(tmp_path)}
-    env.pop("PREFECT_API_URL", None)
+    env = cli_env(tmp_path / "home", TMPDIR=str(tmp_path))
     cli = [sys.executable, "-m", "flows.cli"]
 
     found = _read_only(out, [*cli, "search", "--output-dir", str(out), "--collection", "sample", "--query",
@@ -233,9 +232,7 @@ def test_two_runs_with_separate_prefect_homes_queue_on_the_output_dir(tmp_path):
             "--local-files-only", "--disable-rerank"]
 
     def env(home: str) -> dict[str, str]:
-        e = {**os.environ, "PREFECT_HOME": str(seeded_home(tmp_path / home))}
-        e.pop("PREFECT_API_URL", None)
-        return e
+        return cli_env(tmp_path / home)
 
     # The first run dwells in its dense stage until the second has started its collection's flow run.
     go = tmp_path / "go"
@@ -276,8 +273,7 @@ def test_verify_names_the_damage_and_repair_heals_it_through_a_run(clean_sample_
     """`embed-collections verify` as a user runs it: a table and exit 1; `--repair`; then sound, exit 0."""
     clean_out, clean_answers = clean_sample_run
     out = tmp_path / "out"
-    env = {**os.environ, "PREFECT_HOME": str(seeded_home(tmp_path / "home"))}
-    env.pop("PREFECT_API_URL", None)
+    env = cli_env(tmp_path / "home")
     cli = [sys.executable, "-m", "flows.cli"]
     first = subprocess.run([*cli, "run", "--input", str(SAMPLE_DIR), "--collection", "sample", "--output-dir",
                             str(out), "--local-files-only", "--disable-rerank"], env=env, cwd=REPO,

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO, SCIFACT, process_group_gone
-from tests.helpers.homes import seeded_home
+from tests.helpers.homes import cli_env
 from tests.helpers.wrapped_cli import cli_with_dense_hook
 
 pytestmark = pytest.mark.slow
@@ -43,8 +43,7 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _start(args: list[str], home: Path, log: Path, slow: bool = True, **env: str) -> subprocess.Popen:
-    environ = {**os.environ, "PREFECT_HOME": str(seeded_home(home)), **env}
-    environ.pop("PREFECT_API_URL", None)
+    environ = cli_env(home, **env)
     cmd = ["-c", SLOW_DENSE] if slow else ["-m", "flows.cli"]
     with open(log, "w") as out:
         # Its own session: the test can tell afterwards whether any process of the run (the temporary
@@ -94,7 +93,7 @@ def test_sigterm_mid_dense_publishes_a_cancelled_summary_and_the_rerun_keeps_its
 
     # The GPU slot and the collection were released, and the re-run embeds only what the stop left.
     rerun = subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=REPO, capture_output=True, text=True,
-                           timeout=900, env={**os.environ, "PREFECT_HOME": str(seeded_home(home))})
+                           timeout=900, env=cli_env(home))
     assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
     summary = json.loads((out / "sig" / "processing_summary.json").read_text())
     dense = summary["dense_run"]
