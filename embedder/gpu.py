@@ -2,6 +2,10 @@
 
 Everything degrades cleanly to the CPU: no CUDA means ``device="cpu"`` and a
 peak of 0.0 GB; no NVML means torch's own counters only.
+
+torch is imported where it is first needed, not with this module: a re-run
+with nothing to embed never loads a model, and importing torch alone cost it
+over a second of CPU on every run.
 """
 
 from __future__ import annotations
@@ -17,8 +21,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-
 log = logging.getLogger(__name__)
 
 _GB = 1024**3
@@ -26,7 +28,11 @@ _GB = 1024**3
 
 def resolve_device(force_cpu: bool = False) -> str:
     """``cuda`` when a GPU is usable and not ``force_cpu``, else ``cpu``."""
-    if not force_cpu and torch.cuda.is_available():
+    if force_cpu:
+        return "cpu"
+    import torch
+
+    if torch.cuda.is_available():
         return "cuda"
     return "cpu"
 
@@ -44,6 +50,8 @@ def apply_memory_ceiling(device: str, ceiling_gb: float) -> float | None:
     """
     if not device.startswith("cuda"):
         return None
+    import torch
+
     index = torch.device(device).index or 0
     total = torch.cuda.get_device_properties(index).total_memory / _GB
     fraction = max(0.01, min(1.0, (ceiling_gb - cuda_context_gb(device)) / total))
@@ -63,6 +71,8 @@ def cuda_context_gb(device: str) -> float:
     """
     if not device.startswith("cuda"):
         return 0.0
+    import torch
+
     index = torch.device(device).index or 0
     if index not in _CONTEXT_GB:
         torch.cuda.init()  # type: ignore[no-untyped-call]
@@ -125,6 +135,8 @@ class PeakMeter:
         """Reset torch's peak counter and start sampling NVML."""
         if not self._cuda:
             return
+        import torch
+
         torch.cuda.reset_peak_memory_stats(torch.device(self.device))
         self.sample()
         if self.source == "nvml" and self._thread is None:
@@ -140,6 +152,8 @@ class PeakMeter:
         """Take one NVML reading of this process's device memory."""
         if not self._cuda:
             return
+        import torch
+
         used = _nvml_process_gb(torch.device(self.device).index or 0)
         if used is not None:
             self.source = "nvml"
@@ -157,6 +171,8 @@ class PeakMeter:
         """Peak bytes allocated by torch since :meth:`start`, in GB (0.0 on the CPU)."""
         if not self._cuda:
             return 0.0
+        import torch
+
         return float(torch.cuda.max_memory_allocated(torch.device(self.device))) / _GB
 
     def peak_gb(self) -> float:
@@ -165,6 +181,8 @@ class PeakMeter:
             return 0.0
         if self.source == "nvml":
             return self.nvml_peak_gb
+        import torch
+
         reserved = float(torch.cuda.max_memory_reserved(torch.device(self.device))) / _GB
         return reserved + cuda_context_gb(self.device)
 
@@ -182,6 +200,8 @@ def free_device_cache(device: str) -> None:
     after every stage cost a third of a second each on a large heap.
     """
     if device.startswith("cuda"):
+        import torch
+
         gc.collect()  # the model's dropped tensors must be unreachable before the cache can shrink
         torch.cuda.empty_cache()
 
@@ -207,6 +227,9 @@ def exclusive_device(model: Any, device: str) -> Iterator[Any]:
 
 def is_oom(exc: BaseException) -> bool:
     """True for a CUDA out-of-memory error (including ones raised as plain RuntimeError)."""
-    return isinstance(exc, torch.cuda.OutOfMemoryError) or (
+    # A process that never imported torch cannot have raised torch's own OOM error.
+    torch_mod = sys.modules.get("torch")
+    oom_type = getattr(getattr(torch_mod, "cuda", None), "OutOfMemoryError", None)
+    return (isinstance(oom_type, type) and isinstance(exc, oom_type)) or (
         isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
     )

@@ -31,20 +31,23 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Generic, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
 
 import numpy as np
-import torch
 
 from embedder.batching import back_off
 from embedder.cancel import raise_if_stopped
 from embedder.errors import RunCancelledError
 from embedder.gpu import apply_memory_ceiling, cuda_context_gb
 
+if TYPE_CHECKING:
+    # At run time torch is imported by the functions that use it: a re-run with nothing
+    # to embed imports this module to plan its stages but never runs a model.
+    import torch
+
 Precision = Literal["auto", "fp32", "fp16", "bf16"]
 BatchPolicy = Literal["auto", "tokens", "items"]
 PRECISIONS: tuple[str, ...] = ("auto", "fp32", "fp16", "bf16")
-_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 _GB = 1024**3
 # The fraction of the memory left after weights and the CUDA context that activations may take:
 # the allocator fragments, and the estimate below counts only the largest live tensors of a layer.
@@ -67,12 +70,17 @@ def resolve_precision(setting: str, device: str) -> str:
         return setting
     if not device.startswith("cuda"):
         return "fp32"
+    import torch
+
     return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
 
 
 def torch_dtype(precision: str) -> torch.dtype:
     """The torch dtype of a resolved precision (``fp32``, ``fp16`` or ``bf16``)."""
-    return _DTYPES[precision]
+    import torch
+
+    dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+    return dtypes[precision]
 
 
 def cast_model(model: Any, precision: str) -> Any:
@@ -235,6 +243,8 @@ def plan_token_budget(shape: ModelShape, device: str, precision: str, ceiling_gb
         tokens = cpu_items * longest
         return TokenBudget(tokens=tokens, max_items=cpu_items if chosen == "items" else max(1, tokens // 4),
                            policy=chosen, floor_tokens=longest)
+    import torch
+
     dtype_bytes = torch_dtype(precision).itemsize
     index = torch.device(device).index or 0
     free_b, _total = torch.cuda.mem_get_info(index)
@@ -399,6 +409,8 @@ def stop_between_layers(model: Any) -> Iterator[None]:
     before each layer of every ``ModuleList`` (a transformer's blocks) bounds the
     wait by one layer's time. The check is one flag read per layer.
     """
+    import torch
+
     modules = model.modules() if isinstance(model, torch.nn.Module) else []
     layers = [layer for m in modules if isinstance(m, torch.nn.ModuleList) for layer in m]
     handles = [layer.register_forward_pre_hook(lambda *_: raise_if_stopped()) for layer in layers]
@@ -439,6 +451,8 @@ class Engine(Generic[X]):
 
     def tokenise(self, items: Sequence[X]) -> Tokenised[X]:
         """Tokenise a window in one call (runs on the prefetch thread)."""
+        import torch
+
         t0 = time.perf_counter()
         features = dict(self.preprocess(list(items))) if len(items) else {}
         mask = features.get("attention_mask")
@@ -453,6 +467,8 @@ class Engine(Generic[X]):
                          padding_left=self._left)
 
     def _batch(self, window: Tokenised[X], start: int, end: int) -> dict[str, Any]:
+        import torch
+
         rows = torch.from_numpy(window.order[start:end])
         width = int(window.lengths[start])
         batch: dict[str, Any] = {}
@@ -477,6 +493,8 @@ class Engine(Generic[X]):
         Raises:
             StageError: When even one sequence at the maximum length runs out of memory.
         """
+        import torch
+
         n = len(window.items)
         if n == 0:
             return torch.empty(0)
@@ -562,6 +580,8 @@ _SEQUENCE_KEYS = frozenset({"input_ids", "attention_mask", "token_type_ids", "po
 
 
 def _concat(outputs: list[torch.Tensor]) -> torch.Tensor:
+    import torch
+
     if not outputs:
         return torch.empty(0)
     merged = torch.cat(outputs) if len(outputs) > 1 else outputs[0]
@@ -573,6 +593,8 @@ def _concat(outputs: list[torch.Tensor]) -> torch.Tensor:
 
 def dense_forward(model: Any) -> Callable[[dict[str, Any]], torch.Tensor]:
     """L2-normalised sentence embeddings in fp32 (normalised after the cast, so half precision costs little)."""
+
+    import torch
 
     def forward(features: dict[str, Any]) -> torch.Tensor:
         emb = model(features)["sentence_embedding"].float()
