@@ -73,7 +73,10 @@ def _cli(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
     home = tmp_path_factory.mktemp("live-server")
-    server, api = start_prefect_server(home, ui=True)
+    # The scheduler as users run it, visiting the deployments every 10 s instead of 60 s: what is under
+    # test is that its visits create runs the worker completes, not how long it sleeps between them.
+    server, api = start_prefect_server(home, ui=True,
+                                       extra_env={"PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "10"})
     env = {**os.environ, "PREFECT_API_URL": api, "PREFECT_HOME": str(tmp_path_factory.mktemp("live-client")),
            "EMBEDDER_PROJECT_DIR": str(REPO), "PREFECT_WORKER_QUERY_SECONDS": "2"}
     worker = None
@@ -100,7 +103,7 @@ def _sample_config(out: Path) -> dict[str, Any]:
 
 def test_the_scheduler_creates_runs_for_the_nightly_cron(live):
     nightly = live.deployment("embed-collections/nightly")
-    deadline = time.monotonic() + 90  # the scheduler's loop runs every 60 s
+    deadline = time.monotonic() + 90  # the scheduler's loop runs every 10 s here (60 s by default)
     while not (runs := [r for r in live.flow_runs(nightly.id) if r.state_name == "Scheduled"]):
         assert time.monotonic() < deadline, "no Scheduled run of nightly: " + live.server_log.read_text()[-3000:]
         time.sleep(2)
@@ -117,7 +120,9 @@ def test_an_interval_schedule_fires_by_itself_and_its_run_completes_through_the_
     manual = live.deployment("embed-collections/manual")
     out = tmp_path / "out"
     schedule = DeploymentScheduleCreate(
-        schedule=IntervalSchedule(interval=timedelta(seconds=60), anchor_date=datetime.now(UTC)),
+        # Anchored a little ahead, so the first occurrence is that anchor, not a whole interval away.
+        schedule=IntervalSchedule(interval=timedelta(seconds=60),
+                                  anchor_date=datetime.now(UTC) + timedelta(seconds=15)),
         max_scheduled_runs=1, parameters={"config": _sample_config(out)})
     with live.client() as client:
         [created] = client.create_deployment_schedules(manual.id, [schedule])
