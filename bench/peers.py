@@ -5,7 +5,9 @@ fastembed BM25 (the project's shipped directory and stopwords), hybrid, into the
 
 - ``project``: ``embed-collections run`` (rerank off) with a temporary Prefect server per run, as a
   cron job would call it;
-- ``project-warm``: the same with ``embed-collections server start`` run once before the round;
+- ``project-warm``: the same with ``embed-collections server start`` run once before the round; the
+  server's own CPU seconds during each step (``server_cpu_s``: its process and its children) are counted
+  into the step's CPU, since the server does part of every run's work;
 - ``llamaindex``: bench/peer_llamaindex.py, a docstore-backed ``IngestionPipeline``
   (``UPSERTS_AND_DELETE``) writing Qdrant (qdrant-client on disk), in its own virtual environment.
 
@@ -101,6 +103,22 @@ def measured(cmd: list[str], env: dict[str, str]) -> tuple[dict[str, float], str
             "rss_gb": round(usage.ru_maxrss / 1024 / 1024, 3)}, stdout
 
 
+def tree_cpu_s(pid: int) -> float:
+    """CPU seconds so far of ``pid`` and its live descendants, with the children each has reaped (``/proc``)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total, todo = 0.0, [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            total += sum(int(v) for v in fields[11:15]) / tick  # utime, stime, cutime, cstime
+            todo += [int(c) for t in Path(f"/proc/{p}/task").iterdir()
+                     for c in (t / "children").read_text().split()]
+        except (OSError, ValueError, IndexError):
+            continue  # gone between the listing and the read
+    return total
+
+
 def disk_bytes(path: Path) -> int:
     """Bytes allocated on disk under ``path`` as ``du`` counts them: holes excluded, each file once however
     many hard links name it (an unchanged night links its exports to the published set's)."""
@@ -131,10 +149,19 @@ class Project:
             subprocess.run([str(PROJECT_BIN / "embed-collections"), "server", "stop"], env=self.env,
                            capture_output=True)
 
+    def _server_pid(self) -> int | None:
+        path = self.work / "prefect-home" / "embedder-server.json"
+        return int(json.loads(path.read_text())["pid"]) if self.warm and path.is_file() else None
+
     def step(self, corpus_path: Path) -> dict[str, Any]:
+        server = self._server_pid()
+        before = tree_cpu_s(server) if server else 0.0
         figures, _ = measured([str(PROJECT_BIN / "embed-collections"), "run", "--input", str(corpus_path),
                                "--collection", "scifact", "--output-dir", str(self.out), "--disable-rerank",
                                "--local-files-only"], self.env)
+        if server:
+            figures["server_cpu_s"] = round(tree_cpu_s(server) - before, 2)
+            figures["cpu_s"] = round(figures["cpu_s"] + figures["server_cpu_s"], 2)
         summary = json.loads((self.out / "scifact" / "processing_summary.json").read_text(encoding="utf-8"))
         return {**figures, "embedded": summary["dense_run"]["total_embeddings_generated"],
                 "points": summary["index_run"]["points_count"], "status": summary["status"],

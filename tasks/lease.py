@@ -198,27 +198,26 @@ def _acquire(limit_name: str, lease_duration_s: float, wait_s: float) -> UUID | 
     wait follows it, cut short by the slice's end and checked for a stop request.
     """
     deadline = time.monotonic() + wait_s
-    with get_client(sync_client=True) as client:
-        while True:
-            raise_if_stopped()
-            try:
-                response = client.increment_concurrency_slots_with_lease(
-                    names=[limit_name], slots=1, mode="concurrency", lease_duration=lease_duration_s)
-            except httpx.HTTPStatusError as exc:
-                if exc.response.status_code != httpx.codes.LOCKED:
-                    raise StageError(f"could not take a slot of {limit_name!r}: the Prefect server answered "
-                                     f"{exc.response.status_code} {exc.response.text[:200]}") from exc
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return None
-                retry_after = float(exc.response.headers.get("Retry-After", 1.0))
-                time.sleep(max(0.05, min(retry_after, left, 1.0)))
-                continue
-            body = response.json()
-            if not body.get("limits"):
-                # The limit vanished between ensure_gpu_limit and here (deleted in the UI): never run unguarded.
-                raise StageError(f"the concurrency limit {limit_name!r} does not exist on the Prefect server")
-            return UUID(str(body["lease_id"]))
+    while True:
+        raise_if_stopped()
+        try:
+            response = _busy_tolerant(lambda client: client.increment_concurrency_slots_with_lease(
+                names=[limit_name], slots=1, mode="concurrency", lease_duration=lease_duration_s))
+        except httpx.HTTPStatusError as exc:
+            if exc.response.status_code != httpx.codes.LOCKED:
+                raise StageError(f"could not take a slot of {limit_name!r}: the Prefect server answered "
+                                 f"{exc.response.status_code} {exc.response.text[:200]}") from exc
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return None
+            retry_after = float(exc.response.headers.get("Retry-After", 1.0))
+            time.sleep(max(0.05, min(retry_after, left, 1.0)))
+            continue
+        body = response.json()
+        if not body.get("limits"):
+            # The limit vanished between ensure_gpu_limit and here (deleted in the UI): never run unguarded.
+            raise StageError(f"the concurrency limit {limit_name!r} does not exist on the Prefect server")
+        return UUID(str(body["lease_id"]))
 
 
 def _release(lease_id: UUID) -> None:
