@@ -245,6 +245,27 @@ def stop_on_signals() -> Iterator[None]:
             signal.signal(s, h)
 
 
+@contextlib.contextmanager
+def _foreground_settings() -> Iterator[None]:
+    """Prefect settings for a flow this command runs in the foreground.
+
+    No flow-run heartbeats unless ``PREFECT_FLOWS_HEARTBEAT_FREQUENCY`` is set:
+    Prefect's heartbeat thread sleeps in 1 s steps and each flow run waits for
+    it at its end, 2 s of an unchanged re-run (the run and its collection's
+    subflow). A heartbeat only matters to an automation that marks silent runs
+    Crashed, and this process reports its own stop (a signal, a failure) to the
+    server; whoever has such an automation sets the variable, and deployment
+    runs (worker, serve) keep Prefect's default.
+    """
+    if "PREFECT_FLOWS_HEARTBEAT_FREQUENCY" in os.environ:
+        yield
+        return
+    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+
+    with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
+        yield
+
+
 def run_in_thread(fn: Any, *args: Any) -> Any:
     """``fn(*args)`` on a worker thread while the main thread waits, so only our signal handlers run.
 
@@ -262,7 +283,8 @@ def run_in_thread(fn: Any, *args: Any) -> Any:
 
     def target() -> None:
         try:
-            box["result"] = fn(*args)
+            with _foreground_settings():
+                box["result"] = fn(*args)
         except BaseException as exc:  # handed to the main thread as is
             box["error"] = exc
 

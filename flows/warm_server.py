@@ -3,7 +3,8 @@
 Without ``PREFECT_API_URL`` every ``embed-collections run`` starts a temporary
 Prefect server and stops it at the end: 6 s of an unchanged re-run of the
 sample here (17 s on a new Prefect home), more than the flow itself.
-``embed-collections server start`` starts ``prefect server start`` on a free
+``embed-collections server start`` starts ``prefect server start`` (through
+:mod:`flows.prefect_server`, so SQLite writes queue instead of failing) on a free
 loopback port, detached, with the caller's ``PREFECT_HOME``, and records it in
 ``$PREFECT_HOME/embedder-server.json``. Each run in that Prefect home finds the
 record, checks that its process is alive and that its API answers, and uses it
@@ -120,10 +121,13 @@ def start(timeout_s: float = 300.0) -> tuple[WarmServer, bool]:
     env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
            "PREFECT_UI_API_URL": url}
     env.pop("PREFECT_API_URL", None)
+    # A 503 a client had to retry is named in the server's log, with its cause.
+    env.setdefault("PREFECT_API_LOG_RETRYABLE_ERRORS", "true")
     with open(home / LOG, "w", encoding="utf-8") as log:
         # Its own session: the server outlives this command and a Ctrl-C in the shell that started it.
-        proc = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
-                                 "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT,
+        # flows.prefect_server is `prefect server start` with SQLite writes that queue instead of failing.
+        proc = subprocess.Popen([sys.executable, "-m", "flows.prefect_server", "server", "start", "--host",
+                                 "127.0.0.1", "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, start_new_session=True)
     record = WarmServer(url=url, pid=proc.pid, started=pid_start_time(proc.pid), host=socket.gethostname())
     deadline = time.monotonic() + timeout_s

@@ -2,7 +2,8 @@
 
 Every step is the real CLI in a subprocess, with its own Prefect home: the
 runs use the warm server (no temporary server, their flow runs on its API),
-a server killed hard is noticed and a run falls back to a temporary server,
+an unchanged re-run computes nothing and no request of either run was
+retried, a server killed hard is noticed and a run falls back to a temporary server,
 and `server stop` leaves no process behind.
 """
 
@@ -58,6 +59,16 @@ def test_runs_use_the_warm_server_and_fall_back_when_it_is_gone(tmp_path):
         # The flow run lives on the warm server, as the UI would show it.
         runs = httpx.post(f"{url}/flow_runs/filter", json={"limit": 50}, timeout=30).json()
         assert any(r["name"] and r["state"]["type"] == "COMPLETED" for r in runs), runs
+
+        # The nightly case: an unchanged re-run on the warm server computes nothing, and no request of
+        # either run had to be retried (a SQLite write that lost a race used to cost a 503 and a 2 s wait;
+        # the server logs every retryable error).
+        rerun = _run(home, out)
+        assert rerun.returncode == 0, rerun.stderr[-3000:]
+        summary = load_summary(out / "sample" / "processing_summary.json")
+        assert summary.status == "completed" and summary.dense_run.total_embeddings_generated == 0
+        server_log = (home / "embedder-server.log").read_text(encoding="utf-8", errors="replace")
+        assert "retryable exception" not in server_log, server_log[-3000:]
 
         # Killed hard (a reboot, the OOM killer): the next run notices and starts a temporary server.
         os.killpg(pid, signal.SIGKILL)

@@ -192,3 +192,19 @@ def test_each_setting_flag_sets_its_field(command):
         section, _, name = field.partition(".")
         dumped = json.loads(cfg.model_dump_json())[section]
         assert (dumped[name] if name else dumped) == expected
+
+
+def test_a_foreground_run_sends_no_heartbeats_unless_the_user_set_them(monkeypatch):
+    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, get_current_settings, temporary_settings
+
+    from flows.cli import _foreground_settings
+
+    with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: 90}):
+        monkeypatch.delenv("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", raising=False)
+        with _foreground_settings():
+            # Each flow run would wait up to 1 s for the heartbeat thread at its end.
+            assert get_current_settings().flows.heartbeat_frequency is None
+        monkeypatch.setenv("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", "90")
+        with _foreground_settings():
+            assert get_current_settings().flows.heartbeat_frequency == 90
+        assert get_current_settings().flows.heartbeat_frequency == 90
