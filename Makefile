@@ -12,9 +12,11 @@ TORCH_FIND_LINKS ?= $(or $(PIP_FIND_LINKS),https://download.pytorch.org/whl/cpu/
 export PREFECT_HOME ?= $(CURDIR)/.prefect
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 
-# Two workers: most of the slow tests wait on servers, leases and subprocesses rather than compute.
+# Three workers on two cores: while one waits on a lease, a server or a subprocess, two compute.
 # Each test file stays on one worker (its module fixtures start once). TEST_WORKERS=0 runs in-process.
-TEST_WORKERS ?= 2
+TEST_WORKERS ?= 3
+# The fast tier only computes (no server, no subprocess): one worker per core.
+FAST_WORKERS ?= 2
 comma := ,
 
 .PHONY: demo test test-fast docs venv lock clean
@@ -52,7 +54,7 @@ test: $(STAMP)
 # (those carry the `slow` or `live` mark).
 test-fast: $(STAMP)
 	$(BIN)/ruff check embedder tasks flows deployments tests bench docs
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not slow and not live" tests/unit tests/models \
+	$(BIN)/python -m pytest -q -n $(FAST_WORKERS) --dist loadfile -m "not slow and not live" tests/unit tests/models \
 		--durations=10
 
 # The documentation site: the reference pages generated from the code, then a strict build into site/.
