@@ -239,21 +239,23 @@ _LONGEST_FIRST = (
 )
 
 
+def _where(item: pytest.Item) -> str:
+    """The test file of ``item``, relative to the repository."""
+    return str(Path(str(item.fspath)).relative_to(REPO))
+
+
 def _longest_first(items: list[pytest.Item]) -> None:
     rank = {path: i for i, path in enumerate(_LONGEST_FIRST)}
-
-    def key(item: pytest.Item) -> int:
-        return rank.get(str(Path(str(item.fspath)).relative_to(REPO)), len(rank))
-
-    items.sort(key=key)  # stable: within a file, and among the other files, the collection order stays
+    # Stable: within a file, and among the files not listed, the collection order stays.
+    items.sort(key=lambda item: rank.get(_where(item), len(rank)))
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     _longest_first(items)
     offenders = []
     for item in items:
-        where = str(Path(str(item.fspath)).relative_to(REPO))
-        if not where.startswith(_FAST_TIER) or item.get_closest_marker("slow") or item.get_closest_marker("live"):
+        if (not _where(item).startswith(_FAST_TIER) or item.get_closest_marker("slow")
+                or item.get_closest_marker("live")):
             continue
         if (why := _heavy_use(item)) is not None:
             offenders.append(f"{item.nodeid} {why}")
