@@ -23,6 +23,8 @@ CLI = "cli"
 SERVER_START = "server_start"
 SERVER_READY = "server_ready"
 FLOW = "flow"
+# Marked by a child of the warm runner (flows.warm_runner): its process started when the runner forked it.
+RUNNER = "runner"
 
 
 def mark(event: str) -> None:
@@ -48,11 +50,12 @@ def _span(start: float | None, end: float | None) -> float | None:
 def startup_telemetry(now: float | None = None) -> StartupTelemetry:
     """The fixed cost of this process's run up to ``now`` (default: now), from the marks made so far."""
     now = time.time() if now is None else now
-    process = process_started_at()
+    process = _MARKS.get(RUNNER) or process_started_at()
     flow = _MARKS.get(FLOW)
     return StartupTelemetry(
         process_to_flow_s=_span(process, flow),
         imports_s=_span(process, _MARKS.get(CLI)),
         server_start_s=_span(_MARKS.get(SERVER_START), _MARKS.get(SERVER_READY)),
         flow_s=_span(flow, now),
+        warm_runner=RUNNER in _MARKS,
     )

@@ -168,6 +168,9 @@ class StartupTelemetry(_Section):
                                          "PREFECT_API_URL names one).")
     flow_s: float | None = Field(None, description="From the flow's first line to this summary: every stage, "
                                  "model loads and Prefect's own bookkeeping included.")
+    warm_runner: bool | None = Field(None, description="Whether the warm runner of `embed-collections server` ran "
+                                     "it (Prefect imported and the preloaded models in memory already); the process "
+                                     "times then count from the runner's fork.")
 
 
 class Telemetry(_Section):

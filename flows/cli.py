@@ -708,42 +708,78 @@ app.add_typer(server_app, name="server")
 
 
 @server_app.command(name="start")
-def server_start() -> None:
+def server_start(
+    runner: Annotated[bool, typer.Option(
+        "--runner/--no-runner", help="Also start the warm runner: Prefect imported and the models loaded once, "
+        "each run of this PREFECT_HOME forked from it.")] = True,
+    config: Annotated[Path | None, typer.Option(
+        "--config", help="The TOML or JSON config whose models the warm runner loads (default: the settings' "
+        "defaults and EMBEDDER_* variables).")] = None,
+) -> None:
     """Start the warm server of this PREFECT_HOME on a free loopback port (or name the one running)."""
-    from flows import warm_server
+    from flows import warm_runner, warm_server
 
     try:
         record, new = warm_server.start()
     except RuntimeError as exc:
         _fail(str(exc))
+    home = warm_server.prefect_home()
     typer.echo(f"{'started' if new else 'already running'}: warm Prefect server at {record.url} (pid "
-               f"{record.pid}); runs with PREFECT_HOME={warm_server.prefect_home()} use it; "
+               f"{record.pid}); runs with PREFECT_HOME={home} use it; "
                "`embed-collections server stop` stops it")
+    if not runner:
+        return
+    current = warm_runner.alive(home)
+    if current is not None and (why := warm_runner.mismatch(current, home)) is not None:
+        typer.echo(f"restarting the warm runner (pid {current.pid}): {why}")
+        warm_runner.stop(home)
+    _runner, line = warm_runner.start(home, record.owner(), config.resolve() if config else None)
+    typer.echo(line)
 
 
 @server_app.command(name="status")
 def server_status() -> None:
     """Say whether runs in this PREFECT_HOME find a warm server (exit 0) or start a temporary one (exit 1)."""
-    from flows import warm_server
+    from flows import warm_runner, warm_server
 
     record, line = warm_server.status()
     typer.echo(line)
     if record is None:
         raise typer.Exit(1)
+    home = warm_server.prefect_home()
+    runner = warm_runner.alive(home)
+    if runner is None:
+        typer.echo("no warm runner: each run imports Prefect and loads its models in its own process")
+    elif (why := warm_runner.mismatch(runner, home)) is not None:
+        typer.echo(f"warm runner (pid {runner.pid}) not used by runs from here: {why}")
+    else:
+        typer.echo(f"warm runner (pid {runner.pid}) runs each `embed-collections run` from here; loaded: "
+                   f"{'; '.join(runner.models) or 'no models'}")
 
 
 @server_app.command(name="stop")
 def server_stop() -> None:
-    """Stop the warm server of this PREFECT_HOME; later runs start a temporary server again."""
-    from flows import warm_server
+    """Stop the warm server of this PREFECT_HOME and its runner; later runs start a temporary server again."""
+    from flows import warm_runner, warm_server
 
+    home = warm_server.prefect_home()
+    runner = warm_runner.stop(home)
+    if runner is not None:
+        typer.echo(f"stopped the warm runner (pid {runner.pid})")
     record = warm_server.stop()
     typer.echo(f"stopped the warm Prefect server at {record.url} (pid {record.pid})" if record is not None
-               else f"no warm server in {warm_server.prefect_home()}")
+               else f"no warm server in {home}")
 
 
 def main() -> None:
-    """Console-script entry point."""
+    """Console-script entry point: ``run`` goes to the warm runner when one can serve it (`flows.warm_runner`)."""
+    import sys
+
+    if sys.argv[1:2] == ["run"]:
+        from flows.warm_runner import dispatch
+
+        if (code := dispatch(sys.argv[1:])) is not None:
+            sys.exit(code)
     app()
 
 

@@ -81,6 +81,11 @@ def _load_model(config: RunConfig, name: str, device: str, precision: str) -> tu
         return None, str(exc)
 
 
+def load_sparse_for(config: RunConfig, name: str, device: str) -> tuple[Any, str | None]:
+    """The sparse model ``name`` loaded for ``device`` as this stage loads it, or None and why it cannot load."""
+    return _load_model(config, name, device, resolve_precision(config.sparse.precision, device))
+
+
 def sparse_key(config: RunConfig, collection: str, chunks: StageRef) -> str:
     """Cache key of the sparse stage: its settings, the chunks and each sparse model by its files."""
     models = [model_fingerprint(m, "sparse", config.local_files_only) for m in config.sparse.models]

@@ -4,19 +4,26 @@ Every step is the real CLI in a subprocess, with its own Prefect home: the
 runs use the warm server (no temporary server, their flow runs on its API),
 an unchanged re-run computes nothing and no request of either run was
 retried, a server killed hard is noticed and a run falls back to a temporary server,
-and `server stop` leaves no process behind.
+and `server stop` leaves no process behind. The warm runner started beside the
+server runs each `run` in a fork of a process with Prefect imported and the
+models loaded: same results as a run in its own process, Ctrl-C forwarded, a
+caller killed hard takes its run with it, and a caller whose import-time
+environment differs runs in its own process.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import httpx
+import numpy as np
 
 from embedder.summary import load_summary
 from tests.conftest import REPO, SAMPLE_DIR, process_group_gone
@@ -90,7 +97,117 @@ def test_runs_use_the_warm_server_and_fall_back_when_it_is_gone(tmp_path):
         assert stopped.returncode == 0 and "stopped" in stopped.stdout
         assert process_group_gone(pid, wait_s=30) and not (home / "embedder-server.json").exists()
     finally:
+        _kill_recorded(home)
         try:
             os.killpg(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+
+def _kill_recorded(home: Path) -> None:
+    for name in ("embedder-runner.json", "embedder-server.json"):
+        try:
+            os.killpg(json.loads((home / name).read_text())["pid"], signal.SIGKILL)
+        except (OSError, ValueError, KeyError):
+            pass
+
+
+def _dense_vectors(out: Path) -> dict[str, np.ndarray]:
+    rows = [json.loads(line) for line in (out / "sample" / "qdrant.jsonl").read_text().splitlines()]
+    return {r["id"]: np.asarray(r["vector"]["dense"], dtype=np.float32) for r in rows}
+
+
+def _wait_running(url: str, proc: subprocess.Popen[str], timeout_s: float = 300) -> None:
+    """Until the warm server shows a flow run of ``proc`` running (its signal handlers are then installed)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, "the run ended before it was running"
+        runs = httpx.post(f"{url}/flow_runs/filter", json={"limit": 50}, timeout=30).json()
+        if any(r["state"]["type"] == "RUNNING" for r in runs):
+            return
+        time.sleep(0.5)
+    raise AssertionError("no flow run reached RUNNING")
+
+
+def test_the_warm_runner_runs_each_run_like_its_own_process(tmp_path):
+    home, out, alone = tmp_path / "home", tmp_path / "out", tmp_path / "alone"
+    home.mkdir()
+    started = _cli(home, "server", "start")
+    assert started.returncode == 0, started.stderr[-3000:]
+    runner = json.loads((home / "embedder-runner.json").read_text())
+    assert (f"warm runner started (pid {runner['pid']}; dense all-minilm-l6-v2: loaded; sparse qdrant-bm25: "
+            "loaded)") in started.stdout, started.stdout
+    url = json.loads((home / "embedder-server.json").read_text())["url"]
+    try:
+        status = _cli(home, "server", "status")
+        assert f"warm runner (pid {runner['pid']}) runs each `embed-collections run` from here" in status.stdout
+
+        # A run through the runner: its summary says so, and the dense model was loaded before it.
+        first = _run(home, out)
+        assert first.returncode == 0, first.stderr[-3000:]
+        summary = load_summary(out / "sample" / "processing_summary.json")
+        assert summary.status == "completed" and summary.telemetry.startup.warm_runner is True
+        assert summary.telemetry.stages["dense"]["model_load_s"] == 0.0
+        assert summary.dense_run.total_embeddings_generated > 0
+        # The same run in its own process (an import-time variable differs, so the runner is not used):
+        # the same vectors.
+        env = cli_env(home, PREFECT_LOGGING_LEVEL="INFO")
+        own = subprocess.run([sys.executable, "-m", "flows.cli", "run", "--input", str(SAMPLE_DIR), "--collection",
+                              "sample", "--output-dir", str(alone), "--local-files-only", "--disable-rerank"],
+                             env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
+        assert own.returncode == 0, own.stderr[-3000:]
+        assert (f"not using the warm runner (pid {runner['pid']}): it was started with other values of "
+                "PREFECT_LOGGING_LEVEL") in own.stderr
+        assert not load_summary(alone / "sample" / "processing_summary.json").telemetry.startup.warm_runner
+        a, b = _dense_vectors(out), _dense_vectors(alone)
+        assert a.keys() == b.keys() and all(np.allclose(a[k], b[k], atol=1e-5) for k in a)
+
+        # A bad argument: the runner's child reports it on the caller's stderr, with the CLI's exit status.
+        bad = _cli(home, "run", "--input", str(tmp_path / "missing.jsonl"), "--output-dir", str(out))
+        assert bad.returncode == 2 and "does not exist" in bad.stderr, bad.stderr[-2000:]
+
+        # Ctrl-C reaches the run: held at the collection's lock (taken by this test), it stops and
+        # publishes a cancelled summary, and the caller exits as a shell reports SIGINT.
+        lock = os.open(out / "sample" / ".writer.lock", os.O_RDWR | os.O_CREAT)
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        args = [sys.executable, "-m", "flows.cli", "run", "--input", str(SAMPLE_DIR), "--collection", "sample",
+                "--output-dir", str(out), "--local-files-only", "--disable-rerank"]
+        proc = subprocess.Popen(args, env=cli_env(home), cwd=REPO, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        _wait_running(url, proc)
+        proc.send_signal(signal.SIGINT)
+        _stdout, stderr = proc.communicate(timeout=120)
+        assert proc.returncode == 128 + signal.SIGINT, stderr[-3000:]
+        assert "SIGINT: stopping after the current batch" in stderr
+
+        # Killed hard while it waits: its run dies with it, the lock is the run's no longer, and the
+        # runner serves the next run.
+        proc = subprocess.Popen(args, env=cli_env(home), cwd=REPO, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, text=True)
+        _wait_running(url, proc)
+        assert len(_children(runner["pid"])) == 1
+        proc.kill()
+        proc.wait(timeout=60)
+        deadline = time.monotonic() + 60
+        while _children(runner["pid"]) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not _children(runner["pid"]), "the run outlived its killed caller"
+        fcntl.flock(lock, fcntl.LOCK_UN)
+        os.close(lock)
+        again = _run(home, out)
+        assert again.returncode == 0, again.stderr[-3000:]
+        summary = load_summary(out / "sample" / "processing_summary.json")
+        assert summary.status == "completed" and summary.telemetry.startup.warm_runner is True
+
+        stopped = _cli(home, "server", "stop")
+        assert f"stopped the warm runner (pid {runner['pid']})" in stopped.stdout
+        assert process_group_gone(runner["pid"], wait_s=30) and not (home / "embedder-runner.json").exists()
+    finally:
+        _kill_recorded(home)
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(c) for t in Path(f"/proc/{pid}/task").iterdir() for c in (t / "children").read_text().split()]
+    except OSError:
+        return []
