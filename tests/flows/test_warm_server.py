@@ -41,21 +41,27 @@ def _run(home: Path, out: Path) -> subprocess.CompletedProcess[str]:
                 "--local-files-only", "--disable-rerank")
 
 
-def test_runs_use_the_warm_server_and_fall_back_when_it_is_gone(tmp_path):
-    home, out = tmp_path / "home", tmp_path / "out"
+def test_runs_use_the_warm_server_and_its_runner_and_fall_back_when_they_are_gone(tmp_path):
+    home, out, alone = tmp_path / "home", tmp_path / "out", tmp_path / "alone"
     home.mkdir()
     assert _cli(home, "server", "status").returncode == 1  # none yet
     started = _cli(home, "server", "start")
     assert started.returncode == 0, started.stderr[-3000:]
     record = json.loads((home / "embedder-server.json").read_text())
     url, pid = record["url"], record["pid"]
+    runner = json.loads((home / "embedder-runner.json").read_text())
     assert f"started: warm Prefect server at {url}" in started.stdout
-    again = _cli(home, "server", "start")  # idempotent: the running one is named, not a second started
+    assert (f"warm runner started (pid {runner['pid']}; dense all-minilm-l6-v2: loaded; sparse qdrant-bm25: "
+            "loaded)") in started.stdout, started.stdout
+    again = _cli(home, "server", "start")  # idempotent: the running ones are named, not second ones started
     assert again.returncode == 0 and f"already running: warm Prefect server at {url}" in again.stdout
+    assert f"warm runner already running (pid {runner['pid']})" in again.stdout
     try:
         status = _cli(home, "server", "status")
         assert status.returncode == 0 and url in status.stdout
+        assert f"warm runner (pid {runner['pid']}) runs each `embed-collections run` from here" in status.stdout
 
+        # A run through the runner, on the warm server: no temporary server, the dense model loaded before.
         first = _run(home, out)
         assert first.returncode == 0, first.stderr[-3000:]
         assert f"using the warm Prefect server at {url}" in first.stderr
@@ -63,12 +69,28 @@ def test_runs_use_the_warm_server_and_fall_back_when_it_is_gone(tmp_path):
         summary = load_summary(out / "sample" / "processing_summary.json")
         assert summary.status == "completed" and summary.telemetry.startup is not None
         assert summary.telemetry.startup.server_start_s is None  # no server was started for this run
+        assert summary.telemetry.startup.warm_runner is True
+        assert summary.dense_run.total_embeddings_generated > 0
+        assert summary.telemetry.stages["dense"]["model_load_s"] == 0.0
         # The flow run lives on the warm server, as the UI would show it.
         runs = httpx.post(f"{url}/flow_runs/filter", json={"limit": 50}, timeout=30).json()
         assert any(r["name"] and r["state"]["type"] == "COMPLETED" for r in runs), runs
 
+        # The same run in its own process (an import-time variable differs, so the runner is not used):
+        # the same vectors.
+        own = subprocess.run([sys.executable, "-m", "flows.cli", "run", "--input", str(SAMPLE_DIR), "--collection",
+                              "sample", "--output-dir", str(alone), "--local-files-only", "--disable-rerank"],
+                             env=cli_env(home, PREFECT_LOGGING_LEVEL="INFO"), cwd=REPO, capture_output=True,
+                             text=True, timeout=600)
+        assert own.returncode == 0, own.stderr[-3000:]
+        assert (f"not using the warm runner (pid {runner['pid']}): it was started with other values of "
+                "PREFECT_LOGGING_LEVEL") in own.stderr
+        assert not load_summary(alone / "sample" / "processing_summary.json").telemetry.startup.warm_runner
+        a, b = _dense_vectors(out), _dense_vectors(alone)
+        assert a.keys() == b.keys() and all(np.allclose(a[k], b[k], atol=1e-5) for k in a)
+
         # The nightly case: an unchanged re-run on the warm server computes nothing, and no request of
-        # either run had to be retried (a SQLite write that lost a race used to cost a 503 and a 2 s wait;
+        # these runs had to be retried (a SQLite write that lost a race used to cost a 503 and a 2 s wait;
         # the server logs every retryable error).
         rerun = _run(home, out)
         assert rerun.returncode == 0, rerun.stderr[-3000:]
@@ -77,25 +99,66 @@ def test_runs_use_the_warm_server_and_fall_back_when_it_is_gone(tmp_path):
         server_log = (home / "embedder-server.log").read_text(encoding="utf-8", errors="replace")
         assert "retryable exception" not in server_log, server_log[-3000:]
 
-        # Killed hard (a reboot, the OOM killer): the next run notices and starts a temporary server.
+        # A bad argument: the runner's child reports it on the caller's stderr, with the CLI's exit status.
+        bad = _cli(home, "run", "--input", str(tmp_path / "missing.jsonl"), "--output-dir", str(out))
+        assert bad.returncode == 2 and "does not exist" in bad.stderr, bad.stderr[-2000:]
+
+        # Ctrl-C reaches the run: held at the collection's lock (taken by this test), it stops and the
+        # caller exits as a shell reports SIGINT.
+        lock = os.open(out / "sample" / ".writer.lock", os.O_RDWR | os.O_CREAT)
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        args = [sys.executable, "-m", "flows.cli", "run", "--input", str(SAMPLE_DIR), "--collection", "sample",
+                "--output-dir", str(out), "--local-files-only", "--disable-rerank"]
+        proc = subprocess.Popen(args, env=cli_env(home), cwd=REPO, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        _wait_running(url, proc)
+        proc.send_signal(signal.SIGINT)
+        _stdout, stderr = proc.communicate(timeout=120)
+        assert proc.returncode == 128 + signal.SIGINT, stderr[-3000:]
+        assert "SIGINT: stopping after the current batch" in stderr
+
+        # Killed hard while it waits: its run dies with it, and the runner serves the next run.
+        proc = subprocess.Popen(args, env=cli_env(home), cwd=REPO, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, text=True)
+        _wait_running(url, proc)
+        assert len(_children(runner["pid"])) == 1
+        proc.kill()
+        proc.wait(timeout=60)
+        deadline = time.monotonic() + 60
+        while _children(runner["pid"]) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not _children(runner["pid"]), "the run outlived its killed caller"
+        fcntl.flock(lock, fcntl.LOCK_UN)
+        os.close(lock)
+        after_kill = _run(home, out)
+        assert after_kill.returncode == 0, after_kill.stderr[-3000:]
+        summary = load_summary(out / "sample" / "processing_summary.json")
+        assert summary.status == "completed" and summary.telemetry.startup.warm_runner is True
+
+        # The server killed hard (a reboot, the OOM killer): its runner stops by itself, and the next run
+        # notices and starts a temporary server.
         os.killpg(pid, signal.SIGKILL)
         assert process_group_gone(pid, wait_s=30)
+        assert process_group_gone(runner["pid"], wait_s=60), "the runner outlived its server"
         after = _run(home, out)
         assert after.returncode == 0, after.stderr[-3000:]
         assert "using the warm Prefect server" not in after.stderr
         summary = load_summary(out / "sample" / "processing_summary.json")
         assert summary.status == "completed" and summary.telemetry.startup.server_start_s
+        assert not summary.telemetry.startup.warm_runner
         gone = _cli(home, "server", "status")
         assert gone.returncode == 1 and "is gone; its record was removed" in gone.stdout
-        assert not (home / "embedder-server.json").exists()
+        assert not (home / "embedder-server.json").exists() and not (home / "embedder-runner.json").exists()
 
-        # Started again and stopped: the whole process group goes, and the record with it.
+        # Started again and stopped: the whole process groups go, and the records with them.
         restarted = _cli(home, "server", "start")
         assert restarted.returncode == 0, restarted.stderr[-3000:]
         pid = json.loads((home / "embedder-server.json").read_text())["pid"]
+        runner_pid = json.loads((home / "embedder-runner.json").read_text())["pid"]
         stopped = _cli(home, "server", "stop")
-        assert stopped.returncode == 0 and "stopped" in stopped.stdout
+        assert stopped.returncode == 0 and f"stopped the warm runner (pid {runner_pid})" in stopped.stdout
         assert process_group_gone(pid, wait_s=30) and not (home / "embedder-server.json").exists()
+        assert process_group_gone(runner_pid, wait_s=30) and not (home / "embedder-runner.json").exists()
     finally:
         _kill_recorded(home)
         try:
@@ -127,83 +190,6 @@ def _wait_running(url: str, proc: subprocess.Popen[str], timeout_s: float = 300)
             return
         time.sleep(0.5)
     raise AssertionError("no flow run reached RUNNING")
-
-
-def test_the_warm_runner_runs_each_run_like_its_own_process(tmp_path):
-    home, out, alone = tmp_path / "home", tmp_path / "out", tmp_path / "alone"
-    home.mkdir()
-    started = _cli(home, "server", "start")
-    assert started.returncode == 0, started.stderr[-3000:]
-    runner = json.loads((home / "embedder-runner.json").read_text())
-    assert (f"warm runner started (pid {runner['pid']}; dense all-minilm-l6-v2: loaded; sparse qdrant-bm25: "
-            "loaded)") in started.stdout, started.stdout
-    url = json.loads((home / "embedder-server.json").read_text())["url"]
-    try:
-        status = _cli(home, "server", "status")
-        assert f"warm runner (pid {runner['pid']}) runs each `embed-collections run` from here" in status.stdout
-
-        # A run through the runner: its summary says so, and the dense model was loaded before it.
-        first = _run(home, out)
-        assert first.returncode == 0, first.stderr[-3000:]
-        summary = load_summary(out / "sample" / "processing_summary.json")
-        assert summary.status == "completed" and summary.telemetry.startup.warm_runner is True
-        assert summary.telemetry.stages["dense"]["model_load_s"] == 0.0
-        assert summary.dense_run.total_embeddings_generated > 0
-        # The same run in its own process (an import-time variable differs, so the runner is not used):
-        # the same vectors.
-        env = cli_env(home, PREFECT_LOGGING_LEVEL="INFO")
-        own = subprocess.run([sys.executable, "-m", "flows.cli", "run", "--input", str(SAMPLE_DIR), "--collection",
-                              "sample", "--output-dir", str(alone), "--local-files-only", "--disable-rerank"],
-                             env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
-        assert own.returncode == 0, own.stderr[-3000:]
-        assert (f"not using the warm runner (pid {runner['pid']}): it was started with other values of "
-                "PREFECT_LOGGING_LEVEL") in own.stderr
-        assert not load_summary(alone / "sample" / "processing_summary.json").telemetry.startup.warm_runner
-        a, b = _dense_vectors(out), _dense_vectors(alone)
-        assert a.keys() == b.keys() and all(np.allclose(a[k], b[k], atol=1e-5) for k in a)
-
-        # A bad argument: the runner's child reports it on the caller's stderr, with the CLI's exit status.
-        bad = _cli(home, "run", "--input", str(tmp_path / "missing.jsonl"), "--output-dir", str(out))
-        assert bad.returncode == 2 and "does not exist" in bad.stderr, bad.stderr[-2000:]
-
-        # Ctrl-C reaches the run: held at the collection's lock (taken by this test), it stops and
-        # publishes a cancelled summary, and the caller exits as a shell reports SIGINT.
-        lock = os.open(out / "sample" / ".writer.lock", os.O_RDWR | os.O_CREAT)
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        args = [sys.executable, "-m", "flows.cli", "run", "--input", str(SAMPLE_DIR), "--collection", "sample",
-                "--output-dir", str(out), "--local-files-only", "--disable-rerank"]
-        proc = subprocess.Popen(args, env=cli_env(home), cwd=REPO, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True)
-        _wait_running(url, proc)
-        proc.send_signal(signal.SIGINT)
-        _stdout, stderr = proc.communicate(timeout=120)
-        assert proc.returncode == 128 + signal.SIGINT, stderr[-3000:]
-        assert "SIGINT: stopping after the current batch" in stderr
-
-        # Killed hard while it waits: its run dies with it, the lock is the run's no longer, and the
-        # runner serves the next run.
-        proc = subprocess.Popen(args, env=cli_env(home), cwd=REPO, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL, text=True)
-        _wait_running(url, proc)
-        assert len(_children(runner["pid"])) == 1
-        proc.kill()
-        proc.wait(timeout=60)
-        deadline = time.monotonic() + 60
-        while _children(runner["pid"]) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert not _children(runner["pid"]), "the run outlived its killed caller"
-        fcntl.flock(lock, fcntl.LOCK_UN)
-        os.close(lock)
-        again = _run(home, out)
-        assert again.returncode == 0, again.stderr[-3000:]
-        summary = load_summary(out / "sample" / "processing_summary.json")
-        assert summary.status == "completed" and summary.telemetry.startup.warm_runner is True
-
-        stopped = _cli(home, "server", "stop")
-        assert f"stopped the warm runner (pid {runner['pid']})" in stopped.stdout
-        assert process_group_gone(runner["pid"], wait_s=30) and not (home / "embedder-runner.json").exists()
-    finally:
-        _kill_recorded(home)
 
 
 def _children(pid: int) -> list[int]:
