@@ -176,7 +176,9 @@ def dispatch(argv: list[str]) -> int | None:
         sock.close()
         return None
     fds = [fd for fd in (0, 1, 2) if _is_open(fd)]
-    request = {"argv": argv, "cwd": os.getcwd(), "env": dict(os.environ), "fds": fds}
+    umask = os.umask(0o022)
+    os.umask(umask)
+    request = {"argv": argv, "cwd": os.getcwd(), "env": dict(os.environ), "fds": fds, "umask": umask}
     socket.send_fds(sock, [json.dumps(request).encode()], fds)
     reply = _recv(sock)
     if reply is None or "accepted" not in reply:
@@ -355,6 +357,7 @@ def _child(conn: socket.socket, listener: socket.socket, wake: tuple[int, int], 
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.default_int_handler)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)
         given = list(request["fds"])
         for target in (0, 1, 2):
             if target in given:
@@ -366,6 +369,7 @@ def _child(conn: socket.socket, listener: socket.socket, wake: tuple[int, int], 
         for fd in fds:
             os.close(fd)
         os.chdir(request["cwd"])
+        os.umask(int(request.get("umask", 0o022)))  # the files the run writes get the caller's permissions
         os.environ.clear()
         os.environ.update(request["env"])
         threading.Thread(target=_watch_caller, args=(conn,), name="warm-runner-caller", daemon=True).start()
