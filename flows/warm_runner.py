@@ -65,6 +65,8 @@ IMPORT_TIME_ENV = ("PREFECT_", "HF_", "HUGGINGFACE_", "TRANSFORMERS_", "SENTENCE
 # Whose source the runner imported: an upgrade or an edit on disk retires it.
 PACKAGES = ("embedder", "tasks", "flows", "deployments")
 MESSAGE_BYTES = 1 << 20
+# How long a run waits for the runner to take it before it runs in its own process.
+ACCEPT_TIMEOUT_S = 60.0
 # The exit status the runner's process exits with on a host where it must not run (a usable GPU).
 EXIT_NOT_HERE = 3
 
@@ -150,6 +152,8 @@ def mismatch(record: Runner, home: Path) -> str | None:
 def _recv(sock: socket.socket) -> dict[str, Any] | None:
     try:
         data = sock.recv(MESSAGE_BYTES)
+    except TimeoutError:
+        raise
     except OSError:
         return None
     return json.loads(data) if data else None
@@ -179,8 +183,15 @@ def dispatch(argv: list[str]) -> int | None:
     umask = os.umask(0o022)
     os.umask(umask)
     request = {"argv": argv, "cwd": os.getcwd(), "env": dict(os.environ), "fds": fds, "umask": umask}
-    socket.send_fds(sock, [json.dumps(request).encode()], fds)
-    reply = _recv(sock)
+    # A runner that is alive but does not answer (stopped, swamped) is not waited for: closing the
+    # socket ends a child it may fork later, so the run never happens twice.
+    sock.settimeout(ACCEPT_TIMEOUT_S)
+    try:
+        socket.send_fds(sock, [json.dumps(request).encode()], fds)
+        reply = _recv(sock)
+    except OSError:
+        reply = {"refused": f"it did not answer within {ACCEPT_TIMEOUT_S:g} s"}
+    sock.settimeout(None)
     if reply is None or "accepted" not in reply:
         reason = (reply or {}).get("refused", "it closed the connection")
         print(f"not using the warm runner (pid {record.pid}): {reason}", file=sys.stderr)

@@ -44,3 +44,25 @@ def test_changed_code_is_not_served(record: warm_runner.Runner, tmp_path: Path) 
 def test_homes_get_distinct_abstract_addresses(tmp_path: Path) -> None:
     a, b = warm_runner.address(tmp_path / "a"), warm_runner.address(tmp_path / "b")
     assert a != b and a.startswith("\0") and len(a) < 108
+
+
+def test_a_runner_that_never_answers_is_not_waited_for(tmp_path, monkeypatch, capsys) -> None:
+    """A live record whose socket is never accepted (a stopped or swamped runner): the run runs itself."""
+    import json
+    import socket
+
+    from embedder.procs import owner
+
+    monkeypatch.setenv("PREFECT_HOME", str(tmp_path))
+    monkeypatch.setattr(warm_runner, "ACCEPT_TIMEOUT_S", 0.5)
+    stuck = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    stuck.bind(warm_runner.address(tmp_path))
+    stuck.listen(1)  # the connection is queued, never accepted
+    try:
+        (tmp_path / warm_runner.RECORD).write_text(json.dumps({
+            **owner(), "address": warm_runner.address(tmp_path), "models": [],
+            "env": warm_runner.import_time_env(os.environ, tmp_path), "code": warm_runner.code_fingerprint()}))
+        assert warm_runner.dispatch(["run", "--help"]) is None
+    finally:
+        stuck.close()
+    assert f"not using the warm runner (pid {os.getpid()}): it did not answer within 0.5 s" in capsys.readouterr().err
