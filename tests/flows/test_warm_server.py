@@ -117,10 +117,20 @@ def test_runs_use_the_warm_server_and_its_runner_and_fall_back_when_they_are_gon
         assert proc.returncode == 128 + signal.SIGINT, stderr[-3000:]
         assert "SIGINT: stopping after the current batch" in stderr
 
-        # Killed hard while it waits: its run dies with it, and the runner serves the next run.
-        proc = subprocess.Popen(args, env=cli_env(home), cwd=REPO, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL, text=True)
-        _wait_running(url, proc)
+        fcntl.flock(lock, fcntl.LOCK_UN)
+        os.close(lock)
+
+        # Killed hard as soon as the runner forked its run: the run dies with it, and the runner serves the
+        # next run. (Had the run taken its collection's lease before the kill, the warm server frees it at
+        # the lease's expiry, as for any run killed on a running server: the shortest lease bounds the wait.)
+        killed = tmp_path / "killed"  # a first run into it: seconds of work, so the kill lands mid-run
+        args = [*args[:args.index("--output-dir") + 1], str(killed), *args[args.index("--output-dir") + 2:]]
+        proc = subprocess.Popen(args, env=cli_env(home, EMBEDDER_GPU_LEASE_DURATION_S="60"), cwd=REPO,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, text=True)
+        deadline = time.monotonic() + 120
+        while not _children(runner["pid"]) and time.monotonic() < deadline:
+            assert proc.poll() is None, "the run ended before the runner forked it"
+            time.sleep(0.05)
         assert len(_children(runner["pid"])) == 1
         proc.kill()
         proc.wait(timeout=60)
@@ -128,12 +138,12 @@ def test_runs_use_the_warm_server_and_its_runner_and_fall_back_when_they_are_gon
         while _children(runner["pid"]) and time.monotonic() < deadline:
             time.sleep(0.2)
         assert not _children(runner["pid"]), "the run outlived its killed caller"
-        fcntl.flock(lock, fcntl.LOCK_UN)
-        os.close(lock)
-        after_kill = _run(home, out)
+        after_kill = _run(home, killed)
         assert after_kill.returncode == 0, after_kill.stderr[-3000:]
-        summary = load_summary(out / "sample" / "processing_summary.json")
+        summary = load_summary(killed / "sample" / "processing_summary.json")
         assert summary.status == "completed" and summary.telemetry.startup.warm_runner is True
+        healed = _dense_vectors(killed)  # what the killed run left behind did not change a vector
+        assert healed.keys() == a.keys() and all(np.allclose(healed[k], a[k], atol=1e-5) for k in a)
 
         # The server killed hard (a reboot, the OOM killer): its runner stops by itself, and the next run
         # notices and starts a temporary server.

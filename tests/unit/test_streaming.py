@@ -146,6 +146,7 @@ def test_streaming_sparse_retrieval_equals_the_in_memory_index(use_idf: bool) ->
     assert streamed[2] == [] and streamed[3] == []
 
 
+@pytest.mark.slow  # loads MiniLM and runs the dense stage twice: 10.9 s in a loaded CI run
 def test_dense_stage_survives_a_concurrent_compaction_of_its_own_part(tmp_path: Path, monkeypatch) -> None:
     """Another run's compaction may merge and unlink every part (this run's new one included) between
     the embedding pass and the write of dense.parquet: the run still writes every vector it computed."""
