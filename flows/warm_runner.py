@@ -54,6 +54,7 @@ from typing import Any, NoReturn
 
 from embedder.io.atomic import atomic_write_text
 from embedder.procs import descendants, owner_dead, pid_start_time
+from flows.warm_server import prefect_home, stop_group, stop_recorded
 
 RECORD = "embedder-runner.json"
 LOG = "embedder-runner.log"
@@ -86,10 +87,6 @@ class Runner:
     def owner(self) -> dict[str, object]:
         """The record's owner fields, as :func:`embedder.procs.owner_dead` reads them."""
         return {"pid": self.pid, "host": self.host, "started": self.started}
-
-
-def _home() -> Path:
-    return Path(os.environ.get("PREFECT_HOME") or Path.home() / ".prefect").expanduser()
 
 
 def address(home: Path) -> str:
@@ -165,7 +162,7 @@ def dispatch(argv: list[str]) -> int | None:
     None means the runner cannot serve this run (there is none, or it differs in
     a way the line printed on stderr says) and the caller runs it itself.
     """
-    home = _home()
+    home = prefect_home()
     record = alive(home)
     if record is None:
         return None
@@ -443,37 +440,17 @@ def start(home: Path, server_owner: dict[str, Any], config_file: Path | None = N
             loaded = "; ".join(record.models) or "no models"
             return record, f"warm runner started (pid {proc.pid}; {loaded})"
         if proc.poll() is not None or time.monotonic() > deadline:
-            stop_process(proc.pid)
+            stop_group(proc.pid)
             tail = (home / LOG).read_text(encoding="utf-8", errors="replace").strip().splitlines()[-1:]
             return None, f"no warm runner: {tail[0] if tail else 'it exited'} (see {home / LOG})"
         time.sleep(0.2)
 
 
-def stop_process(pid: int, grace_s: float = 30.0) -> None:
-    """SIGTERM the process group of ``pid`` (the runner and the runs it forked), SIGKILL after ``grace_s``."""
-    try:
-        os.killpg(pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    deadline = time.monotonic() + grace_s
-    while time.monotonic() < deadline:
-        try:
-            os.killpg(pid, 0)
-        except ProcessLookupError:
-            return
-        time.sleep(0.1)
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(pid, signal.SIGKILL)
-
-
 def stop(home: Path) -> Runner | None:
-    """Stop the runner of ``home``; what was stopped."""
+    """Stop the runner of ``home`` (with the runs it forked); what was stopped."""
     record = read_record(home)
-    if record is None:
-        return None
-    if record.host == socket.gethostname() and not owner_dead(record.owner()):
-        stop_process(record.pid)
-    (home / RECORD).unlink(missing_ok=True)
+    if record is not None:
+        stop_recorded(home / RECORD, record.owner())
     return record
 
 

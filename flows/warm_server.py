@@ -25,6 +25,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from embedder.io.atomic import atomic_write_text
 from embedder.procs import owner_dead, pid_start_time
@@ -133,7 +134,7 @@ def start(timeout_s: float = 300.0) -> tuple[WarmServer, bool]:
     deadline = time.monotonic() + timeout_s
     while not healthy(url):
         if proc.poll() is not None or time.monotonic() > deadline:
-            _stop_group(proc.pid)
+            stop_group(proc.pid)
             tail = (home / LOG).read_text(encoding="utf-8", errors="replace")[-2000:]
             raise RuntimeError(f"the Prefect server did not start (see {home / LOG}): {tail}")
         time.sleep(0.5)
@@ -142,7 +143,8 @@ def start(timeout_s: float = 300.0) -> tuple[WarmServer, bool]:
     return record, True
 
 
-def _stop_group(pid: int, grace_s: float = 30.0) -> None:
+def stop_group(pid: int, grace_s: float = 30.0) -> None:
+    """SIGTERM the process group of ``pid`` (a detached server or runner and its children), SIGKILL later."""
     try:
         os.killpg(pid, signal.SIGTERM)
     except ProcessLookupError:
@@ -153,22 +155,26 @@ def _stop_group(pid: int, grace_s: float = 30.0) -> None:
             os.killpg(pid, 0)
         except ProcessLookupError:
             return
-        time.sleep(0.2)
+        time.sleep(0.1)
     try:
         os.killpg(pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
 
 
+def stop_recorded(path: Path, owner: dict[str, Any]) -> None:
+    """Stop the process group of a record's owner (when it is alive on this host), then remove the record."""
+    if owner.get("host") == socket.gethostname() and not owner_dead(owner):
+        stop_group(int(owner["pid"]))
+    path.unlink(missing_ok=True)
+
+
 def stop() -> WarmServer | None:
     """Stop the warm server of this Prefect home (its whole process group); return what was stopped."""
     home = prefect_home()
     record = read_record(home)
-    if record is None:
-        return None
-    if record.host == socket.gethostname() and not owner_dead(record.owner()):
-        _stop_group(record.pid)
-    (home / RECORD).unlink(missing_ok=True)
+    if record is not None:
+        stop_recorded(home / RECORD, record.owner())
     return record
 
 
