@@ -8,6 +8,7 @@ needs only onnxruntime (a fastembed dependency) and the tokenizer.
 
 from __future__ import annotations
 
+import inspect
 import json
 import threading
 from collections.abc import Sequence
@@ -24,6 +25,10 @@ _SESSIONS: dict[tuple[str, str], Any] = {}
 _LOCK = threading.Lock()
 
 
+# The transformer inputs an export may take, in its argument order.
+_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+
+
 def _model_digest(model_dir: Path) -> str:
     # From content: new weights in the same directory must never be served from an old export.
     from embedder.models.fingerprint import model_fingerprint
@@ -31,16 +36,33 @@ def _model_digest(model_dir: Path) -> str:
     return model_fingerprint(model_dir)[:16]
 
 
-def _check_pooling(model_dir: Path) -> int:
-    """The ST pooling must be plain mean pooling; returns the sequence length limit."""
+def _check_pooling(model_dir: Path) -> None:
+    """The ST pooling must be plain mean pooling."""
     modules = json.loads((model_dir / "modules.json").read_text()) if (model_dir / "modules.json").is_file() else []
     pooling = next((m for m in modules if m.get("type", "").endswith("Pooling")), None)
     if pooling is not None:
         cfg = json.loads((model_dir / pooling["path"] / "config.json").read_text())
-        if not cfg.get("pooling_mode_mean_tokens") or cfg.get("pooling_mode_cls_token"):
+        # sentence-transformers 5 saves one "pooling_mode"; earlier versions a flag per mode.
+        mode = cfg.get("pooling_mode")
+        flags = {k.removeprefix("pooling_mode_") for k, v in cfg.items()
+                 if k.startswith("pooling_mode_") and v is True}
+        if (mode is not None and mode not in ("mean", "mean_tokens")) or (mode is None and flags != {"mean_tokens"}):
             raise ModelUnavailableError(f"the ONNX backend supports mean pooling only; {model_dir} uses another")
+
+
+def _max_length(model_dir: Path, tokenizer: Any) -> int:
+    """The sequence length limit the sentence-transformers model applies.
+
+    Its own setting where the dir has one (sentence-transformers 6 no longer writes it), else the tokenizer's;
+    never beyond the positions the transformer has.
+    """
     st_cfg = model_dir / "sentence_bert_config.json"
-    return int(json.loads(st_cfg.read_text()).get("max_seq_length", 512)) if st_cfg.is_file() else 512
+    own = json.loads(st_cfg.read_text()).get("max_seq_length") if st_cfg.is_file() else None
+    tok_max = getattr(tokenizer, "model_max_length", None)
+    limit = int(own) if own else int(tok_max) if tok_max and tok_max < 1_000_000 else 512
+    cfg = model_dir / "config.json"
+    positions = json.loads(cfg.read_text()).get("max_position_embeddings") if cfg.is_file() else None
+    return min(limit, int(positions)) if positions else limit
 
 
 def export_onnx(model_dir: Path, cache_dir: Path, backend: str) -> Path:
@@ -69,25 +91,32 @@ def export_onnx(model_dir: Path, cache_dir: Path, backend: str) -> Path:
         model = AutoModel.from_pretrained(model_dir).eval()
         tok = AutoTokenizer.from_pretrained(model_dir)
 
+        sample = tok(["an example sentence", "another, longer example sentence"], padding=True, return_tensors="pt")
+        # Only what the model takes: MPNet models take no token type ids. A model that takes them gets
+        # explicit zeros when its tokenizer gives none, so their shape follows the batch's in the export.
+        accepted = inspect.signature(model.forward).parameters
+        names = [n for n in _INPUTS if n in accepted]
+        if "token_type_ids" in names and "token_type_ids" not in sample:
+            sample["token_type_ids"] = torch.zeros_like(sample["input_ids"])
+
         class _Encoder(torch.nn.Module):
             def __init__(self, inner: Any) -> None:
                 super().__init__()
                 self.inner = inner
 
-            def forward(self, ids: Any, mask: Any, types: Any) -> Any:
-                return self.inner(input_ids=ids, attention_mask=mask, token_type_ids=types).last_hidden_state
+            def forward(self, *inputs: Any) -> Any:
+                return self.inner(**dict(zip(names, inputs))).last_hidden_state
 
-        sample = tok(["an example sentence", "another, longer example sentence"], padding=True, return_tensors="pt")
         batch = torch.export.Dim("batch", min=1, max=4096)
         seq = torch.export.Dim("seq", min=2, max=int(model.config.max_position_embeddings))
         tmp = target / "model.onnx.tmp"
         # eval(): the wrapper itself must be in inference mode too, or the exporter traces it as training.
         wrapper = _Encoder(model).eval()
-        torch.onnx.export(wrapper, (sample["input_ids"], sample["attention_mask"], sample["token_type_ids"]),
-                          str(tmp), input_names=["input_ids", "attention_mask", "token_type_ids"],
+        torch.onnx.export(wrapper, tuple(sample[n] for n in names), str(tmp), input_names=names,
                           output_names=["last_hidden_state"],
-                          dynamic_shapes=({0: batch, 1: seq}, {0: batch, 1: seq}, {0: batch, 1: seq}),
-                          dynamo=True, external_data=False)
+                          # One entry for forward's *inputs, holding one spec per input.
+                          dynamic_shapes=(tuple({0: batch, 1: seq} for _ in names),), dynamo=True,
+                          external_data=False)
         tmp.replace(fp32)
     if backend == "onnx-int8" and not out.is_file():
         from onnxruntime.quantization import QuantType, quantize_dynamic
@@ -128,10 +157,11 @@ class OnnxDenseEncoder:
         model_dir = Path(self.resolved.location)
         if not model_dir.is_dir():
             raise ModelUnavailableError(f"the ONNX backend needs a local model directory, not {self.resolved.location}")
-        self._max_len = _check_pooling(model_dir)
+        _check_pooling(model_dir)
         from transformers import AutoTokenizer
 
         self._tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        self._max_len = _max_length(model_dir, self._tokenizer)
         key = (str(model_dir), self.backend)
         with _LOCK:
             if key not in _SESSIONS:
@@ -163,10 +193,9 @@ class OnnxDenseEncoder:
         session = self.load()
         enc = self._tokenizer(list(texts), padding=True, truncation=True, max_length=self._max_len,
                               return_tensors="np")
-        hidden = session.run(None, {"input_ids": enc["input_ids"].astype(np.int64),
-                                    "attention_mask": enc["attention_mask"].astype(np.int64),
-                                    "token_type_ids": enc.get("token_type_ids",
-                                                              np.zeros_like(enc["input_ids"])).astype(np.int64)})[0]
+        feed = {i.name: enc.get(i.name, np.zeros_like(enc["input_ids"])).astype(np.int64)
+                for i in session.get_inputs()}
+        hidden = session.run(None, feed)[0]
         mask = enc["attention_mask"][..., None].astype(np.float32)
         pooled = (hidden * mask).sum(axis=1) / np.clip(mask.sum(axis=1), 1e-9, None)
         norms = np.linalg.norm(pooled, axis=1, keepdims=True)

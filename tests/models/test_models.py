@@ -352,6 +352,31 @@ def test_onnx_backend_agrees_with_torch(tmp_path, minilm, monkeypatch):
     OnnxDenseEncoder(resolve_model("all-minilm-l6-v2", "dense"), tmp_path, "onnx").load()  # reuses the cache
 
 
+def test_onnx_backend_takes_a_model_saved_by_todays_sentence_transformers(tmp_path, tiny_dense_model, monkeypatch):
+    """sentence-transformers 6 saves "pooling_mode" and no max_seq_length, and this tokenizer gives no token
+    type ids; the export still agrees with torch, also past the model's 128 positions."""
+    import json
+
+    from embedder.models import onnx_dense
+    from embedder.models.onnx_dense import OnnxDenseEncoder
+
+    monkeypatch.setattr(onnx_dense, "_SESSIONS", {})
+    texts = ["short", "a much longer sentence about volcanoes, ash clouds and the climate", "word " * 300]
+    resolved = resolve_model(str(tiny_dense_model), "dense")
+    ref = embed_dense(texts, DenseEncoder(resolved, "cpu"), batch=BatchPlan(2)).vectors
+    res = embed_dense(texts, OnnxDenseEncoder(resolved, tmp_path, "onnx"), batch=BatchPlan(2))
+    assert res.vectors.shape == ref.shape == (3, 64)
+    assert np.min(np.sum(res.vectors * ref, axis=1)) >= 0.999
+
+    # Another pooling than the mean would give other vectors: refused, not exported.
+    cls_model = tmp_path / "cls-pooled"
+    shutil.copytree(tiny_dense_model, cls_model)
+    pooling = cls_model / "1_Pooling" / "config.json"
+    pooling.write_text(json.dumps({**json.loads(pooling.read_text()), "pooling_mode": "cls"}))
+    with pytest.raises(ModelUnavailableError, match="mean pooling only"):
+        OnnxDenseEncoder(resolve_model(str(cls_model), "dense"), tmp_path, "onnx").load()
+
+
 def test_a_hub_model_offline_fails_in_seconds_with_the_reason(monkeypatch):
     import time
 

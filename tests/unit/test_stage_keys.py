@@ -47,9 +47,9 @@ def _changes(tiny_dense_model: Path, other_queries: Path) -> dict[str, Any]:
     return {
         "queries_path": str(other_queries),
         "qrels_path": str(SAMPLE_QRELS),
-        "dense.model": str(tiny_dense_model),
+        "dense.model": "all-minilm-l6-v2",
         "dense.backend": "onnx",
-        "dense.blend": {str(tiny_dense_model): 0.25},
+        "dense.blend": {"all-minilm-l6-v2": 0.25},
         "sparse.models": ["qdrant-bm25", "splade-tiny"],
         "rerank.model": "BAAI/bge-reranker-base",  # not on this disk: the stage reports it unavailable
         "sparse.enabled": False,
@@ -188,11 +188,15 @@ def collection(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-def _config(out: Path, tiny_cross_encoder: Path, collection: Path = SAMPLE_DIR, **changes: Any) -> RunConfig:
-    """The base config, with ``changes`` (by setting path) applied."""
+def _config(out: Path, tiny_cross_encoder: Path, tiny_dense_model: Path, collection: Path = SAMPLE_DIR,
+            **changes: Any) -> RunConfig:
+    """The base config, with ``changes`` (by setting path) applied.
+
+    The tiny models keep the property test's forty-odd runs cheap; the default dense model is one of the
+    changes, so a switch to a real model is among the settings tried."""
     base = RunConfig(collections=[CollectionInput(name="sample", path=str(collection))],
                      queries_path=str(SAMPLE_QUERIES), output_dir=str(out), local_files_only=True,
-                     rerank={"model": str(tiny_cross_encoder)})
+                     dense={"model": str(tiny_dense_model)}, rerank={"model": str(tiny_cross_encoder)})
     return base.model_copy(update=changes) if changes else base
 
 
@@ -210,7 +214,7 @@ def test_every_setting_moves_the_keys_of_the_stages_that_read_it_or_says_why_not
 
 def test_a_stage_key_holds_its_settings_and_nothing_else(tmp_path, tiny_cross_encoder, tiny_dense_model,
                                                           other_queries):
-    base = _config(tmp_path / "out", tiny_cross_encoder)
+    base = _config(tmp_path / "out", tiny_cross_encoder, tiny_dense_model)
     for name, value in _changes(tiny_dense_model, other_queries).items():
         changed = base.model_copy(update={name: value})
         assert changed.setting(name) != base.setting(name), name
@@ -222,20 +226,22 @@ def test_a_stage_key_holds_its_settings_and_nothing_else(tmp_path, tiny_cross_en
 @pytest.mark.slow
 def test_each_setting_changed_alone_recomputes_exactly_its_readers_and_matches_a_fresh_run(
         tmp_path, tiny_cross_encoder, tiny_dense_model, other_queries, collection):
-    base_cfg = _config(tmp_path / "kept", tiny_cross_encoder, collection)
+    base_cfg = _config(tmp_path / "kept", tiny_cross_encoder, tiny_dense_model, collection)
     cache: dict[str, Any] = {}
     base, served = _pipeline(base_cfg, cache)
     assert not served and base["rerank"].status == "executed" and base["fuse"].status == "executed"
     base_results = _results(base)
     # Another output dir computes the same results: what the comparison below relies on.
-    assert _results(_pipeline(_config(tmp_path / "fresh-base", tiny_cross_encoder, collection), {})[0]) \
-        == base_results
+    fresh_base = _config(tmp_path / "fresh-base", tiny_cross_encoder, tiny_dense_model, collection)
+    assert _results(_pipeline(fresh_base, {})[0]) == base_results
 
     for name, value in _changes(tiny_dense_model, other_queries).items():
         kept_cache = dict(cache)  # every change starts from the base run's stored results
-        results, served = _pipeline(_config(tmp_path / "kept", tiny_cross_encoder, collection, **{name: value}),
+        results, served = _pipeline(_config(tmp_path / "kept", tiny_cross_encoder, tiny_dense_model, collection,
+                                                    **{name: value}),
                                     kept_cache)
-        fresh, _ = _pipeline(_config(tmp_path / f"fresh-{name}", tiny_cross_encoder, collection, **{name: value}),
+        fresh, _ = _pipeline(_config(tmp_path / f"fresh-{name}", tiny_cross_encoder, tiny_dense_model, collection,
+                                       **{name: value}),
                              {})
         got = _results(results)
         for stage in STAGES:
