@@ -18,7 +18,7 @@ from tests.conftest import SCIFACT
 
 pytestmark = [pytest.mark.usefixtures("prefect_harness"), pytest.mark.slow]
 
-N = 60
+N = 20
 
 
 def _docs(path: Path, n: int) -> Path:
