@@ -22,6 +22,10 @@ os.environ["PREFECT_HOME"] = _PREFECT_HOME
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = "300"
 os.environ["HF_HUB_OFFLINE"] = "1"
+# Three workers and their CLI processes share two cores: torch's OpenMP threads, one per core in each
+# process, spin while they wait for each other and burn a fifth of the suite's CPU doing so. One thread a
+# process gives the same wall time on a busy machine (every process and its children inherit it).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.pop("PREFECT_API_URL", None)
 # As tasks.lease sets it for every run on the ephemeral server: leases on disk, visible to every process.
 os.environ["PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE"] = "prefect.server.concurrency.lease_storage.filesystem"
@@ -224,19 +228,27 @@ def _heavy_use(item: pytest.Item) -> str | None:
     return f"calls {calls}" if calls else None
 
 
-# The files that take longest (a full run on three workers, 2026-12-05), longest first. xdist hands whole
+# The files that take longest (a full run on three workers, 2026-12-06), longest first. xdist hands whole
 # files (--dist loadfile) to the workers in collection order, so the long ones start first and the short
 # ones fill the gaps at the end, instead of one worker running a long file alone while the others idle.
 # Only the wall time depends on this order; a file missing here keeps its place after these.
 _LONGEST_FIRST = (
-    "tests/flows/test_lease.py", "tests/reliability/test_heal.py", "tests/reliability/test_heal_state.py",
-    "tests/flows/test_reruns.py", "tests/reliability/test_faults.py", "tests/flows/test_pipeline.py",
-    "tests/reliability/test_crash.py", "tests/flows/test_failures.py", "tests/reliability/test_signals.py",
-    "tests/unit/test_stage_keys.py", "tests/flows/test_bench_gpu.py", "tests/flows/test_service.py",
-    "tests/flows/test_serve.py", "tests/flows/test_warm_server.py", "tests/flows/test_deployments.py",
-    "tests/unit/test_engine.py", "tests/reliability/test_heal_index.py", "tests/flows/test_eval.py",
-    "tests/flows/test_fleet.py", "tests/models/test_models.py", "tests/flows/test_live.py",
+    "tests/flows/test_lease.py", "tests/reliability/test_heal_state.py", "tests/flows/test_reruns.py",
+    "tests/reliability/test_faults.py", "tests/flows/test_pipeline.py", "tests/reliability/test_heal.py",
+    "tests/reliability/test_crash.py", "tests/flows/test_eval.py", "tests/flows/test_bench_gpu.py",
+    "tests/flows/test_failures.py", "tests/reliability/test_signals.py", "tests/flows/test_fleet.py",
+    "tests/flows/test_serve.py", "tests/flows/test_deployments.py", "tests/flows/test_service.py",
+    "tests/reliability/test_heal_index.py", "tests/flows/test_live.py", "tests/flows/test_warm_server.py",
+    "tests/unit/test_engine.py", "tests/models/test_models.py", "tests/unit/test_stage_keys.py",
+    "tests/unit/test_streaming.py", "tests/flows/test_dense_blend.py", "tests/models/test_store.py",
 )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # xdist reorders the files by their number of tests unless told not to, which put the long files
+    # with one or two tests last: one worker ran them alone for minutes at the end.
+    if hasattr(config.option, "loadscopereorder"):
+        config.option.loadscopereorder = False
 
 
 def _where(item: pytest.Item) -> str:

@@ -100,8 +100,10 @@ def test_deleted_edited_and_added_chunks_leave_exactly_the_current_points(tmp_pa
 
 
 @pytest.mark.slow
-def test_a_small_edit_to_a_real_collection_costs_a_fraction_of_the_first_run(tmp_path):
-    """300 SciFact abstracts: edit one, delete ten, add five; the re-run computes 6 vectors in under half the time."""
+def test_a_small_edit_to_a_real_collection_embeds_and_indexes_only_what_changed(tmp_path):
+    """SciFact abstracts: edit one, delete ten, add five; the re-run computes 6 vectors and keeps the rest.
+
+    What the edit costs against the first run is a measurement: ``bench/peers.py`` reports it."""
     from tests.conftest import SCIFACT
 
     docs = []
@@ -109,21 +111,20 @@ def test_a_small_edit_to_a_real_collection_costs_a_fraction_of_the_first_run(tmp
         for line in fh:
             rec = json.loads(line)
             docs.append({"id": rec["_id"], "text": f"{rec['title']} {rec['text']}".strip(), "metadata": {}})
-            if len(docs) == 315:
+            if len(docs) == 65:
                 break
-    first_docs, extra = docs[:300], docs[300:]
+    first_docs, extra = docs[:60], docs[60:]
     src = _write_jsonl(tmp_path / "scifact.jsonl", first_docs)
     out = tmp_path / "out"
     first = _run(_config(src, out))
-    edited = [first_docs[0] | {"text": first_docs[0]["text"] + " (revised)"}] + first_docs[1:290] + extra[:5]
+    assert first.dense_run.total_embeddings_generated == 60
+    edited = [first_docs[0] | {"text": first_docs[0]["text"] + " (revised)"}] + first_docs[1:50] + extra[:5]
     _write_jsonl(src, edited)
     second = _run(_config(src, out))
-    assert (second.dense_run.total_embeddings_generated, second.dense_run.reused) == (6, 289)
-    assert (second.sparse_run.computed, second.sparse_run.reused) == ({"qdrant-bm25": 6}, {"qdrant-bm25": 289})
-    assert second.index_run.points_count == second.chunk_count == 295
+    assert (second.dense_run.total_embeddings_generated, second.dense_run.reused) == (6, 49)
+    assert (second.sparse_run.computed, second.sparse_run.reused) == ({"qdrant-bm25": 6}, {"qdrant-bm25": 49})
+    assert second.index_run.points_count == second.chunk_count == 55
     assert (second.index_run.upserted, second.index_run.deleted) == (6, 10)
-    assert second.performance_baseline.latency_seconds <= 0.5 * first.performance_baseline.latency_seconds, (
-        second.performance_baseline.latency_seconds, first.performance_baseline.latency_seconds)
 
 
 def test_a_model_change_builds_a_new_index_and_a_failed_switch_leaves_the_old_set(tmp_path, tiny_dense_model,

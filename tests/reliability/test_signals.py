@@ -19,7 +19,10 @@ from tests.helpers.wrapped_cli import cli_with_dense_hook
 pytestmark = pytest.mark.slow
 
 
-N_DOCS = 200  # four dense batches of 64 on the CPU: the signal lands in the third, a fourth remains
+# Four dense batches of 16: the signal lands in the third, a fourth remains. What is asserted needs
+# batches, not their size.
+N_DOCS = 64
+BATCH = {"EMBEDDER_CPU_BATCH_ITEMS": "16"}
 
 # The real CLI, on a device made slow (an injected fault): each dense batch waits a second before its
 # forward pass and says so, so the signal lands mid-stage, after a known batch, on any hardware.
@@ -43,7 +46,7 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _start(args: list[str], home: Path, log: Path, slow: bool = True, **env: str) -> subprocess.Popen:
-    environ = cli_env(home, **env)
+    environ = cli_env(home, **BATCH, **env)
     cmd = ["-c", SLOW_DENSE] if slow else ["-m", "flows.cli"]
     with open(log, "w") as out:
         # Its own session: the test can tell afterwards whether any process of the run (the temporary
@@ -93,7 +96,7 @@ def test_sigterm_mid_dense_publishes_a_cancelled_summary_and_the_rerun_keeps_its
 
     # The GPU slot and the collection were released, and the re-run embeds only what the stop left.
     rerun = subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=REPO, capture_output=True, text=True,
-                           timeout=900, env=cli_env(home))
+                           timeout=900, env=cli_env(home, **BATCH))
     assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
     summary = json.loads((out / "sig" / "processing_summary.json").read_text())
     dense = summary["dense_run"]
