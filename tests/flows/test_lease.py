@@ -44,7 +44,7 @@ def _overlaps(intervals: list[tuple[str, float, float]]) -> list[tuple]:
 def test_three_concurrent_runs_with_three_homes_never_overlap_on_the_gpu(prefect_server, tmp_path,
                                                                          tiny_cross_encoder):
     """The README's setup: one loopback server, runs from shells whose PREFECT_HOMEs differ."""
-    data = _synthetic_collection(tmp_path / "synthetic.jsonl", 600)
+    data = _synthetic_collection(tmp_path / "synthetic.jsonl", 400)
     procs = []
     for name in ("a", "b", "c"):
         env = {**os.environ, "PREFECT_API_URL": prefect_server, "PREFECT_HOME": str(tmp_path / f"home-{name}")}
@@ -59,7 +59,7 @@ def test_three_concurrent_runs_with_three_homes_never_overlap_on_the_gpu(prefect
     for name in ("a", "b", "c"):
         summary = json.loads((tmp_path / name / f"run_{name}" / "processing_summary.json").read_text())
         assert summary["status"] == "completed" and summary["rerank_run"]["status"] == "executed", summary["warnings"]
-        assert summary["chunk_count"] == 600 and summary["index_run"]["points_count"] == 600
+        assert summary["chunk_count"] == 400 and summary["index_run"]["points_count"] == 400
         for e in summary["telemetry"]["lease_events"]:
             assert e["recovery"] == "prefect" and e["lease_id"]  # a running server repossesses, not us
             intervals.append((f"{name}:{e['stage']}", datetime.fromisoformat(e["acquired_at"]).timestamp(),
