@@ -42,11 +42,13 @@ def _check_pooling(model_dir: Path) -> None:
     pooling = next((m for m in modules if m.get("type", "").endswith("Pooling")), None)
     if pooling is not None:
         cfg = json.loads((model_dir / pooling["path"] / "config.json").read_text())
-        # sentence-transformers 5 saves one "pooling_mode"; earlier versions a flag per mode.
-        mode = cfg.get("pooling_mode")
-        flags = {k.removeprefix("pooling_mode_") for k, v in cfg.items()
-                 if k.startswith("pooling_mode_") and v is True}
-        if (mode is not None and mode not in ("mean", "mean_tokens")) or (mode is None and flags != {"mean_tokens"}):
+        # Newer sentence-transformers save one "pooling_mode"; earlier versions a flag per mode.
+        if "pooling_mode" in cfg:
+            mean_only = cfg["pooling_mode"] in ("mean", "mean_tokens")
+        else:
+            mean_only = {k for k, v in cfg.items() if k.startswith("pooling_mode_") and v is True} \
+                == {"pooling_mode_mean_tokens"}
+        if not mean_only:
             raise ModelUnavailableError(f"the ONNX backend supports mean pooling only; {model_dir} uses another")
 
 
